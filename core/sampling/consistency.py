@@ -1,0 +1,35 @@
+"""Consistency-model samplers: each step predicts x0, then re-noises to the next level.
+
+They are not ODE solvers: on an exact denoiser they sample a different (more diffuse) distribution, which is what a
+consistency-distilled model (LCM-LoRA, Flash Diffusion, TCD, SCott) is trained for.
+"""
+
+from __future__ import annotations
+
+
+def sample_lcm(x, sigmas, *, param, noise):
+    """Multistep latent consistency sampling (Luo et al. 2023, Algorithm 1; Flash Diffusion uses the same rule)."""
+    for i in range(len(sigmas) - 1):
+        denoised = yield x, sigmas[i]                  # ask: x0 at (x, sigma_i)?
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = param.noise_scaling(sigmas[i + 1], noise(sigmas[i], sigmas[i + 1]), denoised)
+    return x
+
+
+def sample_tcd(x, sigmas, *, param, noise, gamma: float = 0.3):
+    """Trajectory consistency distillation sampling (Zheng et al. 2024, "strategic stochastic sampling").
+
+    From t, jump along the predicted trajectory to s = floor((1 - gamma) * t_next), then forward-diffuse back up to
+    t_next with fresh noise. gamma = 0 is deterministic (DDIM-like); gamma = 1 is LCM.
+    """
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, sigma
+        eps = param.eps(x, sigma, denoised)
+        sigma_s = param.t_to_sigma((param.sigma_to_t(sigma_next) * (1 - gamma)).floor())
+        x = param.noise_scaling(sigma_s, eps, denoised)      # deterministic jump to s along the trajectory
+        if gamma > 0 and sigma_next > 0:
+            x = param.renoise(x, sigma_s, sigma_next, noise(sigma, sigma_next))
+    return x

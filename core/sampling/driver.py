@@ -1,0 +1,52 @@
+"""The loops that drive ask/tell samplers. A sampler is a generator that yields (x, sigma), receives the denoised
+x0 and finally returns the sample; these are the only places that call a model."""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import SamplingError
+
+
+def noise_from_seed(x: torch.Tensor, seed: int | None = None, generator: torch.Generator | None = None):
+    """Fresh Gaussian noise per call, from one seeded generator (ComfyUI's default_noise_sampler draws the same)."""
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+
+    def noise(sigma, sigma_next):
+        return torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+    return noise
+
+
+def checked(denoised: torch.Tensor, step: int, sigma) -> torch.Tensor:
+    """Stop on NaN/inf from the model instead of sampling garbage to the end."""
+    if not torch.isfinite(denoised).all():
+        raise SamplingError(
+            f"the model returned NaN or inf at step {step} (sigma={float(sigma):.6g}); check the model's dtype, "
+            "the LoRA strengths and the CFG scale")
+    return denoised
+
+
+def run(method, model, x, sigmas, *, param, noise=None, seed=None, extra_args=None, callback=None, **options):
+    """Sample with `method` (a generator function from SAMPLERS) and a denoiser `model(x, sigma, **extra) -> x0`.
+
+    sigma is passed as a tensor of shape (batch,) like k-diffusion. `callback` gets k-diffusion's dict per model
+    evaluation; raising from it interrupts sampling.
+    """
+    extra_args = extra_args or {}
+    noise = noise or noise_from_seed(x, seed)
+    s_in = x.new_ones([x.shape[0]])
+    steps = method(x, sigmas, param=param, noise=noise, **options)
+    i = 0
+    try:
+        x_ask, sigma = next(steps)
+        while True:
+            denoised = checked(model(x_ask, sigma * s_in, **extra_args), i, sigma)
+            if callback is not None:
+                callback({"x": x_ask, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+            i += 1
+            x_ask, sigma = steps.send(denoised)
+    except StopIteration as done:
+        return done.value

@@ -1,0 +1,182 @@
+"""A diffusers scheduler that drives any NimbleDiff ask/tell sampler from `step()`.
+
+Diffusers pipelines call `set_timesteps` once and `step(model_output, t, sample)` once per model evaluation. This
+class converts the model output to the denoised x0 with the core parameterization, sends it to the sampler
+generator, and converts the generator's next k-space sample back to the pipeline's sample space. The sampling math
+lives only in `nimblediff.core.sampling`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..core import schedules
+from ..core.parameterization import VP, Flow, sd_alphas_cumprod
+from ..core.sampling import SAMPLER_OPTIONS, SAMPLERS
+from ..errors import InvalidParameterError
+
+
+@dataclass
+class NimbleSchedulerOutput(BaseOutput):
+    prev_sample: torch.Tensor
+    denoised: torch.Tensor | None = None
+
+
+class NimbleScheduler(SchedulerMixin, ConfigMixin):
+    """Any NimbleDiff sampler (`sampler=`) on any NimbleDiff schedule (`schedule=`) as a diffusers scheduler.
+
+    `NimbleScheduler(sampler="lcm", schedule="lcm")` is the LCM / Flash Diffusion recipe and matches diffusers'
+    `LCMScheduler`; `sampler="tcd"` takes its gamma from `gamma` or from the pipeline's `eta`.
+    """
+
+    order = 1
+    _compatibles = ["LCMScheduler", "TCDScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                    "DPMSolverMultistepScheduler", "PNDMScheduler"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        beta_schedule: str = "scaled_linear",
+        prediction_type: str = "epsilon",
+        sampler: str = "lcm",
+        schedule: str = "lcm",
+        original_inference_steps: int = 50,
+        gamma: float = 0.3,
+        model_type: str = "vp",
+        shift: float = 1.0,
+        timestep_scaling: float = 10.0,
+    ):
+        if sampler not in SAMPLERS:
+            raise InvalidParameterError(f"sampler={sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
+        if model_type == "vp":
+            acp = sd_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
+            # LCM-distilled models include the consistency boundary condition in their output (LCMScheduler does too)
+            boundary = timestep_scaling if sampler == "lcm" else None
+            self.param = VP(acp, prediction_type, consistency_timestep_scaling=boundary)
+        elif model_type == "flow":
+            self.param = Flow(num_train_timesteps, shift)
+        else:
+            raise InvalidParameterError(f"model_type={model_type!r}; valid: 'vp', 'flow'")
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.sigmas = None
+        self.timesteps = None
+        self._steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._generator = None
+
+    # --- schedule -------------------------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
+                      **_ignored):
+        """Steps from a count (with the configured schedule), explicit integer `timesteps`, or explicit k-space
+        `sigmas` (a trailing 0 is appended when missing). Unknown keyword arguments (`mu`, `strength`) are ignored."""
+        given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
+        if sum(given) != 1:
+            raise InvalidParameterError(
+                "pass exactly one of num_inference_steps, timesteps or sigmas to NimbleScheduler.set_timesteps")
+        if timesteps is not None:
+            t = [int(v) for v in timesteps]
+            if any(b >= a for a, b in zip(t, t[1:])):
+                raise InvalidParameterError(f"timesteps must be strictly decreasing; got {t}")
+            sig = schedules.sigmas_from_timesteps(self.param, t)
+        elif sigmas is not None:
+            sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+            if float(sig[-1]) != 0:
+                sig = torch.cat([sig, sig.new_zeros(1)])
+            sig = schedules.check_sigmas(sig)
+        else:
+            sig = self._named_sigmas(num_inference_steps)
+        self.sigmas = sig.to(device)
+        t = self.param.sigma_to_t(sig[:-1])
+        rounded = t.round()
+        self.timesteps = (rounded.long() if (t - rounded).abs().max() < 1e-3 else t).to(device)
+        self.num_inference_steps = len(self.timesteps)
+        self._steps = None
+        self._step_index = None
+        self._begin_index = None
+
+    def _named_sigmas(self, steps: int) -> torch.Tensor:
+        cfg = self.config
+        if cfg.schedule == "lcm" and self.param.kind == "vp":
+            return schedules.sigmas_from_timesteps(
+                self.param, schedules.lcm_timesteps(steps, cfg.num_train_timesteps, cfg.original_inference_steps))
+        return schedules.make_sigmas(cfg.schedule, steps, self.param)
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    # --- stepping -------------------------------------------------------------------------------------------------
+
+    def _to_k(self, sample, sigma):
+        return sample / self.param.c_in(sigma)
+
+    def _from_k(self, x, sigma):
+        return x * self.param.c_in(sigma)
+
+    def _noise(self, sigma, sigma_next):
+        ref = self._ref
+        return randn_tensor(ref.shape, generator=self._generator, device=ref.device, dtype=ref.dtype)
+
+    def _start(self, x_k: torch.Tensor, eta):
+        options = {k: getattr(self.config, k) for k in SAMPLER_OPTIONS[self.config.sampler]}
+        if eta is not None and "gamma" in options:
+            options["gamma"] = eta        # diffusers pipelines pass TCD's gamma as `eta`
+        method = SAMPLERS[self.config.sampler]
+        self._steps = method(x_k, self.sigmas[self._begin_index or 0:], param=self.param, noise=self._noise,
+                             **options)
+        _, self._sigma = next(self._steps)
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, eta=None,
+             return_dict: bool = True):
+        if self.sigmas is None:
+            raise InvalidParameterError("call set_timesteps before step")
+        if self._step_index is None:
+            self._step_index = self._begin_index or 0
+        self._generator, self._ref = generator, model_output
+        if self._steps is None:
+            self._start(self._to_k(sample, self.sigmas[self._step_index]), eta)
+        sigma = self._sigma              # where the sampler asked for this evaluation
+        dtype = torch.promote_types(sample.dtype, torch.float32)
+        x_k = self._to_k(sample.to(dtype), sigma)
+        denoised = self.param.denoised(x_k, sigma, model_output.to(dtype))
+        try:
+            x_next, self._sigma = self._steps.send(denoised)
+            prev = self._from_k(x_next, self._sigma)
+        except StopIteration as done:
+            prev = done.value
+        self._step_index += 1
+        prev = prev.to(sample.dtype)
+        if not return_dict:
+            return (prev, denoised)
+        return NimbleSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        sigma = self.param.t_to_sigma(timesteps.float().cpu()).to(original_samples.device)
+        sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        x_k = self.param.noise_scaling(sigma, noise, original_samples)
+        return self._from_k(x_k, sigma).to(original_samples.dtype)
+
+    def __len__(self):
+        return self.config.num_train_timesteps
