@@ -115,15 +115,19 @@ class Flow:
     """Rectified flow (SD3, Flux, InstaFlow): x = (1 - sigma) x0 + sigma eps, network predicts v = eps - x0.
 
     shift: the SD3 timestep shift, sigma' = shift * sigma / (1 + (shift - 1) * sigma), applied by schedules.
+    prediction: "flow" (velocity, the usual) or "sample" (x0-predicting flow models).
     """
 
     kind = "flow"
     sigma_min = 0.0
     sigma_max = 1.0
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction: str = "flow"):
+        if prediction not in ("flow", "sample"):
+            raise InvalidParameterError(f"prediction={prediction!r}; valid for flow models: 'flow', 'sample'")
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
+        self.prediction = prediction
 
     def t_to_sigma(self, t) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float32) / self.num_train_timesteps
@@ -146,7 +150,7 @@ class Flow:
         return (x - (1 - sigma) * denoised) / sigma
 
     def denoised(self, x: torch.Tensor, sigma, output: torch.Tensor) -> torch.Tensor:
-        return x - sigma * output
+        return output if self.prediction == "sample" else x - sigma * output
 
 
 def shift_sigma(sigma, shift: float):

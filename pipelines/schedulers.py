@@ -60,10 +60,10 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         if model_type == "vp":
             acp = sd_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule)
             # LCM-distilled models include the consistency boundary condition in their output (LCMScheduler does too)
-            boundary = timestep_scaling if sampler == "lcm" else None
+            boundary = timestep_scaling if sampler == "lcm" and timestep_scaling else None
             self.param = VP(acp, prediction_type, consistency_timestep_scaling=boundary)
         elif model_type == "flow":
-            self.param = Flow(num_train_timesteps, shift)
+            self.param = Flow(num_train_timesteps, shift, "sample" if prediction_type == "sample" else "flow")
         else:
             raise InvalidParameterError(f"model_type={model_type!r}; valid: 'vp', 'flow'")
         self.init_noise_sigma = 1.0

@@ -1,7 +1,7 @@
 """Samplers as ask/tell generators (see ../shared/STYLE.md) and the registry every surface reads."""
 
 from . import consistency, ode
-from .driver import noise_from_seed, run
+from .driver import k_diffusion_sampler, noise_from_seed, run
 
 SAMPLERS = {
     "lcm": consistency.sample_lcm,
@@ -16,4 +16,4 @@ SAMPLER_OPTIONS = {
     "euler": {},
 }
 
-__all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "run", "noise_from_seed"]
+__all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "k_diffusion_sampler", "noise_from_seed", "run"]

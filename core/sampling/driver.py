@@ -50,3 +50,20 @@ def run(method, model, x, sigmas, *, param, noise=None, seed=None, extra_args=No
             x_ask, sigma = steps.send(denoised)
     except StopIteration as done:
         return done.value
+
+
+def k_diffusion_sampler(method, param_of, **options):
+    """`method` with k-diffusion's sampler signature, the one ComfyUI's KSAMPLER calls.
+
+    param_of(model) returns the parameterization of the host's model (the host knows how its model adds noise);
+    the seed comes from extra_args["seed"] as in ComfyUI's own samplers, so the same seed draws the same noise.
+    """
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, **overrides):
+        extra_args = extra_args or {}
+        noise = noise_sampler or noise_from_seed(x, extra_args.get("seed"))   # the model takes seed= too
+        return run(method, model, x, sigmas, param=param_of(model), noise=noise, extra_args=extra_args,
+                   callback=callback, **{**options, **overrides})
+
+    sample.__name__ = f"sample_{method.__name__.removeprefix('sample_')}"
+    return sample

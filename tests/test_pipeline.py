@@ -1,0 +1,156 @@
+"""Diffusers surface: NimbleScheduler and FewStepPipeline against diffusers' own LCM path."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import factories  # noqa: E402
+from analytic import GaussianData  # noqa: E402
+
+from nimblediff.core.parameterization import VP  # noqa: E402
+from nimblediff.pipelines import FewStepPipeline, NimbleScheduler, custom_pipeline_path  # noqa: E402
+
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def _run_scheduler(scheduler, model, steps, dtype, seed=1, shape=(1, 4, 8, 8)):
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, generator=g).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_scheduler_matches_lcm_scheduler_on_tiny_unet(steps):
+    from diffusers import LCMScheduler
+
+    unet = factories.tiny_sd15_unet(0).eval()
+    ctx = torch.randn(1, 5, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    for dtype, check in ((torch.float64, "abs"), (torch.float32, "rel")):
+        net = unet.to(dtype)
+
+        def model(x, t):
+            with torch.no_grad():
+                return net(x, t, ctx.to(dtype)).sample
+
+        ref = _run_scheduler(LCMScheduler(timestep_spacing="trailing", **SD_SCHEDULE), model, steps, dtype)
+        ours = _run_scheduler(NimbleScheduler(**SD_SCHEDULE), model, steps, dtype)
+        diff = (ref - ours).abs().max().item()
+        # The random tiny UNet predicts x0 of magnitude ~50: in float32 that is 4e-6 per ulp, so float32 is judged
+        # relative to the magnitude; float64 (limited by diffusers' float32 alpha tables) absolutely.
+        bound = 1e-5 if check == "abs" else 1e-6 * ref.abs().max().item()
+        assert diff <= bound, (dtype, diff, bound)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_scheduler_matches_lcm_scheduler_on_exact_denoiser(steps):
+    """float32, realistic magnitudes: the eps an exact denoiser of Gaussian data predicts."""
+    from diffusers import LCMScheduler
+
+    param, data = VP(), GaussianData()
+    denoise = data.denoiser(param)
+
+    def model(x_t, t):
+        sigma = param.t_to_sigma(t).float()
+        x_k = x_t * (1 + sigma**2) ** 0.5
+        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+
+    ref = _run_scheduler(LCMScheduler(timestep_spacing="trailing", **SD_SCHEDULE), model, steps, torch.float32)
+    ours = _run_scheduler(NimbleScheduler(**SD_SCHEDULE), model, steps, torch.float32)
+    assert (ref - ours).abs().max().item() <= 1e-5
+
+
+def test_scheduler_saves_reloads_and_drops_into_stock_pipeline(tmp_path):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    sched = NimbleScheduler(sampler="tcd", gamma=0.5, **SD_SCHEDULE)
+    sched.save_pretrained(tmp_path / "scheduler")
+    again = NimbleScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert again.config.sampler == "tcd" and again.config.gamma == 0.5
+
+    pipe = StableDiffusionPipeline(**factories.tiny_sd15_components(0))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, output_type="np", height=32, width=32)
+    pipe.scheduler = NimbleScheduler.from_config(pipe.scheduler.config, sampler="lcm", schedule="lcm")
+    ours = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    ref = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(ours - ref).max() <= 1e-4
+
+
+def test_fewstep_pipeline_matches_diffusers_lcm_path():
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    components = factories.tiny_sd15_components(0)
+    ref = StableDiffusionPipeline(**components)
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    ours = FewStepPipeline(**components)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    for steps in (1, 2, 4, 8):
+        kw = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="np", height=32, width=32)
+        a = ref("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        b = ours("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        assert abs(a - b).max() <= 1e-4, steps
+
+
+def test_clip_skip_works_on_transformers5_clip():
+    """diffusers' own clip_skip raises on transformers>=5.6 (#14124); ours uses the penultimate layer + final LN."""
+    pipe = FewStepPipeline(**factories.tiny_sd15_components(0))
+    te = pipe.text_encoder
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = te(ids, output_hidden_states=True).hidden_states[-2]
+        expected = getattr(te, "text_model", te).final_layer_norm(hidden)
+        embeds, _ = pipe.encode_prompt("a cat", clip_skip=1)
+    torch.testing.assert_close(embeds, expected)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a cat", clip_skip=1, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_custom_pipeline_in_fresh_process(tmp_path):
+    """DiffusionPipeline.from_pretrained(folder, custom_pipeline=<shim>, trust_remote_code=True) gives our class,
+    generates, and a saved pipeline reloads. A fresh interpreter with its own HF modules cache."""
+    folder = tmp_path / "tiny"
+    factories.save_tiny_sd15(folder)
+    code = textwrap.dedent(f"""
+        import torch
+        from diffusers import DiffusionPipeline
+        import nimblediff.pipelines as nd
+        pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, custom_pipeline=nd.custom_pipeline_path("fewstep"),
+                                                 trust_remote_code=True)
+        assert isinstance(pipe, nd.FewStepPipeline), type(pipe)
+        pipe.set_progress_bar_config(disable=True)
+        img = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert img.shape == (1, 32, 32, 3)
+        pipe.scheduler = nd.NimbleScheduler.from_config(pipe.scheduler.config)
+        pipe.save_pretrained({str(tmp_path / "saved")!r})
+        again = nd.FewStepPipeline.from_pretrained({str(tmp_path / "saved")!r})
+        assert isinstance(again.scheduler, nd.NimbleScheduler)
+        again.set_progress_bar_config(disable=True)
+        img2 = again("a cat", num_inference_steps=2, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+        assert abs(img - img2).max() < 1e-5
+        print("ok")
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_custom_pipeline_path_unknown_name():
+    from nimblediff.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="fewstep"):
+        custom_pipeline_path("nope")
