@@ -129,3 +129,53 @@ def validate_file(path) -> list[str]:
         return [f"{path}: cannot read workflow JSON: {e}"]
     check = validate_ui if "nodes" in workflow and "links" in workflow else validate_api
     return [f"{path.name}: {e}" for e in check(workflow)]
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def api_to_ui(api: dict, schemas: dict | None = None, titles: dict | None = None) -> dict:
+    """A UI-format (drag-and-drop) workflow equivalent to an API-format one, laid out left to right."""
+    schemas = schemas or node_schemas()
+    ids = {node_id: i + 1 for i, node_id in enumerate(api)}
+    links, nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for node_id, node in api.items():
+        for name, value in node["inputs"].items():
+            if _is_link(value):
+                link_id = len(links) + 1
+                src = ids[str(value[0])]
+                dst_inputs = [n for n, spec in schemas[node["class_type"]]["inputs"].items()
+                              if not _is_widget(spec) or _is_link(node["inputs"].get(n))]
+                links.append([link_id, src, value[1], ids[node_id], dst_inputs.index(name),
+                              schemas[api[str(value[0])]["class_type"]]["outputs"][value[1]]])
+                out_links.setdefault((src, value[1]), []).append(link_id)
+    link_of = {(l[3], l[4]): l[0] for l in links}
+    for order, (node_id, node) in enumerate(api.items()):
+        nid, schema = ids[node_id], schemas[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec in schema["inputs"].items():
+            value = node["inputs"].get(name, spec[1].get("default"))
+            if not _is_widget(spec) or _is_link(value):
+                entry = {"name": name, "type": _type_name(spec[0]), "link": link_of.get((nid, len(inputs)))}
+                if _is_widget(spec):
+                    entry["widget"] = {"name": name}
+                inputs.append(entry)
+            if _is_widget(spec):
+                widgets.append(spec[1].get("default") if _is_link(value) else value)
+                if spec[1].get("control_after_generate"):
+                    widgets.append("fixed")
+        outputs = [{"name": t, "type": t, "links": out_links.get((nid, i), []), "slot_index": i}
+                   for i, t in enumerate(schema["outputs"])]
+        nodes.append({"id": nid, "type": node["class_type"], "pos": [40 + 330 * (order % 4), 60 + 320 * (order // 4)],
+                      "size": [300, 160], "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+                      "outputs": outputs, "properties": {"Node name for S&R": node["class_type"]},
+                      "widgets_values": widgets, **({"title": titles[node_id]} if titles and node_id in titles else {})})
+    return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
+
+
+def _is_widget(spec) -> bool:
+    kind = spec[0]
+    return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")

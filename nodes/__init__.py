@@ -3,9 +3,9 @@
 Node ids, input names and widget order never change once shipped: saved workflows depend on them.
 """
 
-from . import loaders, sampling
+from . import adapters, loaders, sampling
 
-_FAMILIES = (sampling, loaders)
+_FAMILIES = (sampling, adapters, loaders)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

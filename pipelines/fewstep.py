@@ -87,20 +87,23 @@ class FewStepPipeline(StableDiffusionPipeline):
 
     def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None):
         """Fuse a LoRA file or state dict of any supported layout; stack by calling again. Returns a load report."""
-        from ..core.adapters.apply import apply_deltas
-        from ..weights.lora_formats import read_lora
+        from ..core.adapters.apply import fuse_many
+        from ..weights.lora_formats import Target, read_lora
 
         modules = {"unet": self.unet, "text_encoder": self.text_encoder}
-        deltas, report = read_lora(lora, target=modules)
+        deltas, report = read_lora(lora, Target.from_modules(modules))
         te_weight = weight if text_encoder_weight is None else text_encoder_weight
-        strengths = {"unet": weight, "text_encoder": te_weight}
-        self._adapters.append(apply_deltas(modules, deltas, strengths))
+        unet_deltas = {k: d for k, d in deltas.items() if k.startswith("unet.")}
+        te_deltas = {k: d for k, d in deltas.items() if not k.startswith("unet.")}
+        self._adapters.append(fuse_many(modules, [(unet_deltas, weight), (te_deltas, te_weight)],
+                                        source=f"{report.source} ({report.layout} layout)",
+                                        unresolved=report.unmatched))
         return report
 
     def unload_loras(self):
         """Unfuse every LoRA loaded with load_lora / load_acceleration_lora, newest first."""
         while self._adapters:
-            self._adapters.pop().remove()
+            self._adapters.pop().unfuse()
         self.recipe = None
 
     # --- sampling -------------------------------------------------------------------------------------------------

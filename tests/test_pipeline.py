@@ -154,3 +154,43 @@ def test_custom_pipeline_path_unknown_name():
 
     with pytest.raises(InvalidParameterError, match="fewstep"):
         custom_pipeline_path("nope")
+
+
+def test_fewstep_pipeline_with_lora_matches_diffusers_load_lora_weights(tmp_path):
+    """Acceleration LoRA + style LoRA in our pipeline vs diffusers' PEFT path (unfused adapters) + LCMScheduler."""
+    import lora_files
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    components = factories.tiny_sd15_components(0)
+    accel = lora_files.write_peft_lora(StableDiffusionPipeline(**components), tmp_path, seed=1, name="accel.safetensors")
+    style = lora_files.write_peft_lora(StableDiffusionPipeline(**components), tmp_path, seed=2, name="style.safetensors")
+
+    ref = StableDiffusionPipeline(**factories.tiny_sd15_components(0))
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config, timestep_spacing="trailing")
+    ref.load_lora_weights(accel, adapter_name="accel")
+    ref.load_lora_weights(style, adapter_name="style")
+    ref.set_adapters(["accel", "style"], adapter_weights=[1.0, 0.6])
+    ours = FewStepPipeline(**factories.tiny_sd15_components(0))
+    ours.load_acceleration_lora(accel, recipe="lcm-lora-sd15")
+    ours.load_lora(style, weight=0.6)
+    for p in (ref, ours):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, output_type="np", height=32, width=32)
+    a = ref("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    b = ours("a photo of a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() <= 1e-4
+
+    base = FewStepPipeline(**factories.tiny_sd15_components(0))
+    ours.unload_loras()
+    for k, v in base.unet.state_dict().items():
+        torch.testing.assert_close(ours.unet.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_recipe_contradiction_warns():
+    pipe = FewStepPipeline(**factories.tiny_sd15_components(0))
+    from nimblediff.core.recipes import RECIPES
+
+    pipe.recipe = RECIPES["flash-sd15"]
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning, match="CFG 7.0 is outside"):
+        pipe("a cat", guidance_scale=7.0, height=32, width=32, output_type="np")

@@ -1,0 +1,212 @@
+"""LoRA nodes: read any layout with nimblediff.weights, hand ComfyUI one patch per weight.
+
+The model is cloned and patched with ModelPatcher.add_patches (ComfyUI computes the patched weights lazily, and
+unpatching is ComfyUI's). Every patch is validated first (names, shapes, finite values), so a bad file raises with a
+clear message and leaves the graph's model untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..core.adapters.delta import Diff, LoRA
+from ..core.recipes import RECIPES
+from ..errors import AdapterMismatchError
+from .sampling import make_sampler, make_sigmas_for_model
+
+log = logging.getLogger("nimblediff")
+
+EMBEDDED_LORAS = {"nimblediff-tiny-flash (embedded)":
+                  Path(__file__).parents[1] / "weights" / "tiny" / "nimblediff-tiny-flash-lora.safetensors"}
+_TEXT_PREFIX = {"text_encoder": "clip_l.", "text_encoder_2": "clip_g."}
+
+
+def lora_choices() -> list[str]:
+    embedded = [name for name, path in EMBEDDED_LORAS.items() if path.is_file()]
+    try:
+        import folder_paths
+    except ImportError:          # outside ComfyUI (schema validation, docs)
+        return embedded
+    return embedded + folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    if name in EMBEDDED_LORAS:
+        return str(EMBEDDED_LORAS[name])
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def _comfy_target(model, clip):
+    """The reader's Target for a ComfyUI UNet model (its unet_config) and CLIP (its layer counts)."""
+    from ..weights.keymaps import UNetLayout
+    from ..weights.lora_formats import Target
+
+    layout = UNetLayout.from_comfy_config(model.model.model_config.unet_config) if model is not None else None
+    text_layers = {}
+    if clip is not None:
+        keys = clip.patcher.model.state_dict().keys()
+        for comp, prefix in _TEXT_PREFIX.items():
+            layers = {k.split("encoder.layers.")[1].split(".")[0] for k in keys
+                      if k.startswith(prefix) and "encoder.layers." in k}
+            if layers:
+                text_layers[comp] = len(layers)
+    return Target.from_layout(layout, text_layers)
+
+
+def _host_key(key: str, target, clip_keys: dict) -> str | None:
+    """ComfyUI state-dict key of a canonical module key's weight."""
+    comp, _, path = key.partition(".")
+    if comp == "unet":
+        ldm = target.unet_map.to_b(path) if target.unet_map is not None else None
+        return None if ldm is None else f"diffusion_model.{ldm}"
+    prefix = _TEXT_PREFIX.get(comp)
+    return clip_keys.get((prefix, path)) if prefix else None
+
+
+def _clip_index(clip) -> dict:
+    """(clip_l./clip_g., module path without text_model.) -> ComfyUI key prefix."""
+    index = {}
+    if clip is None:
+        return index
+    for k in clip.patcher.model.state_dict():
+        if not k.endswith(".weight"):
+            continue
+        module = k[: -len(".weight")]
+        for prefix in _TEXT_PREFIX.values():
+            if module.startswith(prefix):
+                path = module.split("text_model.", 1)[1] if "text_model." in module else module.split(".", 2)[-1]
+                index[(prefix, path)] = module
+    return index
+
+
+def _patch(delta, weight: torch.Tensor, key: str):
+    """ComfyUI's patch for one weight (a LoRAAdapter where ComfyUI has them, the legacy tuple otherwise)."""
+    if isinstance(delta, LoRA):
+        # Tucker LoCon: down is (r, in, 1, 1) and the kernel lives in mid; plain: down covers in * kh * kw
+        fits_in = (delta.down.shape[1] == weight.shape[1]) if delta.mid is not None \
+            else delta.down[0].numel() == weight[0].numel()
+        if delta.up.shape[0] != weight.shape[0] or not fits_in:
+            raise AdapterMismatchError(f"LoRA module {key}: up {tuple(delta.up.shape)} / down "
+                                       f"{tuple(delta.down.shape)} do not fit weight {tuple(weight.shape)}")
+        values = (delta.up, delta.down, delta.alpha, delta.mid, None, None)
+        try:
+            from comfy.weight_adapter import LoRAAdapter
+
+            return LoRAAdapter(set(), values)
+        except ImportError:
+            return ("lora", values)
+    if isinstance(delta, Diff) and delta.weight is not None:
+        if delta.weight.numel() != weight.numel():
+            raise AdapterMismatchError(f"diff for {key}: {tuple(delta.weight.shape)} vs weight {tuple(weight.shape)}")
+        return ("diff", (delta.weight.reshape(weight.shape),))
+    return None
+
+
+def comfy_patches(deltas: dict, model, clip, target) -> tuple[dict, dict, list[str]]:
+    """Validate all deltas and build ({unet key: patch}, {clip key: patch}, unmatched)."""
+    unet_sd = model.model.state_dict() if model is not None else {}
+    clip_sd = clip.patcher.model.state_dict() if clip is not None else {}
+    clip_keys = _clip_index(clip)
+    unet_patches, clip_patches, unmatched = {}, {}, []
+    for key, delta in deltas.items():
+        for t in (getattr(delta, "down", None), getattr(delta, "up", None), getattr(delta, "weight", None)):
+            if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
+                raise AdapterMismatchError(f"LoRA module {key} contains NaN or inf")
+        host = _host_key(key, target, clip_keys)
+        sd, out = (unet_sd, unet_patches) if key.startswith("unet.") else (clip_sd, clip_patches)
+        if host is None or f"{host}.weight" not in sd:
+            unmatched.append(key)
+            continue
+        patch = _patch(delta, sd[f"{host}.weight"], key)
+        if patch is not None:
+            out[f"{host}.weight"] = patch
+        bias = delta.delta_bias()
+        if bias is not None and f"{host}.bias" in sd:
+            out[f"{host}.bias"] = ("diff", (bias,))
+    return unet_patches, clip_patches, unmatched
+
+
+def load_lora(model, clip, path: str, strength_model: float, strength_clip: float):
+    """Clone and patch MODEL and CLIP with a LoRA file of any layout; returns (model, clip, report)."""
+    from ..weights.lora_formats import read_lora
+
+    target = _comfy_target(model, clip)
+    deltas, report = read_lora(path, target)
+    unet_patches, clip_patches, unmatched = comfy_patches(deltas, model, clip, target)
+    unmatched = report.unmatched + unmatched
+    total = len(deltas) + len(report.unmatched)
+    if not unet_patches and not clip_patches:
+        raise AdapterMismatchError(f"{path}: none of its {total} modules matches the model ({report.layout} layout, "
+                                   f"made for {report.arch}); unmatched: {unmatched[:10]}")
+    if unmatched:
+        log.warning("NimbleDiff: %s: %d of %d modules match nothing and are skipped, e.g. %s", path,
+                    len(unmatched), total, unmatched[:5])
+    new_model, new_clip = model, clip
+    if model is not None and unet_patches and strength_model != 0:
+        new_model = model.clone()
+        new_model.add_patches(unet_patches, strength_model)
+    if clip is not None and clip_patches and strength_clip != 0:
+        new_clip = clip.clone()
+        new_clip.add_patches(clip_patches, strength_clip)
+    return new_model, new_clip, report
+
+
+class LoRALoader:
+    """Any LoRA layout (PEFT/diffusers, kohya, ComfyUI LoraSave, LyCORIS LoCon), auto-detected."""
+
+    CATEGORY = "NimbleDiff/adapters"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("model", "clip", "report")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",),
+            "lora_name": (lora_choices(),),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+        }}
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip):
+        model, clip, report = load_lora(model, clip, lora_path(lora_name), strength_model, strength_clip)
+        return (model, clip, report.summary())
+
+
+class AccelerationLoRA:
+    """A distillation LoRA (Flash Diffusion, LCM-LoRA, TCD, DMD2, Lightning, Hyper-SD) with its recipe: the patched
+    model plus the recipe's SAMPLER, SIGMAS and CFG for SamplerCustom. Warns when the graph contradicts it."""
+
+    CATEGORY = "NimbleDiff/adapters"
+    RETURN_TYPES = ("MODEL", "CLIP", "SAMPLER", "SIGMAS", "FLOAT", "STRING")
+    RETURN_NAMES = ("model", "clip", "sampler", "sigmas", "cfg", "recipe")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",), "clip": ("CLIP",),
+            "lora_name": (lora_choices(),),
+            "recipe": (list(RECIPES), {"default": "flash-sd15"}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 100}),
+        }}
+
+    def load(self, model, clip, lora_name, recipe, strength_model, strength_clip, steps):
+        r = RECIPES[recipe]
+        model, clip, report = load_lora(model, clip, lora_path(lora_name), strength_model, strength_clip)
+        sampler = make_sampler(r.sampler, recipe=r, **r.options)
+        sigmas = make_sigmas_for_model(model, r.schedule, steps)
+        return (model, clip, sampler, sigmas, r.cfg, f"{r.describe()}\n{report.summary()}")
+
+
+NODES = {
+    "NimbleLoRALoader": (LoRALoader, "NimbleDiff LoRA Loader (any format)"),
+    "NimbleAccelerationLoRA": (AccelerationLoRA, "NimbleDiff Acceleration LoRA (Flash / LCM / TCD)"),
+}

@@ -1,0 +1,122 @@
+"""Just enough of ComfyUI's module surface to call NimbleDiff's node functions in CI (ComfyUI is not on PyPI).
+
+Real-ComfyUI behaviour is covered by tests/test_comfyui_real.py when COMFYUI_PATH is set; these stubs only give
+the node functions the objects they receive in a graph: a ModelPatcher-like MODEL, a CLIP with a patcher, and the
+KSAMPLER / model_sampling / folder_paths entry points.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+
+
+class EPS:
+    def __init__(self, sigmas):
+        self.sigmas = sigmas
+
+
+class CONST:
+    shift = 1.0
+
+
+class KSAMPLER:
+    def __init__(self, sampler_function, extra_options={}, inpaint_options={}):
+        self.sampler_function = sampler_function
+        self.extra_options = extra_options
+
+
+class FakeModelPatcher:
+    """ModelPatcher's contract: clone() shares weights, add_patches() records (strength, patch) per known key."""
+
+    def __init__(self, module, model_sampling=None, unet_config=None):
+        self.model = module
+        self.patches = {}
+        self.model_sampling = model_sampling
+        if unet_config is not None:
+            module.model_config = types.SimpleNamespace(unet_config=unet_config)
+
+    def clone(self):
+        c = FakeModelPatcher(self.model, self.model_sampling)
+        c.patches = {k: list(v) for k, v in self.patches.items()}
+        return c
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        sd = self.model.state_dict()
+        applied = []
+        for k, v in patches.items():
+            if k in sd:
+                self.patches.setdefault(k, []).append((strength_patch, v))
+                applied.append(k)
+        return applied
+
+    def get_model_object(self, name):
+        return self.model_sampling if name == "model_sampling" else getattr(self.model, name)
+
+    def patched_state_dict(self):
+        """The weights ComfyUI would compute: W + strength * delta for each patch (LoRA or diff)."""
+        out = {}
+        for k, w in self.model.state_dict().items():
+            w = w.clone().float()
+            for strength, patch in self.patches.get(k, []):
+                kind, values = patch if isinstance(patch, tuple) else ("lora", patch.weights)
+                if kind == "diff":
+                    w += strength * values[0].float().reshape(w.shape)
+                else:
+                    up, down, alpha = values[0].float(), values[1].float(), values[2]
+                    scale = 1.0 if alpha is None else alpha / down.shape[0]
+                    w += strength * scale * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+            out[k] = w
+        return out
+
+
+class FakeCLIP:
+    def __init__(self, module):
+        self.patcher = FakeModelPatcher(module)
+
+    def clone(self):
+        c = FakeCLIP(self.patcher.model)
+        c.patcher = self.patcher.clone()
+        return c
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        return self.patcher.add_patches(patches, strength_patch, strength_model)
+
+
+def install(loras: dict | None = None):
+    """Register stub comfy modules in sys.modules (undo with uninstall())."""
+    loras = loras or {}
+    comfy = types.ModuleType("comfy")
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSAMPLER = KSAMPLER
+    model_sampling = types.ModuleType("comfy.model_sampling")
+    model_sampling.EPS, model_sampling.CONST = EPS, CONST
+    weight_adapter = types.ModuleType("comfy.weight_adapter")   # absent -> legacy ("lora", values) tuples
+    folder_paths = types.ModuleType("folder_paths")
+    folder_paths.get_filename_list = lambda kind: sorted(loras) if kind == "loras" else []
+    folder_paths.get_full_path_or_raise = lambda kind, name: loras[name]
+    comfy.samplers, comfy.model_sampling = samplers, model_sampling
+    sys.modules.update({"comfy": comfy, "comfy.samplers": samplers, "comfy.model_sampling": model_sampling,
+                        "folder_paths": folder_paths})
+    sys.modules.pop("comfy.weight_adapter", None)
+    del weight_adapter
+
+
+def uninstall():
+    for name in ("comfy", "comfy.samplers", "comfy.model_sampling", "folder_paths"):
+        sys.modules.pop(name, None)
+
+
+class GuidedModel(torch.nn.Module):
+    """What KSAMPLER hands a sampler: KSamplerX0Inpaint(guider) whose inner_model.inner_model has model_sampling."""
+
+    def __init__(self, denoiser, model_sampling, cfg=1.0):
+        super().__init__()
+        self.denoiser = denoiser
+        self.inner_model = types.SimpleNamespace(
+            cfg=cfg, inner_model=types.SimpleNamespace(model_sampling=model_sampling))
+
+    def forward(self, x, sigma, **extra):
+        return self.denoiser(x, sigma)

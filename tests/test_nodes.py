@@ -1,0 +1,150 @@
+"""ComfyUI nodes called with ComfyUI-shaped inputs (stub comfy modules; the real server is test_comfyui_real.py)."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import factories  # noqa: E402
+import fake_comfy  # noqa: E402
+import lora_files  # noqa: E402
+from analytic import GaussianData  # noqa: E402
+
+from nimblediff.core import schedules  # noqa: E402
+from nimblediff.core.parameterization import VP  # noqa: E402
+from nimblediff.core.sampling import SAMPLERS, noise_from_seed, run  # noqa: E402
+
+
+@pytest.fixture
+def comfy(tmp_path):
+    fake_comfy.install()
+    yield
+    fake_comfy.uninstall()
+
+
+def _vp_model_sampling():
+    return fake_comfy.EPS(VP().sigmas.float())
+
+
+def test_sampler_node_runs_core_sampler_with_comfy_seed(comfy):
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    ms = _vp_model_sampling()
+    data = GaussianData()
+    model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
+    sigmas = schedules.make_sigmas("lcm", 4, VP()).float()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    ksampler = FewStepSampler().build("lcm", 0.3)[0]
+    out = ksampler.sampler_function(model, x, sigmas, extra_args={"seed": 7}, callback=None, disable=True)
+    ref = run(SAMPLERS["lcm"], data.denoiser(VP()), x, sigmas, param=VP(), noise=noise_from_seed(x, 7))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.7, 1.0])
+def test_tcd_node_finite_for_every_gamma(comfy, gamma):
+    """Other ComfyUI TCD ports produce NaN for gamma > 0; ours stays finite."""
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    ms = _vp_model_sampling()
+    model = fake_comfy.GuidedModel(GaussianData().denoiser(VP()), ms)
+    sigmas = schedules.make_sigmas("lcm", 4, VP()).float()
+    x = torch.randn(1, 4, 8, 8) * sigmas[0]
+    out = FewStepSampler().build("tcd", gamma)[0].sampler_function(model, x, sigmas, extra_args={"seed": 1})
+    assert torch.isfinite(out).all()
+
+
+def test_schedule_node_matches_diffusers_lcm_timesteps(comfy):
+    from diffusers import LCMScheduler
+
+    from nimblediff.nodes.sampling import FewStepSchedule
+
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    sigmas = FewStepSchedule().build(model, "lcm", 4, 1.0)[0]
+    lcm = LCMScheduler()
+    lcm.set_timesteps(4)
+    acp = lcm.alphas_cumprod[lcm.timesteps]
+    expected = torch.cat([((1 - acp) / acp).sqrt(), torch.zeros(1)])
+    torch.testing.assert_close(sigmas, expected.float(), rtol=1e-5, atol=1e-6)
+    half = FewStepSchedule().build(model, "lcm", 2, 0.5)[0]
+    torch.testing.assert_close(half, FewStepSchedule().build(model, "lcm", 4, 1.0)[0][-3:])
+
+
+def _comfy_model_and_clip(pipe):
+    """A ComfyUI-like MODEL/CLIP over the pipeline's weights, keyed as ComfyUI keys them (LDM names)."""
+    ldm = factories.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config, prefix="diffusion_model.")
+    te = {f"clip_l.transformer.text_model.{k.removeprefix('text_model.')}": v
+          for k, v in pipe.text_encoder.state_dict().items()}
+    unet_config = {"model_channels": pipe.unet.config.block_out_channels[0], "channel_mult": [1, 2, 2, 2],
+                   "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                   "transformer_depth_output": [1] * 9 + [0] * 3, "transformer_depth_middle": 1}
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(state_dict=lambda: ldm), _vp_model_sampling(),
+                                        unet_config)
+    clip = fake_comfy.FakeCLIP(types.SimpleNamespace(state_dict=lambda: te))
+    return model, clip, ldm, te
+
+
+def test_lora_loader_node_matches_diffusers_fuse(comfy, tmp_path):
+    """Patched weights ComfyUI would compute from our patches == diffusers load_lora_weights + fuse_lora."""
+    import copy
+
+    from nimblediff.nodes.adapters import LoRALoader
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    path = lora_files.write_peft_lora(pipe, tmp_path)
+    fake_comfy.install({"style.safetensors": path})
+    model, clip, ldm, te = _comfy_model_and_clip(pipe)
+    new_model, new_clip, report = LoRALoader().load(model, clip, "style.safetensors", 0.8, 0.5)
+    assert model.patches == {} and clip.patcher.patches == {}          # the input MODEL/CLIP are untouched
+
+    ref_unet, ref_te = lora_files.diffusers_fused(copy.deepcopy(pipe), path, scale=0.8)
+    ref_ldm = factories.unet_to_ldm(ref_unet, pipe.unet.config, prefix="diffusion_model.")
+    ours = new_model.patched_state_dict()
+    changed = [k for k in ldm if not torch.equal(ldm[k], ref_ldm[k])]
+    assert len(changed) > 20
+    for k in ldm:
+        torch.testing.assert_close(ours[k], ref_ldm[k], rtol=0, atol=1e-6)
+    # text encoder at strength 0.5: reference at 0.5 from the same file
+    _, ref_te = lora_files.diffusers_fused(copy.deepcopy(pipe), path, scale=0.5)
+    ours_te = new_clip.patcher.patched_state_dict()
+    for k, v in ref_te.items():
+        torch.testing.assert_close(ours_te[f"clip_l.transformer.text_model.{k}"], v, rtol=0, atol=1e-6)
+    assert "unet" in report
+
+
+def test_acceleration_lora_node_outputs_recipe(comfy, tmp_path):
+    from nimblediff.nodes.adapters import AccelerationLoRA
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    fake_comfy.install({"flash.safetensors": lora_files.write_peft_lora(pipe, tmp_path)})
+    model, clip, _, _ = _comfy_model_and_clip(pipe)
+    m, c, sampler, sigmas, cfg, info = AccelerationLoRA().load(model, clip, "flash.safetensors", "flash-sd15",
+                                                               1.0, 1.0, 4)
+    assert cfg == 1.0 and len(sigmas) == 5 and "flash-sd15" in info
+    assert m.patches and sampler.sampler_function is not None
+
+
+def test_lora_loader_rejects_unrelated_file(comfy, tmp_path):
+    from safetensors.torch import save_file
+
+    from nimblediff.errors import NimbleDiffError
+    from nimblediff.nodes.adapters import LoRALoader
+
+    save_file({"foo.bar": torch.zeros(2)}, str(tmp_path / "junk.safetensors"))
+    fake_comfy.install({"junk.safetensors": str(tmp_path / "junk.safetensors")})
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    model, clip, _, _ = _comfy_model_and_clip(pipe)
+    with pytest.raises(NimbleDiffError, match="foo.bar"):
+        LoRALoader().load(model, clip, "junk.safetensors", 1.0, 1.0)
+    assert model.patches == {}
+
+
+def test_every_node_declares_a_complete_schema():
+    import nimblediff
+
+    for node_id, cls in nimblediff.NODE_CLASS_MAPPINGS.items():
+        assert node_id in nimblediff.NODE_DISPLAY_NAME_MAPPINGS
+        assert callable(getattr(cls, cls.FUNCTION)), node_id
+        assert isinstance(cls.RETURN_TYPES, tuple) and cls.CATEGORY.startswith("NimbleDiff")
