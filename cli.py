@@ -76,6 +76,20 @@ def _workflow_validate(args) -> int:
     return 1 if failures else 0
 
 
+def _workflow_to_ui(args) -> int:
+    import json
+
+    from .workflow_check import api_to_ui
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    out.write_text(json.dumps(api_to_ui(json.loads(Path(args.api).read_text())), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def _lora_inspect(args) -> int:
     from .weights.lora_formats import read_lora
 
@@ -105,6 +119,12 @@ def main(argv=None) -> int:
     validate = workflow.add_parser("validate", help="check workflow JSON against the node schemas")
     validate.add_argument("paths", nargs="*", help="files (default: the shipped workflows)")
     validate.set_defaults(run=_workflow_validate)
+
+    to_ui = workflow.add_parser("to-ui", help="convert an API-format workflow to the UI (drag-and-drop) format")
+    to_ui.add_argument("api")
+    to_ui.add_argument("out")
+    to_ui.add_argument("--overwrite", action="store_true")
+    to_ui.set_defaults(run=_workflow_to_ui)
 
     lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="action", required=True)
     inspect = lora.add_parser("inspect", help="detect a LoRA file's layout and architecture")

@@ -43,10 +43,14 @@ def _type_name(t) -> str:
     return "COMBO" if isinstance(t, list) else t
 
 
+# Combos filled from the user's model folders: their values depend on the machine, not on the schema.
+FILE_INPUTS = {"lora_name", "ckpt_name", "vae_name", "image", "model"}
+
+
 def _check_widget(where: str, name: str, spec, value, errors: list) -> None:
     kind, options, _ = spec
     if isinstance(kind, list):
-        if kind and value not in kind and not options.get("dynamic"):
+        if kind and value not in kind and not options.get("dynamic") and name not in FILE_INPUTS:
             errors.append(f"{where}: {name}={value!r} is not one of {kind}")
     elif kind in ("INT", "FLOAT"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
