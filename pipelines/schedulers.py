@@ -54,6 +54,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         model_type: str = "vp",
         shift: float = 1.0,
         timestep_scaling: float = 10.0,
+        sampler_options: dict | None = None,
     ):
         if sampler not in SAMPLERS:
             raise InvalidParameterError(f"sampler={sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
@@ -98,13 +99,43 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         else:
             sig = self._named_sigmas(num_inference_steps)
         self.sigmas = sig.to(device)
-        t = self.param.sigma_to_t(sig[:-1])
+        t = self.param.sigma_to_t(self._evaluation_sigmas(sig))
         rounded = t.round()
         self.timesteps = (rounded.long() if (t - rounded).abs().max() < 1e-3 else t).to(device)
         self.num_inference_steps = len(self.timesteps)
         self._steps = None
         self._step_index = None
         self._begin_index = None
+
+    def _options(self) -> dict:
+        """The sampler's options: registry defaults, then `gamma`, then `sampler_options` from the config."""
+        options = dict(SAMPLER_OPTIONS[self.config.sampler])
+        if "gamma" in options:
+            options["gamma"] = self.config.gamma
+        extra = dict(self.config.sampler_options or {})
+        unknown = set(extra) - set(options)
+        if unknown:
+            raise InvalidParameterError(
+                f"sampler_options {sorted(unknown)} are not options of sampler {self.config.sampler!r}; "
+                f"valid: {sorted(options)}")
+        return {**options, **extra}
+
+    def _evaluation_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Where the sampler will ask for the model, found by a dry run on a scalar (a method with several
+        evaluations per step, such as a corrector, asks more than once per sigma interval)."""
+        method = SAMPLERS[self.config.sampler]
+        options = self._options()
+        x = torch.zeros(1, dtype=torch.float64)
+        steps = method(x, sigmas.double(), param=self.param, noise=lambda a, b: torch.zeros_like(x), **options)
+        asked = []
+        try:
+            _, sigma = next(steps)
+            while True:
+                asked.append(float(sigma))
+                _, sigma = steps.send(torch.zeros_like(x))
+        except StopIteration:
+            pass
+        return torch.tensor(asked, dtype=torch.float64)
 
     def _named_sigmas(self, steps: int) -> torch.Tensor:
         cfg = self.config
@@ -140,7 +171,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         return randn_tensor(ref.shape, generator=self._generator, device=ref.device, dtype=ref.dtype)
 
     def _start(self, x_k: torch.Tensor, eta):
-        options = {k: getattr(self.config, k) for k in SAMPLER_OPTIONS[self.config.sampler]}
+        options = self._options()
         if eta is not None and "gamma" in options:
             options["gamma"] = eta        # diffusers pipelines pass TCD's gamma as `eta`
         method = SAMPLERS[self.config.sampler]
@@ -156,7 +187,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index or 0
         self._generator, self._ref = generator, model_output
         if self._steps is None:
-            self._start(self._to_k(sample, self.sigmas[self._step_index]), eta)
+            self._start(self._to_k(sample, self.sigmas[self._begin_index or 0]), eta)
         sigma = self._sigma              # where the sampler asked for this evaluation
         dtype = torch.promote_types(sample.dtype, torch.float32)
         x_k = self._to_k(sample.to(dtype), sigma)
