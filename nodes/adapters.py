@@ -43,6 +43,7 @@ def lora_path(name: str) -> str:
 
 def _comfy_target(model, clip):
     """The reader's Target for a ComfyUI UNet model (its unet_config) and CLIP (its layer counts)."""
+    from ..weights.arch import detect_model_arch
     from ..weights.keymaps import UNetLayout
     from ..weights.lora_formats import Target
 
@@ -55,7 +56,8 @@ def _comfy_target(model, clip):
                       if k.startswith(prefix) and "encoder.layers." in k}
             if layers:
                 text_layers[comp] = len(layers)
-    return Target.from_layout(layout, text_layers)
+    arch = detect_model_arch(model.model.model_config.unet_config) if model is not None else None
+    return Target.from_layout(layout, text_layers, arch)
 
 
 def _host_key(key: str, target, clip_keys: dict) -> str | None:
@@ -135,8 +137,13 @@ def load_lora(model, clip, path: str, strength_model: float, strength_clip: floa
     """Clone and patch MODEL and CLIP with a LoRA file of any layout; returns (model, clip, report)."""
     from ..weights.lora_formats import read_lora
 
+    from ..weights.arch import compatible
+
     target = _comfy_target(model, clip)
     deltas, report = read_lora(path, target)
+    if not compatible(report.arch.arch, target.arch.arch):
+        raise AdapterMismatchError(f"{path}: this LoRA is for {report.arch} but the model is {target.arch}; "
+                                   "load the base model it was trained for")
     unet_patches, clip_patches, unmatched = comfy_patches(deltas, model, clip, target)
     unmatched = report.unmatched + unmatched
     total = len(deltas) + len(report.unmatched)

@@ -148,3 +148,20 @@ def test_every_node_declares_a_complete_schema():
         assert node_id in nimblediff.NODE_DISPLAY_NAME_MAPPINGS
         assert callable(getattr(cls, cls.FUNCTION)), node_id
         assert isinstance(cls.RETURN_TYPES, tuple) and cls.CATEGORY.startswith("NimbleDiff")
+
+
+def test_lora_for_another_base_names_both_architectures(comfy, tmp_path):
+    from nimblediff.errors import AdapterMismatchError
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sdxl = factories.tiny_sdxl_pipeline(0)
+    lora = factories.random_lora({"unet": sdxl.unet}, rank=2)
+    from safetensors.torch import save_file
+
+    save_file(factories.lora_state_dict(lora, "kohya", unet_config=sdxl.unet.config),
+              str(tmp_path / "xl.safetensors"))
+    fake_comfy.install({"xl.safetensors": str(tmp_path / "xl.safetensors")})
+    model, clip, _, _ = _comfy_model_and_clip(factories.tiny_sd15_pipeline(0, layout="sd15"))
+    with pytest.raises(AdapterMismatchError, match="sdxl.*sd15|sd15.*sdxl"):
+        LoRALoader().load(model, clip, "xl.safetensors", 1.0, 1.0)
+    assert model.patches == {}

@@ -1,0 +1,261 @@
+"""Fuse canonical deltas into torch modules in place, atomically, and unfuse them again. Pure torch.
+
+    handle = fuse(modules, deltas, strength=0.8)   # modules: {"unet": unet, "text_encoder": te, ...}
+    handle.unfuse()
+
+Keys are ``<component>.<module path>`` (see delta.py); text encoders resolve through ``getattr(te, "text_model",
+te)`` (transformers 5 flattened CLIPTextModel), then the component itself (``text_projection``).
+
+Validate, then commit (../shared/STYLE.md habit 9): every key is resolved, every shape checked and every factor
+checked finite before the first weight changes, so a failed call leaves every module byte-identical. The fuse
+itself is one ``addmm_`` per LoRA layer on the weight viewed as (out, in*kh*kw): no delta matrix is materialized for
+float32/float64 weights, and nothing of the model is copied. Unfusing recomputes the same products and subtracts
+them (exact up to float rounding, as PEFT's unmerge); ``exact_unfuse=True`` keeps the original weights of the
+touched layers instead and restores them bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
+from .delta import LoRA
+
+__all__ = ["fuse", "fuse_many", "FusedAdapters", "ModuleIndex", "resolve_module"]
+
+_MAX_LISTED = 10
+
+
+def resolve_module(modules: Mapping[str, torch.nn.Module], key: str) -> torch.nn.Module | None:
+    """The module named by a canonical key, or None."""
+    return ModuleIndex(modules).get(key)
+
+
+class ModuleIndex:
+    """Canonical key -> module, one named_modules() walk per component (cheaper than get_submodule per key).
+
+    Text encoders answer both ``encoder.layers.0...`` and ``text_model.encoder.layers.0...`` paths."""
+
+    def __init__(self, modules: Mapping[str, torch.nn.Module]):
+        self.modules, self.tables = modules, {}
+
+    def table(self, component: str) -> dict[str, torch.nn.Module]:
+        table = self.tables.get(component)
+        if table is None:
+            root = self.modules.get(component)
+            table = {} if root is None else dict(root.named_modules())
+            if root is not None and isinstance(getattr(root, "text_model", None), torch.nn.Module):
+                table.update({n[len("text_model."):]: m for n, m in list(table.items())
+                              if n.startswith("text_model.")})
+            self.tables[component] = table
+        return table
+
+    def get(self, key: str) -> torch.nn.Module | None:
+        component, _, path = key.partition(".")
+        return self.table(component).get(path)
+
+
+class _threads:
+    """Run small kernels on one thread: with busy cores, waking an OpenMP team costs ~1 ms per tiny op."""
+
+    SMALL = 1 << 18  # elements
+
+    def __init__(self, numel: int):
+        self.single = numel < self.SMALL and torch.get_num_threads() > 1
+
+    def __enter__(self):
+        if self.single:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.single:
+            torch.set_num_threads(self.n)
+
+
+@dataclass
+class _Patch:
+    key: str
+    weight: torch.Tensor                  # the module's weight Parameter (patched in place)
+    delta: object
+    strength: float
+    scale: float                          # strength x (LoRA alpha / rank), or strength for other deltas
+    bias: torch.Tensor | None = None      # the module's bias when the delta has a bias part
+    original: tuple | None = None         # (weight, bias) copies when exact_unfuse
+
+
+@dataclass
+class FusedAdapters:
+    """Handle returned by fuse(): which keys were applied, and how to take them out again."""
+
+    applied: list[str]
+    unmatched: list[str]
+    _patches: list[_Patch] = field(default_factory=list, repr=False)
+    fused: bool = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if not self.fused:
+            raise InvalidParameterError("unfuse(): these adapters are already unfused")
+        for p in reversed(self._patches):
+            with _threads(p.weight.numel()):
+                if p.original is not None:
+                    p.weight.copy_(p.original[0])
+                    if p.bias is not None:
+                        p.bias.copy_(p.original[1])
+                else:
+                    _add(p, -1.0)
+        self.fused = False
+
+
+def fuse(modules: Mapping[str, torch.nn.Module] | ModuleIndex, deltas: Mapping[str, object], strength: float = 1.0, *,
+         source: str = "adapter", unresolved: Sequence[str] = (), exact_unfuse: bool = False) -> FusedAdapters:
+    """Fuse one adapter. `source` names it in messages (file and layout); `unresolved` are keys its reader could
+    not name at all (counted as unmatched)."""
+    return fuse_many(modules, [(deltas, strength)], source=source, unresolved=unresolved, exact_unfuse=exact_unfuse)
+
+
+@torch.no_grad()
+def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
+              adapters: Sequence[tuple[Mapping[str, object], float]], *,
+              source: str = "adapter", unresolved: Sequence[str] = (), exact_unfuse: bool = False) -> FusedAdapters:
+    """Fuse several (deltas, strength) pairs at once: all are validated before any weight changes."""
+    # 1. resolve every key and check every shape and strength
+    patches, unmatched = [], list(unresolved)
+    index = modules if isinstance(modules, ModuleIndex) else ModuleIndex(modules)
+    total, modules = len(unresolved), index.modules
+    for deltas, strength in adapters:
+        if not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise InvalidParameterError(f"{source}: strength={strength!r}; expected a finite number")
+        total += len(deltas)
+        for key, delta in deltas.items():
+            module = index.get(key)
+            weight = getattr(module, "weight", None) if module is not None else None
+            if not isinstance(weight, torch.Tensor):
+                unmatched.append(key)
+                continue
+            patches.append(_check(source, key, delta, module, weight, float(strength)))
+    if not patches:
+        raise AdapterMismatchError(
+            f"{source}: none of its {total} keys matches a module of the model (components given: "
+            f"{sorted(modules)}); unmatched: {unmatched[:_MAX_LISTED]}. Is it made for another base model, or "
+            "named for a component that was not passed?")
+    # 2. every factor finite, and the result provably below the dtype's max (exact check only where the bound fails)
+    _check_finite(source, patches)
+    if unmatched:  # a partial match is legitimate (e.g. a text-encoder part with no text encoder given): say so
+        warnings.warn(f"{source}: {len(unmatched)} of {total} keys match no module and are skipped, e.g. "
+                      f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=3)
+    # 3. commit
+    for p in patches:
+        with _threads(p.weight.numel()):
+            if exact_unfuse:
+                p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
+            _add(p, 1.0)
+    return FusedAdapters([p.key for p in patches], unmatched, patches)
+
+
+def _factors(delta) -> list[tuple[str, torch.Tensor]]:
+    names = ("down", "up", "mid", "weight", "bias")
+    return [(n, t) for n in names if isinstance(t := getattr(delta, n, None), torch.Tensor)]
+
+
+def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength: float) -> _Patch:
+    where = f"{source}: key {key!r}"
+    if isinstance(delta, LoRA):
+        alpha = delta.alpha
+        if alpha is not None and not math.isfinite(float(alpha)):
+            raise WeightsFormatError(f"{where}: alpha={alpha} is not finite")
+        up, down, mid = delta.up.flatten(1), delta.down.flatten(1), delta.mid
+        fan_in = weight[0].numel()
+        if mid is None:
+            fits = up.shape[1] == down.shape[0] and down.shape[1] == fan_in
+        else:  # Tucker core (r, r, kh, kw) between up (out, r) and down (r, in)
+            fits = (mid.ndim == 4 and up.shape[1] == mid.shape[0] and mid.shape[1] == down.shape[0]
+                    and down.shape[1] * mid.shape[2] * mid.shape[3] == fan_in)
+        if up.shape[0] != weight.shape[0] or not fits:
+            shapes = f"up {tuple(delta.up.shape)} / down {tuple(delta.down.shape)}" + (
+                "" if mid is None else f" / mid {tuple(mid.shape)}")
+            raise AdapterMismatchError(
+                f"{where}: LoRA {shapes} does not fit the module's weight {tuple(weight.shape)}; valid: "
+                f"up (out={weight.shape[0]}, r), down (r, in*kh*kw={fan_in})")
+        scale = strength * delta.scale
+    else:
+        dw = getattr(delta, "weight", None)
+        if dw is not None and dw.numel() != weight.numel():
+            raise AdapterMismatchError(f"{where}: difference {tuple(dw.shape)} does not fit the module's weight "
+                                       f"{tuple(weight.shape)}")
+        scale = strength
+    bias = None
+    db = getattr(delta, "bias", None)
+    if isinstance(db, torch.Tensor):
+        bias = getattr(module, "bias", None)
+        if not isinstance(bias, torch.Tensor) or bias.numel() != db.numel():
+            have = "no bias" if not isinstance(bias, torch.Tensor) else f"bias {tuple(bias.shape)}"
+            raise AdapterMismatchError(f"{where}: bias difference {tuple(db.shape)} does not fit the module ({have})")
+    return _Patch(key, weight, delta, strength, scale, bias)
+
+
+def _check_finite(source: str, patches: list[_Patch]) -> None:
+    """One batched max|t| over every factor (NaN and inf propagate), then per patch a bound on |W + s dW|:
+    |dW_ij| <= r max|up| max|down| for a LoRA; the dense result is checked only where the bound is too loose."""
+    tensors, owners = [], []
+    for i, p in enumerate(patches):
+        for name, t in _factors(p.delta):
+            tensors.append(t if t.is_floating_point() else t.float())
+            owners.append((i, name))
+        if p.weight.dtype == torch.float16:
+            tensors.append(p.weight.detach())
+            owners.append((i, "model weight"))
+    with _threads(sum(t.numel() for t in tensors)):
+        maxes = torch.stack([m.float().cpu() for m in torch._foreach_norm(tensors, math.inf)]).tolist()
+    per_patch: list[dict] = [{} for _ in patches]
+    for j, ((i, name), m) in enumerate(zip(owners, maxes)):
+        if not math.isfinite(m) and name != "model weight":
+            t = tensors[j]
+            raise WeightsFormatError(f"{source}: key {patches[i].key!r}: its {name} tensor {tuple(t.shape)} contains "
+                                     "NaN or inf; the adapter file is corrupt (every value must be finite)")
+        per_patch[i][name] = m
+    for p, m in zip(patches, per_patch):
+        alpha = getattr(p.delta, "alpha", None)
+        if alpha is not None and not math.isfinite(float(alpha)):
+            raise WeightsFormatError(f"{source}: key {p.key!r}: alpha={alpha} is not finite")
+        limit = torch.finfo(p.weight.dtype).max
+        if isinstance(p.delta, LoRA) and p.delta.mid is None:
+            bound = abs(p.scale) * p.delta.rank * m["up"] * m["down"]
+        elif not isinstance(p.delta, LoRA):
+            bound = abs(p.scale) * m.get("weight", 0.0)
+        else:
+            bound = math.inf
+        if m.get("model weight", 0.0) + bound < limit / 2:
+            continue
+        new = p.weight.float() + p.strength * _dense(p)  # delta_weight() includes a LoRA's alpha / rank
+        if not torch.isfinite(new).all() or new.abs().max() > limit:
+            raise WeightsFormatError(f"{source}: key {p.key!r}: the patched weight would overflow "
+                                     f"{p.weight.dtype} (|value| > {limit:.3g}); lower the strength or check the file")
+
+
+def _dense(p: _Patch) -> torch.Tensor:
+    return p.delta.delta_weight(p.weight.shape, dtype=torch.float32, device=p.weight.device)
+
+
+def _add(p: _Patch, sign: float) -> None:
+    """W += sign * scale * dW in place (bias likewise)."""
+    w, d, s = p.weight.data, p.delta, sign * p.scale
+    if isinstance(d, LoRA) and d.mid is None and w.dtype in (torch.float32, torch.float64) and w.is_contiguous():
+        up = d.up.to(device=w.device, dtype=w.dtype).flatten(1)        # (out, r)
+        down = d.down.to(device=w.device, dtype=w.dtype).flatten(1)    # (r, in*kh*kw)
+        w.view(w.shape[0], -1).addmm_(up, down, alpha=s)
+    else:  # delta_weight() includes a LoRA's alpha / rank: scale by the strength only
+        dw = _dense(p)
+        if dw is not None and w.dtype in (torch.float32, torch.float64):
+            w.add_(dw.to(w.dtype), alpha=sign * p.strength)
+        elif dw is not None:  # low precision: add in float32, round once
+            w.copy_(w.float().add_(dw, alpha=sign * p.strength))
+    if p.bias is not None:  # a bias difference is scaled by the strength only
+        db = d.delta_bias(dtype=torch.float32, device=p.bias.device).reshape(p.bias.shape)
+        p.bias.data.copy_(p.bias.data.float().add_(db, alpha=sign * p.strength))

@@ -1,0 +1,121 @@
+"""Which base model a LoRA was made for, and which base model a target is.
+
+Architectures: ``sd15``, ``sd2``, ``sdxl`` (UNets), ``sd3``, ``flux``, ``pixart`` (transformers). When the keys only
+say "some UNet" or "some MM-DiT" (tiny test models, a LoRA that touches few layers) detection answers the family,
+``unet`` or ``mmdit``, which is compatible with each of its members: a mismatch is reported only on evidence.
+
+Evidence is read from key names in any layout (diffusers, kohya, LDM/ComfyUI: dots and underscores are unified)
+and, where real sizes are known, from shapes: the cross-attention context width is 768 (SD1.x), 1024 (SD2.x) or
+2048 (SDXL).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["ArchGuess", "detect_lora_arch", "detect_model_arch", "compatible", "FAMILY"]
+
+FAMILY = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "mmdit", "flux": "mmdit", "pixart": "dit"}
+_CONTEXT_DIM = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+
+_KV_DOWN = re.compile(r"attn2_(processor_)?to_[kv]_(lora_down|lora_A|lora_linear_layer_down|diff$)")
+_UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_\d")
+# (architecture, why, pattern on the key with '.' replaced by '_')
+_EVIDENCE = [
+    ("flux", "Flux single-stream blocks",
+     re.compile(r"single_transformer_blocks_\d|(^|_)(single|double)_blocks_\d", re.M)),
+    ("sd3", "SD3 joint blocks", re.compile(r"joint_blocks_\d|context_block_|x_block_")),
+    ("pixart", "PixArt adaLN-single / caption projection", re.compile(r"adaln_single|caption_projection")),
+    ("sdxl", "keys for a second text encoder",
+     re.compile(r"^(lora_te2_|text_encoder_2_|text_encoders_clip_g_)", re.M)),
+    ("sdxl", "an add_embedding (SDXL micro-conditioning)", re.compile(r"add_embedding_linear|label_emb_0_")),
+    ("sdxl", "transformer depth > 1 inside UNet attention blocks",
+     re.compile(r"(attentions_\d+|(input|output)_blocks_\d+_1|middle_block_1)_transformer_blocks_[1-9]")),
+    ("sd15", "UNet blocks SDXL does not have (4th level or attention at the first level)",
+     re.compile(r"down_blocks_3_|up_blocks_3_|down_blocks_0_attentions_|up_blocks_3_attentions_"
+                r"|input_blocks_(1|2)_1_|input_blocks_(9|10|11)_|output_blocks_(9|10|11)_")),
+]
+
+
+@dataclass(frozen=True)
+class ArchGuess:
+    arch: str          # sd15 / sd2 / sdxl / sd3 / flux / pixart, a family (unet / mmdit / dit), or "unknown"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.arch} ({self.reason})"
+
+
+def _context_width(shapes: dict) -> int | None:
+    """Input width of a cross-attention key/value projection (attn2.to_k / to_v), from a LoRA down or a Diff."""
+    for key, shape in shapes.items():
+        if "attn2" in key and _KV_DOWN.search(key.replace(".", "_")) and shape is not None and len(shape) >= 2:
+            return int(shape[1])
+    return None
+
+
+def detect_lora_arch(shapes: dict) -> ArchGuess:
+    """Guess the base of a LoRA from ``{key: shape}`` (shape may be None when unknown)."""
+    keys = list(shapes)
+    text = "\n".join(keys).replace(".", "_")  # one string, one search per pattern (keys hold no newlines)
+    found: dict[str, str] = {}
+    for arch, why, pattern in _EVIDENCE:
+        hit = pattern.search(text)
+        if hit is not None and arch not in found:
+            found[arch] = f"{why}: {keys[text.count(chr(10), 0, hit.start())]}"
+    unet = _UNET.search(text) is not None
+    width = _context_width(shapes)
+    if width in _CONTEXT_DIM and unet:
+        found.setdefault(_CONTEXT_DIM[width], f"cross-attention context width {width}")
+    if "sd2" in found:  # SD2 shares SD1.x's block layout
+        found.pop("sd15", None)
+    if len(found) == 1:
+        (arch, reason), = found.items()
+        return ArchGuess(arch, reason)
+    if len(found) > 1:
+        return ArchGuess("unknown", "conflicting evidence: " + "; ".join(f"{a} <- {r}" for a, r in found.items()))
+    if unet:
+        return ArchGuess("unet", "UNet block names without size or layout evidence")
+    if re.search(r"transformer_blocks_\d+_attn_add_[qkv]_proj", text):
+        return ArchGuess("mmdit", "joint-attention transformer blocks (SD3 or Flux)")
+    if re.search(r"transformer_blocks_\d+_attn2_", text):
+        return ArchGuess("pixart", "DiT blocks with cross-attention and no UNet blocks")
+    return ArchGuess("unknown", "no architecture-specific key names")
+
+
+def detect_model_arch(model) -> ArchGuess:
+    """Architecture of a target: a diffusers denoiser module, its config, a ComfyUI unet_config, or a dict of
+    components ({"unet": ...} / {"transformer": ...})."""
+    if isinstance(model, dict) and any(k in model for k in ("unet", "transformer")):
+        return detect_model_arch(model.get("unet", model.get("transformer")))
+    cls = type(model).__name__
+    config = getattr(model, "config", model)
+    config = dict(config) if hasattr(config, "keys") else {}
+    cls = config.get("_class_name", cls)
+    by_class = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux", "PixArtTransformer2DModel": "pixart"}
+    if cls in by_class:
+        return ArchGuess(by_class[cls], f"class {cls}")
+    for arch, key in (("flux", "axes_dims_rope"), ("sd3", "caption_projection_dim"), ("pixart", "caption_channels")):
+        if key in config:  # a config dict without _class_name
+            return ArchGuess(arch, f"transformer config with {key}")
+    if "down_block_types" in config:  # diffusers UNet2DConditionModel
+        if config.get("addition_embed_type") == "text_time":
+            return ArchGuess("sdxl", "UNet with text_time micro-conditioning")
+        if config.get("cross_attention_dim") == 1024:
+            return ArchGuess("sd2", "UNet with cross_attention_dim 1024")
+        return ArchGuess("sd15", "UNet without micro-conditioning")
+    if "num_res_blocks" in config:  # ComfyUI unet_config
+        if config.get("adm_in_channels"):
+            return ArchGuess("sdxl", "ComfyUI unet_config with adm_in_channels")
+        if config.get("context_dim") == 1024:
+            return ArchGuess("sd2", "ComfyUI unet_config with context_dim 1024")
+        return ArchGuess("sd15", "ComfyUI unet_config")
+    return ArchGuess("unknown", f"unrecognised target {cls}")
+
+
+def compatible(lora_arch: str, target_arch: str) -> bool:
+    """Only positive evidence of different bases is incompatible; a family is compatible with its members."""
+    if "unknown" in (lora_arch, target_arch) or lora_arch == target_arch:
+        return True
+    return FAMILY.get(lora_arch, lora_arch) == target_arch or FAMILY.get(target_arch, target_arch) == lora_arch
