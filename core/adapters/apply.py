@@ -60,7 +60,7 @@ class ModuleIndex:
         return self.table(component).get(path)
 
 
-class _threads:
+class small_op_threads:
     """Run small kernels on one thread: with busy cores, waking an OpenMP team costs ~1 ms per tiny op."""
 
     SMALL = 1 << 18  # elements
@@ -103,7 +103,7 @@ class FusedAdapters:
         if not self.fused:
             raise InvalidParameterError("unfuse(): these adapters are already unfused")
         for p in reversed(self._patches):
-            with _threads(p.weight.numel()):
+            with small_op_threads(p.weight.numel()):
                 if p.original is not None:
                     p.weight.copy_(p.original[0])
                     if p.bias is not None:
@@ -152,7 +152,7 @@ def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
                       f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=3)
     # 3. commit
     for p in patches:
-        with _threads(p.weight.numel()):
+        with small_op_threads(p.weight.numel()):
             if exact_unfuse:
                 p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
             _add(p, 1.0)
@@ -211,7 +211,7 @@ def _check_finite(source: str, patches: list[_Patch]) -> None:
         if p.weight.dtype == torch.float16:
             tensors.append(p.weight.detach())
             owners.append((i, "model weight"))
-    with _threads(sum(t.numel() for t in tensors)):
+    with small_op_threads(sum(t.numel() for t in tensors)):
         maxes = torch.stack([m.float().cpu() for m in torch._foreach_norm(tensors, math.inf)]).tolist()
     per_patch: list[dict] = [{} for _ in patches]
     for j, ((i, name), m) in enumerate(zip(owners, maxes)):

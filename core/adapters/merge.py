@@ -1,0 +1,461 @@
+"""Merging, composing and block-scaling canonical deltas. Pure torch.
+
+    merged, report = merge([a, b], [0.7, 0.5], "ties", density=0.3)                   # {key: Diff}
+    merged, report = merge([a, b], [1, 1], "dare_linear", density=0.2, seed=0, rank=32)  # {key: LoRA}
+    composed, sources = compose({"content": a, "style": b}, CONTENT_STYLE_UNET)
+    scaled = scale_blocks(a, {"input": 0.5, "middle": 1.0, "output": 1.2})
+
+Merges work per layer on the full updates dW_t = s_t B_t A_t ("task tensors"), with one weight w_t per adapter.
+The methods follow PEFT's utils/merge_utils.py step for step (same rounding, same random draws, so results agree
+bit for bit): TIES = trim to density / elect sign by total mass / disjoint mean (Yadav et al. 2023); DARE = drop
+each entry with probability p = 1 - density and rescale the survivors by 1 / density (Yu et al. 2024); DAREx-q =
+DARE with the rescale fitted on calibration inputs (Deng et al., ICLR 2025). ``space="factors"`` instead merges the
+A and B factors separately with sqrt-split weights, as PEFT's ``add_weighted_adapter`` does for
+"linear"/"ties"/"dare_*"/"magnitude_prune" (an approximation of the merged update; only for equal ranks).
+
+Blocks: `block_of(key)` names the part of the network a canonical key belongs to (UNet input / middle / output,
+DiT double / single, a text encoder); `scale_blocks` (aTLAS-style anisotropic scaling), `compose` (content/style
+composition in the spirit of Break-for-Make) and `fit_block_weights` (aTLAS coefficients learned from a loss) use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...errors import AdapterMismatchError, InvalidParameterError
+from .apply import small_op_threads
+from .delta import Delta, Diff, LoRA
+from .extract import to_lora
+from .rank import RankReport, check_finite, lora_factors, weight_shape
+
+__all__ = ["MERGE_METHODS", "BLOCK_GROUPS", "CONTENT_STYLE_UNET", "MergeReport", "BlockFit", "merge", "block_of",
+           "scale_delta", "scale_blocks", "compose", "fit_block_weights"]
+
+
+# ------------------------------------------------------------------------------------------ per-tensor operations
+@dataclass
+class _Ctx:
+    density: float
+    sign: str
+    generator: torch.Generator | None
+    calibration: torch.Tensor | None = None   # (N, in*kh*kw) inputs of this layer (DAREx-q)
+    rescale: float | None = None              # set by DAREx-q
+
+
+def _weighted(T: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w_t * T_t with w broadcast over the task tensors' own dimensions: (n, *shape)."""
+    return T * w.view(-1, *([1] * (T.ndim - 1)))
+
+
+def _trim(t: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES 'trim' / magnitude pruning: keep the k = int(density * numel) largest |entries|."""
+    if density >= 1:
+        return t
+    mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+    mask[torch.topk(t.abs().flatten(), k=int(density * t.numel()), largest=True).indices] = 1
+    return t * mask.view_as(t)
+
+
+def _drop_mask(t: torch.Tensor, density: float, generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` (one Bernoulli draw per entry)."""
+    return torch.bernoulli(torch.full_like(t, density), generator=generator)
+
+
+def _drop(t: torch.Tensor, density: float, generator) -> torch.Tensor:
+    """DARE 'drop and rescale': survivors are divided by density so the expected update is unchanged."""
+    if density >= 1:
+        return t
+    return t * _drop_mask(t, density, generator) / density
+
+
+def _elect(T: torch.Tensor, how: str) -> torch.Tensor:
+    """TIES 'elect sign': per entry, the sign of the larger total mass ("total") or count ("frequency"), ties to +;
+    True where a task tensor agrees (pruned zeros never agree)."""
+    mass = T.sum(0) if how == "total" else T.sign().sum(0)
+    return T.sign() == torch.where(mass >= 0, 1.0, -1.0)
+
+
+def _disjoint_mean(T: torch.Tensor, w: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """TIES 'disjoint merge': the mean of the weighted entries that agree with the elected sign."""
+    return (_weighted(T, w) * agree).sum(0) / agree.sum(0).clamp(min=1.0)
+
+
+def _linear(T: list, w, c: _Ctx) -> torch.Tensor:
+    return _weighted(torch.stack(T), w).sum(0)
+
+
+def _ties(T: list, w, c: _Ctx) -> torch.Tensor:
+    T = torch.stack([_trim(t, c.density) for t in T])
+    return _disjoint_mean(T, w, _elect(T, c.sign))
+
+
+def _magnitude_prune(T: list, w, c: _Ctx) -> torch.Tensor:
+    return _linear([_trim(t, c.density) for t in T], w, c)
+
+
+def _dare_linear(T: list, w, c: _Ctx) -> torch.Tensor:
+    return _linear([_drop(t, c.density, c.generator) for t in T], w, c)
+
+
+def _dare_ties(T: list, w, c: _Ctx) -> torch.Tensor:
+    T = torch.stack([_drop(t, c.density, c.generator) for t in T])
+    return _disjoint_mean(T, w, _elect(T, c.sign))
+
+
+def _darex_q(T: list, w, c: _Ctx) -> torch.Tensor:
+    """DAREx-q: drop as DARE, then rescale by the factor 1/q that minimises the change of the layer's output on the
+    calibration inputs X, || (1/q) (sum_t w_t M_t dW_t) X^T - (sum_t w_t dW_t) X^T ||^2 (closed form: a 1-D least
+    squares). The paper finds 1/(1-p) far too large at high p; this picks 1/q from the data."""
+    kept = _linear([t * _drop_mask(t, c.density, c.generator) if c.density < 1 else t for t in T], w, c)
+    full = _linear(T, w, c)
+    X = c.calibration.to(kept.dtype)                                       # (N, in*kh*kw)
+    Yd, Y = kept.flatten(1) @ X.T, full.flatten(1) @ X.T                   # (out, N)
+    denom = float((Yd * Yd).sum())
+    c.rescale = float((Yd * Y).sum()) / denom if denom > 0 else 1.0 / c.density
+    return kept * c.rescale
+
+
+_METHODS: dict[str, Callable] = {
+    "linear": _linear,
+    "ties": _ties,
+    "dare_linear": _dare_linear,
+    "dare_ties": _dare_ties,
+    "darex_q": _darex_q,
+    "magnitude_prune": _magnitude_prune,
+}
+MERGE_METHODS = (*_METHODS, "cat")
+"""'cat' sums the updates exactly as one LoRA of the summed rank (PEFT's "cat"); the others are listed above."""
+_SPACES = ("delta", "factors")
+
+
+# ---------------------------------------------------------------------------------------------------- whole merges
+@dataclass
+class MergeReport:
+    method: str
+    sources: dict[str, list[int]] = field(default_factory=dict)   # key -> indices of the adapters that have it
+    rescale: dict[str, float] = field(default_factory=dict)       # DAREx-q: fitted rescale 1/q per key
+    rank: RankReport | None = None                                # when rank= turned the result into LoRAs
+
+
+def _ordered_keys(adapters: Sequence[Mapping]) -> list[str]:
+    return list(dict.fromkeys(k for a in adapters for k in a))
+
+
+def _sum_exact(items: list[tuple[Delta, float]]) -> Delta:
+    """sum_t w_t dW_t exactly: one LoRA of the summed rank when every item is a LoRA without a bias, else a Diff."""
+    if len(items) == 1 and items[0][1] == 1.0:
+        return items[0][0]
+    shape = weight_shape(items[0][0])
+    if all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for d, _ in items):
+        ups, downs = [], []
+        for d, w in items:
+            B, A = lora_factors(d)                                          # (out, r), (r, in*kh*kw)
+            ups.append(B * (w * d.scale))
+            downs.append(A)
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)                   # (out, R), (R, in*kh*kw)
+        R = up.shape[1]
+        return LoRA(down.reshape(R, *shape[1:]), up.reshape(shape[0], R, *((1, 1) if len(shape) == 4 else ())))
+    weight = sum(w * d.delta_weight(shape) for d, w in items)
+    biases = [(d.delta_bias(), w) for d, w in items]
+    bias = sum(w * b for b, w in biases if b is not None) if any(b is not None for b, _ in biases) else None
+    return Diff(weight, bias)
+
+
+def _merge_factors(key: str, present: list[tuple[int, Delta]], w: list[float], fn, ctx: _Ctx) -> LoRA:
+    """PEFT add_weighted_adapter for equal ranks: A and B merged separately, weights sign(w s) sqrt|w s| on A and
+    sqrt|w s| on B (s = alpha / rank)."""
+    if not all(isinstance(d, LoRA) and d.mid is None and getattr(d, "bias", None) is None for _, d in present) or \
+            len({(d.rank, tuple(d.up.shape), tuple(d.down.shape)) for _, d in present}) != 1:
+        found = [(type(d).__name__, tuple(getattr(d, "down", getattr(d, "weight", None)).shape)) for _, d in present]
+        raise AdapterMismatchError(f"merge(space='factors'): key {key!r} has {found}; merging A and B separately needs "
+                                   "plain LoRAs (no Tucker core, no bias) of one rank and shape at every key; use "
+                                   "space='delta'")
+    ws = [wt * d.scale for wt, (_, d) in zip(w, present)]
+    w_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) if x != 0 else 0.0 for x in ws])
+    w_b = torch.tensor([math.sqrt(abs(x)) for x in ws])
+    A = fn([d.down.float() for _, d in present], w_a, ctx)
+    B = fn([d.up.float() for _, d in present], w_b, ctx)
+    return LoRA(A, B)
+
+
+def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | None = None, method: str = "linear", *,
+          density: float = 1.0, majority_sign: str = "total", seed: int | None = 0,
+          generator: torch.Generator | None = None, calibration: Mapping[str, torch.Tensor] | None = None,
+          space: str = "delta", rank: int | None = None) -> tuple[dict[str, Delta], MergeReport]:
+    """Merge adapters layer by layer: {key: Diff} of the merged update (or {key: LoRA} for 'cat', space='factors',
+    or when `rank` is given: the SVD of the merged update, see extract.to_lora).
+
+    weights: one per adapter (default 1.0 each). method: one of MERGE_METHODS. density: the fraction kept by TIES,
+    magnitude pruning and DARE (DARE's drop probability p = 1 - density). majority_sign: "total" or "frequency".
+    seed / generator: DARE's random masks come from torch.Generator().manual_seed(seed) (or `generator`; seed=None:
+    the global RNG), one bernoulli draw per task tensor in key order (space='factors': the A factors, then the B
+    factors), so they equal PEFT's under torch.manual_seed(seed).
+    calibration: DAREx-q only, {key: X (N, in*kh*kw)} inputs of each layer (conv: unfolded patches).
+    An adapter without a key takes no part in that key's merge (as in PEFT). Biases (Diff / ComfyUI diff_b) add
+    linearly.
+    """
+    # 1. validate every argument before any work
+    if method not in MERGE_METHODS:
+        raise InvalidParameterError(f"merge method={method!r}; valid: {', '.join(MERGE_METHODS)}")
+    if space not in _SPACES:
+        raise InvalidParameterError(f"merge space={space!r}; valid: {', '.join(_SPACES)}")
+    if isinstance(adapters, Mapping) or not isinstance(adapters, Sequence) or not adapters:
+        raise InvalidParameterError(f"merge adapters: {type(adapters).__name__}; expected a non-empty list of "
+                                    "{key: delta} dicts")
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in weights):
+        raise InvalidParameterError(f"merge weights={weights!r}; expected {len(adapters)} finite numbers, one per "
+                                    "adapter")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise InvalidParameterError(f"density={density!r}; expected a fraction in (0, 1] (DARE drops 1 - density)")
+    if majority_sign not in ("total", "frequency"):
+        raise InvalidParameterError(f"majority_sign={majority_sign!r}; valid: total, frequency")
+    if method == "darex_q":
+        if space != "delta":
+            raise InvalidParameterError("method='darex_q' fits a rescale of the merged update; use space='delta'")
+        if calibration is None:
+            raise InvalidParameterError("method='darex_q' needs calibration={key: inputs (N, in*kh*kw)} for every "
+                                        "key; without inputs use method='dare_linear'")
+    keys = _ordered_keys(adapters)
+    for a in adapters:
+        for key, d in a.items():
+            check_finite(key, d)
+    if method == "darex_q":
+        missing = [k for k in keys if k not in calibration]
+        if missing:
+            raise InvalidParameterError(f"darex_q: calibration has no inputs for {len(missing)} keys, e.g. "
+                                        f"{missing[:5]}; every merged key needs them")
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    # 2. merge key by key
+    out, report = {}, MergeReport(method)
+    fn = _METHODS.get(method)
+    for key in keys:
+        present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
+        w = [float(weights[t]) for t, _ in present]
+        report.sources[key] = [t for t, _ in present]
+        ctx = _Ctx(density, majority_sign, generator)
+        shapes = {tuple(weight_shape(d)) for _, d in present}
+        if len(shapes) != 1:
+            raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} in "
+                                       f"adapters {report.sources[key]}; they are not for the same model")
+        shape = weight_shape(present[0][1])
+        if method == "cat":
+            out[key] = _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])
+            continue
+        if space == "factors":
+            with small_op_threads(sum(d.numel() for _, d in present)):
+                out[key] = _merge_factors(key, present, w, fn, ctx)
+            continue
+        if method == "darex_q":
+            X = calibration[key]
+            if X.ndim != 2 or X.shape[1] != math.prod(shape[1:]):
+                raise InvalidParameterError(f"darex_q: calibration[{key!r}] has shape {tuple(X.shape)}; expected "
+                                            f"(N, {math.prod(shape[1:])}) inputs of a layer with weight {shape}")
+            ctx.calibration = X
+        with small_op_threads(math.prod(shape) * len(present)):
+            T = [d.delta_weight(shape) for _, d in present]
+            merged = fn(T, torch.tensor(w), ctx)
+        if ctx.rescale is not None:
+            report.rescale[key] = ctx.rescale
+        biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
+        bias = sum(wt * b for b, wt in biases if b is not None) if any(b is not None for b, _ in biases) else None
+        out[key] = Diff(merged, bias)
+    # 3. optionally back to a LoRA under a rank budget
+    if rank is not None:
+        out, report.rank = to_lora(out, rank=rank)
+    return out, report
+
+
+# -------------------------------------------------------------------------------------------------------- blocks
+BLOCK_GROUPS = ("input", "middle", "output", "double", "single", "text_encoder", "text_encoder_2", "other")
+_BLOCKS = (  # (pattern matched at the start of a canonical key, group); a captured number makes "<group>.<n>"
+    (r"unet\.down_blocks\.(\d+)\.", "input"),
+    (r"unet\.conv_in$", "input"),
+    (r"unet\.mid_block\.", "middle"),
+    (r"unet\.up_blocks\.(\d+)\.", "output"),
+    (r"unet\.conv_(?:norm_)?out$", "output"),
+    (r"transformer\.transformer_blocks\.(\d+)\.", "double"),       # Flux double-stream; SD3 joint / PixArt blocks
+    (r"transformer\.single_transformer_blocks\.(\d+)\.", "single"),
+    (r"text_encoder\.encoder\.layers\.(\d+)\.", "text_encoder"),
+    (r"text_encoder\.", "text_encoder"),
+    (r"text_encoder_2\.encoder\.layers\.(\d+)\.", "text_encoder_2"),
+    (r"text_encoder_2\.", "text_encoder_2"),
+)
+_BLOCK_RES = [(re.compile(p), g) for p, g in _BLOCKS]
+_FINE = re.compile(rf"({'|'.join(BLOCK_GROUPS)})(\.\d+)?$")
+
+
+def block_of(key: str, fine: bool = False) -> str:
+    """The block a canonical key belongs to: one of BLOCK_GROUPS, or with fine=True the numbered block
+    ("input.1" = unet.down_blocks.1, "output.0", "double.3", "single.12", "text_encoder.5" = encoder layer 5).
+    unet conv_in counts as input and conv_out as output; embeddings and final projections are "other"."""
+    for pattern, group in _BLOCK_RES:
+        m = pattern.match(key)
+        if m:
+            return f"{group}.{m.group(1)}" if fine and m.groups() else group
+    return "other"
+
+
+_MISSING = object()
+
+
+def _lookup(key: str, table: Mapping, default=_MISSING):
+    """table's entry for a key: its longest module-path prefix listed, else its numbered block, else its group."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in table:
+            return table[prefix]
+    for name in (block_of(key, fine=True), block_of(key)):
+        if name in table:
+            return table[name]
+    return default
+
+
+def _check_names(what: str, names, deltas_list: Sequence[Mapping]) -> None:
+    components = {k.split(".", 1)[0] for d in deltas_list for k in d} | {"unet", "transformer"}
+    bad = [n for n in names if not (isinstance(n, str) and (_FINE.match(n) or n.split(".", 1)[0] in components))]
+    if bad:
+        raise InvalidParameterError(f"{what}: unknown block names {bad}; valid: {', '.join(BLOCK_GROUPS)}, numbered "
+                                    "blocks such as 'input.1' / 'double.3', or module-path prefixes such as "
+                                    "'unet.up_blocks.0.attentions.1'")
+
+
+def scale_delta(delta: Delta, c: float) -> Delta:
+    """c * delta, of the same class (a LoRA scales its up factor; a bias difference scales too)."""
+    changes = {"up": delta.up * c} if isinstance(delta, LoRA) else {"weight": None if delta.weight is None
+                                                                    else delta.weight * c}
+    if getattr(delta, "bias", None) is not None:
+        changes["bias"] = delta.bias * c
+    return dataclasses.replace(delta, **changes)
+
+
+def scale_blocks(deltas: Mapping[str, Delta], weights: Mapping[str, float], *, default: float = 1.0
+                 ) -> dict[str, Delta]:
+    """Anisotropic scaling (aTLAS, Zhang et al. 2024): each key times the weight of its block, e.g.
+    {"input": 0.5, "middle": 1, "output": 1.2}; a key takes the entry of its longest listed module-path prefix,
+    else of its numbered block ("output.0"), else of its group, else `default`. Weight 0 leaves the key out."""
+    _check_names("scale_blocks", list(weights), [deltas])
+    bad = {k: v for k, v in {**weights, "default": default}.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)}
+    if bad:
+        raise InvalidParameterError(f"scale_blocks: weights {bad}; expected finite numbers")
+    out = {}
+    for key, delta in deltas.items():
+        c = float(_lookup(key, weights, default))
+        if c != 0:
+            out[key] = delta if c == 1 else scale_delta(delta, c)
+    return out
+
+
+CONTENT_STYLE_UNET = {"input": "content", "middle": "content", "output": "style",
+                      "text_encoder": ("content", "style"), "text_encoder_2": ("content", "style"),
+                      "other": ("content", "style")}
+"""UNet content from the input and middle blocks, style from the output blocks; text encoders and the rest summed."""
+
+
+def _sources(value, names) -> list[tuple[str, float]] | None:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        pairs = [(value, 1.0)]
+    elif isinstance(value, Mapping):
+        pairs = [(n, w) for n, w in value.items()]
+    elif isinstance(value, Sequence):
+        pairs = [(n, 1.0) for n in value]
+    else:
+        return None
+    ok = all(n in names and isinstance(w, (int, float)) and math.isfinite(w) for n, w in pairs)
+    return pairs if ok else None
+
+
+def compose(adapters: Mapping[str, Mapping[str, Delta]], assign: Mapping[str, object], *, default=_MISSING
+            ) -> tuple[dict[str, Delta], dict[str, list[str]]]:
+    """Compose adapters block by block (content/style in the spirit of Break-for-Make; B-LoRA-style splits with
+    module-path prefixes). adapters: {name: deltas}; assign: {block or module prefix: source}, looked up as in
+    scale_blocks, where a source is an adapter name, a list of names (their updates summed exactly, one LoRA of the
+    summed rank), {name: weight}, or None (left out). `default` serves keys no entry covers; without it such keys
+    raise. Returns (deltas, {key: names used})."""
+    names = list(adapters)
+    _check_names("compose", list(assign), list(adapters.values()))
+    bad = {b: v for b, v in [*assign.items(), *([("default", default)] if default is not _MISSING else [])]
+           if _sources(v, names) is None}
+    if bad:
+        raise InvalidParameterError(f"compose: assignments {bad}; a source is one of the adapter names {names}, a "
+                                    "list of them, {name: weight}, or None")
+    out, used, unassigned = {}, {}, []
+    for key in _ordered_keys(list(adapters.values())):
+        value = _lookup(key, assign, default)
+        if value is _MISSING:
+            unassigned.append(key)
+            continue
+        items = [(adapters[n][key], float(w)) for n, w in _sources(value, names) if key in adapters[n]]
+        used[key] = [n for n, _ in _sources(value, names) if key in adapters[n]]
+        for d, _ in items:
+            check_finite(key, d)
+        if items:
+            out[key] = _sum_exact(items)
+    if unassigned:
+        blocks = sorted({block_of(k) for k in unassigned})
+        raise InvalidParameterError(f"compose: no assignment covers blocks {blocks} ({len(unassigned)} keys, e.g. "
+                                    f"{unassigned[:3]}); add them to assign or pass default=<source>")
+    return out, used
+
+
+@dataclass
+class BlockFit:
+    coefficients: list[dict[str, float]]   # per adapter: block -> coefficient (feed to scale_blocks)
+    losses: list[float]                    # loss at each step, before its update
+
+
+def fit_block_weights(adapters: Sequence[Mapping[str, Delta]], loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                      *, group: Callable[[str], str] = block_of, init: float = 1.0, steps: int = 100,
+                      lr: float = 0.05, optimizer: Callable | None = None) -> BlockFit:
+    """Learn aTLAS coefficients (Zhang et al. 2024): the merged update of each key is sum_t lambda_{t, group(key)} dW_t
+    and only the lambdas are trained, to minimise `loss(merged)`, a user closure that receives {key: dense merged
+    dW} (differentiable in the lambdas) and returns a scalar, e.g. the distance of the patched layers' outputs
+    (torch.func.functional_call with W + dW) to a few reference outputs.
+    group: key -> block name (block_of, lambda k: block_of(k, fine=True), or lambda k: k for per-layer).
+    optimizer: params -> torch optimizer (default Adam(lr)); LBFGS works too (a closure is passed to step)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidParameterError(f"steps={steps!r}; expected an integer >= 1")
+    # 1. the dense updates, fixed
+    dense: list[dict[str, torch.Tensor]] = []
+    for a in adapters:
+        for key, d in a.items():
+            check_finite(key, d)
+        dense.append({key: d.delta_weight(weight_shape(d)) for key, d in a.items()})
+    # 2. one coefficient per (adapter, block)
+    lam = [{b: torch.tensor(float(init), requires_grad=True) for b in dict.fromkeys(group(k) for k in a)}
+           for a in dense]
+    params = [p for per in lam for p in per.values()]
+    opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
+
+    def merged() -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for a, per in zip(dense, lam):
+            for key, dW in a.items():
+                term = per[group(key)] * dW
+                out[key] = term if key not in out else out[key] + term
+        return out
+
+    def closure():
+        opt.zero_grad()
+        value = loss(merged())
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or not value.requires_grad:
+            raise InvalidParameterError(f"fit_block_weights: loss returned {type(value).__name__}; it must return a "
+                                        "scalar tensor computed from the merged deltas it receives")
+        if not torch.isfinite(value):
+            raise InvalidParameterError(f"fit_block_weights: loss is {float(value)}; lower lr or check the closure")
+        value.backward()
+        return value
+
+    losses = [float(opt.step(closure).detach()) for _ in range(steps)]
+    return BlockFit([{b: float(p.detach()) for b, p in per.items()} for per in lam], losses)
