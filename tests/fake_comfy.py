@@ -97,6 +97,7 @@ def install(loras: dict | None = None):
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.get_filename_list = lambda kind: sorted(loras) if kind == "loras" else []
     folder_paths.get_full_path_or_raise = lambda kind, name: loras[name]
+    folder_paths.get_folder_paths = lambda kind: []
     comfy.samplers, comfy.model_sampling = samplers, model_sampling
     sys.modules.update({"comfy": comfy, "comfy.samplers": samplers, "comfy.model_sampling": model_sampling,
                         "folder_paths": folder_paths})
