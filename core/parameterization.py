@@ -49,6 +49,7 @@ class VP:
         # LCM's boundary condition (Song et al. 2023 consistency models; Luo et al. 2023 eq. 9): x0 is mixed with
         # the input by c_skip / c_out of the scaled timestep. Negligible at t >= 100 but part of the model's output.
         self.consistency_timestep_scaling = consistency_timestep_scaling
+        self._boundary_cache = {}
 
     @property
     def num_train_timesteps(self) -> int:
@@ -85,6 +86,8 @@ class VP:
         return 1.0 / (sigma**2 + 1.0) ** 0.5
 
     def noise_scaling(self, sigma, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if isinstance(sigma, float):
+            return torch.add(x0, noise, alpha=sigma)        # one kernel: schedulers step with float sigmas
         return x0 + noise * sigma
 
     def renoise(self, x: torch.Tensor, sigma_from, sigma_to, noise: torch.Tensor) -> torch.Tensor:
@@ -98,7 +101,7 @@ class VP:
     def denoised(self, x: torch.Tensor, sigma, output: torch.Tensor) -> torch.Tensor:
         """x0 from the network output at k-space x (network saw c_in(sigma) * x)."""
         if self.prediction == "epsilon":
-            x0 = x - sigma * output
+            x0 = torch.sub(x, output, alpha=sigma) if isinstance(sigma, float) else x - sigma * output
         elif self.prediction == "v_prediction":
             # k-diffusion VDenoiser with sigma_data = 1
             x0 = x / (sigma**2 + 1) - output * sigma / (sigma**2 + 1) ** 0.5
@@ -106,9 +109,22 @@ class VP:
             x0 = output
         if self.consistency_timestep_scaling is None:
             return x0
-        c = (self.sigma_to_t(sigma) * self.consistency_timestep_scaling).to(x.dtype)
-        c_skip, c_out = 0.25 / (c**2 + 0.25), c / (c**2 + 0.25) ** 0.5          # sigma_data = 0.5
+        c_skip, c_out = self._boundary(sigma)
+        if isinstance(sigma, float):
+            return torch.add(x0 * c_out, x, alpha=c_skip * self.c_in(sigma))
         return c_out * x0 + c_skip * x * self.c_in(sigma)
+
+    def _boundary(self, sigma):
+        """LCM's c_skip, c_out at sigma (sigma_data = 0.5), cached per sigma: a table search per step is slow."""
+        key = float(sigma) if isinstance(sigma, float) or sigma.numel() == 1 else None
+        cached = self._boundary_cache.get(key) if key is not None else None
+        if cached is None:
+            c = self.sigma_to_t(sigma) * self.consistency_timestep_scaling
+            cached = (0.25 / (c**2 + 0.25), c / (c**2 + 0.25) ** 0.5)
+            if key is not None:
+                cached = tuple(float(v) for v in cached)
+                self._boundary_cache[key] = cached
+        return cached
 
 
 class Flow:

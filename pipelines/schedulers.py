@@ -175,8 +175,9 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         if eta is not None and "gamma" in options:
             options["gamma"] = eta        # diffusers pipelines pass TCD's gamma as `eta`
         method = SAMPLERS[self.config.sampler]
-        self._steps = method(x_k, self.sigmas[self._begin_index or 0:], param=self.param, noise=self._noise,
-                             **options)
+        # python floats: scalar math per step stays in Python instead of launching tiny tensor ops
+        self._steps = method(x_k, self.sigmas[self._begin_index or 0:].tolist(), param=self.param,
+                             noise=self._noise, **options)
         _, self._sigma = next(self._steps)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, eta=None,
@@ -187,7 +188,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
             self._step_index = self._begin_index or 0
         self._generator, self._ref = generator, model_output
         if self._steps is None:
-            self._start(self._to_k(sample, self.sigmas[self._begin_index or 0]), eta)
+            self._start(self._to_k(sample, float(self.sigmas[self._begin_index or 0])), eta)
         sigma = self._sigma              # where the sampler asked for this evaluation
         dtype = torch.promote_types(sample.dtype, torch.float32)
         x_k = self._to_k(sample.to(dtype), sigma)
