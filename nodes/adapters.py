@@ -102,11 +102,24 @@ def _patch(delta, weight: torch.Tensor, key: str):
             return LoRAAdapter(set(), values)
         except ImportError:
             return ("lora", values)
-    if isinstance(delta, Diff) and delta.weight is not None:
+    if isinstance(delta, Diff):
+        if delta.weight is None:
+            return None
         if delta.weight.numel() != weight.numel():
             raise AdapterMismatchError(f"diff for {key}: {tuple(delta.weight.shape)} vs weight {tuple(weight.shape)}")
         return ("diff", (delta.weight.reshape(weight.shape),))
-    return None
+    # LoHa, LoKr, sparse, factored, DoRA: one dense difference, computed now from the model's weight where the
+    # result depends on it (DoRA renormalises W + dW), so ComfyUI's strength blends W and the adapted weight.
+    if getattr(delta, "needs_weight", False):
+        dense = delta.delta_weight(weight.shape, weight=weight.float())
+    else:
+        dense = delta.delta_weight(weight.shape)
+    if dense is None:
+        return None
+    if dense.shape != weight.shape or not torch.isfinite(dense).all():
+        raise AdapterMismatchError(f"adapter module {key}: its difference {tuple(dense.shape)} does not fit weight "
+                                   f"{tuple(weight.shape)} or is not finite")
+    return ("diff", (dense,))
 
 
 def comfy_patches(deltas: dict, model, clip, target) -> tuple[dict, dict, list[str]]:

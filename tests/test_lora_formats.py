@@ -9,7 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import factories  # noqa: E402
 
-from nimblediff.core.adapters.delta import LoRA  # noqa: E402
+from nimblediff.core.adapters.delta import DoRA, LoRA  # noqa: E402
 from nimblediff.errors import WeightsFormatError  # noqa: E402
 from nimblediff.weights.arch import detect_lora_arch, detect_model_arch  # noqa: E402
 from nimblediff.weights.lora_formats import apply_lora, read_lora, split_key  # noqa: E402
@@ -156,15 +156,18 @@ def test_comfyui_lorasave_with_diff_and_diff_b_against_hand_math(lora):
                                before["text_encoder.encoder.layers.0.layer_norm1.weight"] + 0.7 * ln_diff.float())
 
 
-def test_dora_scale_is_kept_aside_and_warned(lora):
+def test_dora_scale_becomes_a_dora_delta(lora):
+    """kohya / LyCORIS dora_scale is applied (weight decomposition): the math is in tests/test_lycoris_dora.py."""
     pipe, mods = sd15()
     sd = factories.lora_state_dict(lora, "kohya", pipe.unet.config)
     scale = torch.ones(8, 1)
     sd["lora_unet_down_blocks_1_attentions_0_proj_in.dora_scale"] = scale
-    with pytest.warns(UserWarning, match="1 DoRA magnitude"):
-        deltas, report = read_lora(sd, mods)
+    deltas, report = read_lora(sd, mods)
+    dora = deltas["unet.down_blocks.1.attentions.0.proj_in"]
+    assert isinstance(dora, DoRA) and isinstance(dora.delta, LoRA) and dora.magnitude is scale
+    assert report.kinds == {"LoRA": 83, "DoRA": 1}
+    assert list(report.magnitude) == ["unet.down_blocks.1.attentions.0.proj_in"]  # applied, and listed
     assert report.magnitude["unet.down_blocks.1.attentions.0.proj_in"] is scale
-    assert isinstance(deltas["unet.down_blocks.1.attentions.0.proj_in"], LoRA)
 
 
 def test_reads_real_layout_names_without_a_model():

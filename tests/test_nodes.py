@@ -165,3 +165,27 @@ def test_lora_for_another_base_names_both_architectures(comfy, tmp_path):
     with pytest.raises(AdapterMismatchError, match="sdxl.*sd15|sd15.*sdxl"):
         LoRALoader().load(model, clip, "xl.safetensors", 1.0, 1.0)
     assert model.patches == {}
+
+
+def test_loha_file_patches_comfy_model_like_hand_math(comfy, tmp_path):
+    """A LyCORIS LoHa layer becomes one dense ComfyUI diff: W + s * (w1a w1b) * (w2a w2b) * alpha / rank."""
+    from safetensors.torch import save_file
+
+    from nimblediff.nodes.adapters import LoRALoader
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    w = pipe.unet.get_submodule(module).weight
+    g = torch.Generator().manual_seed(0)
+    t = {n: torch.randn(shape, generator=g) for n, shape in
+         (("hada_w1_a", (w.shape[0], 2)), ("hada_w1_b", (2, w.shape[1])),
+          ("hada_w2_a", (w.shape[0], 2)), ("hada_w2_b", (2, w.shape[1])))}
+    prefix = "lora_unet_" + module.replace(".", "_")
+    save_file({**{f"{prefix}.{n}": v for n, v in t.items()}, f"{prefix}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "loha.safetensors"))
+    fake_comfy.install({"loha.safetensors": str(tmp_path / "loha.safetensors")})
+    model, clip, ldm, _ = _comfy_model_and_clip(pipe)
+    new_model, _, _ = LoRALoader().load(model, clip, "loha.safetensors", 0.7, 1.0)
+    expected = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (1.0 / 2)
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(new_model.patched_state_dict()[key], ldm[key] + 0.7 * expected, rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ __all__ = ["ArchGuess", "detect_lora_arch", "detect_model_arch", "compatible", "
 FAMILY = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "mmdit", "flux": "mmdit", "pixart": "dit"}
 _CONTEXT_DIM = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
+_SECOND_TE = "keys for a second text encoder"
 _KV_DOWN = re.compile(r"attn2_(processor_)?to_[kv]_(lora_down|lora_A|lora_linear_layer_down|diff$)")
 _UNET = re.compile(r"(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)_\d")
 # (architecture, why, pattern on the key with '.' replaced by '_')
@@ -27,7 +28,9 @@ _EVIDENCE = [
      re.compile(r"single_transformer_blocks_\d|(^|_)(single|double)_blocks_\d", re.M)),
     ("sd3", "SD3 joint blocks", re.compile(r"joint_blocks_\d|context_block_|x_block_")),
     ("pixart", "PixArt adaLN-single / caption projection", re.compile(r"adaln_single|caption_projection")),
-    ("sdxl", "keys for a second text encoder",
+    ("pixart", "original PixArt blocks (cross_attn q_linear / kv_linear, t_block)",
+     re.compile(r"(^|_)blocks_\d+_cross_attn_(q|kv)_linear|(^|_)t_block_1(_|$)", re.M)),
+    ("sdxl", _SECOND_TE,
      re.compile(r"^(lora_te2_|text_encoder_2_|text_encoders_clip_g_)", re.M)),
     ("sdxl", "an add_embedding (SDXL micro-conditioning)", re.compile(r"add_embedding_linear|label_emb_0_")),
     ("sdxl", "transformer depth > 1 inside UNet attention blocks",
@@ -70,6 +73,8 @@ def detect_lora_arch(shapes: dict) -> ArchGuess:
         found.setdefault(_CONTEXT_DIM[width], f"cross-attention context width {width}")
     if "sd2" in found:  # SD2 shares SD1.x's block layout
         found.pop("sd15", None)
+    if ("sd3" in found or "flux" in found) and found.get("sdxl", "").startswith(_SECOND_TE):
+        found.pop("sdxl")  # SD3 has two CLIP text encoders too
     if len(found) == 1:
         (arch, reason), = found.items()
         return ArchGuess(arch, reason)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.adapters.delta import Delta, LoRA
+from ..core.adapters.delta import Diff, Delta, LoRA
 from ..core.adapters.rank import lora_factors, weight_shape
 from ..errors import InvalidParameterError, WeightsFormatError
 from . import arch as arch_mod
@@ -115,8 +115,13 @@ def _entries(key: str, delta: Delta, layout: str) -> dict[str, torch.Tensor]:
             parts["mid"] = mid
         if suffix["alpha"] is not None and (layout == "kohya" or delta.alpha is not None):
             parts["alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
-    elif getattr(delta, "weight", None) is not None:
-        parts["diff"] = delta.weight
+    elif isinstance(delta, Diff):
+        if delta.weight is not None:
+            parts["diff"] = delta.weight
+    else:   # LoHa, LoKr, DoRA, sparse, factored: never drop a layer silently
+        raise InvalidParameterError(
+            f"key {key!r} holds a {type(delta).__name__} adapter, which save_lora writes only as LoRA or full "
+            "difference; convert it first with core.adapters.extract.to_lora (or write Diffs)")
     if bias is not None:
         parts["diff_b"] = bias
     cannot = [role for role in parts if suffix[role] is None]

@@ -12,10 +12,18 @@ itself is one ``addmm_`` per LoRA layer on the weight viewed as (out, in*kh*kw):
 float32/float64 weights, and nothing of the model is copied. Unfusing recomputes the same products and subtracts
 them (exact up to float rounding, as PEFT's unmerge); ``exact_unfuse=True`` keeps the original weights of the
 touched layers instead and restores them bit for bit.
+
+Other deltas (LoHa, LoKr, Sparse, ...; delta.py) are added as a dense difference, which validation computes once to
+check it. DoRA and replacing factored layers depend on the weight they patch (``needs_weight``): their new weight is
+computed from the weight as it is at that point (after earlier patches of the same call, as ComfyUI applies patches
+in order) and assigned. Their layers always keep the weight they replaced: unfuse puts it back bit for bit when the
+layer still holds what the fuse wrote, and otherwise (another adapter changed the layer since) subtracts the same
+difference, so adapters fused later survive.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -24,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
-from .delta import LoRA
+from .delta import Diff, LoRA
 
 __all__ = ["fuse", "fuse_many", "FusedAdapters", "ModuleIndex", "resolve_module"]
 
@@ -86,7 +94,12 @@ class _Patch:
     strength: float
     scale: float                          # strength x (LoRA alpha / rank), or strength for other deltas
     bias: torch.Tensor | None = None      # the module's bias when the delta has a bias part
-    original: tuple | None = None         # (weight, bias) copies when exact_unfuse
+    original: tuple | None = None         # (weight, bias) copies when exact_unfuse, and for needs_weight deltas
+    exact: bool = False                   # exact_unfuse: restore `original` unconditionally
+
+    @property
+    def needs_weight(self) -> bool:
+        return bool(getattr(self.delta, "needs_weight", False))
 
 
 @dataclass
@@ -104,10 +117,12 @@ class FusedAdapters:
             raise InvalidParameterError("unfuse(): these adapters are already unfused")
         for p in reversed(self._patches):
             with small_op_threads(p.weight.numel()):
-                if p.original is not None:
+                if p.exact:
                     p.weight.copy_(p.original[0])
                     if p.bias is not None:
                         p.bias.copy_(p.original[1])
+                elif p.needs_weight:
+                    _unset(p)
                 else:
                     _add(p, -1.0)
         self.fused = False
@@ -150,18 +165,29 @@ def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
     if unmatched:  # a partial match is legitimate (e.g. a text-encoder part with no text encoder given): say so
         warnings.warn(f"{source}: {len(unmatched)} of {total} keys match no module and are skipped, e.g. "
                       f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=3)
-    # 3. commit
+    # 3. commit, in order (a weight-dependent delta sees the patches before it)
     for p in patches:
         with small_op_threads(p.weight.numel()):
-            if exact_unfuse:
+            if exact_unfuse or p.needs_weight:
                 p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
-            _add(p, 1.0)
+                p.exact = exact_unfuse
+            if p.needs_weight:
+                _set(p)
+            else:
+                _add(p, 1.0)
     return FusedAdapters([p.key for p in patches], unmatched, patches)
 
 
-def _factors(delta) -> list[tuple[str, torch.Tensor]]:
-    names = ("down", "up", "mid", "weight", "bias")
-    return [(n, t) for n in names if isinstance(t := getattr(delta, n, None), torch.Tensor)]
+def _factors(delta, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """Every floating-point tensor of a delta, nested deltas (DoRA, Rows) included, as (name, tensor)."""
+    out = []
+    for f in dataclasses.fields(delta):
+        value = getattr(delta, f.name)
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            out.append((prefix + f.name, value))
+        elif dataclasses.is_dataclass(value):
+            out.extend(_factors(value, f"{prefix}{f.name}."))
+    return out
 
 
 def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength: float) -> _Patch:
@@ -184,8 +210,11 @@ def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength:
                 f"{where}: LoRA {shapes} does not fit the module's weight {tuple(weight.shape)}; valid: "
                 f"up (out={weight.shape[0]}, r), down (r, in*kh*kw={fan_in})")
         scale = strength * delta.scale
-    else:
-        dw = getattr(delta, "weight", None)
+    elif not hasattr(delta, "delta_weight"):
+        raise AdapterMismatchError(f"{where}: a {type(delta).__name__} is not an adapter delta (see "
+                                   "core/adapters/delta.py for the canonical forms)")
+    else:  # other deltas are shape-checked when validation computes them (_check_finite)
+        dw = delta.weight if isinstance(delta, Diff) else None
         if dw is not None and dw.numel() != weight.numel():
             raise AdapterMismatchError(f"{where}: difference {tuple(dw.shape)} does not fit the module's weight "
                                        f"{tuple(weight.shape)}")
@@ -202,17 +231,20 @@ def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength:
 
 def _check_finite(source: str, patches: list[_Patch]) -> None:
     """One batched max|t| over every factor (NaN and inf propagate), then per patch a bound on |W + s dW|:
-    |dW_ij| <= r max|up| max|down| for a LoRA; the dense result is checked only where the bound is too loose."""
+    |dW_ij| <= r max|up| max|down| for a LoRA; the dense result is checked where the bound is too loose or missing
+    (LoHa, LoKr, ...: which also checks their factor shapes), and layers with a weight-dependent delta (DoRA) are
+    simulated in order, as the commit will patch them."""
     tensors, owners = [], []
     for i, p in enumerate(patches):
         for name, t in _factors(p.delta):
-            tensors.append(t if t.is_floating_point() else t.float())
+            tensors.append(t)
             owners.append((i, name))
         if p.weight.dtype == torch.float16:
             tensors.append(p.weight.detach())
             owners.append((i, "model weight"))
     with small_op_threads(sum(t.numel() for t in tensors)):
-        maxes = torch.stack([m.float().cpu() for m in torch._foreach_norm(tensors, math.inf)]).tolist()
+        maxes = torch.stack([m.float().cpu() for m in torch._foreach_norm(tensors, math.inf)]).tolist() \
+            if tensors else []
     per_patch: list[dict] = [{} for _ in patches]
     for j, ((i, name), m) in enumerate(zip(owners, maxes)):
         if not math.isfinite(m) and name != "model weight":
@@ -220,27 +252,57 @@ def _check_finite(source: str, patches: list[_Patch]) -> None:
             raise WeightsFormatError(f"{source}: key {patches[i].key!r}: its {name} tensor {tuple(t.shape)} contains "
                                      "NaN or inf; the adapter file is corrupt (every value must be finite)")
         per_patch[i][name] = m
+    dependent = {id(p.weight) for p in patches if p.needs_weight}
     for p, m in zip(patches, per_patch):
         alpha = getattr(p.delta, "alpha", None)
         if alpha is not None and not math.isfinite(float(alpha)):
             raise WeightsFormatError(f"{source}: key {p.key!r}: alpha={alpha} is not finite")
-        limit = torch.finfo(p.weight.dtype).max
+        if id(p.weight) in dependent:
+            continue
         if isinstance(p.delta, LoRA) and p.delta.mid is None:
             bound = abs(p.scale) * p.delta.rank * m["up"] * m["down"]
-        elif not isinstance(p.delta, LoRA):
+        elif isinstance(p.delta, Diff):
             bound = abs(p.scale) * m.get("weight", 0.0)
         else:
             bound = math.inf
-        if m.get("model weight", 0.0) + bound < limit / 2:
+        if m.get("model weight", 0.0) + bound < torch.finfo(p.weight.dtype).max / 2:
             continue
-        new = p.weight.float() + p.strength * _dense(p)  # delta_weight() includes a LoRA's alpha / rank
-        if not torch.isfinite(new).all() or new.abs().max() > limit:
-            raise WeightsFormatError(f"{source}: key {p.key!r}: the patched weight would overflow "
-                                     f"{p.weight.dtype} (|value| > {limit:.3g}); lower the strength or check the file")
+        _check_result(source, p, p.weight.float() + p.strength * _dense(source, p))  # dW includes alpha / rank
+    for group in _by_weight(p for p in patches if id(p.weight) in dependent):
+        current = group[0].weight.float()
+        for p in group:
+            dw = _dense(source, p, current)
+            if dw is not None:
+                current = current + p.strength * dw
+                _check_result(source, p, current)
 
 
-def _dense(p: _Patch) -> torch.Tensor:
-    return p.delta.delta_weight(p.weight.shape, dtype=torch.float32, device=p.weight.device)
+def _by_weight(patches) -> list[list[_Patch]]:
+    groups: dict[int, list[_Patch]] = {}
+    for p in patches:
+        groups.setdefault(id(p.weight), []).append(p)
+    return list(groups.values())
+
+
+def _check_result(source: str, p: _Patch, new: torch.Tensor) -> None:
+    limit = torch.finfo(p.weight.dtype).max
+    if not torch.isfinite(new).all() or new.abs().max() > limit:
+        raise WeightsFormatError(f"{source}: key {p.key!r}: the patched weight would overflow {p.weight.dtype} "
+                                 f"(|value| > {limit:.3g}) or is not finite; lower the strength or check the file")
+
+
+def _dense(source: str | None, p: _Patch, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """dW of a patch in float32 (its own scale included, strength not). `weight`: the float32 weight a
+    weight-dependent delta patches. In validation (`source` given) a delta whose factors do not fit raises
+    AdapterMismatchError naming the key."""
+    kwargs = {"weight": weight} if p.needs_weight else {}
+    try:
+        return p.delta.delta_weight(p.weight.shape, dtype=torch.float32, device=p.weight.device, **kwargs)
+    except (AdapterMismatchError, RuntimeError, IndexError) as exc:
+        if source is None:
+            raise
+        raise AdapterMismatchError(f"{source}: key {p.key!r}: {type(p.delta).__name__} does not fit the module's "
+                                   f"weight {tuple(p.weight.shape)}: {exc}") from exc
 
 
 def _add(p: _Patch, sign: float) -> None:
@@ -251,11 +313,38 @@ def _add(p: _Patch, sign: float) -> None:
         down = d.down.to(device=w.device, dtype=w.dtype).flatten(1)    # (r, in*kh*kw)
         w.view(w.shape[0], -1).addmm_(up, down, alpha=s)
     else:  # delta_weight() includes a LoRA's alpha / rank: scale by the strength only
-        dw = _dense(p)
+        dw = _dense(None, p)
         if dw is not None and w.dtype in (torch.float32, torch.float64):
             w.add_(dw.to(w.dtype), alpha=sign * p.strength)
         elif dw is not None:  # low precision: add in float32, round once
             w.copy_(w.float().add_(dw, alpha=sign * p.strength))
+    _add_bias(p, sign)
+
+
+def _add_bias(p: _Patch, sign: float) -> None:
     if p.bias is not None:  # a bias difference is scaled by the strength only
-        db = d.delta_bias(dtype=torch.float32, device=p.bias.device).reshape(p.bias.shape)
+        db = p.delta.delta_bias(dtype=torch.float32, device=p.bias.device).reshape(p.bias.shape)
         p.bias.data.copy_(p.bias.data.float().add_(db, alpha=sign * p.strength))
+
+
+def _written(p: _Patch) -> torch.Tensor:
+    """What _set writes for a weight-dependent delta, recomputed from the weight it replaced (deterministic)."""
+    before = p.original[0].float()
+    return (before + p.strength * _dense(None, p, before)).to(p.weight.dtype)
+
+
+def _set(p: _Patch) -> None:
+    """W = W + s (W_new(W) - W) for a weight-dependent delta (DoRA, replacing Factored), rounded once."""
+    p.weight.data.copy_(_written(p))
+    _add_bias(p, 1.0)
+
+
+def _unset(p: _Patch) -> None:
+    """Back to the weight before _set: bit for bit if the layer still holds what _set wrote, else subtract the same
+    difference (another adapter changed the layer since; its change stays)."""
+    written = _written(p)
+    if torch.equal(p.weight.data, written):
+        p.weight.data.copy_(p.original[0])
+    else:
+        p.weight.data.copy_(p.weight.data.float() - (written.float() - p.original[0].float()))
+    _add_bias(p, -1.0)
