@@ -11,8 +11,9 @@ EMBEDDED = Path(__file__).parent / "weights" / "tiny"
 EMBEDDED_MODEL = EMBEDDED / "nimblediff-tiny"
 EMBEDDED_FLASH_LORA = EMBEDDED / "nimblediff-tiny-flash-lora.safetensors"
 
-DEMO_PROMPTS = ["a red circle", "a blue square on the left", "a large green triangle at the top",
-                "a yellow star on a black background"]
+DEMO_PROMPTS = ["a red circle in the center", "a blue square on the left", "a large green triangle at the top",
+                "a yellow star at the bottom on a black background", "a purple circle on the right on a white background",
+                "a small red square on the left and a blue star on the right"]
 
 
 def _demo(args) -> int:
@@ -32,6 +33,10 @@ def _demo(args) -> int:
         pipe.load_acceleration_lora(EMBEDDED_FLASH_LORA, recipe="nimblediff-tiny-flash")
     load_s = time.perf_counter() - t0
     prompts = args.prompt or DEMO_PROMPTS
+    from .tiny.vocab import check_prompt
+
+    for prompt in prompts:       # the tiny model knows only its caption grammar: name unknown words, never drop them
+        check_prompt(prompt)
     t0 = time.perf_counter()
     images = pipe(prompts, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)).images
     gen_s = time.perf_counter() - t0
@@ -102,6 +107,281 @@ def _lora_inspect(args) -> int:
     return 0
 
 
+# --- lora convert / resize / prune / merge / extract ----------------------------------------------------------------
+_DTYPES = ("fp16", "bf16", "fp32")
+_WRITE_LAYOUT = {"peft": "peft", "diffusers": "peft", "kohya": "kohya", "comfyui": "comfyui"}
+
+
+def _dtype(name):
+    import torch
+
+    return None if name is None else {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _read_complete(path):
+    """read_lora, refusing a file some of whose keys would be lost."""
+    from .weights.lora_ops import require_complete
+    from .weights.lora_formats import read_lora
+
+    deltas, report = read_lora(path)
+    print(report.summary())
+    require_complete(report)
+    return deltas, report
+
+
+class _Progress:
+    """A tqdm bar driven by (done, total) callbacks; silent when stderr is not a terminal."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.desc, unit="layer", disable=None)
+        self.bar.update(done - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _write(deltas, out, args, layout, metadata, target, verb="wrote") -> None:
+    from .weights.lora_ops import describe_file, save_deltas
+
+    path = save_deltas(deltas, out, layout, dtype=_dtype(args.dtype), overwrite=args.overwrite, metadata=metadata,
+                       target=target)
+    print(describe_file(path) + f" ({layout} layout, {len(deltas)} layers)")
+
+
+def _lora_convert(args) -> int:
+    from .weights.lora_ops import carried_metadata, checked_output
+    from .weights.lora_formats import Target
+
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
+    deltas, report = _read_complete(args.path)
+    meta = carried_metadata([report.metadata], "convert", dict(source=Path(args.path).name, layout=args.layout))
+    _write(deltas, out, args, args.layout, meta, Target.for_arch(report.arch))
+    return 0
+
+
+def _rank_options(args) -> dict:
+    thresholds = {k: getattr(args, k) for k in ("sv_ratio", "sv_fro", "sv_cumulative", "energy")}
+    return {"rank": args.rank, **{k: v for k, v in thresholds.items() if v is not None}}
+
+
+def _lora_resize(args) -> int:
+    from .core.adapters.rank import resize_lora
+    from .weights.lora_ops import carried_metadata, checked_output
+    from .weights.lora_formats import Target
+
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
+    deltas, report = _read_complete(args.path)
+    options = _rank_options(args)
+    small, rank_report = resize_lora(deltas, **options)
+    print(rank_report.summary())
+    meta = carried_metadata([report.metadata], "resize", dict(source=Path(args.path).name, **options))
+    _write(small, out, args, args.layout or _WRITE_LAYOUT.get(report.layout, "kohya"), meta,
+           Target.for_arch(report.arch))
+    return 0
+
+
+def _lora_prune(args) -> int:
+    import torch
+
+    from .core.adapters.rank import prune_to_budget
+    from .weights.lora_ops import carried_metadata, checked_output
+    from .weights.lora_formats import Target
+
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
+    deltas, report = _read_complete(args.path)
+    budget = {k: v for k, v in dict(fraction=args.fraction, params=args.params, max_bytes=args.max_bytes).items()
+              if v is not None}
+    dtype = _dtype(args.dtype) or next((d.up.dtype for d in deltas.values() if hasattr(d, "up")), torch.float16)
+    small, rank_report = prune_to_budget(deltas, dtype=dtype, score=args.score, min_rank=args.min_rank, **budget)
+    print(rank_report.summary())
+    meta = carried_metadata([report.metadata], "prune", dict(source=Path(args.path).name, score=args.score,
+                                                             min_rank=args.min_rank, **budget))
+    _write(small, out, args, args.layout or _WRITE_LAYOUT.get(report.layout, "kohya"), meta,
+           Target.for_arch(report.arch))
+    return 0
+
+
+def _lora_merge(args) -> int:
+    from .errors import InvalidParameterError
+    from .weights.lora_ops import carried_metadata, checked_output, merge_chunked, read_same_base, require_complete
+    from .weights.lora_formats import Target
+
+    if args.weights is not None and len(args.weights) != len(args.loras):
+        raise InvalidParameterError(f"--weights has {len(args.weights)} values for {len(args.loras)} LoRAs; give one "
+                                    "weight per LoRA")
+    if args.rank is None and args.layout == "peft" and args.method != "cat":
+        raise InvalidParameterError("without --rank the merge keeps full differences, which the peft layout cannot "
+                                    "hold; pass --rank N or --layout kohya / comfyui")
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=args.loras)
+    adapters, reports = read_same_base(args.loras)
+    for report in reports:
+        print(report.summary())
+        require_complete(report)
+    weights = args.weights or [1.0] * len(args.loras)
+    progress = _Progress(f"merge ({args.method})")
+    try:
+        merged, report = merge_chunked(adapters, weights, args.method, density=args.density, seed=args.seed,
+                                       rank=args.rank, progress=progress)
+    finally:
+        progress.close()
+    print(f"{args.method} merge of {len(adapters)} LoRAs: {len(merged)} layers"
+          + (f"; {report.rank.summary()}" if report.rank is not None else " (full differences)"))
+    meta = carried_metadata([r.metadata for r in reports], "merge", dict(
+        sources=" + ".join(f"{w:g} x {Path(p).name}" for p, w in zip(args.loras, weights)), method=args.method,
+        density=args.density, seed=args.seed, rank=args.rank))
+    _write(merged, out, args, args.layout, meta, Target.for_arch(reports[0].arch))
+    return 0
+
+
+def _component_state_dict(folder: Path, component: str) -> dict:
+    """A diffusers folder component's weights: one safetensors file, an fp16 variant, or a sharded index."""
+    import json
+
+    from .errors import WeightsFormatError
+    from .weights.safetensors_io import load_state_dict
+
+    base = folder / component
+    for name in ("diffusion_pytorch_model", "model"):
+        for variant in ("", ".fp16"):
+            single = base / f"{name}{variant}.safetensors"
+            if single.is_file():
+                return load_state_dict(single)
+            index = base / f"{name}{variant}.safetensors.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                sd = {}
+                for shard in shards:
+                    sd.update(load_state_dict(base / shard))
+                return sd
+    raise WeightsFormatError(f"{base}: no diffusion_pytorch_model.safetensors / model.safetensors (or .fp16 variant, "
+                             f"or sharded .index.json); is {folder} a diffusers pipeline folder with a {component}/?")
+
+
+def _extract_weights(sd: dict, component: str) -> dict:
+    """Linear / Conv weights under canonical module paths (text encoders: no ``text_model.``, no embeddings)."""
+    if component.startswith("text_encoder"):
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items() if "embeddings." not in k}
+    return {k: v for k, v in sd.items() if k.endswith(".weight") and v.ndim in (2, 4)}
+
+
+def _lora_extract(args) -> int:
+    import json
+
+    from .errors import InvalidParameterError
+    from .weights.lora_ops import carried_metadata, checked_output, extract_chunked
+    from .weights import arch as arch_mod
+    from .weights.keymaps import UNetLayout
+    from .weights.lora_formats import Target
+
+    base_dir, tuned_dir = Path(args.base), Path(args.tuned)
+    out = checked_output(args.out, overwrite=args.overwrite)
+    denoiser = "unet" if (base_dir / "unet").is_dir() else "transformer"
+    components = args.components.split(",") if args.components else [denoiser]
+    valid = ("unet", "transformer", "text_encoder", "text_encoder_2")
+    bad = [c for c in components if c not in valid]
+    if bad:
+        raise InvalidParameterError(f"--components {bad}; valid: {', '.join(valid)} (comma-separated)")
+    deltas, reports = {}, []
+    for comp in components:
+        base = _extract_weights(_component_state_dict(base_dir, comp), comp)
+        tuned = _extract_weights(_component_state_dict(tuned_dir, comp), comp)
+        progress = _Progress(f"extract {comp}")
+        try:
+            part, report = extract_chunked(
+                base, tuned, component=comp, progress=progress, clamp_quantile=args.clamp_quantile,
+                min_diff=args.min_diff, **_rank_options(args))
+        finally:
+            progress.close()
+        print(f"{comp}: {report.summary()}")
+        deltas.update(part)
+        reports.append(report)
+    if not deltas:
+        raise InvalidParameterError(f"{tuned_dir} and {base_dir} do not differ in {', '.join(components)} (by more "
+                                    f"than --min-diff {args.min_diff}); nothing to extract")
+    target = None
+    config_path = base_dir / denoiser / "config.json"
+    if denoiser == "unet" and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        target = Target.from_layout(UNetLayout.from_diffusers_config(config), None,
+                                    arch_mod.detect_model_arch(config))
+    meta = carried_metadata([], "extract", dict(base=base_dir.name, tuned=tuned_dir.name, **_rank_options(args)))
+    _write(deltas, out, args, args.layout, meta, target)
+    return 0
+
+
+def _add_lora_commands(lora) -> None:
+    layouts = ("peft", "kohya", "comfyui")
+
+    def output(p, layout_help="default: the input's layout", layout_default=None, required=False):
+        p.add_argument("--layout", choices=layouts, default=layout_default, required=required, help=layout_help)
+        p.add_argument("--dtype", choices=_DTYPES, help="dtype of the written tensors (default: as computed)")
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    def rank_selection(p, rank_default=None):
+        p.add_argument("--rank", type=int, default=rank_default, help="new rank; the maximum with a threshold")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--sv-ratio", type=float, help="keep sigma_i >= sigma_0 / SV_RATIO")
+        g.add_argument("--sv-fro", type=float, help="keep this share (0-1] of the Frobenius norm")
+        g.add_argument("--sv-cumulative", type=float, help="keep this share (0-1] of the sum of singular values")
+        g.add_argument("--energy", type=float, help="keep this share (0-1] of the squared norm")
+
+    convert = lora.add_parser("convert", help="rewrite a LoRA in another layout (peft / kohya / comfyui)")
+    convert.add_argument("path", metavar="IN")
+    convert.add_argument("out", metavar="OUT")
+    output(convert, "the layout to write", required=True)
+    convert.set_defaults(run=_lora_convert)
+
+    resize = lora.add_parser("resize", help="resize every layer (fixed rank or spectrum threshold), kohya-style")
+    resize.add_argument("path", metavar="IN")
+    resize.add_argument("out", metavar="OUT")
+    rank_selection(resize)
+    output(resize)
+    resize.set_defaults(run=_lora_resize)
+
+    prune = lora.add_parser("prune", help="keep the best rank-1 components of all layers under one budget")
+    prune.add_argument("path", metavar="IN")
+    prune.add_argument("out", metavar="OUT")
+    budget = prune.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--fraction", type=float, help="share (0-1] of the LoRA's parameters to keep")
+    budget.add_argument("--params", type=int, help="number of factor elements to keep")
+    budget.add_argument("--max-bytes", type=int, help="factor bytes in --dtype (default: the input's dtype)")
+    prune.add_argument("--score", choices=("relative", "energy", "sv"), default="relative")
+    prune.add_argument("--min-rank", type=int, default=0, help="components every layer keeps")
+    output(prune)
+    prune.set_defaults(run=_lora_prune)
+
+    from .core.adapters.merge import MERGE_METHODS
+
+    merge = lora.add_parser("merge", help="merge LoRAs into a new file (linear, ties, dare_*, magnitude_prune, cat)")
+    merge.add_argument("out", metavar="OUT")
+    merge.add_argument("loras", metavar="LORA", nargs="+")
+    merge.add_argument("--weights", type=float, nargs="+", help="one per LoRA (default 1 each)")
+    merge.add_argument("--method", choices=[m for m in MERGE_METHODS if m != "darex_q"], default="linear")
+    merge.add_argument("--density", type=float, default=1.0, help="share kept by ties / dare / magnitude_prune")
+    merge.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    merge.add_argument("--rank", type=int, help="SVD the merged update to this rank (default: full differences)")
+    output(merge, "default: kohya", "kohya")
+    merge.set_defaults(run=_lora_merge)
+
+    extract = lora.add_parser("extract", help="LoRA = fine-tuned diffusers folder minus its base folder (SVD)")
+    extract.add_argument("base", metavar="BASE_DIR")
+    extract.add_argument("tuned", metavar="TUNED_DIR")
+    extract.add_argument("out", metavar="OUT")
+    rank_selection(extract, rank_default=32)
+    extract.add_argument("--components", help="comma-separated, e.g. unet,text_encoder (default: the denoiser)")
+    extract.add_argument("--clamp-quantile", type=float, help="clamp factors at this quantile (kohya: 0.99)")
+    extract.add_argument("--min-diff", type=float, default=0.0, help="skip layers whose max |difference| <= this")
+    output(extract, "default: kohya", "kohya")
+    extract.set_defaults(run=_lora_extract)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="nimblediff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +410,7 @@ def main(argv=None) -> int:
     inspect = lora.add_parser("inspect", help="detect a LoRA file's layout and architecture")
     inspect.add_argument("path")
     inspect.set_defaults(run=_lora_inspect)
+    _add_lora_commands(lora)
 
     args = parser.parse_args(argv)
     from .errors import NimbleDiffError

@@ -50,7 +50,8 @@ FILE_INPUTS = {"lora_name", "ckpt_name", "vae_name", "image", "model"}
 def _check_widget(where: str, name: str, spec, value, errors: list) -> None:
     kind, options, _ = spec
     if isinstance(kind, list):
-        if kind and value not in kind and not options.get("dynamic") and name not in FILE_INPUTS:
+        if kind and value not in kind and not options.get("dynamic") and name not in FILE_INPUTS \
+                and not name.startswith("lora_"):
             errors.append(f"{where}: {name}={value!r} is not one of {kind}")
     elif kind in ("INT", "FLOAT"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):

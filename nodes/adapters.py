@@ -41,7 +41,7 @@ def lora_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", name)
 
 
-def _comfy_target(model, clip):
+def comfy_target(model, clip):
     """The reader's Target for a ComfyUI UNet model (its unet_config) and CLIP (its layer counts)."""
     from ..weights.arch import detect_model_arch
     from ..weights.keymaps import UNetLayout
@@ -152,7 +152,7 @@ def load_lora(model, clip, path: str, strength_model: float, strength_clip: floa
 
     from ..weights.arch import compatible
 
-    target = _comfy_target(model, clip)
+    target = comfy_target(model, clip)
     deltas, report = read_lora(path, target)
     if not compatible(report.arch.arch, target.arch.arch):
         raise AdapterMismatchError(f"{path}: this LoRA is for {report.arch} but the model is {target.arch}; "

@@ -1,0 +1,179 @@
+"""Host-free LoRA file operations shared by the CLI and the ComfyUI nodes: safe output paths (never over an
+existing file or an input), carried metadata, chunked merge / extract with progress, and saving."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
+
+LAYOUTS = ("kohya", "comfyui", "peft")
+DYNAMIC_METHODS = ("none", "sv_ratio", "sv_fro", "sv_cumulative", "energy")
+_CARRIED_DROP = ("lora_adapter_metadata", "ss_network_dim", "ss_network_alpha", "ss_network_module", "format")
+
+def output_path(folder, filename: str, *, overwrite: bool, inputs: Sequence = ()) -> Path:
+    """`filename` inside `folder` (".safetensors" added when it has no suffix). Raises naming the path when it would
+    leave the folder, replace an input, or replace an existing file without `overwrite`."""
+    if not isinstance(filename, str) or not filename.strip():
+        raise InvalidParameterError(f"filename={filename!r}; expected a file name such as 'my_lora' or "
+                                    "'styles/my_lora.safetensors'")
+    folder = Path(folder).resolve()
+    rel = Path(filename.strip())
+    if rel.is_absolute() or ".." in rel.parts:
+        raise InvalidParameterError(f"filename={filename!r}: must be a relative path inside {folder} (no '..', "
+                                    "not absolute)")
+    if rel.suffix.lower() != ".safetensors":
+        rel = rel.with_name(rel.name + ".safetensors")
+    return checked_output(folder / rel, overwrite=overwrite, inputs=inputs, hint="set overwrite to true")
+
+
+def checked_output(path, *, overwrite: bool, inputs: Sequence = (), hint: str = "pass --overwrite") -> Path:
+    """`path`, after refusing to replace one of `inputs` (ever) or an existing file (unless `overwrite`)."""
+    path = Path(path)
+    resolved = path.resolve()
+    for src in inputs:
+        if src is not None and Path(src).resolve() == resolved:
+            raise InvalidParameterError(f"{path}: is also an input of this operation; write to another file (inputs "
+                                        "are never overwritten)")
+    if path.exists() and not overwrite:
+        raise WeightsFormatError(f"{path}: exists; {hint} to replace it, or choose another name")
+    if path.exists() and path.is_dir():
+        raise InvalidParameterError(f"{path}: is a directory; give a file name")
+    return path
+
+
+def carried_metadata(metadatas: Sequence[dict], op: str, params: dict) -> dict[str, str]:
+    """Metadata for a derived file: the first input's training metadata (kohya ``ss_*``, ``modelspec.*``) without the
+    entries that describe the tensors (the writer sets those), plus what was done."""
+    out = {k: v for k, v in (metadatas[0] if metadatas else {}).items()
+           if isinstance(v, str) and k not in _CARRIED_DROP}
+    out["nimblediff_op"] = op
+    out["nimblediff_params"] = ", ".join(f"{k}={v}" for k, v in params.items())
+    return out
+
+
+def in_chunks(fn: Callable[[list[str]], tuple[dict, object]], keys: Sequence[str], *,
+              progress: Callable[[int, int], None] | None = None, size: int = 8) -> tuple[dict, list]:
+    """Run `fn` on consecutive slices of `keys` (for progress and interruption between slices): the union of the
+    returned dicts in key order, and the list of reports. `fn` must treat keys independently."""
+    out, reports, keys = {}, [], list(keys)
+    for i in range(0, len(keys), size):
+        part, report = fn(keys[i:i + size])
+        out.update(part)
+        reports.append(report)
+        if progress is not None:
+            progress(min(i + size, len(keys)), len(keys))
+    return out, reports
+
+
+def combine_rank_reports(reports: Sequence):
+    """One RankReport from the reports of disjoint key sets (None entries skipped)."""
+    from ..core.adapters.rank import RankReport
+
+    out = RankReport()
+    for r in reports:
+        if r is None:
+            continue
+        out.ranks.update(r.ranks)
+        out.rel_error.update(r.rel_error)
+        out.params_before += r.params_before
+        out.params += r.params
+        out.passed.extend(r.passed)
+        out.dropped.update(r.dropped)
+    return out
+
+
+def rank_selection(rank: int | None, method: str = "none", param: float | None = None) -> dict:
+    """kohya's (new_rank, dynamic_method, dynamic_param) as core keyword arguments; rank caps a dynamic method."""
+    if method not in DYNAMIC_METHODS:
+        raise InvalidParameterError(f"dynamic_method={method!r}; valid: {', '.join(DYNAMIC_METHODS)}")
+    return {"rank": rank} if method == "none" else {"rank": rank, method: param}
+
+
+def require_complete(report) -> None:
+    """Refuse to derive a file from a LoRA some of whose keys the reader could not carry over (modules with no name
+    for its base, DoRA magnitudes): the new file would silently lose them."""
+    if report.unmatched or report.magnitude:
+        lost = report.unmatched[:5] or list(report.magnitude)[:5]
+        raise WeightsFormatError(
+            f"{report.source}: {len(report.unmatched)} modules have no name for a {report.arch.arch} model and "
+            f"{len(report.magnitude)} DoRA magnitudes cannot be written yet, e.g. {lost}; a file derived from it "
+            "would silently lose them")
+
+
+def read_same_base(paths: Sequence) -> tuple[list[dict], list]:
+    """read_lora each file for its detected base; raises naming both files when two are for different bases."""
+    from ..weights.arch import compatible
+    from ..weights.lora_formats import read_lora
+
+    deltas, reports = [], []
+    for path in paths:
+        d, r = read_lora(path)
+        if reports and not compatible(r.arch.arch, reports[0].arch.arch):
+            raise AdapterMismatchError(f"{path} is a LoRA for {r.arch} but {reports[0].source} is for "
+                                       f"{reports[0].arch}; merge LoRAs made for the same base model")
+        deltas.append(d)
+        reports.append(r)
+    return deltas, reports
+
+
+def merge_chunked(adapters: Sequence[dict], weights: Sequence[float], method: str, *, density: float, seed: int,
+                  rank: int | None, progress=None):
+    """core merge() over slices of the keys with one random generator: the same result as one merge() call (DARE
+    draws one mask per task tensor in key order), with progress between slices."""
+    from ..core.adapters.merge import MergeReport, merge
+
+    keys = list(dict.fromkeys(k for a in adapters for k in a))
+    generator = torch.Generator().manual_seed(int(seed))
+
+    def part(chunk):
+        wanted = set(chunk)
+        return merge([{k: d for k, d in a.items() if k in wanted} for a in adapters], weights, method,
+                     density=density, generator=generator, rank=rank)
+
+    out, reports = in_chunks(part, keys, progress=progress)
+    report = MergeReport(method)
+    for r in reports:
+        report.sources.update(r.sources)
+        report.rescale.update(r.rescale)
+    if rank is not None:
+        report.rank = combine_rank_reports([r.rank for r in reports])
+    return out, report
+
+
+def extract_chunked(base: dict, tuned: dict, *, component: str, progress=None, **options):
+    """core extract_lora() over slices of the layers (state dicts keyed ``<module>.weight``), with progress."""
+    from ..core.adapters.extract import extract_lora
+
+    names = [k for k, v in base.items() if k.endswith(".weight") and isinstance(v, torch.Tensor) and v.ndim in (2, 4)]
+
+    def part(chunk):
+        return extract_lora({k: base[k] for k in chunk}, {k: tuned[k] for k in chunk if k in tuned},
+                            component=component, **options)
+
+    out, reports = in_chunks(part, names, progress=progress)
+    return out, combine_rank_reports(reports)
+
+
+def save_deltas(deltas: dict, path: Path, layout: str, *, dtype=None, overwrite: bool, metadata: dict, target=None
+                ) -> Path:
+    """save_lora with one alpha per file for kohya / comfyui (diffusers' kohya reader mis-scales mixed alphas)."""
+    from ..weights.lora_write import save_lora
+
+    if layout not in LAYOUTS:
+        raise InvalidParameterError(f"layout={layout!r}; valid: {', '.join(LAYOUTS)}")
+    if not deltas:
+        raise InvalidParameterError(f"{path}: nothing to write (the result has no layers)")
+    return save_lora(deltas, path, layout, metadata=metadata, overwrite=overwrite, target=target, dtype=dtype,
+                     uniform_alpha=layout != "peft")
+
+
+def describe_file(path: Path) -> str:
+    size = path.stat().st_size
+    return f"wrote {path} ({size / 1e6:.2f} MB)"
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI glue
