@@ -1,0 +1,264 @@
+"""Train NimbleDiff-Tiny on CPU: `python -m nimblediff.tiny.train --stage vae|unet|flash|all`.
+
+Each stage writes runs/tiny/<stage>/: ckpt.pt (resumable, saved every few minutes), train.log (loss lines) and its
+final product (vae/final, unet/pipeline, flash/lora). Each stage is bounded by steps and by wall minutes; a stage whose
+product exists is skipped, so `--stage all` can simply be re-run after an interruption.
+"""
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import data, flash, model, vocab
+
+PRODUCTS = {"vae": "final", "unet": "pipeline", "flash": "lora"}
+DEFAULTS = {  # stage: (batch, lr, minutes)
+    "vae": (16, 1e-3, 15.0),
+    "unet": (48, 5e-4, 75.0),
+    "flash": (16, 5e-4, 20.0),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--stage", choices=["vae", "unet", "flash", "all"], required=True)
+    p.add_argument("--out", default="runs/tiny")
+    p.add_argument("--threads", type=int, default=1, help="torch threads; the other core belongs to other work")
+    p.add_argument("--minutes", type=float, default=None, help="wall budget per stage (default: per stage)")
+    p.add_argument("--max-steps", type=int, default=10**9)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--save-minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+class Loop:
+    """Step loop with resume, wall budget, periodic atomic checkpoints, tqdm and a loss log."""
+
+    def __init__(self, args, stage, modules, optimizer, extra=None):
+        self.args, self.stage, self.modules, self.opt, self.extra = args, stage, modules, optimizer, extra or {}
+        self.dir = os.path.join(args.out, stage)
+        os.makedirs(self.dir, exist_ok=True)
+        batch, lr, minutes = DEFAULTS[stage]
+        self.batch, self.lr = args.batch or batch, args.lr or lr
+        self.budget = 60 * (args.minutes if args.minutes is not None else minutes)
+        self.step, self.elapsed, self.losses = 0, 0.0, []
+        self._resume()
+
+    @property
+    def ckpt(self):
+        return os.path.join(self.dir, "ckpt.pt")
+
+    def _resume(self):
+        if not os.path.exists(self.ckpt):
+            return
+        state = torch.load(self.ckpt, weights_only=True)
+        for name, m in self.modules.items():
+            m.load_state_dict(state["modules"][name])
+        self.opt.load_state_dict(state["optimizer"])
+        for name, t in self.extra.items():  # e.g. EMA parameter lists
+            for dst, src in zip(t, state["extra"][name]):
+                dst.copy_(src)
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.log(f"resumed at step {self.step}, {self.elapsed / 60:.1f} min elapsed")
+
+    def save(self):
+        state = {"modules": {n: m.state_dict() for n, m in self.modules.items()}, "optimizer": self.opt.state_dict(),
+                 "extra": {n: [t.detach().clone() for t in ts] for n, ts in self.extra.items()},
+                 "step": self.step, "elapsed": self.elapsed}
+        torch.save(state, self.ckpt + ".tmp")
+        os.replace(self.ckpt + ".tmp", self.ckpt)  # a kill mid-save never leaves a truncated checkpoint
+
+    def log(self, line):
+        with open(os.path.join(self.dir, "train.log"), "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+    @property
+    def progress(self):
+        return max(self.step / self.args.max_steps, self.elapsed / self.budget)
+
+    def run(self, step_fn):
+        """step_fn(step) -> loss tensor (already backpropagated is not required: we do it here)."""
+        bar = tqdm(total=int(self.budget), initial=int(self.elapsed), unit="s", desc=self.stage,
+                   disable=self.args.no_progress, mininterval=5)
+        last_save = time.time()
+        while self.progress < 1:
+            t0 = time.time()
+            for g in self.opt.param_groups:  # linear warm-up, then constant (EMA does the annealing)
+                g["lr"] = self.lr * min(1.0, (self.step + 1) / 100)
+            loss = step_fn(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+            self.opt.step()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"{self.stage}: loss is {loss.item()} at step {self.step}")
+            self.after_step()
+            self.step += 1
+            dt = time.time() - t0
+            self.elapsed += dt
+            self.losses.append(loss.item())
+            bar.update(int(self.elapsed) - bar.n)
+            bar.set_postfix(step=self.step, loss=f"{loss.item():.4f}")
+            if self.step % self.args.log_every == 0:
+                recent = self.losses[-self.args.log_every:]
+                self.log(f"step {self.step} loss {sum(recent) / len(recent):.5f} "
+                         f"s/step {dt:.2f} elapsed {self.elapsed / 60:.1f} min")
+            if time.time() - last_save > 60 * self.args.save_minutes:
+                self.save()
+                last_save = time.time()
+        bar.close()
+        self.save()
+        self.log(f"done: {self.step} steps, {self.elapsed / 60:.1f} min")
+
+    def after_step(self):
+        pass
+
+
+def batch_seed(args, stage, step):
+    """Data seed per (stage, step): a resumed run sees exactly the batches it would have seen."""
+    return (args.seed * 1000 + {"vae": 1, "unet": 2, "flash": 3}[stage]) * 10**7 + step
+
+
+# ---------------------------------------------------------------- stage vae
+
+
+def train_vae(args):
+    vae = model.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    loop = Loop(args, "vae", {"vae": vae}, opt)
+
+    def step_fn(step):
+        x, _, _ = data.make_batch(batch_seed(args, "vae", step), loop.batch)  # (B, 3, 64, 64)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        # L1 keeps edges sharp, L2 punishes colour shifts; the KL weight only keeps latents bounded (SD uses 1e-6).
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+
+    loop.run(step_fn)
+    vae.eval()
+    with torch.no_grad():
+        x, _, _ = data.make_batch(10**9 + 1, args.eval_n)  # held-out seed
+        z = vae.encode(x).latent_dist.sample()
+        rec_l1 = F.l1_loss(vae.decode(z).sample.clamp(-1, 1), x).item()
+    scale = 1.0 / z.std().item()  # SD's convention: unit-variance latents for the UNet
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(os.path.join(loop.dir, PRODUCTS["vae"]))
+    loop.log(f"final: scaling_factor {scale:.5f} held-out recon L1 {rec_l1:.5f} params {model.n_params(vae)}")
+
+
+# ---------------------------------------------------------------- stage unet
+
+
+def tokenize(tokenizer, captions):
+    # Same call as StableDiffusionPipeline.encode_prompt: pad to model_max_length, no attention mask.
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+class EmaLoop(Loop):
+    def __init__(self, args, stage, modules, optimizer, params, ema):
+        self.params, self.ema = params, ema
+        super().__init__(args, stage, modules, optimizer, extra={"ema": ema})
+
+    def after_step(self):
+        decay = min(0.999, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
+
+
+def train_unet(args):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae", PRODUCTS["vae"])).eval().requires_grad_(False)
+    tokenizer = vocab.build_tokenizer()
+    text_encoder, unet = model.make_text_encoder(len(tokenizer)), model.make_unet()
+    # Text encoder trained jointly: a random frozen encoder would have to be decoded by the UNet instead.
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    loop = EmaLoop(args, "unet", {"unet": unet, "text_encoder": text_encoder}, opt, params, ema)
+    alphas = model.make_scheduler().alphas_cumprod  # (1000,)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def step_fn(step):
+        x, captions, _ = data.make_batch(batch_seed(args, "unet", step), loop.batch)
+        gen.manual_seed(batch_seed(args, "unet", step))
+        drop = torch.rand(len(captions), generator=gen) < 0.1  # CFG: learn the unconditional model too
+        captions = ["" if d else c for c, d in zip(captions, drop)]
+        with torch.no_grad():
+            z0 = vae.encode(x).latent_dist.sample(gen) * vae.config.scaling_factor  # (B, 4, 16, 16)
+        t = torch.randint(0, 1000, (len(x),), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        h = text_encoder(tokenize(tokenizer, captions))[0]  # (B, 24, 64)
+        return F.mse_loss(unet(zt, t, h).sample, eps)
+
+    loop.run(step_fn)
+    with torch.no_grad():  # ship the EMA weights
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    pipe = model.make_pipeline(vae, text_encoder, unet, tokenizer)
+    pipe.save_pretrained(os.path.join(loop.dir, PRODUCTS["unet"]))
+    loop.log(f"final: params unet {model.n_params(unet)} text_encoder {model.n_params(text_encoder)}")
+
+
+# ---------------------------------------------------------------- stage flash
+
+
+def train_flash(args):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(args.out, "unet", PRODUCTS["unet"]))
+    pipe.unet.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    lora_params = flash.add_lora(pipe.unet)
+    opt = torch.optim.AdamW(lora_params, lr=5e-4, weight_decay=0.0)
+    loop = Loop(args, "flash", {"lora": flash.LoraParams(pipe.unet)}, opt)
+    alphas = pipe.scheduler.alphas_cumprod
+    gen = torch.Generator()
+    with torch.no_grad():
+        uncond = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]  # (1, 24, 64)
+
+    def step_fn(step):
+        x, captions, _ = data.make_batch(batch_seed(args, "flash", step), loop.batch)
+        gen.manual_seed(batch_seed(args, "flash", step))
+        with torch.no_grad():
+            z0 = pipe.vae.encode(x).latent_dist.sample(gen) * pipe.vae.config.scaling_factor
+            cond = pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
+        return flash.distill_loss(pipe.unet, z0, cond, uncond, alphas, loop.progress, gen)
+
+    loop.run(step_fn)
+    flash.save_lora(pipe, os.path.join(loop.dir, PRODUCTS["flash"]))
+    loop.log(f"final: lora params {sum(p.numel() for p in lora_params)}")
+
+
+STAGES = {"vae": train_vae, "unet": train_unet, "flash": train_flash}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for stage in (["vae", "unet", "flash"] if args.stage == "all" else [args.stage]):
+        if args.stage == "all" and os.path.exists(os.path.join(args.out, stage, PRODUCTS[stage])):
+            continue  # finished earlier
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        STAGES[stage](args)
+        print(f"stage {stage} finished in {(time.time() - t0) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
