@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import InvalidParameterError
@@ -63,6 +64,57 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return torch.cat([sig, torch.zeros(1)])
 
 
+def flowmatch_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """diffusers `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(steps)` sigmas, bit for bit: linspace
+    from 1 to the shifted 1/T (shifted a second time, as diffusers does), then 0. Note the last step starts at
+    sigma ~ 1/T, so at 2 steps the second evaluation is wasted (flow_sigmas avoids that)."""
+    _check_steps(steps)
+    sigma_min = (shift * torch.tensor(1.0 / num_train_timesteps) / (1 + (shift - 1) * torch.tensor(
+        1.0 / num_train_timesteps))).item()                       # diffusers' __init__, in float32
+    sig = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, steps) / num_train_timesteps
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    return torch.cat([torch.from_numpy(sig).float(), torch.zeros(1)])
+
+
+def sgm_uniform_sigmas(steps: int, param) -> torch.Tensor:
+    """ComfyUI's "sgm_uniform": timesteps uniform from sigma_max's down to sigma_min's, excluding the last, then 0.
+    VP: fractional timesteps 999 ... (999 / steps), interpolated in log sigma; flow: 1 ... 1/T before the shift."""
+    _check_steps(steps)
+    if param.kind == "flow":
+        t = torch.linspace(1.0, 1.0 / param.num_train_timesteps, steps + 1)[:-1]
+        shift = getattr(param, "shift", 1.0)
+        sig = shift * t / (1 + (shift - 1) * t)
+    else:
+        t = torch.linspace(float(param.sigma_to_t(param.sigma_max)), float(param.sigma_to_t(param.sigma_min)),
+                           steps + 1)[:-1]
+        sig = param.t_to_sigma(t).float()
+    return torch.cat([sig.float(), torch.zeros(1)])
+
+
+def logsnr_sigmas(steps: int, param, rho_min: float | None = None, rho_top: float = 14.6) -> torch.Tensor:
+    """Few-step schedule: sigma_max, then steps - 1 points uniform in log-SNR (log rho, rho = sigma / alpha) from
+    rho_top down to rho_min, then 0, so the last step is a real x0 jump instead of a wasted sigma_min -> 0 step.
+
+    rho_min defaults to max(0.6 / steps, 2.4 / steps^2): the last evaluation moves closer to the data as steps are
+    added (fitted on unit-scale data, the Gaussian mixtures of bench/sampler_accuracy.py; pass rho_min for data of
+    another scale). For VP models rho_top is the model's sigma_max; a flow model starts at sigma = 1 (rho infinite)
+    and spaces the rest from rho_top, the SD sigma_max.
+    """
+    _check_steps(steps)
+    if rho_min is None:
+        rho_min = max(0.6 / steps, 2.4 / steps**2)
+    if param.kind == "vp":
+        rho_top = float(param.sigma_max)
+    if not 0 < rho_min < rho_top:
+        raise InvalidParameterError(f"rho_min={rho_min!r}: need 0 < rho_min < {rho_top:.4g} (the top of the schedule)")
+    if steps == 1:
+        return torch.tensor([float(param.sigma_max), 0.0])
+    rho = torch.logspace(math.log10(rho_top), math.log10(rho_min), steps, dtype=torch.float64)
+    sig = rho if param.kind == "vp" else rho / (1 + rho)
+    sig[0] = float(param.sigma_max)
+    return torch.cat([sig.float(), torch.zeros(1)])
+
+
 def check_sigmas(sigmas) -> torch.Tensor:
     """Validate a user schedule: 1-D, at least 2 entries, finite, non-negative and strictly decreasing."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
@@ -79,7 +131,7 @@ def check_sigmas(sigmas) -> torch.Tensor:
     return sigmas
 
 
-SCHEDULES = ("lcm", "trailing", "karras", "exponential")
+SCHEDULES = ("lcm", "trailing", "karras", "exponential", "sgm_uniform", "flowmatch", "logsnr")
 
 
 def make_sigmas(name: str, steps: int, param) -> torch.Tensor:
@@ -91,6 +143,14 @@ def make_sigmas(name: str, steps: int, param) -> torch.Tensor:
         return sigmas_from_timesteps(param, lcm_timesteps(steps, param.num_train_timesteps))
     elif name == "trailing":
         return sigmas_from_timesteps(param, trailing_timesteps(steps, param.num_train_timesteps))
+    if name == "logsnr":
+        return logsnr_sigmas(steps, param)
+    if name == "sgm_uniform":
+        return sgm_uniform_sigmas(steps, param)
+    if name == "flowmatch":
+        if param.kind != "flow":
+            raise InvalidParameterError("schedule='flowmatch' is diffusers' FlowMatchEuler grid, for flow models only")
+        return flowmatch_sigmas(steps, getattr(param, "shift", 1.0), param.num_train_timesteps)
     if name == "karras":
         return karras_sigmas(steps, max(param.sigma_min, 1e-3), param.sigma_max)
     if name == "exponential":

@@ -48,9 +48,9 @@ class FewStepPipeline(StableDiffusionPipeline):
 
     # --- prompts --------------------------------------------------------------------------------------------------
 
-    def _embed(self, prompts: list[str], clip_skip: int | None) -> torch.Tensor:
+    def _embed(self, prompts: list[str], clip_skip: int | None, device) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self._execution_device)
+                             truncation=True, return_tensors="pt").input_ids.to(device)
         te = self.text_encoder
         if clip_skip is None:
             return te(ids)[0]
@@ -62,15 +62,17 @@ class FewStepPipeline(StableDiffusionPipeline):
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
                       clip_skip=None):
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        # diffusers' _execution_device walks every module's hooks (~2 ms on a small model): ask once per call
+        device = device or self._execution_device
         if prompt_embeds is None:
-            prompt_embeds = self._embed(list(prompts), clip_skip)
+            prompt_embeds = self._embed(list(prompts), clip_skip, device)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             n = len(prompt_embeds) // num_images_per_prompt
             negative = negative_prompt or ""
             negative = [negative] * n if isinstance(negative, str) else list(negative)
-            negative_prompt_embeds = self._embed(negative, clip_skip)
+            negative_prompt_embeds = self._embed(negative, clip_skip, device)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype).repeat_interleave(num_images_per_prompt, 0)
         return prompt_embeds, negative_prompt_embeds

@@ -37,13 +37,13 @@ def run(method, model, x, sigmas, *, param, noise=None, seed=None, extra_args=No
     """
     extra_args = extra_args or {}
     noise = noise or noise_from_seed(x, seed)
-    s_in = x.new_ones([x.shape[0]])
     steps = method(x, sigmas, param=param, noise=noise, **options)
     i = 0
     try:
         x_ask, sigma = next(steps)
         while True:
-            denoised = checked(model(x_ask, sigma * s_in, **extra_args), i, sigma)
+            # sigma per row of what is asked (a particle sampler may ask for a larger batch than x)
+            denoised = checked(model(x_ask, sigma * x_ask.new_ones([x_ask.shape[0]]), **extra_args), i, sigma)
             if callback is not None:
                 callback({"x": x_ask, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
             i += 1

@@ -1,0 +1,7 @@
+"""Test session settings."""
+
+import torch
+
+# The tests run tiny models: a second intra-op thread only adds wake-up latency, and on a shared 2-core machine a
+# spinning OpenMP thread that gets preempted made small-op tests up to 100x slower.
+torch.set_num_threads(1)
