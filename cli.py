@@ -95,6 +95,50 @@ def _workflow_to_ui(args) -> int:
     return 0
 
 
+def _schedule_search(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .core.schedule_search import save_schedule, search_schedule
+    from .pipelines import FewStepPipeline, NimbleScheduler
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    pipe = FewStepPipeline.from_pretrained(args.model or EMBEDDED_MODEL)
+    if args.lora:
+        pipe.load_lora(args.lora)
+    param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
+    with torch.inference_mode():
+        context, _ = pipe.encode_prompt(args.prompt, "cpu")
+    unet = pipe.unet
+
+    @torch.inference_mode()
+    def denoiser(x, sigma):                         # k-diffusion convention: x0 from (x, sigma)
+        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        out = unet(x * param.c_in(s), param.sigma_to_t(sigma).to(x.dtype),
+                   encoder_hidden_states=context.expand(len(x), -1, -1)).sample
+        return param.denoised(x, s, out)
+
+    size = args.size // pipe.vae_scale_factor
+    bar = tqdm(desc=f"{args.method} search", unit="eval")
+
+    def progress(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    result = search_schedule(args.method, denoiser, param, args.nfe, shape=(unet.config.in_channels, size, size),
+                             batch=args.batch, seed=args.seed, sampler=args.sampler, progress=progress,
+                             **({"grid_size": args.grid} if args.method == "boss" else {}))
+    bar.close()
+    save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt})
+    print(f"{args.method} {args.sampler} NFE {args.nfe}: sigmas {[round(s, 4) for s in result['sigmas']]} -> {out}")
+    return 0
+
+
 def _lora_inspect(args) -> int:
     from .weights.lora_formats import read_lora
 
@@ -405,6 +449,23 @@ def main(argv=None) -> int:
     to_ui.add_argument("out")
     to_ui.add_argument("--overwrite", action="store_true")
     to_ui.set_defaults(run=_workflow_to_ui)
+
+    schedule = sub.add_parser("schedule", help="schedule tools").add_subparsers(dest="action", required=True)
+    search = schedule.add_parser("search", help="search an NFE-step schedule (BOSS or AutoDiffusion) for a model")
+    search.add_argument("--model", help="diffusers SD folder (default: the embedded NimbleDiff-Tiny)")
+    search.add_argument("--lora", help="LoRA to fuse first (e.g. an acceleration LoRA)")
+    search.add_argument("--method", choices=("boss", "autodiffusion"), default="boss")
+    search.add_argument("--sampler", default="euler")
+    search.add_argument("--nfe", type=int, default=4)
+    search.add_argument("--prompt", default="")
+    search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")
+    search.add_argument("--batch", type=int, default=8, help="calibration noises")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--grid", type=int, default=120, help="BOSS: fine sigma grid size")
+    search.add_argument("--threads", type=int, default=2)
+    search.add_argument("--out", default="schedule.json")
+    search.add_argument("--overwrite", action="store_true")
+    search.set_defaults(run=_schedule_search)
 
     lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="action", required=True)
     inspect = lora.add_parser("inspect", help="detect a LoRA file's layout and architecture")

@@ -9,7 +9,7 @@ import torch
 from ..core import schedules
 from ..core.parameterization import VP, Flow
 from ..core.recipes import RECIPES, check_recipe_usage
-from ..core.sampling import SAMPLERS, k_diffusion_sampler
+from ..core.sampling import SAMPLER_OPTIONS, SAMPLERS, k_diffusion_sampler
 
 log = logging.getLogger("nimblediff")
 
@@ -73,11 +73,38 @@ class FewStepSampler:
             "sampler_name": (list(SAMPLERS), {"default": "lcm"}),
             "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
                                 "tooltip": "TCD stochasticity (0 = deterministic, 1 = LCM); other samplers ignore it"}),
+        }, "optional": {
+            "options": ("STRING", {"default": "", "tooltip": "other sampler options, e.g. 'beta=0.8, order=3' "
+                                   "(dpmpp_2m / plms / ghvb beta, deis order, pc snr, scott eta)"}),
         }}
 
-    def build(self, sampler_name, gamma):
-        options = {"gamma": gamma} if sampler_name == "tcd" else {}
-        return (make_sampler(sampler_name, **options),)
+    def build(self, sampler_name, gamma, options=""):
+        parsed = parse_sampler_options(sampler_name, options)
+        if "gamma" in SAMPLER_OPTIONS[sampler_name]:
+            parsed.setdefault("gamma", gamma)
+        return (make_sampler(sampler_name, **parsed),)
+
+
+def parse_sampler_options(sampler_name: str, text: str) -> dict:
+    """'beta=0.8, order=3' -> {"beta": 0.8, "order": 3}, checked against the sampler's options."""
+    from ..errors import InvalidParameterError
+
+    valid = SAMPLER_OPTIONS[sampler_name]
+    out = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in valid:
+            raise InvalidParameterError(f"sampler option {item!r}: {sampler_name} takes "
+                                        f"{', '.join(f'{k}={v}' for k, v in valid.items()) or 'no options'}")
+        default = valid[name]
+        try:
+            out[name] = type(default)(value.strip()) if not isinstance(default, bool) else \
+                value.strip().lower() in ("1", "true", "yes")
+        except ValueError:
+            raise InvalidParameterError(f"sampler option {name}={value.strip()!r}: expected a "
+                                        f"{type(default).__name__} like {default!r}") from None
+    return out
 
 
 class FewStepSchedule:
@@ -124,8 +151,28 @@ class RecipeSampler:
         return (sampler, make_sigmas_for_model(model, r.schedule, steps), r.cfg, r.describe())
 
 
+class ScheduleFile:
+    """SIGMAS from a searched schedule JSON (`nimblediff schedule search`, BOSS / AutoDiffusion); refuses a file
+    searched for another model type."""
+
+    CATEGORY = "NimbleDiff/sampling"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": "schedule.json"})}}
+
+    def load(self, model, path):
+        from ..core.schedule_search import load_schedule
+
+        param = param_from_model_sampling(model.get_model_object("model_sampling"))
+        return (torch.as_tensor(load_schedule(path, model_type=param.kind)["sigmas"], dtype=torch.float32),)
+
+
 NODES = {
     "NimbleFewStepSampler": (FewStepSampler, "NimbleDiff Few-Step Sampler"),
     "NimbleFewStepSchedule": (FewStepSchedule, "NimbleDiff Few-Step Schedule"),
     "NimbleRecipeSampler": (RecipeSampler, "NimbleDiff Recipe Sampler"),
+    "NimbleScheduleFile": (ScheduleFile, "NimbleDiff Schedule from File"),
 }

@@ -189,3 +189,32 @@ def test_loha_file_patches_comfy_model_like_hand_math(comfy, tmp_path):
     expected = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (1.0 / 2)
     key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
     torch.testing.assert_close(new_model.patched_state_dict()[key], ldm[key] + 0.7 * expected, rtol=1e-6, atol=1e-6)
+
+
+def test_sampler_options_string_reaches_the_sampler(comfy):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSampler, parse_sampler_options
+
+    assert parse_sampler_options("deis", "order=3") == {"order": 3}
+    with pytest.raises(InvalidParameterError, match="deis takes"):
+        parse_sampler_options("deis", "beta=0.5")
+    ms = _vp_model_sampling()
+    data = GaussianData()
+    sigmas = schedules.make_sigmas("trailing", 6, VP()).float()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
+    out = FewStepSampler().build("deis", 0.3, "order=3")[0].sampler_function(model, x, sigmas, extra_args={})
+    ref = run(SAMPLERS["deis"], data.denoiser(VP()), x, sigmas, param=VP(), order=3)
+    torch.testing.assert_close(out, ref)
+
+
+def test_schedule_file_node_checks_model_type(comfy, tmp_path):
+    from nimblediff.core.schedule_search import save_schedule
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import ScheduleFile
+
+    save_schedule(tmp_path / "s.json", {"model_type": "flow", "sampler": "euler", "nfe": 2,
+                                        "sigmas": [1.0, 0.5, 0.0], "created_by": "test"})
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    with pytest.raises(InvalidParameterError, match="flow"):
+        ScheduleFile().load(model, str(tmp_path / "s.json"))

@@ -1,0 +1,21 @@
+"""`nimblediff schedule search` on a tiny diffusers folder writes a schedule the loader accepts."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import factories  # noqa: E402
+
+from nimblediff.cli import main  # noqa: E402
+from nimblediff.core.schedule_search import load_schedule  # noqa: E402
+
+
+def test_schedule_search_cli_writes_loadable_json(tmp_path):
+    factories.save_tiny_sd15(tmp_path / "model")
+    out = tmp_path / "s.json"
+    args = ["schedule", "search", "--model", str(tmp_path / "model"), "--nfe", "3", "--batch", "2",
+            "--size", "16", "--grid", "24", "--out", str(out), "--threads", "1"]
+    assert main(args) == 0
+    data = load_schedule(out, model_type="vp")
+    assert data["nfe"] == 3 and len(data["sigmas"]) == 4 and float(data["sigmas"][-1]) == 0.0
+    assert main(args) == 2          # refuses to overwrite without --overwrite
