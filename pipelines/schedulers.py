@@ -199,7 +199,8 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
             x_next, self._sigma = self._steps.send(denoised)
             prev = self._from_k(x_next, self._sigma)
         except StopIteration as done:
-            prev = done.value
+            final = getattr(SAMPLERS[self.config.sampler], "final_sigma", None)
+            prev = done.value if final is None else self._from_k(done.value, final(self.sigmas, self.param))
         self._step_index += 1
         prev = prev.to(sample.dtype)
         if not return_dict:

@@ -194,3 +194,30 @@ def test_recipe_contradiction_warns():
     pipe.set_progress_bar_config(disable=True)
     with pytest.warns(UserWarning, match="CFG 7.0 is outside"):
         pipe("a cat", guidance_scale=7.0, height=32, width=32, output_type="np")
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_tcd_matches_diffusers_tcd_scheduler(steps, gamma):
+    """TCD step for step against diffusers' TCDScheduler (gamma passed as eta), exact denoiser, float32."""
+    from diffusers import TCDScheduler
+
+    param, data = VP(), GaussianData()
+    denoise = data.denoiser(param)
+
+    def model(x_t, t):
+        sigma = param.t_to_sigma(t).float()
+        x_k = x_t * (1 + sigma**2) ** 0.5
+        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+
+    def drive(scheduler):
+        scheduler.set_timesteps(steps)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn((2, 4, 8, 8), generator=g)
+        for t in scheduler.timesteps:
+            x = scheduler.step(model(x, t), t, x, generator=g, eta=gamma).prev_sample
+        return x
+
+    ref = drive(TCDScheduler(timestep_spacing="trailing", **SD_SCHEDULE))
+    ours = drive(NimbleScheduler(sampler="tcd", **SD_SCHEDULE))
+    assert (ref - ours).abs().max().item() <= 1e-5

@@ -33,3 +33,9 @@ def sample_tcd(x, sigmas, *, param, noise, gamma: float = 0.3):
         if gamma > 0 and sigma_next > 0:
             x = param.renoise(x, sigma_s, sigma_next, noise(sigma, sigma_next))
     return x
+
+
+# TCD's last jump lands on s = floor((1 - gamma) * 0) = 0, the model's smallest noise level, not on sigma = 0: the
+# returned sample still holds sigma(t=0) of noise (as in the paper's and diffusers' sampler). Drivers that change
+# space (the diffusers scheduler) read where the result lies from here.
+sample_tcd.final_sigma = lambda sigmas, param, **options: float(param.t_to_sigma(0))
