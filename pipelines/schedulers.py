@@ -8,6 +8,7 @@ lives only in `nimblediff.core.sampling`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         shift: float = 1.0,
         timestep_scaling: float = 10.0,
         sampler_options: dict | None = None,
+        use_dynamic_shifting: bool = False,
     ):
         if sampler not in SAMPLERS:
             raise InvalidParameterError(f"sampler={sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
@@ -79,9 +81,10 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
     # --- schedule -------------------------------------------------------------------------------------------------
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps=None, sigmas=None,
-                      **_ignored):
+                      mu: float | None = None, **_ignored):
         """Steps from a count (with the configured schedule), explicit integer `timesteps`, or explicit k-space
-        `sigmas` (a trailing 0 is appended when missing). Unknown keyword arguments (`mu`, `strength`) are ignored."""
+        `sigmas` (a trailing 0 is appended when missing; flow models with use_dynamic_shifting shift them by `mu`
+        first, as Flux pipelines expect). Other keyword arguments (`strength`) are ignored."""
         given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
         if sum(given) != 1:
             raise InvalidParameterError(
@@ -93,6 +96,12 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
             sig = schedules.sigmas_from_timesteps(self.param, t)
         elif sigmas is not None:
             sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+            if self.param.kind == "flow" and self.config.use_dynamic_shifting:
+                # Flux-style resolution-dependent shift, as FlowMatchEulerDiscreteScheduler applies it
+                if mu is None:
+                    raise InvalidParameterError("use_dynamic_shifting=True needs mu= in set_timesteps (the "
+                                                "pipeline computes it from the image size)")
+                sig = math.exp(mu) / (math.exp(mu) + (1 / sig - 1))
             if float(sig[-1]) != 0:
                 sig = torch.cat([sig, sig.new_zeros(1)])
             sig = schedules.check_sigmas(sig)

@@ -221,3 +221,30 @@ def test_tcd_matches_diffusers_tcd_scheduler(steps, gamma):
     ref = drive(TCDScheduler(timestep_spacing="trailing", **SD_SCHEDULE))
     ours = drive(NimbleScheduler(sampler="tcd", **SD_SCHEDULE))
     assert (ref - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3", "flux"])
+def test_scheduler_in_stock_pipelines_of_every_family(family):
+    """NimbleScheduler drops into diffusers' own SDXL / PixArt / SD3 / Flux pipelines (the bases Flash Diffusion
+    ships LoRAs for) and matches LCMScheduler (VP) or FlowMatchEulerDiscreteScheduler (flow, incl. Flux's mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
+
+    pipe = getattr(factories, f"tiny_{family}_pipeline")(0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, output_type="np", height=32, width=32)
+    if family == "pixart":
+        kw["use_resolution_binning"] = False
+    if family in ("pixart", "sd3", "flux"):
+        kw["max_sequence_length"] = 32
+    if family in ("sd3", "flux"):
+        reference = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        ours = NimbleScheduler.from_config(pipe.scheduler.config, model_type="flow", sampler="euler",
+                                           schedule="flowmatch")
+    else:
+        reference = LCMScheduler.from_config(pipe.scheduler.config)
+        ours = NimbleScheduler.from_config(pipe.scheduler.config, sampler="lcm", schedule="lcm")
+    pipe.scheduler = reference
+    a = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.scheduler = ours
+    b = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() <= 1e-4
