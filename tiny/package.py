@@ -112,6 +112,14 @@ or missing there).
 |---|---|---|---|---|---|
 {rows}
 
+Wall minutes are budgets on a shared 2-core machine (other jobs ran alongside, so steps per minute varied by 2x).
+Logs: `runs/<name>/<stage>/train.log`.
+
+## Limitations
+A few-million-parameter model trained for about an hour on one contended core is under-trained: the attribute
+accuracies below are far from those of the real images. It is meant to be a genuine, fast, offline model for
+NimbleDiff's samplers, LoRA loaders and quantizers, not a good image generator.
+
 ## Quality (`python bench/quality.py`; evaluator `nimblediff/tiny/evaluate.py`)
 {quality}
 

@@ -1,0 +1,112 @@
+"""NimbleDiff-Tiny quality vs steps: the teacher with multistep solvers, the Flash LoRA with LCM, and 4 steps with
+no distillation, on fixed prompts and seeds. Prints a Markdown table, writes out/tiny_quality.md and a grid PNG.
+
+    python bench/quality.py [--model weights/tiny/nimblediff-tiny] [--lora weights/tiny/nimblediff-tiny-flash-lora.safetensors]
+
+Uses diffusers' own StableDiffusionPipeline and schedulers (NimbleDiff's pipeline is compared later).
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nimblediff.tiny import data, evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_SEED = 2024  # the prompts are the captions of these procedural scenes; their images are the real set
+CFG = 5.0
+# (name, scheduler, steps, guidance, LoRA on)
+CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25, CFG, False),
+           ("teacher DPM++", "dpm", 8, CFG, False), ("teacher DPM++", "dpm", 4, CFG, False),
+           ("teacher DDIM", "ddim", 4, CFG, False), ("no distillation LCM", "lcm", 4, 1.0, False),
+           ("Flash LoRA LCM", "lcm", 1, 1.0, True), ("Flash LoRA LCM", "lcm", 2, 1.0, True),
+           ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
+
+
+def scheduler(kind, config):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+    return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "lcm": LCMScheduler}[kind].from_config(config)
+
+
+def generate(pipe, captions, steps, guidance):
+    gens = [torch.Generator().manual_seed(i) for i in range(len(captions))]
+    out = pipe(captions, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
+               generator=gens, output_type="np").images  # (N, 64, 64, 3) in [0, 1]
+    return (out * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def to_uint8(images):
+    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def save_grid(rows, labels, path, n=8):
+    """One row per configuration (first row: real images), n columns, 2x nearest upscaling."""
+    grid = np.concatenate([np.concatenate(list(r[:n]), axis=1) for r in rows], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write("rows: " + "; ".join(labels) + "\n")
+
+
+def main():
+    from diffusers import StableDiffusionPipeline
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny"))
+    p.add_argument("--lora", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-flash-lora.safetensors"))
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="out")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    os.makedirs(a.out, exist_ok=True)
+
+    real, captions, scenes = data.make_batch(PROMPT_SEED, a.n)
+    real = to_uint8(real)
+    net = evaluate.load_evaluator()
+    real_acc, real_feats = evaluate.evaluate(real, scenes, net)
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    has_lora = os.path.exists(a.lora)
+    if has_lora:
+        pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora), adapter_name="flash")
+
+    header = "| model | sampler | steps | CFG | shape acc | colour acc | position acc | count acc | feature dist | wall s | ms/img |"
+    lines = [header, "|" + "---|" * 11,
+             f"| real images (evaluator check) | - | - | - | {real_acc['shape']:.3f} | {real_acc['colour']:.3f} | "
+             f"{real_acc['position']:.3f} | {real_acc['count']:.3f} | 0 | - | - |"]
+    rows, labels = [real], ["real"]
+    for name, kind, steps, guidance, lora in CONFIGS:
+        if lora and not has_lora:
+            continue
+        pipe.scheduler = scheduler(kind, base_config)
+        if has_lora:
+            pipe.enable_lora() if lora else pipe.disable_lora()
+        generate(pipe, captions[:2], steps, guidance)  # warm-up
+        t0 = time.perf_counter()
+        images = generate(pipe, captions, steps, guidance)
+        wall = time.perf_counter() - t0
+        acc, feats = evaluate.evaluate(images, scenes, net)
+        fd = evaluate.frechet(feats, real_feats) if len(feats) > 2 else float("nan")
+        lines.append(f"| {name} | {kind} | {steps} | {guidance:g} | {acc['shape']:.3f} | {acc['colour']:.3f} | "
+                     f"{acc['position']:.3f} | {acc['count']:.3f} | {fd:.2f} | {wall:.2f} | {1000 * wall / a.n:.1f} |")
+        print(lines[-1], flush=True)
+        rows.append(images)
+        labels.append(f"{name} {steps} steps")
+    table = "\n".join(lines)
+    note = (f"\n\n{a.n} prompts (captions of procedural scenes, seed {PROMPT_SEED}), seeds 0..{a.n - 1}, 64x64, "
+            f"{a.threads} CPU thread(s), batch of {a.n}; wall time is for the whole batch. Feature distance: "
+            "Frechet distance between the evaluator's penultimate features of generated and real shapes.\n")
+    print("\n" + table + note)
+    with open(os.path.join(a.out, "tiny_quality.md"), "w") as f:
+        f.write(table + note)
+    save_grid(rows, labels, os.path.join(a.out, "tiny_quality_grid.png"))
+
+
+if __name__ == "__main__":
+    main()
