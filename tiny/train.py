@@ -6,7 +6,6 @@ product exists is skipped, so `--stage all` can simply be re-run after an interr
 """
 
 import argparse
-import copy
 import math
 import os
 import time
