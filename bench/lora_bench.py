@@ -76,6 +76,23 @@ def ours(unet, path: str) -> dict[str, float]:
     return {"load": t1 - t0, "apply": t2 - t1, "remove": t3 - t2}
 
 
+def ours_unfused(unet, path: str) -> dict[str, float]:
+    """The run-time mode: forward hooks instead of fusing (no pass over the weights either way)."""
+    from nimblediff.core.adapters.apply import ModuleIndex
+    from nimblediff.core.adapters.attach import attach
+    from nimblediff.weights.lora_formats import Target, read_lora
+
+    t0 = time.perf_counter()
+    index = ModuleIndex({"unet": unet})
+    deltas, report = read_lora(path, Target.from_modules(index))
+    t1 = time.perf_counter()
+    handle = attach(index, deltas, 1.0, source=path)
+    t2 = time.perf_counter()
+    handle.detach()
+    t3 = time.perf_counter()
+    return {"load": t1 - t0, "apply": t2 - t1, "remove": t3 - t2}
+
+
 def theirs(pipe, path: str, name: str) -> dict[str, float]:
     t0 = time.perf_counter()
     pipe.load_lora_weights(path, adapter_name=name)
@@ -112,12 +129,14 @@ def check_same_weights(unet, pipe, path: str) -> tuple[float, float]:
 
 
 def time_interleaved(unet, pipe, path: str, repeats: int) -> dict[str, dict[str, float]]:
-    runs = {"nimblediff": [], "diffusers": []}
+    runs = {"nimblediff": [], "unfused": [], "diffusers": []}
     ours(unet, path)                      # warm-up (lazy imports, first-touch allocations)
+    ours_unfused(unet, path)
     theirs(pipe, path, "warmup")
     for i in range(repeats):
         gc.collect()
         runs["nimblediff"].append(ours(unet, path))
+        runs["unfused"].append(ours_unfused(unet, path))
         gc.collect()
         runs["diffusers"].append(theirs(pipe, path, f"run{i}"))
     out = {}
@@ -133,22 +152,26 @@ def time_forward(unet, path: str, repeats: int, batch: int = 2, size: int = 32) 
     from nimblediff.core.adapters.apply import fuse
     from nimblediff.weights.lora_formats import Target, read_lora
 
+    from nimblediff.core.adapters.attach import attach
+
     fused = copy.deepcopy(unet)
     deltas, _ = read_lora(path, Target.from_modules({"unet": fused}))
     fuse({"unet": fused}, deltas, 1.0)
+    hooked = copy.deepcopy(unet)
+    attach({"unet": hooked}, read_lora(path, Target.from_modules({"unet": hooked}))[0], 1.0)
     peft = pipeline(unet)
     peft.load_lora_weights(path, adapter_name="fwd")
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 4, size, size, generator=gen)                                   # (B, 4, h, w)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)           # (B, 77, 768)
     t = torch.tensor([500] * batch)
-    times = {"fused": [], "unfused": []}
+    times = {"fused": [], "unfused": [], "hooked": []}
     with torch.inference_mode():
         a = fused(x, t, encoder_hidden_states=ctx).sample                                  # warm-up both
         b = peft.unet(x, t, encoder_hidden_states=ctx).sample
         rel = float((a - b).abs().max() / b.abs().max())
         for _ in range(repeats):
-            for name, model in (("fused", fused), ("unfused", peft.unet)):
+            for name, model in (("fused", fused), ("unfused", peft.unet), ("hooked", hooked)):
                 t0 = time.perf_counter()
                 model(x, t, encoder_hidden_states=ctx)
                 times[name].append(time.perf_counter() - t0)
@@ -156,7 +179,10 @@ def time_forward(unet, path: str, repeats: int, batch: int = 2, size: int = 32) 
     del fused
     gc.collect()
     ratios = [u / f for f, u in zip(times["fused"], times["unfused"])]
+    hooked_ratios = [u / f for f, u in zip(times["fused"], times["hooked"])]
+    del hooked
     return {"fused": statistics.median(times["fused"]), "unfused": statistics.median(times["unfused"]),
+            "hooked": statistics.median(times["hooked"]), "hooked_ratio": statistics.median(hooked_ratios),
             "ratio": statistics.median(ratios), "rel_diff": rel}
 
 
@@ -219,20 +245,24 @@ def measure_memory(lib: str, scale: float, path: str, threads: int) -> dict:
 # ------------------------------------------------------------------------------------------------------------ main
 def table(t: dict, mem: dict | None, fwd: dict, info: str) -> str:
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    nd, df = t["nimblediff"], t["diffusers"]
+    nd, un, df = t["nimblediff"], t["unfused"], t["diffusers"]
     rows = [f"{info}", "",
-            "| phase | NimbleDiff (ms) | diffusers + PEFT (ms) | ratio |", "|---|---:|---:|---:|"]
+            "| phase | NimbleDiff fused (ms) | NimbleDiff hooks (ms) | diffusers + PEFT (ms) | fused ratio | hooks ratio |",
+            "|---|---:|---:|---:|---:|---:|"]
     names = {"load": "load (read_lora / load_lora_weights)", "apply": "apply (fuse / fuse_lora)",
              "remove": "remove (unfuse / unfuse_lora + unload_lora_weights)", "total": "**load + apply + remove**"}
     for phase, label in names.items():
-        rows.append(f"| {label} | {ms(nd[phase])} | {ms(df[phase])} | {nd[phase] / df[phase]:.3f}x |")
+        rows.append(f"| {label} | {ms(nd[phase])} | {ms(un[phase])} | {ms(df[phase])} | {nd[phase] / df[phase]:.3f}x "
+                    f"| {un[phase] / df[phase]:.3f}x |")
     if mem is not None:
         n, d = mem["nimblediff"], mem["diffusers"]
-        rows.append(f"| peak RSS over start (MB; weights {n['weights_mb']:.0f} MB) | {n['peak_mb']:.1f} | "
-                    f"{d['peak_mb']:.1f} | {n['peak_mb'] / max(d['peak_mb'], 1e-9):.3f}x |")
+        rows.append(f"| peak RSS over start (MB; weights {n['weights_mb']:.0f} MB) | {n['peak_mb']:.1f} | - | "
+                    f"{d['peak_mb']:.1f} | {n['peak_mb'] / max(d['peak_mb'], 1e-9):.3f}x | - |")
     rows += ["", "| forward, batch 2, 4x32x32 | fused LoRA, ours (ms) | unfused PEFT adapter (ms) | unfused / fused "
              "(paired median) |", "|---|---:|---:|---:|",
-             f"| UNet | {ms(fwd['fused'])} | {ms(fwd['unfused'])} | {fwd['ratio']:.3f}x |"]
+             f"| UNet | {ms(fwd['fused'])} | {ms(fwd['unfused'])} | {fwd['ratio']:.3f}x |",
+             f"| UNet, NimbleDiff hooks (unfused) | {ms(fwd['fused'])} | {ms(fwd['hooked'])} | "
+             f"{fwd['hooked_ratio']:.3f}x |"]
     return "\n".join(rows)
 
 
@@ -278,7 +308,10 @@ def main(argv=None) -> int:
             f"vs base: {back:.1e}; forward outputs unfused vs fused: rel. max diff {fwd['rel_diff']:.1e}.")
     print(table(t, mem, fwd, info))
     total = t["nimblediff"]["total"] / t["diffusers"]["total"]
+    hooks = t["unfused"]["total"] / t["diffusers"]["total"]
     goals = [f"load+apply+remove {total:.3f}x diffusers (goal <= 0.1x): {'met' if total <= 0.1 else 'NOT met'}",
+             f"hooked (unfused) load+attach+detach {hooks:.3f}x diffusers: {'met' if hooks <= 0.1 else 'NOT met'}; "
+             f"its forward {fwd['hooked_ratio']:.3f}x the fused one (bound <= 1.05x)",
              f"unfused forward (PEFT, diffusers' default) {fwd['ratio']:.3f}x our fused forward (bound: <= 1.05x): "
              f"{'within' if fwd['ratio'] <= 1.05 else 'above'}"]
     if mem is not None:
