@@ -196,19 +196,19 @@ def from_peft(pipe, adapter_name: str) -> dict[str, LoRA]:
 
 # ----------------------------------------------------------------------------------------------------------- mixin
 class LoRAOpsMixin:
-    """LoRA operations as pipeline methods. stack_loras() handles join `self._adapters`, which unload_loras() unfuses
-    newest first (FewStepPipeline keeps the same list)."""
+    """LoRA operations as pipeline methods. stack_loras() adds its undo (the handle's unfuse) to `self._adapters`,
+    which unload_loras() calls newest first (FewStepPipeline keeps the same list)."""
 
     def stack_loras(self, loras, weights=None, **kwargs) -> FusedAdapters:
         handle = stack_loras(self, loras, weights, **kwargs)
         if getattr(self, "_adapters", None) is None:
             self._adapters = []
-        self._adapters.append(handle)
+        self._adapters.append(handle.unfuse)
         return handle
 
     def unload_loras(self) -> None:
         while getattr(self, "_adapters", None):
-            self._adapters.pop().unfuse()
+            self._adapters.pop()()
 
     def to_peft(self, deltas, adapter_name: str, **load_kwargs) -> list[str]:
         return to_peft(self, deltas, adapter_name, **load_kwargs)

@@ -29,7 +29,7 @@ class FewStepPipeline(StableDiffusionPipeline):
                  image_encoder=None, requires_safety_checker: bool = False):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          image_encoder, requires_safety_checker)
-        self._adapters = []          # handles of fused LoRAs, newest last
+        self._adapters = []          # callables that undo each loaded LoRA (unfuse / detach), newest last
         self.recipe = None
 
     # --- scheduler ------------------------------------------------------------------------------------------------
@@ -87,9 +87,12 @@ class FewStepPipeline(StableDiffusionPipeline):
         self.recipe = RECIPES[recipe]
         return self.recipe
 
-    def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None):
-        """Fuse a LoRA file or state dict of any supported layout; stack by calling again. Returns a load report."""
-        from ..core.adapters.apply import fuse_many
+    def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None, fuse: bool = True):
+        """Fuse a LoRA file or state dict of any supported layout; stack by calling again. Returns a load report.
+
+        fuse=False attaches plain LoRAs as forward hooks instead: instant to add and remove (no pass over the
+        weights), a few percent slower per forward."""
+        from ..core.adapters.apply import ModuleIndex, fuse_many
         from ..weights.lora_formats import Target, read_lora
 
         modules = {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -97,15 +100,23 @@ class FewStepPipeline(StableDiffusionPipeline):
         te_weight = weight if text_encoder_weight is None else text_encoder_weight
         unet_deltas = {k: d for k, d in deltas.items() if k.startswith("unet.")}
         te_deltas = {k: d for k, d in deltas.items() if not k.startswith("unet.")}
-        self._adapters.append(fuse_many(modules, [(unet_deltas, weight), (te_deltas, te_weight)],
-                                        source=f"{report.source} ({report.layout} layout)",
-                                        unresolved=report.unmatched))
+        source = f"{report.source} ({report.layout} layout)"
+        if not fuse:
+            from ..core.adapters.attach import attach
+
+            index = ModuleIndex(modules)
+            handles = [attach(index, d, w, source=source) for d, w in ((unet_deltas, weight), (te_deltas, te_weight))
+                       if d]
+            self._adapters.extend(h.detach for h in handles)
+            return report
+        self._adapters.append(fuse_many(modules, [(unet_deltas, weight), (te_deltas, te_weight)], source=source,
+                                        unresolved=report.unmatched).unfuse)
         return report
 
     def unload_loras(self):
         """Unfuse every LoRA loaded with load_lora / load_acceleration_lora, newest first."""
         while self._adapters:
-            self._adapters.pop().unfuse()
+            self._adapters.pop()()          # each entry undoes one load: unfuse or detach
         self.recipe = None
 
     # --- sampling -------------------------------------------------------------------------------------------------

@@ -248,3 +248,26 @@ def test_scheduler_in_stock_pipelines_of_every_family(family):
     pipe.scheduler = ours
     b = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(a - b).max() <= 1e-4
+
+
+def test_unfused_lora_mode_matches_fused(tmp_path):
+    import lora_files
+
+    components = factories.tiny_sd15_components(0)
+    from diffusers import StableDiffusionPipeline
+
+    path = lora_files.write_peft_lora(StableDiffusionPipeline(**components), tmp_path, seed=3)
+    kw = dict(num_inference_steps=2, output_type="np", height=32, width=32)
+    images = []
+    for fuse in (True, False):
+        pipe = FewStepPipeline(**factories.tiny_sd15_components(0))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora(path, weight=0.8, fuse=fuse)
+        images.append(pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images)
+        pipe.unload_loras()
+        base = FewStepPipeline(**factories.tiny_sd15_components(0))
+        base.set_progress_bar_config(disable=True)
+        again = pipe("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        ref = base("a cat", generator=torch.Generator().manual_seed(0), **kw).images
+        assert abs(again - ref).max() <= 1e-5
+    assert abs(images[0] - images[1]).max() <= 1e-4
