@@ -197,6 +197,17 @@ def _layer_limit(key: str, shape: torch.Size, rank: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ operations
+def _lora_spectra(deltas: Mapping[str, Delta], out: dict, report: "RankReport"):
+    """(key, delta, weight shape, thin SVD) of each finite LoRA layer; other kinds pass straight into `out`."""
+    for key, delta in deltas.items():
+        if not isinstance(delta, LoRA):
+            out[key] = delta
+            report.passed.append(key)
+            continue
+        check_finite(key, delta)
+        yield key, delta, weight_shape(delta), lora_svd(delta)
+
+
 def resize_lora(deltas: Mapping[str, Delta], *, rank: int | None = None, sv_ratio: float | None = None,
                 sv_fro: float | None = None, energy: float | None = None, sv_cumulative: float | None = None,
                 dtype: torch.dtype | None = None) -> tuple[dict[str, Delta], RankReport]:
@@ -205,15 +216,8 @@ def resize_lora(deltas: Mapping[str, Delta], *, rank: int | None = None, sv_rati
     returned as they were; other keys pass through. dtype: of the new factors (default: the LoRA's own)."""
     _check_selector(rank, dict(sv_ratio=sv_ratio, sv_fro=sv_fro, energy=energy, sv_cumulative=sv_cumulative))
     out, report = {}, RankReport()
-    for key, delta in deltas.items():
-        if not isinstance(delta, LoRA):
-            out[key] = delta
-            report.passed.append(key)
-            continue
-        check_finite(key, delta)
-        shape = weight_shape(delta)
+    for key, delta, shape, (U, S, Vh) in _lora_spectra(deltas, out, report):
         _layer_limit(key, shape, rank)
-        U, S, Vh = lora_svd(delta)
         k = select_rank(S, rank=rank, sv_ratio=sv_ratio, sv_fro=sv_fro, energy=energy, sv_cumulative=sv_cumulative)
         report.params_before += delta.numel()
         if k == delta.rank and delta.mid is None and (dtype is None or dtype == delta.up.dtype):
@@ -250,14 +254,7 @@ def prune_to_budget(deltas: Mapping[str, Delta], *, params: int | None = None, f
         raise InvalidParameterError(f"{name}={value!r}; expected an integer >= 0")
     # 1. the spectrum of every LoRA layer
     layers, out, report = [], {}, RankReport()
-    for key, delta in deltas.items():
-        if not isinstance(delta, LoRA):
-            out[key] = delta
-            report.passed.append(key)
-            continue
-        check_finite(key, delta)
-        shape = weight_shape(delta)
-        U, S, Vh = lora_svd(delta)
+    for key, delta, shape, (U, S, Vh) in _lora_spectra(deltas, out, report):
         layers.append((key, delta, shape, U, S, Vh, shape[0] + math.prod(shape[1:])))
         report.params_before += delta.numel()
     # 2. the budget in elements
