@@ -37,3 +37,9 @@ def diffusers_fused(pipe, path, scale: float = 1.0):
     pipe.unload_lora_weights()
     return ({k: v.clone() for k, v in pipe.unet.state_dict().items()},
             {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()})
+
+
+def two_loras(pipe, folder) -> dict:
+    """The pair of LoRA files the adapter-operation tests share: a (rank 4, seed 0) and b (rank 2, seed 1)."""
+    return {"a": write_peft_lora(pipe, folder, rank=4, seed=0, name="a.safetensors"),
+            "b": write_peft_lora(pipe, folder, rank=2, seed=1, name="b.safetensors")}

@@ -52,8 +52,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def files(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
-    return {"a.safetensors": lora_files.write_peft_lora(pipe, folder, rank=4, seed=0, name="a.safetensors"),
-            "b.safetensors": lora_files.write_peft_lora(pipe, folder, rank=2, seed=1, name="b.safetensors")}
+    return {f"{k}.safetensors": path for k, path in lora_files.two_loras(pipe, folder).items()}
 
 
 @pytest.fixture

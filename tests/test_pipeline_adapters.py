@@ -26,8 +26,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def files(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("inputs")
-    return {"a": lora_files.write_peft_lora(pipe, folder, rank=4, seed=0, name="a.safetensors"),
-            "b": lora_files.write_peft_lora(pipe, folder, rank=2, seed=1, name="b.safetensors")}
+    return lora_files.two_loras(pipe, folder)
 
 
 @pytest.fixture(scope="module")
