@@ -61,34 +61,19 @@ def pipeline(unet):
 
 
 # ----------------------------------------------------------------------------------------------------- the two runs
-def ours(unet, path: str) -> dict[str, float]:
+def ours(unet, path: str, hooks: bool = False) -> dict[str, float]:
+    """read_lora, then fuse + unfuse, or (hooks=True) the run-time mode: attach + detach, no pass over the weights."""
     from nimblediff.core.adapters.apply import ModuleIndex, fuse
-    from nimblediff.weights.lora_formats import Target, read_lora
-
-    t0 = time.perf_counter()
-    index = ModuleIndex({"unet": unet})   # one named_modules() walk serves the reader's names and the fuse
-    deltas, report = read_lora(path, Target.from_modules(index))
-    t1 = time.perf_counter()
-    handle = fuse(index, deltas, 1.0, source=path)
-    t2 = time.perf_counter()
-    handle.unfuse()
-    t3 = time.perf_counter()
-    return {"load": t1 - t0, "apply": t2 - t1, "remove": t3 - t2}
-
-
-def ours_unfused(unet, path: str) -> dict[str, float]:
-    """The run-time mode: forward hooks instead of fusing (no pass over the weights either way)."""
-    from nimblediff.core.adapters.apply import ModuleIndex
     from nimblediff.core.adapters.attach import attach
     from nimblediff.weights.lora_formats import Target, read_lora
 
     t0 = time.perf_counter()
-    index = ModuleIndex({"unet": unet})
+    index = ModuleIndex({"unet": unet})   # one named_modules() walk serves the reader's names and the apply
     deltas, report = read_lora(path, Target.from_modules(index))
     t1 = time.perf_counter()
-    handle = attach(index, deltas, 1.0, source=path)
+    handle = (attach if hooks else fuse)(index, deltas, 1.0, source=path)
     t2 = time.perf_counter()
-    handle.detach()
+    (handle.detach if hooks else handle.unfuse)()
     t3 = time.perf_counter()
     return {"load": t1 - t0, "apply": t2 - t1, "remove": t3 - t2}
 
@@ -131,12 +116,12 @@ def check_same_weights(unet, pipe, path: str) -> tuple[float, float]:
 def time_interleaved(unet, pipe, path: str, repeats: int) -> dict[str, dict[str, float]]:
     runs = {"nimblediff": [], "unfused": [], "diffusers": []}
     ours(unet, path)                      # warm-up (lazy imports, first-touch allocations)
-    ours_unfused(unet, path)
+    ours(unet, path, hooks=True)
     theirs(pipe, path, "warmup")
     for i in range(repeats):
         gc.collect()
         runs["nimblediff"].append(ours(unet, path))
-        runs["unfused"].append(ours_unfused(unet, path))
+        runs["unfused"].append(ours(unet, path, hooks=True))
         gc.collect()
         runs["diffusers"].append(theirs(pipe, path, f"run{i}"))
     out = {}
