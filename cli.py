@@ -111,11 +111,10 @@ def _schedule_search(args) -> int:
     if args.lora:
         pipe.load_lora(args.lora)
     param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
-    with torch.inference_mode():
+    with torch.no_grad():
         context, _ = pipe.encode_prompt(args.prompt, "cpu")
-    unet = pipe.unet
+    unet = pipe.unet.requires_grad_(False)
 
-    @torch.inference_mode()
     def denoiser(x, sigma):                         # k-diffusion convention: x0 from (x, sigma)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         out = unet(x * param.c_in(s), param.sigma_to_t(sigma).to(x.dtype),
@@ -130,12 +129,15 @@ def _schedule_search(args) -> int:
         bar.n = done
         bar.refresh()
 
-    result = search_schedule(args.method, denoiser, param, args.nfe, shape=(unet.config.in_channels, size, size),
-                             batch=args.batch, seed=args.seed, sampler=args.sampler, progress=progress,
-                             **({"grid_size": args.grid} if args.method == "boss" else {}))
+    extra = {"boss": {"grid_size": args.grid}, "fit": {"iterations": args.iterations,
+                                                       "prior_shift": args.prior_shift}}.get(args.method, {})
+    with torch.set_grad_enabled(args.method == "fit"):     # only the fit differentiates through the UNet
+        result = search_schedule(args.method, denoiser, param, args.nfe, batch=args.batch, seed=args.seed,
+                                 shape=(unet.config.in_channels, size, size), sampler=args.sampler,
+                                 progress=progress, **extra)
     bar.close()
     save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt})
-    print(f"{args.method} {args.sampler} NFE {args.nfe}: sigmas {[round(s, 4) for s in result['sigmas']]} -> {out}")
+    print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {[round(s, 4) for s in result['sigmas']]} -> {out}")
     return 0
 
 
@@ -451,11 +453,16 @@ def main(argv=None) -> int:
     to_ui.set_defaults(run=_workflow_to_ui)
 
     schedule = sub.add_parser("schedule", help="schedule tools").add_subparsers(dest="action", required=True)
-    search = schedule.add_parser("search", help="search an NFE-step schedule (BOSS or AutoDiffusion) for a model")
+    search = schedule.add_parser("search", help="search an NFE-step schedule (BOSS or AutoDiffusion) or fit a "
+                                 "solver (step sizes + coefficients) for a model")
     search.add_argument("--model", help="diffusers SD folder (default: the embedded NimbleDiff-Tiny)")
     search.add_argument("--lora", help="LoRA to fuse first (e.g. an acceleration LoRA)")
-    search.add_argument("--method", choices=("boss", "autodiffusion"), default="boss")
-    search.add_argument("--sampler", default="euler")
+    search.add_argument("--method", choices=("boss", "autodiffusion", "fit"), default="boss",
+                        help="fit: the 'fitted' sampler's sigmas and mixing weights by gradient through the model")
+    search.add_argument("--sampler", default="euler", help="boss / autodiffusion: the sampler to search for")
+    search.add_argument("--iterations", type=int, default=200, help="fit: Adam iterations")
+    search.add_argument("--prior-shift", action="store_true",
+                        help="fit: start from x + D(x), the true prior mean of SD-type (nonzero terminal SNR) models")
     search.add_argument("--nfe", type=int, default=4)
     search.add_argument("--prompt", default="")
     search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")

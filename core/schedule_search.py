@@ -22,7 +22,7 @@ import torch
 from ..errors import InvalidParameterError
 from .sampling import SAMPLER_OPTIONS, SAMPLERS, run
 
-METHODS = ("boss", "autodiffusion")
+METHODS = ("boss", "autodiffusion", "fit")
 
 
 # --- sigma <-> rho (the VE noise level sigma / alpha, in which grids are log-uniform) -----------------------------
@@ -261,6 +261,71 @@ def autodiffusion(denoiser, param, nfe: int, *, x, sampler: str = "euler", optio
             "created_by": "autodiffusion", "error": err, "options": options}
 
 
+def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth: int = 3, iterations: int = 400,
+               lr: float = 0.03, corrector: bool = True, prior_shift: bool = False, progress=None,
+               substeps: int = 8, rho_range=(2e-3, 1e3), **_ignored) -> dict:
+    """Fit the `fitted` sampler to a model: its nfe - 1 interior sigmas, the per-step mixing weights of up to
+    `depth` past x0 predictions and (corrector=True) one corrector gain per step, by Adam on the mean L2 of the
+    nfe-step result to the reference solve over the calibration batch x (gradients flow through the model).
+
+    Starts from `init` (a sigma list; default the logsnr schedule) with every weight zero, i.e. DDIM.
+    prior_shift=True (VP) fits the solver that starts from x + D(x), against a reference from that start too.
+    Costs iterations * nfe forward and backward model calls on x.
+    """
+    from . import schedules
+
+    _check_nfe(nfe)
+    if prior_shift and param.kind != "vp":
+        raise InvalidParameterError("prior_shift=True is for VP models; a flow model starts from exact noise")
+    start = _sigma_start(param)
+    if prior_shift:                         # the solve the fitted solver imitates starts from the shifted prior
+        with torch.no_grad():
+            x_ref = x + denoiser(x, torch.full((len(x),), start, dtype=x.dtype))
+        target = reference_solve(denoiser, param, x_ref, fine_grid(param), substeps)[2]
+    else:
+        target = reference[-1] if reference is not None else reference_solve(
+            denoiser, param, x, fine_grid(param), substeps)[2]
+    target = target.to(x.dtype)
+    init = list(init) if init is not None else schedules.make_sigmas("logsnr", nfe, param).tolist()
+    if len(init) != nfe + 1:
+        raise InvalidParameterError(f"init has {len(init) - 1} steps of sigmas; fit_solver(nfe={nfe}) needs {nfe}")
+    lo, hi = math.log(rho_range[0]), math.log(min(_rho(param, start), rho_range[1]))
+    u = torch.tensor([math.log(_rho(param, float(s))) for s in init[1:-1]], dtype=torch.float64,
+                     requires_grad=True)
+    coeffs = [torch.zeros(min(i, depth), dtype=torch.float64, requires_grad=True) for i in range(nfe)]
+    gains = torch.zeros(nfe - 1 if corrector else 0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([u, gains, *coeffs[1:]], lr=lr)
+
+    def sigmas_of(u):
+        rho = u.clamp(lo, hi).sort(descending=True).values.exp()
+        inner = rho if param.kind == "vp" else rho / (1 + rho)
+        return torch.cat([inner.new_tensor([start]), inner, inner.new_zeros(1)])
+
+    def solve(x, sigmas):
+        return run(SAMPLERS["fitted"], denoiser, x, sigmas, param=param, noise=None, seed=0,
+                   coeffs=coeffs, gains=list(gains), prior_shift=prior_shift)
+
+    best = (math.inf, None)
+    for it in range(iterations + 1):
+        sig = sigmas_of(u)
+        loss = (solve(x, sig) - target).flatten(1).norm(dim=1).mean()      # _error, kept differentiable
+        err = float(loss.detach())
+        if math.isfinite(err) and err < best[0]:
+            best = (err, (sig.detach().tolist(), [c.detach().tolist() for c in coeffs], gains.detach().tolist()))
+        if it == iterations:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(it + 1, iterations)
+    if best[1] is None:
+        raise InvalidParameterError("fit_solver: the model gave non-finite results for every candidate solver")
+    err, (sigmas, c, g) = best
+    return {"model_type": param.kind, "sampler": "fitted", "nfe": nfe, "sigmas": sigmas, "created_by": "fit",
+            "error": err, "options": {"coeffs": c, "gains": g, "prior_shift": prior_shift}}
+
+
 def search_schedule(method: str, denoiser, param, nfe: int, *, x=None, shape=None, batch: int = 32, seed: int = 0,
                     sampler: str = "euler", options=None, progress=None, **kwargs) -> dict:
     """Search a `nfe`-step schedule for `sampler` on `denoiser` (k-diffusion convention model(x, sigma) -> x0).
@@ -278,7 +343,7 @@ def search_schedule(method: str, denoiser, param, nfe: int, *, x=None, shape=Non
         if shape is None:
             raise InvalidParameterError("pass the calibration noise x or the sample shape=(C, H, W) to draw it")
         x = _prior(param, tuple(shape), batch, seed)
-    search = boss if method == "boss" else autodiffusion
+    search = {"boss": boss, "autodiffusion": autodiffusion, "fit": fit_solver}[method]
     if method == "autodiffusion":
         kwargs.setdefault("seed", seed)
     return search(denoiser, param, nfe, x=x, sampler=sampler, options=options, progress=progress, **kwargs)
@@ -319,5 +384,5 @@ def load_schedule(path, model_type: str | None = None) -> dict:
     return {**data, "sigmas": sigmas}
 
 
-__all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "bellman_path", "fine_grid", "reference_solve",
+__all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "fit_solver", "bellman_path", "fine_grid", "reference_solve",
            "jump", "save_schedule", "load_schedule", "METHODS"]

@@ -152,11 +152,12 @@ class RecipeSampler:
 
 
 class ScheduleFile:
-    """SIGMAS from a searched schedule JSON (`nimblediff schedule search`, BOSS / AutoDiffusion); refuses a file
-    searched for another model type."""
+    """SIGMAS and the SAMPLER they were searched or fitted for, from a schedule JSON (`nimblediff schedule search`:
+    BOSS, AutoDiffusion or a fitted solver, whose coefficients only make sense with these sigmas); refuses a file
+    made for another model type."""
 
     CATEGORY = "NimbleDiff/sampling"
-    RETURN_TYPES = ("SIGMAS",)
+    RETURN_TYPES = ("SIGMAS", "SAMPLER")
     FUNCTION = "load"
 
     @classmethod
@@ -167,7 +168,12 @@ class ScheduleFile:
         from ..core.schedule_search import load_schedule
 
         param = param_from_model_sampling(model.get_model_object("model_sampling"))
-        return (torch.as_tensor(load_schedule(path, model_type=param.kind)["sigmas"], dtype=torch.float32),)
+        data = load_schedule(path, model_type=param.kind)
+        name = data.get("sampler", "euler")
+        if name not in SAMPLERS:
+            raise ValueError(f"schedule file {path!r} names sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+        options = {k: v for k, v in (data.get("options") or {}).items() if k in SAMPLER_OPTIONS[name]}
+        return torch.as_tensor(data["sigmas"], dtype=torch.float32), make_sampler(name, **options)
 
 
 NODES = {

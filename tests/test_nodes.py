@@ -218,3 +218,28 @@ def test_schedule_file_node_checks_model_type(comfy, tmp_path):
     model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
     with pytest.raises(InvalidParameterError, match="flow"):
         ScheduleFile().load(model, str(tmp_path / "s.json"))
+
+
+def test_schedule_file_node_gives_the_fitted_sampler(comfy, tmp_path):
+    """A fitted solver's file yields its sigmas and a SAMPLER carrying its coefficients: the graph's result equals
+    run() with the file's options."""
+    from nimblediff.core.gmm import GaussianMixture
+    from nimblediff.core.schedule_search import fit_solver, save_schedule
+    from nimblediff.nodes.sampling import ScheduleFile, param_from_model_sampling
+
+    ms = _vp_model_sampling()
+    param = param_from_model_sampling(ms)
+    den = GaussianMixture.random(dim=16).denoiser(param)
+    cal = torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * param.sigma_max
+    fit = fit_solver(den, param, 3, x=cal, iterations=5, prior_shift=True)
+    save_schedule(tmp_path / "fit.json", fit)
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), ms)
+    sigmas, sampler = ScheduleFile().load(patcher, str(tmp_path / "fit.json"))
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    model = fake_comfy.GuidedModel(lambda x, s, **_: den(x.reshape(len(x), -1), s).reshape(x.shape), ms)
+    out = sampler.sampler_function(model, x, sigmas, extra_args={})
+    ref = run(SAMPLERS["fitted"], lambda x, s: den(x.reshape(len(x), -1), s).reshape(x.shape), x, sigmas,
+              param=param, **fit["options"])
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(out, run(SAMPLERS["fitted"], lambda x, s: den(x.reshape(len(x), -1), s).reshape(
+        x.shape), x, sigmas, param=param))            # the options did reach the sampler

@@ -1,6 +1,6 @@
 """Samplers as ask/tell generators (see ../shared/STYLE.md) and the registry every surface reads."""
 
-from . import consistency, multistep, ode, smc, stochastic
+from . import consistency, fitted, multistep, ode, smc, stochastic
 from .driver import k_diffusion_sampler, noise_from_seed, run
 
 SAMPLERS = {
@@ -15,6 +15,7 @@ SAMPLERS = {
     "scott": stochastic.sample_scott,
     "pc": stochastic.sample_pc,
     "fkc": smc.sample_fkc,
+    "fitted": fitted.sample_fitted,
 }
 
 # Options each sampler accepts, with defaults: what nodes show as widgets and schedulers store in their config.
@@ -30,6 +31,7 @@ SAMPLER_OPTIONS = {
     "scott": {"eta": 1.0, "substeps": 0},
     "pc": {"snr": 0.16, "corrector_steps": 1},
     "fkc": {"mode": "anneal", "beta": 1.0, "guidance": 3.0, "ess_threshold": 0.5},
+    "fitted": {"coeffs": (), "gains": (), "prior_shift": False},   # from a `schedule search --method fit` file
 }
 
 __all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "k_diffusion_sampler", "noise_from_seed", "run"]

@@ -1,0 +1,121 @@
+"""The fitted multistep solver: hand-worked special cases (DDIM, DPM-Solver++(2M)), the fit against the exact ODE
+of an analytic mixture, the prior shift against the closed-form Gaussian ODE, bad options and the schedule file."""
+
+import math
+
+import pytest
+import torch
+
+from nimblediff.core import schedule_search as search
+from nimblediff.core import schedules
+from nimblediff.core.gmm import GaussianMixture
+from nimblediff.core.parameterization import VP, Flow
+from nimblediff.core.sampling import SAMPLERS, run
+from nimblediff.errors import InvalidParameterError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _noise(param, n, dim=2, seed=0):
+    z = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return z * float(param.sigma_max) if param.kind == "vp" else z
+
+
+@pytest.mark.parametrize("param", [VP(), Flow()], ids=["vp", "flow"])
+def test_zero_weights_are_euler(param):
+    """All weights zero: x' = x + (sigma' - sigma)(x - D)/sigma at every step (Euler = DDIM in k-space)."""
+    den = GaussianMixture.circle().denoiser(param)
+    x = _noise(param, 16)
+    sigmas = schedules.make_sigmas("logsnr", 5, param).double()
+    ref = x.clone()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = den(ref, s.expand(len(ref)))
+        ref = ref + (s_next - s) * (ref - d) / s
+    out = run(SAMPLERS["fitted"], den, x, sigmas, param=param)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_2m_weights_reproduce_dpmpp_2m():
+    """DPM-Solver++(2M) is D^ = D_i - (D_{i-1} - D_i) / (2 r_i), r_i = h_{i-1} / h_i in lambda = -log sigma, with
+    first-order first and last (to sigma 0) steps: those weights give the dpmpp_2m sampler's result."""
+    param = VP()
+    den = GaussianMixture.circle().denoiser(param)
+    x = _noise(param, 16)
+    sigmas = schedules.make_sigmas("karras", 6, param).double()
+    lam = [-math.log(float(s)) for s in sigmas[:-1]]
+    coeffs = [[]] + [[-1 / (2 * (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i]))] for i in range(1, 5)] + [[0.0]]
+    out = run(SAMPLERS["fitted"], den, x, sigmas, param=param, coeffs=coeffs)
+    ref = run(SAMPLERS["dpmpp_2m"], den, x, sigmas, param=param)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fit_beats_unipc_type_solver_on_held_out_noise():
+    """2-D flow, NFE 4: fitted on 128 calibration noises, the solver is closer to the exact ODE solution on other
+    noise than DPM-Solver++(2M) with the UniC corrector on the flow schedule (diffusers' UniPC twin)."""
+    param, gmm = Flow(), GaussianMixture.circle()
+    den = gmm.denoiser(param)
+    cal, x = _noise(param, 128, seed=1), _noise(param, 512, seed=2)
+    seen = []
+    fit = search.search_schedule("fit", den, param, 4, x=cal, iterations=120,
+                                 progress=lambda done, total: seen.append(done))
+    assert fit["sampler"] == "fitted" and fit["created_by"] == "fit" and len(fit["sigmas"]) == 5
+    assert seen[-1] == 120
+    exact = gmm.ode_solve(x, "flow", 1.0, steps=400)
+    out = run(SAMPLERS["fitted"], den, x, torch.tensor(fit["sigmas"], dtype=torch.float64), param=param,
+              **fit["options"])
+    base = run(SAMPLERS["dpmpp_2m_unic"], den, x, schedules.make_sigmas("flow", 4, param).double(), param=param)
+    err, err_base = ((o - exact).norm(dim=1).mean().item() for o in (out, base))
+    assert err < 0.7 * err_base, (err, err_base)
+
+
+def test_prior_shift_matches_the_gaussian_ode():
+    """1-D data N(mu, s^2): the VP ODE keeps (x - mu) / sqrt(s^2 + sigma^2) constant, and D(x) = mu + s^2 (x - mu)
+    / (s^2 + sigma^2). From x_T = 0: plain, x0 = mu - mu s / sqrt(s^2 + S^2); shifted (start at D(0)), x0 = mu -
+    mu s^3 / (s^2 + S^2)^1.5 with S = sigma_max: the shift removes the prior's mean error up to s^2 / S^2."""
+    mu, s = 3.0, 0.5
+    param = VP()
+    big = float(param.sigma_max)
+    den = GaussianMixture([[mu]], [s], [1.0]).denoiser(param)
+    sigmas = schedules.make_sigmas("logsnr", 3000, param).double()   # first order: error ~ 1/steps
+    x = torch.zeros(1, 1, dtype=torch.float64)
+    plain = run(SAMPLERS["fitted"], den, x, sigmas, param=param)
+    shifted = run(SAMPLERS["fitted"], den, x, sigmas, param=param, prior_shift=True)
+    v = s**2 + big**2
+    assert float(plain) == pytest.approx(mu - mu * s / v**0.5, abs=2e-4)
+    assert float(shifted) == pytest.approx(mu - mu * s**3 / v**1.5, abs=2e-4)
+
+
+def test_bad_options():
+    param = VP()
+    den = GaussianMixture.circle().denoiser(param)
+    x = _noise(param, 2)
+    sigmas = schedules.make_sigmas("logsnr", 3, param).double()
+    with pytest.raises(InvalidParameterError, match="fitted for 4 steps"):
+        run(SAMPLERS["fitted"], den, x, sigmas, param=param, coeffs=[[], [0.1], [0.1, 0.2], [0.0]])
+    with pytest.raises(InvalidParameterError, match="only 1 past"):
+        run(SAMPLERS["fitted"], den, x, sigmas, param=param, coeffs=[[], [0.1, 0.2], []])
+    with pytest.raises(InvalidParameterError, match="flow"):
+        run(SAMPLERS["fitted"], den, x.clamp(-1, 1), schedules.make_sigmas("flow", 3, Flow()), param=Flow(),
+            prior_shift=True)
+    with pytest.raises(InvalidParameterError, match="init has 2 steps"):
+        search.fit_solver(den, param, 3, x=x, init=[14.6, 1.0, 0.0], iterations=1)
+
+
+def test_fitted_schedule_file_round_trip(tmp_path):
+    param = VP()
+    den = GaussianMixture.circle().denoiser(param)
+    fit = search.fit_solver(den, param, 3, x=_noise(param, 32), iterations=5, prior_shift=True)
+    search.save_schedule(tmp_path / "fit.json", fit)
+    back = search.load_schedule(tmp_path / "fit.json", model_type="vp")
+    assert back["options"] == fit["options"] and back["sampler"] == "fitted"
+    x = _noise(param, 4, seed=9)
+    a = run(SAMPLERS["fitted"], den, x, torch.tensor(fit["sigmas"], dtype=torch.float64), param=param,
+            **fit["options"])
+    b = run(SAMPLERS["fitted"], den, x, back["sigmas"].double(), param=param, **back["options"])
+    torch.testing.assert_close(a, b)
