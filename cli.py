@@ -137,7 +137,8 @@ def _schedule_search(args) -> int:
                                  progress=progress, **extra)
     bar.close()
     save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt})
-    print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {[round(s, 4) for s in result['sigmas']]} -> {out}")
+    sigmas = [round(s, 4) for s in result["sigmas"]]
+    print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {sigmas} -> {out}")
     return 0
 
 

@@ -384,5 +384,6 @@ def load_schedule(path, model_type: str | None = None) -> dict:
     return {**data, "sigmas": sigmas}
 
 
-__all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "fit_solver", "bellman_path", "fine_grid", "reference_solve",
+__all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "fit_solver", "bellman_path", "fine_grid",
+           "reference_solve",
            "jump", "save_schedule", "load_schedule", "METHODS"]
