@@ -8,6 +8,7 @@ else in the samplers knows which kind of model runs.
 
 from __future__ import annotations
 
+import bisect
 
 import torch
 
@@ -45,6 +46,7 @@ class VP:
         self.alphas_cumprod = acp.double()
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()   # (T,), increasing in t
         self.log_sigmas = self.sigmas.log()
+        self._log_sigma_list = self.log_sigmas.tolist()         # for the scalar search, _sigma_to_t_float
         self.prediction = prediction
         # LCM's boundary condition (Song et al. 2023 consistency models; Luo et al. 2023 eq. 9): x0 is mixed with
         # the input by c_skip / c_out of the scaled timestep. Negligible at t >= 100 but part of the model's output.
@@ -75,23 +77,35 @@ class VP:
         """Inverse of t_to_sigma (piecewise linear in log-sigma); sigma 0 maps to t 0."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         log_sigma = sigma.clamp(min=1e-10).log()
-        dists = log_sigma.unsqueeze(-1) - self.log_sigmas
-        lo = (dists >= 0).cumsum(-1).argmax(-1).clamp(max=len(self.log_sigmas) - 2)
+        # the last table entry <= log sigma (the first below the table), one binary search per element
+        lo = (torch.searchsorted(self.log_sigmas, log_sigma, right=True) - 1).clamp(0, len(self.log_sigmas) - 2)
         hi = lo + 1
         w = ((self.log_sigmas[lo] - log_sigma) / (self.log_sigmas[lo] - self.log_sigmas[hi])).clamp(0, 1)
         return (1 - w) * lo + w * hi
+
+    def _sigma_to_t_float(self, sigma: float) -> float:
+        """sigma_to_t of one python float, bit for bit, in Python: the tensor version launches a dozen kernels
+        (~35 µs), too slow per sampling step (LCM's boundary condition). The log still goes through torch, whose log
+        can differ from math.log in the last bit."""
+        log_sigma = torch.tensor(max(sigma, 1e-10), dtype=torch.float64).log().item()
+        table = self._log_sigma_list
+        lo = min(max(bisect.bisect_right(table, log_sigma) - 1, 0), len(table) - 2)
+        w = min(max((table[lo] - log_sigma) / (table[lo] - table[lo + 1]), 0.0), 1.0)
+        return (1 - w) * lo + w * (lo + 1)
 
     def c_in(self, sigma):
         """Scale from k-space x to the network's input x_t = sqrt(abar) x0 + sqrt(1 - abar) eps."""
         return 1.0 / (sigma**2 + 1.0) ** 0.5
 
     def noise_scaling(self, sigma, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        if isinstance(sigma, float):
-            return torch.add(x0, noise, alpha=sigma)        # one kernel: schedulers step with float sigmas
+        if isinstance(sigma, float) and isinstance(x0, torch.Tensor):
+            return torch.add(x0, noise, alpha=sigma)        # one kernel: samplers step with float sigmas
         return x0 + noise * sigma
 
     def renoise(self, x: torch.Tensor, sigma_from, sigma_to, noise: torch.Tensor) -> torch.Tensor:
         """Forward-diffuse a k-space sample from sigma_from up to sigma_to >= sigma_from."""
+        if isinstance(sigma_to, float) and isinstance(sigma_from, float):
+            return torch.add(x, noise, alpha=(sigma_to**2 - sigma_from**2) ** 0.5)    # one kernel
         return x + noise * (sigma_to**2 - sigma_from**2) ** 0.5
 
     def eps(self, x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
@@ -119,7 +133,8 @@ class VP:
         key = float(sigma) if isinstance(sigma, float) or sigma.numel() == 1 else None
         cached = self._boundary_cache.get(key) if key is not None else None
         if cached is None:
-            c = self.sigma_to_t(sigma) * self.consistency_timestep_scaling
+            t = self._sigma_to_t_float(key) if key is not None else self.sigma_to_t(sigma)
+            c = t * self.consistency_timestep_scaling
             cached = (0.25 / (c**2 + 0.25), c / (c**2 + 0.25) ** 0.5)
             if key is not None:
                 cached = tuple(float(v) for v in cached)
@@ -166,7 +181,11 @@ class Flow:
         return (x - (1 - sigma) * denoised) / sigma
 
     def denoised(self, x: torch.Tensor, sigma, output: torch.Tensor) -> torch.Tensor:
-        return output if self.prediction == "sample" else x - sigma * output
+        if self.prediction == "sample":
+            return output
+        if isinstance(sigma, float):
+            return torch.sub(x, output, alpha=sigma)            # one kernel: schedulers step with float sigmas
+        return x - sigma * output
 
 
 def shift_sigma(sigma, shift: float):

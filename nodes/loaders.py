@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -320,10 +321,35 @@ def _clip_text_model_class():
     return CLIPTextModelAnyVocab
 
 
+# Fewer tokens than this and the vocabulary is a closed word list (NimbleDiff-Tiny's grammar: ~600 tokens, of which
+# 512 are CLIP's byte characters), not a BPE over open text (CLIP's 49,408).
+CLOSED_VOCAB_SIZE = 5000
+
+
+@functools.cache
+def _closed_vocab_tokenizer_class():
+    import comfy.sd1_clip
+
+    class ClosedVocabTokenizer(comfy.sd1_clip.SDTokenizer):
+        """CLIP's BPE never fails: a word outside a closed vocabulary would be spelled out in byte tokens the text
+        encoder never saw and silently ignored. Refuse the prompt instead, naming the words."""
+
+        def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
+            vocab = self.tokenizer.get_vocab()
+            unknown = sorted({w for w in re.findall(r"[a-z]+", text.lower()) if w + "</w>" not in vocab})
+            if unknown:
+                words = sorted(k[:-4] for k in vocab if k.endswith("</w>") and len(k) > 5 and k[:-4].isalpha())
+                raise ValueError(f"prompt {text!r} has words outside this model's vocabulary: {unknown}; "
+                                 f"valid words: {words}")
+            return super().tokenize_with_weights(text, return_word_ids, **kwargs)
+
+    return ClosedVocabTokenizer
+
+
 class _ClipTarget:
     """What comfy.sd.CLIP reads from a target: params, clip(**params) and tokenizer(embedding_directory, ...)."""
 
-    def __init__(self, text_config: dict, tokenizer_path: Path, special: dict):
+    def __init__(self, text_config: dict, tokenizer_path: Path, special: dict, closed_vocab: bool = False):
         import comfy.sd1_clip
 
         length = text_config["max_position_embeddings"]  # ComfyUI adds the whole position table: pad to its length
@@ -335,7 +361,8 @@ class _ClipTarget:
                 max_length=length, return_projected_pooled=False, **kw))
         self.tokenizer = functools.partial(
             comfy.sd1_clip.SD1Tokenizer,
-            tokenizer=functools.partial(comfy.sd1_clip.SDTokenizer, tokenizer_path=str(tokenizer_path),
+            tokenizer=functools.partial(_closed_vocab_tokenizer_class() if closed_vocab else comfy.sd1_clip.SDTokenizer,
+                                        tokenizer_path=str(tokenizer_path),
                                         max_length=length, embedding_size=text_config["hidden_size"],
                                         embedding_key="clip_l", pad_token=special["pad"]))
 
@@ -364,8 +391,8 @@ def build_clip(folder: Path, embedding_directory=None, model_options=None):
     sd = keymaps.clip_diffusers_to_ldm(sd, prefix="")
     # SD1 conditioning uses the unprojected pooled output; an identity projection keeps text_projection defined
     sd.setdefault("text_projection.weight", torch.eye(text_config["hidden_size"]))
-    clip = comfy.sd.CLIP(_ClipTarget(text_config, tok_path, special), embedding_directory=embedding_directory,
-                         model_options=model_options or {})
+    target = _ClipTarget(text_config, tok_path, special, closed_vocab=len(tok) < CLOSED_VOCAB_SIZE)
+    clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options=model_options or {})
     _load_checked(clip.cond_stage_model.clip_l.transformer, sd, f"{folder / 'text_encoder'}")
     return clip
 

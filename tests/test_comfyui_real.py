@@ -78,11 +78,11 @@ def server(base, model_folders):
         srv.stop()
 
 
-def _txt2img(model: str, seed: int = 1, size: int = 64) -> dict:
+def _txt2img(model: str, seed: int = 1, size: int = 64, text: str = "a red square") -> dict:
     """Stock nodes around our loader: loader -> CLIPTextEncode x2 -> KSampler (euler, 4 steps) -> VAEDecode -> Save."""
     return {
         "1": {"class_type": "NimbleDiffusersCheckpointLoader", "inputs": {"model": model}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a red cat"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "5": {"class_type": "KSampler", "inputs": {
@@ -140,6 +140,15 @@ def test_loader_names_the_missing_or_corrupt_file(server, model, expected):
     with pytest.raises(RuntimeError) as err:
         server.run_prompt(_txt2img(model))
     assert expected in str(err.value) and "NimbleDiffusersCheckpointLoader" in str(err.value)
+    assert "NimbleDiffusersCheckpointLoader" in server.get("/object_info")  # the server is still up
+
+
+def test_prompt_outside_the_tiny_vocabulary_is_named(server):
+    """NimbleDiff-Tiny's tokenizer is a closed word list: an unknown word is an error naming it, not a silent
+    spelling-out in byte tokens."""
+    with pytest.raises(RuntimeError) as err:
+        server.run_prompt(_txt2img(EMBEDDED, text="a red cat on the left"))
+    assert "['cat']" in str(err.value) and "valid words" in str(err.value)
     assert "NimbleDiffusersCheckpointLoader" in server.get("/object_info")  # the server is still up
 
 

@@ -11,44 +11,88 @@ sys.path.insert(0, str(Path(__file__).parent))
 from analytic import GaussianData  # noqa: E402
 
 from nimblediff.core import schedules  # noqa: E402
-from nimblediff.core.parameterization import VP, Flow  # noqa: E402
-from nimblediff.core.sampling import SAMPLERS, k_diffusion_sampler, noise_from_seed, run  # noqa: E402
+from nimblediff.core.parameterization import VP  # noqa: E402
+from nimblediff.core.sampling import (  # noqa: E402
+    SAMPLER_OPTIONS, SAMPLERS, k_diffusion_sampler, noise_from_seed, run)
 from nimblediff.errors import InvalidParameterError, SamplingError  # noqa: E402
 
-CASES = [("lcm", {}), ("tcd", {"gamma": 0.0}), ("tcd", {"gamma": 0.3}), ("tcd", {"gamma": 1.0}), ("euler", {})]
 
-
-def _seeded_noise(shape, seed):
+def _seeded_noise(shape, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return lambda sigma, sigma_next: torch.randn(shape, generator=g)
+    return lambda sigma, sigma_next: torch.randn(shape, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("name,options", CASES)
-def test_three_drivers_identical(name, options):
-    """Core loop, ComfyUI's k-diffusion signature and the diffusers scheduler give bit-identical samples."""
+# --- one method, three drivers ------------------------------------------------------------------------------------
+
+# Every registered sampler with its defaults, plus the corners of its options. The step counts include TCD on a flow
+# model at gamma 0.3 and 5 steps, which once differed in the last bit between the scheduler (python-float sigmas)
+# and run() (tensor sigmas).
+DRIVER_CASES = [(name, {}) for name in SAMPLERS] + [
+    ("tcd", {"gamma": 0.0}), ("tcd", {"gamma": 0.5}), ("tcd", {"gamma": 1.0}),
+    ("dpmpp_2m", {"beta": 0.8}), ("deis", {"order": 1}), ("deis", {"order": 3, "lower_order_final": False}),
+    ("plms", {"order": 2, "beta": 0.7}), ("plms", {"momentum": "ghvb", "beta": 0.5}),
+    ("scott", {"eta": 0.0}), ("scott", {"eta": 50.0}), ("scott", {"substeps": 2}),
+    ("pc", {"corrector_steps": 2}), ("fkc", {"mode": "anneal", "beta": 2.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("steps", [1, 4, 5])
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+@pytest.mark.parametrize("name,options", DRIVER_CASES)
+def test_three_drivers_identical(name, options, kind, steps, dtype):
+    """Core loop, ComfyUI's k-diffusion signature and the diffusers scheduler give bit-identical samples.
+
+    The network works in the pipeline's sample space (x_t = c_in(sigma) x) and predicts x0 ("sample"), so the
+    scheduler adds no rounding of its own. The k-space model that run() drives shows the network what the pipeline
+    would: its own latent first (the k-space start x was derived from it), then x converted the way the scheduler
+    converts it, with the timesteps the scheduler published.
+    """
     from nimblediff.pipelines import NimbleScheduler
 
-    param = Flow(prediction="sample")          # c_in = 1 and x0 output: no sample-space conversion to round
-    data = GaussianData()
-    model = data.denoiser(param)
-    sigmas = schedules.flow_sigmas(4)
-    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    if kind == "vp" and options.get("substeps") and dtype == torch.float32:
+        pytest.skip("run() hands the model sigma in x's dtype: substep sigmas are exact only in float64")
+    sched = NimbleScheduler(model_type=kind, prediction_type="sample", sampler=name, sampler_options=options,
+                            timestep_scaling=0)          # no LCM boundary condition: the network's x0 is final
+    param = sched.param
+    # float32 sigmas (set_timesteps casts), so that the sigma run() hands the model in x's dtype is exact
+    sched.set_timesteps(sigmas=schedules.make_sigmas("flow" if kind == "flow" else "trailing", steps, param))
+    k_denoiser = GaussianData().denoiser(param)
 
-    a = run(SAMPLERS[name], model, x, sigmas, param=param, noise=_seeded_noise(x.shape, 1), **options)
+    def network(x_t, t):
+        sigma = param.t_to_sigma(t).to(x_t.dtype).reshape(1)
+        return k_denoiser(x_t / param.c_in(sigma), sigma.expand(len(x_t)))
+
+    x_t = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    c0 = param.c_in(float(sched.sigmas[0]))
+    x = x_t if c0 == 1.0 else x_t / c0                  # as NimbleScheduler converts (no kernel when c_in = 1)
+
+    def k_model():
+        calls = enumerate(sched.timesteps)
+
+        def model(x, sigma):
+            i, t = next(calls)
+            if i == 0:
+                return network(x_t, t)                  # the pipeline's own latent
+            c = param.c_in(float(sigma[0]))
+            return network(x if c == 1.0 else x * c, t)  # NimbleScheduler's prev_sample
+        return model
+
+    options = {**SAMPLER_OPTIONS[name], **options}
+
+    a = run(SAMPLERS[name], k_model(), x, sched.sigmas, param=param, noise=_seeded_noise(x.shape, 1, dtype),
+            **options)
     ksampler = k_diffusion_sampler(SAMPLERS[name], lambda _model: param, **options)
-    b = ksampler(model, x, sigmas, extra_args={}, noise_sampler=_seeded_noise(x.shape, 1))
+    b = ksampler(k_model(), x, sched.sigmas, extra_args={}, noise_sampler=_seeded_noise(x.shape, 1, dtype))
 
-    sched = NimbleScheduler(model_type="flow", prediction_type="sample", sampler=name, schedule="lcm",
-                            gamma=options.get("gamma", 0.3))
-    sched.set_timesteps(sigmas=sigmas)
     g = torch.Generator().manual_seed(1)
-    c = x
+    c = x_t
     for t in sched.timesteps:
-        sigma = param.t_to_sigma(t).float()
-        out = model(c, sigma.expand(len(c)))
-        c = sched.step(out, t, c, generator=g).prev_sample
+        c = sched.step(network(c, t), t, c, generator=g).prev_sample
+    final = getattr(SAMPLERS[name], "final_sigma", None)     # TCD ends at sigma(t=0), in sample space there
+    c_final = param.c_in(final(sched.sigmas, param)) if final is not None else 1.0
     assert torch.equal(a, b)
-    assert torch.equal(a, c)
+    assert torch.equal(a if c_final == 1.0 else a * c_final, c)
 
 
 def test_comfy_seed_noise_matches_default_noise_sampler():

@@ -77,7 +77,7 @@ def write_card(runs, dest, pipe, lora, quality_path):
 
 CARD = """# NimbleDiff-Tiny
 
-A small but real text-to-image latent diffusion model, trained from scratch on CPU (one thread) for NimbleDiff's
+A small but real text-to-image latent diffusion model, trained from scratch on CPU (two cores) for NimbleDiff's
 tests, examples and benchmarks, plus a Flash-Diffusion-distilled 4-step LoRA. It draws one or two flat shapes.
 
 ## Data
@@ -100,13 +100,16 @@ left out of 30% of captions. Vocabulary: 26 words (`nimblediff/tiny/vocab.py`); 
 Disk: {size:.1f} MB in all. Load the pipeline with `torch_dtype=torch.float32` on CPU (fp16 convolutions are slow
 or missing there).
 
-## Training (one CPU thread, `python -m nimblediff.tiny.train --stage all`)
+## Training (`python -m nimblediff.tiny.train --stage all`)
 - vae: L1 + L2 + 1e-6 KL, AdamW 1e-3, batch 16; scaling_factor = 1 / std of held-out latents.
 - unet: UNet and text encoder trained jointly, epsilon-prediction DDPM loss on VAE latents, 10% empty captions
-  (for CFG), AdamW 5e-4 (100-step warm-up), grad clip 1, batch 48, EMA 0.999 (shipped).
-- flash: Flash Diffusion distillation into the LoRA (AdamW 5e-4, batch 16): the student (no CFG) predicts, in one step from a latent
-  noised to t in {{999, 759, 499, 259}}, the x0 the teacher reaches in {teacher_steps} DDIM steps at CFG {guidance};
-  the mixture over the four timesteps shifts from low to high noise over training. No adversarial/DMD terms.
+  (for CFG), AdamW 5e-4 (100-step warm-up), grad clip 1, batch 48, EMA 0.999 (shipped). The shipped run took
+  its first 75 minutes with the plain loss on one contended thread, then resumed with Min-SNR-5 loss weights (Hang
+  et al. 2023; now the default, `--min-snr`) on two threads up to 150 minutes of wall time.
+- flash: Flash Diffusion distillation into the LoRA (AdamW 1e-3, batch 16, two threads): the student (no CFG)
+  predicts, in one step from a latent noised to t in {{999, 759, 499, 259}}, the x0 the teacher reaches in
+  {teacher_steps} DDIM steps at CFG {guidance}; the mixture over the four timesteps shifts from low to high noise over
+  training. No adversarial/DMD terms.
 
 | stage | steps | wall min | first logged loss | last loss (mean of 10 logs) | final |
 |---|---|---|---|---|---|
@@ -116,9 +119,10 @@ Wall minutes are budgets on a shared 2-core machine (other jobs ran alongside, s
 Logs: `runs/<name>/<stage>/train.log`.
 
 ## Limitations
-A few-million-parameter model trained for about an hour on one contended core is under-trained: the attribute
-accuracies below are far from those of the real images. It is meant to be a genuine, fast, offline model for
-NimbleDiff's samplers, LoRA loaders and quantizers, not a good image generator.
+A few-million-parameter model trained for two and a half hours on a shared 2-core CPU is under-trained: the
+attribute accuracies below are below those of the real images, and position is the weakest attribute. It is meant
+to be a genuine, fast, offline model for NimbleDiff's samplers, LoRA loaders and quantizers, not a good image
+generator.
 
 ## Quality (`python bench/quality.py`; evaluator `nimblediff/tiny/evaluate.py`)
 {quality}
@@ -136,7 +140,7 @@ img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=
 
 ## Reproduce
 ```
-python -m nimblediff.tiny.train --stage all --out runs/tiny --threads 1   # resumable; about 1h50 on one core
+python -m nimblediff.tiny.train --stage all --out runs/tiny --threads 2   # resumable; about 3h10 on two cores
 python -m nimblediff.tiny.evaluate                                          # shape evaluator, about 1 min
 python -m nimblediff.tiny.package && python bench/quality.py && python -m nimblediff.tiny.package
 ```

@@ -20,6 +20,14 @@ def noise_from_seed(x: torch.Tensor, seed: int | None = None, generator: torch.G
     return noise
 
 
+def as_floats(sigmas) -> list[float]:
+    """The schedule as python floats, the one scalar type samplers step with: the drivers convert with this (so a
+    sampler gets the same numbers from each and its samples agree to the last bit) and so do the samplers at entry
+    (so direct callers with tensors get the same arithmetic). Per-step scalar math then stays in Python, where a 0-d
+    tensor op would cost a kernel launch (~3 µs)."""
+    return sigmas.tolist() if isinstance(sigmas, torch.Tensor) else [float(s) for s in sigmas]
+
+
 def checked(denoised: torch.Tensor, step: int, sigma) -> torch.Tensor:
     """Stop on NaN/inf from the model instead of sampling garbage to the end."""
     if not torch.isfinite(denoised).all():
@@ -32,20 +40,25 @@ def checked(denoised: torch.Tensor, step: int, sigma) -> torch.Tensor:
 def run(method, model, x, sigmas, *, param, noise=None, seed=None, extra_args=None, callback=None, **options):
     """Sample with `method` (a generator function from SAMPLERS) and a denoiser `model(x, sigma, **extra) -> x0`.
 
-    sigma is passed as a tensor of shape (batch,) like k-diffusion. `callback` gets k-diffusion's dict per model
-    evaluation; raising from it interrupts sampling.
+    The model gets sigma as a tensor of shape (batch,) like k-diffusion. `callback` gets k-diffusion's dict per
+    model evaluation (sigma as a 0-d tensor); raising from it interrupts sampling.
     """
     extra_args = extra_args or {}
     noise = noise or noise_from_seed(x, seed)
+    # python floats, as the scheduler hands them (see as_floats); sigmas that require grad stay tensors: a solver
+    # fit (schedule_search.fit_solver) differentiates through the sampler
+    if not (isinstance(sigmas, torch.Tensor) and sigmas.requires_grad):
+        sigmas = as_floats(sigmas)
     steps = method(x, sigmas, param=param, noise=noise, **options)
     i = 0
     try:
         x_ask, sigma = next(steps)
         while True:
             # sigma per row of what is asked (a particle sampler may ask for a larger batch than x)
-            denoised = checked(model(x_ask, sigma * x_ask.new_ones([x_ask.shape[0]]), **extra_args), i, sigma)
+            s_in = sigma * x_ask.new_ones([x_ask.shape[0]])
+            denoised = checked(model(x_ask, s_in, **extra_args), i, sigma)
             if callback is not None:
-                callback({"x": x_ask, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+                callback({"x": x_ask, "i": i, "sigma": s_in[0], "sigma_hat": s_in[0], "denoised": denoised})
             i += 1
             x_ask, sigma = steps.send(denoised)
     except StopIteration as done:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ...errors import InvalidParameterError
+from .driver import as_floats
 
 
 def alpha_of(param, sigma: float) -> float:
@@ -54,11 +57,12 @@ def sample_dpmpp_2m(x, sigmas, *, param, noise, beta: float = 1.0, corrector: bo
     exactly: weight (h - 1 + e^-h) / h on D_t - D_s); the evaluation is reused, so the NFE does not change.
     """
     _check("beta", beta, "0 < beta <= 1", 0 < beta <= 1)
+    sigmas = as_floats(sigmas)
     d_prev = lam_prev = v = None
     last = None                                     # (x, sigma, alpha, lambda) at the start of the last step
     for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = yield x, sigmas[i]
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, s
         a, a_next = alpha_of(param, s), alpha_of(param, s_next)
         lam = -log_rho(param, s)
         if corrector and last is not None and last[3] < lam:
@@ -121,12 +125,13 @@ def sample_deis(x, sigmas, *, param, noise, order: int = 2, lower_order_final: b
     lower_order_final: as diffusers, below 15 steps the last step is first order and the one before at most second.
     """
     _check("order", order, "1, 2 or 3", order in (1, 2, 3))
+    sigmas = as_floats(sigmas)
     n = len(sigmas) - 1
     history = []                                    # [(log rho, eps)], newest first
     for i in range(n):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = yield x, sigmas[i]
-        eps = param.eps(x, sigmas[i], denoised)
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, s
+        eps = param.eps(x, s, denoised)
         a_next = alpha_of(param, s_next)
         u = log_rho(param, s)
         history = [(u, eps)] + [h for h in history if h[0] > u][: order - 1]
@@ -174,25 +179,27 @@ def sample_plms(x, sigmas, *, param, noise, order: int = 4, beta: float = 1.0, m
             out.add_(t, alpha=w)
         return out
 
+    sigmas = as_floats(sigmas)
     for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = yield x, sigmas[i]
-        eps = param.eps(x, sigmas[i], denoised)
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = yield x, s
+        eps = param.eps(x, s, denoised)
         a, a_next = alpha_of(param, s), alpha_of(param, s_next)
+        # the momentum v <- (1 - beta) v + beta e is a lerp: one kernel instead of three
         if momentum == "hb":
             history = [eps] + history[: order - 1]
             e = combine(_ghvb_weights(len(history), 1.0), history)
             if beta != 1:
-                v = e if v is None else (1 - beta) * v + beta * e
+                v = e if v is None else torch.lerp(v, e, beta)
                 e = v
         else:
-            v = eps if v is None else (1 - beta) * v + beta * eps
+            v = eps if v is None else torch.lerp(v, eps, beta)
             history = [v] + history[: order - 1]
             e = combine(_ghvb_weights(len(history), beta), history)
-        # y' = y + (rho' - rho) e', i.e. x' = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) e'; a flow start
-        # (alpha = 0) has e' = eps there, so x' = alpha' D + sigma' eps
+        # y' = y + (rho' - rho) e', i.e. x' = (alpha'/alpha) x + (sigma' - alpha' sigma / alpha) e' (one fused kernel
+        # for VP, where alpha' = alpha = 1); a flow start (alpha = 0) has e' = eps there, so x' = alpha' D + sigma' eps
         if a > 0:
-            x = (a_next / a) * x + (s_next - a_next * s / a) * e
+            x = torch.add(x if a_next == a else x * (a_next / a), e, alpha=s_next - a_next * s / a)
         else:
             x = a_next * denoised + s_next * e
     return x

@@ -36,6 +36,7 @@ import math
 import torch
 
 from ...errors import InvalidParameterError, SamplingError
+from .driver import as_floats
 from .multistep import alpha_of
 from .stochastic import rho_ratio
 
@@ -93,17 +94,18 @@ def sample_fkc(x, sigmas, *, param, noise, mode: str = "anneal", beta: float = 1
         raise InvalidParameterError(f"the exponents {gam} of mode={mode!r} must sum to > 0 (beta, guidance)")
     if not 0 <= ess_threshold <= 1:
         raise InvalidParameterError(f"ess_threshold={ess_threshold!r}: need 0 <= ess_threshold <= 1")
+    sigmas = as_floats(sigmas)
     n, p = len(gam), x.shape[0]
-    if alpha_of(param, float(sigmas[0])) == 0 and total <= 0.5:
+    if alpha_of(param, sigmas[0]) == 0 and total <= 0.5:
         raise InvalidParameterError(
             f"exponents summing to {total} <= 0.5 cannot start at sigma = 1 of a flow model; start below 1")
     x = x / total**0.5                                      # prior of the tilted path: N(0, sigma^2 / G)
     logw = x.new_zeros(p, dtype=torch.float64)
     for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        out = yield (torch.cat([x] * n) if n > 1 else x), sigmas[i]
+        s, s_next = sigmas[i], sigmas[i + 1]
+        out = yield (torch.cat([x] * n) if n > 1 else x), s
         preds = _split(out, n, p)
-        eps = [param.eps(x, sigmas[i], d) for d in preds]
+        eps = [param.eps(x, s, d) for d in preds]
         c = rho_ratio(param, s, s_next)
         # 1. Feynman-Kac weight of the step (left point)
         mix = sum(g * e for g, e in zip(gam, eps))
@@ -118,11 +120,11 @@ def sample_fkc(x, sigmas, *, param, noise, mode: str = "anneal", beta: float = 1
             k = 2 * total - 1
             keep = a_next * c ** (2 * total) / a if a > 0 else 0.0
             var = -2 * math.log(c) if abs(k) < 1e-8 else (1 - c ** (2 * k)) / k
-            z = noise(sigmas[i], sigmas[i + 1])[:p]
+            z = noise(s, s_next)[:p]
             x = a_next * xbar + keep * (x - a * xbar) + (s_next * var**0.5) * z
         # 3. resample when the weights degenerate
         if effective_sample_size(logw) < ess_threshold * p:
-            idx = systematic_resample(logw, _uniform(noise, sigmas[i], sigmas[i + 1]))
+            idx = systematic_resample(logw, _uniform(noise, s, s_next))
             x, logw = x[idx], torch.zeros_like(logw)
     if logw.abs().max() > 0:
         x = x[systematic_resample(logw, _uniform(noise, sigmas[-2], sigmas[-1]))]

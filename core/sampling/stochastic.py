@@ -11,9 +11,8 @@ fresh noise z at another ratio gives the whole DDIM (no fresh noise) ... LCM (al
 
 from __future__ import annotations
 
-import torch
-
 from ...errors import InvalidParameterError
+from .driver import as_floats
 from .multistep import alpha_of
 
 
@@ -26,7 +25,7 @@ def rho_ratio(param, sigma: float, sigma_next: float) -> float:
 def renoise_step(param, x, sigma, sigma_next, denoised, eta_eff: float, z):
     """x at sigma_next = alpha' D + sigma' (sqrt(1 - eta_eff^2) eps_hat + eta_eff z); eta_eff = sqrt(1 - c^2) is
     the ancestral step, 0 DDIM, 1 LCM."""
-    if float(sigma_next) == 0:
+    if sigma_next == 0:
         return denoised
     eps = param.eps(x, sigma, denoised)
     n = eps if eta_eff == 0 else (1 - eta_eff**2) ** 0.5 * eps + eta_eff * z
@@ -54,13 +53,13 @@ def sample_scott(x, sigmas, *, param, noise, eta: float = 1.0, substeps: int = 0
         raise InvalidParameterError(f"eta={eta!r}: need eta >= 0 (0 DDIM, 1 ancestral, large = LCM)")
     if not (isinstance(substeps, int) and substeps >= 0):
         raise InvalidParameterError(f"substeps={substeps!r}: need an integer >= 0")
+    sigmas = as_floats(sigmas)
     for i in range(len(sigmas) - 1):
-        grid = _substeps(float(sigmas[i]), float(sigmas[i + 1]), substeps)
+        grid = _substeps(sigmas[i], sigmas[i + 1], substeps)
         for j in range(substeps + 1):
-            s = sigmas[i] if j == 0 else torch.as_tensor(grid[j], dtype=torch.as_tensor(sigmas).dtype)
-            s_next = grid[j + 1]
+            s, s_next = grid[j], grid[j + 1]
             denoised = yield x, s
-            c = rho_ratio(param, float(s), s_next)
+            c = rho_ratio(param, s, s_next)
             e = min(1.0, eta * (1 - c * c) ** 0.5)
             z = noise(s, s_next) if e > 0 and s_next > 0 else None
             x = renoise_step(param, x, s, s_next, denoised, e, z)
@@ -81,13 +80,14 @@ def sample_pc(x, sigmas, *, param, noise, snr: float = 0.16, corrector_steps: in
         raise InvalidParameterError(f"snr={snr!r}: need snr >= 0 (Score SDE uses 0.16 for VE, 0.01 for VP)")
     if not (isinstance(corrector_steps, int) and corrector_steps >= 0):
         raise InvalidParameterError(f"corrector_steps={corrector_steps!r}: need an integer >= 0")
+    sigmas = as_floats(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = yield x, s
-        c = rho_ratio(param, float(s), float(s_next))
-        z = noise(s, s_next) if float(s_next) > 0 else None
+        c = rho_ratio(param, s, s_next)
+        z = noise(s, s_next) if s_next > 0 else None
         x = renoise_step(param, x, s, s_next, denoised, (1 - c * c) ** 0.5, z)        # predictor
-        if float(s_next) == 0:
+        if s_next == 0:
             continue
         for _ in range(corrector_steps):                                                # corrector
             denoised = yield x, s_next
