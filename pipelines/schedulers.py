@@ -63,6 +63,7 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         timestep_scaling: float = 10.0,
         sampler_options: dict | None = None,
         use_dynamic_shifting: bool = False,
+        schedule_sigmas: list | None = None,
     ):
         if sampler not in SAMPLERS:
             raise InvalidParameterError(f"sampler={sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
@@ -154,6 +155,12 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
 
     def _named_sigmas(self, steps: int) -> torch.Tensor:
         cfg = self.config
+        if cfg.schedule_sigmas:                    # a searched / fitted schedule: its step count is part of it
+            if steps != len(cfg.schedule_sigmas) - 1:
+                raise InvalidParameterError(
+                    f"this scheduler samples a fixed {len(cfg.schedule_sigmas) - 1}-step schedule (from a schedule "
+                    f"file); num_inference_steps={steps} does not match it")
+            return schedules.check_sigmas(cfg.schedule_sigmas)
         if cfg.schedule == "lcm" and self.param.kind == "vp":
             return schedules.sigmas_from_timesteps(
                 self.param, schedules.lcm_timesteps(steps, cfg.num_train_timesteps, cfg.original_inference_steps))
@@ -221,6 +228,25 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev, denoised)
         return NimbleSchedulerOutput(prev_sample=prev, denoised=denoised)
+
+    @classmethod
+    def from_schedule_file(cls, path, **config):
+        """The sampler, options and sigmas of a `nimblediff schedule search` file (BOSS, AutoDiffusion or a fitted
+        solver, whose weights only make sense with its own sigmas) on the noise schedule in `config` (e.g.
+        `**pipe.scheduler.config`); refuses a file made for another model type. Sample with
+        num_inference_steps = the file's nfe."""
+        from ..core.schedule_search import load_schedule
+
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        model_type = config.get("model_type", "vp")
+        data = load_schedule(path, model_type=model_type)
+        sampler = data.get("sampler", "euler")
+        if sampler not in SAMPLERS:
+            raise InvalidParameterError(f"schedule file {str(path)!r} names sampler {sampler!r}; "
+                                        f"valid: {', '.join(SAMPLERS)}")
+        options = {k: v for k, v in (data.get("options") or {}).items() if k in SAMPLER_OPTIONS[sampler]}
+        return cls.from_config({**config, "sampler": sampler, "sampler_options": options,
+                                "schedule_sigmas": data["sigmas"].tolist()})
 
     def add_noise(self, original_samples, noise, timesteps):
         sigma = self.param.t_to_sigma(timesteps.float().cpu()).to(original_samples.device)

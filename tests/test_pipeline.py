@@ -271,3 +271,41 @@ def test_unfused_lora_mode_matches_fused(tmp_path):
         ref = base("a cat", generator=torch.Generator().manual_seed(0), **kw).images
         assert abs(again - ref).max() <= 1e-5
     assert abs(images[0] - images[1]).max() <= 1e-4
+
+
+def test_scheduler_from_a_fitted_schedule_file(tmp_path):
+    """A fitted solver's file drives the scheduler: the same sample as the library loop on the same noise, and
+    num_inference_steps must be the file's step count."""
+    from diffusers import StableDiffusionPipeline
+
+    from nimblediff.core.sampling import SAMPLERS, run
+    from nimblediff.core.schedule_search import fit_solver, save_schedule
+    from nimblediff.errors import InvalidParameterError
+
+    param, data = VP(), GaussianData()
+    denoise = data.denoiser(param)
+    cal = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * param.sigma_max
+    fit = fit_solver(denoise, param, 3, x=cal, iterations=5, prior_shift=True)
+    save_schedule(tmp_path / "fit.json", fit)
+    sched = NimbleScheduler.from_schedule_file(tmp_path / "fit.json", **SD_SCHEDULE)
+    assert sched.config.sampler == "fitted" and sched.config.sampler_options["prior_shift"] is True
+
+    def model(x_t, t):
+        sigma = param.t_to_sigma(t).float()
+        x_k = x_t * (1 + sigma**2) ** 0.5
+        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+
+    ours = _run_scheduler(sched, model, 3, torch.float32)
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * (1 + param.sigma_max**2) ** 0.5
+    ref = run(SAMPLERS["fitted"], denoise, x, torch.tensor(fit["sigmas"]).float(), param=param, **fit["options"])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidParameterError, match="fixed 3-step"):
+        sched.set_timesteps(4)
+    with pytest.raises(InvalidParameterError, match="model_type='vp'"):
+        NimbleScheduler.from_schedule_file(tmp_path / "fit.json", model_type="flow")
+
+    pipe = StableDiffusionPipeline(**factories.tiny_sd15_components(0))     # in a stock pipeline
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = NimbleScheduler.from_schedule_file(tmp_path / "fit.json", **pipe.scheduler.config)
+    image = pipe("a cat", num_inference_steps=3, guidance_scale=1.0, output_type="np", height=32, width=32).images
+    assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
