@@ -363,27 +363,42 @@ def save_schedule(path, schedule: dict) -> None:
 def load_schedule(path, model_type: str | None = None) -> dict:
     """Read a schedule JSON; with `model_type` ("vp" / "flow", e.g. `param.kind`), refuse one searched for another
     model type. The sigmas are validated (strictly decreasing, finite, >= 0) and returned as a float tensor."""
-    from .schedules import check_sigmas
-
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise InvalidParameterError(f"cannot read the schedule file {str(path)!r}: {e}") from e
+    return check_schedule(data, model_type, source=f"schedule file {str(path)!r}")
+
+
+def parse_schedule(text: str, model_type: str | None = None) -> dict:
+    """A schedule given as JSON text (e.g. embedded in a workflow), checked as `load_schedule` checks a file."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise InvalidParameterError(f"the schedule text is not JSON ({e}); paste the contents of a "
+                                    "`nimblediff schedule search` file") from e
+    return check_schedule(data, model_type, source="schedule text")
+
+
+def check_schedule(data, model_type: str | None = None, source: str = "schedule") -> dict:
+    from .schedules import check_sigmas
+
+    if not isinstance(data, dict):
+        raise InvalidParameterError(f"{source}: expected a JSON object, got {type(data).__name__}")
     missing = [k for k in ("model_type", "nfe", "sigmas") if k not in data]
     if missing:
-        raise InvalidParameterError(f"schedule file {str(path)!r} lacks {missing}; expected keys model_type, "
-                                    "sampler, nfe, sigmas, created_by")
+        raise InvalidParameterError(f"{source} lacks {missing}; expected keys model_type, sampler, nfe, sigmas, "
+                                    "created_by")
     if model_type is not None and data["model_type"] != model_type:
         raise InvalidParameterError(
-            f"schedule file {str(path)!r} was searched for model_type={data['model_type']!r} but the target model "
-            f"is {model_type!r}; search a schedule for this model (its sigmas mean something else)")
+            f"{source} was searched for model_type={data['model_type']!r} but the target model is {model_type!r}; "
+            "search a schedule for this model (its sigmas mean something else)")
     sigmas = check_sigmas(data["sigmas"])
     if len(sigmas) - 1 != data["nfe"]:
-        raise InvalidParameterError(
-            f"schedule file {str(path)!r}: nfe={data['nfe']} but it holds {len(sigmas) - 1} steps of sigmas")
+        raise InvalidParameterError(f"{source}: nfe={data['nfe']} but it holds {len(sigmas) - 1} steps of sigmas")
     return {**data, "sigmas": sigmas}
 
 
 __all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "fit_solver", "bellman_path", "fine_grid",
            "reference_solve",
-           "jump", "save_schedule", "load_schedule", "METHODS"]
+           "jump", "save_schedule", "load_schedule", "parse_schedule", "check_schedule", "METHODS"]

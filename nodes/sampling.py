@@ -153,8 +153,9 @@ class RecipeSampler:
 
 class ScheduleFile:
     """SIGMAS and the SAMPLER they were searched or fitted for, from a schedule JSON (`nimblediff schedule search`:
-    BOSS, AutoDiffusion or a fitted solver, whose coefficients only make sense with these sigmas); refuses a file
-    made for another model type."""
+    BOSS, AutoDiffusion or a fitted solver, whose weights only make sense with these sigmas); refuses a schedule
+    made for another model type. `schedule_json` (the file's contents pasted in) embeds it in the workflow and
+    takes precedence over `path`."""
 
     CATEGORY = "NimbleDiff/sampling"
     RETURN_TYPES = ("SIGMAS", "SAMPLER")
@@ -162,16 +163,19 @@ class ScheduleFile:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": "schedule.json"})}}
+        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": "schedule.json"})},
+                "optional": {"schedule_json": ("STRING", {"default": "", "multiline": True,
+                                                           "tooltip": "a schedule file's JSON, embedded in the "
+                                                                      "workflow; overrides path"})}}
 
-    def load(self, model, path):
-        from ..core.schedule_search import load_schedule
+    def load(self, model, path, schedule_json=""):
+        from ..core.schedule_search import load_schedule, parse_schedule
 
         param = param_from_model_sampling(model.get_model_object("model_sampling"))
-        data = load_schedule(path, model_type=param.kind)
+        data = parse_schedule(schedule_json, param.kind) if schedule_json.strip() else load_schedule(path, param.kind)
         name = data.get("sampler", "euler")
         if name not in SAMPLERS:
-            raise ValueError(f"schedule file {path!r} names sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+            raise ValueError(f"schedule {path!r} names sampler {name!r}; valid: {', '.join(SAMPLERS)}")
         options = {k: v for k, v in (data.get("options") or {}).items() if k in SAMPLER_OPTIONS[name]}
         return torch.as_tensor(data["sigmas"], dtype=torch.float32), make_sampler(name, **options)
 

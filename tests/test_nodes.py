@@ -243,3 +243,19 @@ def test_schedule_file_node_gives_the_fitted_sampler(comfy, tmp_path):
     torch.testing.assert_close(out, ref)
     assert not torch.allclose(out, run(SAMPLERS["fitted"], lambda x, s: den(x.reshape(len(x), -1), s).reshape(
         x.shape), x, sigmas, param=param))            # the options did reach the sampler
+
+
+def test_schedule_node_reads_a_schedule_embedded_in_the_workflow(comfy, tmp_path):
+    from nimblediff.core.schedule_search import save_schedule
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import ScheduleFile
+
+    save_schedule(tmp_path / "s.json", {"model_type": "vp", "sampler": "dpmpp_2m", "nfe": 2, "options": {"beta": 0.8},
+                                        "sigmas": [14.6, 1.5, 0.0], "created_by": "test"})
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    sigmas, sampler = ScheduleFile().load(patcher, "not/there.json", (tmp_path / "s.json").read_text())
+    assert sigmas.tolist() == pytest.approx([14.6, 1.5, 0.0])
+    with pytest.raises(InvalidParameterError, match="not JSON"):
+        ScheduleFile().load(patcher, "not/there.json", "{sigmas: [1, 0]")
+    with pytest.raises(InvalidParameterError, match="not/there.json"):
+        ScheduleFile().load(patcher, "not/there.json", "  ")
