@@ -112,14 +112,22 @@ def _schedule_search(args) -> int:
         pipe.load_lora(args.lora)
     param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
     with torch.no_grad():
-        context, _ = pipe.encode_prompt(args.prompt, "cpu")
+        context = pipe.encode_prompt(args.prompt, "cpu")[0]
+        uncond = pipe.encode_prompt("", "cpu")[0]
     unet = pipe.unet.requires_grad_(False)
 
     def denoiser(x, sigma):                         # k-diffusion convention: x0 from (x, sigma)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        out = unet(x * param.c_in(s), param.sigma_to_t(sigma).to(x.dtype),
-                   encoder_hidden_states=context.expand(len(x), -1, -1)).sample
-        return param.denoised(x, s, out)
+        t = param.sigma_to_t(sigma).to(x.dtype)
+        if args.cfg == 1:
+            out = unet(x * param.c_in(s), t, encoder_hidden_states=context.expand(len(x), -1, -1)).sample
+            return param.denoised(x, s, out)
+        # the guided denoiser the sampler will see in a CFG graph: D_u + cfg (D_c - D_u)
+        ctx = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        out = unet(torch.cat([x, x]) * param.c_in(torch.cat([s, s])), torch.cat([t, t]),
+                   encoder_hidden_states=ctx).sample
+        d_u, d_c = param.denoised(torch.cat([x, x]), torch.cat([s, s]), out).chunk(2)
+        return d_u + args.cfg * (d_c - d_u)
 
     size = args.size // pipe.vae_scale_factor
     bar = tqdm(desc=f"{args.method} search", unit="eval")
@@ -136,7 +144,8 @@ def _schedule_search(args) -> int:
                                  shape=(unet.config.in_channels, size, size), sampler=args.sampler,
                                  progress=progress, **extra)
     bar.close()
-    save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt})
+    save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt,
+                        "cfg": args.cfg})
     sigmas = [round(s, 4) for s in result["sigmas"]]
     print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {sigmas} -> {out}")
     return 0
@@ -466,6 +475,7 @@ def main(argv=None) -> int:
                         help="fit: start from x + D(x), the true prior mean of SD-type (nonzero terminal SNR) models")
     search.add_argument("--nfe", type=int, default=4)
     search.add_argument("--prompt", default="")
+    search.add_argument("--cfg", type=float, default=1.0, help="search for the CFG-guided denoiser at this scale")
     search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")
     search.add_argument("--batch", type=int, default=8, help="calibration noises")
     search.add_argument("--seed", type=int, default=0)
