@@ -111,19 +111,21 @@ def _schedule_search(args) -> int:
     if args.lora:
         pipe.load_lora(args.lora)
     param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
+    prompts = args.prompt or [""]
     with torch.no_grad():
-        context = pipe.encode_prompt(args.prompt, "cpu")[0]
+        prompt_embeds = pipe.encode_prompt(prompts, "cpu")[0]                  # (P, L, D)
         uncond = pipe.encode_prompt("", "cpu")[0]
     unet = pipe.unet.requires_grad_(False)
 
     def denoiser(x, sigma):                         # k-diffusion convention: x0 from (x, sigma)
         s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         t = param.sigma_to_t(sigma).to(x.dtype)
+        context = prompt_embeds[torch.arange(len(x)) % len(prompts)]         # calibration noises cycle the prompts
         if args.cfg == 1:
-            out = unet(x * param.c_in(s), t, encoder_hidden_states=context.expand(len(x), -1, -1)).sample
+            out = unet(x * param.c_in(s), t, encoder_hidden_states=context).sample
             return param.denoised(x, s, out)
         # the guided denoiser the sampler will see in a CFG graph: D_u + cfg (D_c - D_u)
-        ctx = torch.cat([uncond.expand(len(x), -1, -1), context.expand(len(x), -1, -1)])
+        ctx = torch.cat([uncond.expand(len(x), -1, -1), context])
         out = unet(torch.cat([x, x]) * param.c_in(torch.cat([s, s])), torch.cat([t, t]),
                    encoder_hidden_states=ctx).sample
         d_u, d_c = param.denoised(torch.cat([x, x]), torch.cat([s, s]), out).chunk(2)
@@ -144,7 +146,7 @@ def _schedule_search(args) -> int:
                                  shape=(unet.config.in_channels, size, size), sampler=args.sampler,
                                  progress=progress, **extra)
     bar.close()
-    save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompt": args.prompt,
+    save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompts": prompts,
                         "cfg": args.cfg})
     sigmas = [round(s, 4) for s in result["sigmas"]]
     print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {sigmas} -> {out}")
@@ -474,7 +476,7 @@ def main(argv=None) -> int:
     search.add_argument("--prior-shift", action="store_true",
                         help="fit: start from x + D(x), the true prior mean of SD-type (nonzero terminal SNR) models")
     search.add_argument("--nfe", type=int, default=4)
-    search.add_argument("--prompt", default="")
+    search.add_argument("--prompt", action="append", help="calibration prompt (repeat for several; default: empty)")
     search.add_argument("--cfg", type=float, default=1.0, help="search for the CFG-guided denoiser at this scale")
     search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")
     search.add_argument("--batch", type=int, default=8, help="calibration noises")

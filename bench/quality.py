@@ -3,7 +3,8 @@ no distillation, on fixed prompts and seeds. Prints a Markdown table, writes out
 
     python bench/quality.py [--model weights/tiny/nimblediff-tiny] [--lora weights/tiny/nimblediff-tiny-flash-lora.safetensors]
 
-Uses diffusers' own StableDiffusionPipeline and schedulers (NimbleDiff's pipeline is compared later).
+Uses diffusers' own StableDiffusionPipeline and schedulers; the "teacher fitted solver" row swaps in NimbleScheduler
+with the shipped 4-step solver fitted to the teacher at CFG 5 (`nimblediff schedule search --method fit`).
 """
 
 import argparse
@@ -22,14 +23,19 @@ CFG = 5.0
 # (name, scheduler, steps, guidance, LoRA on)
 CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25, CFG, False),
            ("teacher DPM++", "dpm", 8, CFG, False), ("teacher DPM++", "dpm", 4, CFG, False),
-           ("teacher DDIM", "ddim", 4, CFG, False), ("no distillation LCM", "lcm", 4, 1.0, False),
+           ("teacher DDIM", "ddim", 4, CFG, False), ("teacher fitted solver", "fitted", 4, CFG, False),
+           ("no distillation LCM", "lcm", 4, 1.0, False),
            ("Flash LoRA LCM", "lcm", 1, 1.0, True), ("Flash LoRA LCM", "lcm", 2, 1.0, True),
            ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
 
 
-def scheduler(kind, config):
+def scheduler(kind, config, schedule_file=None):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
+    if kind == "fitted":  # NimbleScheduler with a solver fitted to this model (`nimblediff schedule search`)
+        from nimblediff.pipelines import NimbleScheduler
+
+        return NimbleScheduler.from_schedule_file(schedule_file, **config)
     return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "lcm": LCMScheduler}[kind].from_config(config)
 
 
@@ -58,6 +64,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny"))
     p.add_argument("--lora", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-flash-lora.safetensors"))
+    p.add_argument("--schedule", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-fit4.json"),
+                   help="fitted 4-step solver for the teacher row 'teacher fitted solver' (skipped if missing)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out")
@@ -82,9 +90,9 @@ def main():
              f"{real_acc['position']:.3f} | {real_acc['count']:.3f} | 0 | - | - |"]
     rows, labels = [real], ["real"]
     for name, kind, steps, guidance, lora in CONFIGS:
-        if lora and not has_lora:
+        if (lora and not has_lora) or (kind == "fitted" and not os.path.exists(a.schedule)):
             continue
-        pipe.scheduler = scheduler(kind, base_config)
+        pipe.scheduler = scheduler(kind, base_config, a.schedule)
         if has_lora:
             pipe.enable_lora() if lora else pipe.disable_lora()
         generate(pipe, captions[:2], steps, guidance)  # warm-up
