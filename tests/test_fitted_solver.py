@@ -14,13 +14,6 @@ from nimblediff.core.sampling import SAMPLERS, run
 from nimblediff.errors import InvalidParameterError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _noise(param, n, dim=2, seed=0):
     z = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

@@ -21,15 +21,6 @@ from nimblediff.errors import InvalidParameterError, SamplingError  # noqa: E402
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny ops: on a shared 2-core machine a second intra-op thread makes them up to
-    100x slower (spin-waiting), so they run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _seeded_noise(shape, seed):
     g = torch.Generator().manual_seed(seed)

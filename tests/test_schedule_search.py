@@ -14,15 +14,6 @@ from nimblediff.core.sampling import SAMPLERS, run
 from nimblediff.errors import InvalidParameterError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run thousands of tiny ops: on a shared 2-core machine a second intra-op thread makes them up to
-    100x slower (spin-waiting), so they run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_bellman_hand_checked():
     """4 nodes. Two jumps: 0-1-3 costs 1 + 5, 0-2-3 costs 2 + 1 (best); one jump: 0-3; three: 0-1-2-3."""
