@@ -24,6 +24,7 @@ CFG = 5.0
 CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25, CFG, False),
            ("teacher DPM++", "dpm", 8, CFG, False), ("teacher DPM++", "dpm", 4, CFG, False),
            ("teacher DDIM", "ddim", 4, CFG, False), ("teacher fitted solver", "fitted", 4, CFG, False),
+           ("no distillation LCM", "lcm", 1, 1.0, False), ("no distillation LCM", "lcm", 2, 1.0, False),
            ("no distillation LCM", "lcm", 4, 1.0, False),
            ("Flash LoRA LCM", "lcm", 1, 1.0, True), ("Flash LoRA LCM", "lcm", 2, 1.0, True),
            ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
