@@ -104,8 +104,10 @@ or missing there).
 - vae: L1 + L2 + 1e-6 KL, AdamW 1e-3, batch 16; scaling_factor = 1 / std of held-out latents.
 - unet: UNet and text encoder trained jointly, epsilon-prediction DDPM loss on VAE latents, 10% empty captions
   (for CFG), AdamW 5e-4 (100-step warm-up), grad clip 1, batch 48, EMA 0.999 (shipped). The shipped run took
-  its first 75 minutes with the plain loss on one contended thread, then resumed with Min-SNR-5 loss weights (Hang
-  et al. 2023; now the default, `--min-snr`) on two threads up to 150 minutes of wall time.
+  its first 1,605 steps (75 minutes) with the plain loss on one contended thread, then resumed with Min-SNR-5 loss
+  weights (Hang et al. 2023; now the default, `--min-snr`) on two threads, sharing the machine with other jobs, to
+  150 minutes of wall time. On two free cores a step takes about 1.1 s, so its 3,121 steps take about an hour; the
+  default budget is 90 minutes.
 - flash: Flash Diffusion distillation into the LoRA (AdamW 1e-3, batch 16, two threads): the student (no CFG)
   predicts, in one step from a latent noised to t in {{999, 759, 499, 259}}, the x0 the teacher reaches in
   {teacher_steps} DDIM steps at CFG {guidance}; the mixture over the four timesteps shifts from low to high noise over
@@ -140,7 +142,7 @@ img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=
 
 ## Reproduce
 ```
-python -m nimblediff.tiny.train --stage all --out runs/tiny --threads 2   # resumable; about 3h10 on two cores
+python -m nimblediff.tiny.train --stage all --out runs/tiny --threads 2   # resumable; at most 15 + 90 + 25 min
 python -m nimblediff.tiny.evaluate                                          # shape evaluator, about 1 min
 python -m nimblediff.tiny.package && python bench/quality.py && python -m nimblediff.tiny.package
 ```
