@@ -263,7 +263,7 @@ def autodiffusion(denoiser, param, nfe: int, *, x, sampler: str = "euler", optio
 
 def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth: int = 3, iterations: int = 400,
                lr: float = 0.03, corrector: bool = True, prior_shift: bool = False, progress=None,
-               substeps: int = 8, rho_range=(2e-3, 1e3), **_ignored) -> dict:
+               substeps: int = 8, rho_range=(2e-3, 1e3)) -> dict:
     """Fit the `fitted` sampler to a model: its nfe - 1 interior sigmas, the per-step mixing weights of up to
     `depth` past x0 predictions and (corrector=True) one corrector gain per step, by Adam on the mean L2 of the
     nfe-step result to the reference solve over the calibration batch x (gradients flow through the model).
@@ -343,9 +343,11 @@ def search_schedule(method: str, denoiser, param, nfe: int, *, x=None, shape=Non
         if shape is None:
             raise InvalidParameterError("pass the calibration noise x or the sample shape=(C, H, W) to draw it")
         x = _prior(param, tuple(shape), batch, seed)
-    search = {"boss": boss, "autodiffusion": autodiffusion, "fit": fit_solver}[method]
+    if method == "fit":                         # the fitted solver is its own sampler
+        return fit_solver(denoiser, param, nfe, x=x, progress=progress, **kwargs)
     if method == "autodiffusion":
         kwargs.setdefault("seed", seed)
+    search = boss if method == "boss" else autodiffusion
     return search(denoiser, param, nfe, x=x, sampler=sampler, options=options, progress=progress, **kwargs)
 
 
@@ -380,6 +382,20 @@ def parse_schedule(text: str, model_type: str | None = None) -> dict:
     return check_schedule(data, model_type, source="schedule text")
 
 
+def sampler_of(schedule: dict) -> tuple[str, dict]:
+    """The sampler a checked schedule was searched or fitted for, and its options (the fitted solver's weights):
+    what a node or scheduler needs besides the sigmas."""
+    name = schedule.get("sampler", "euler")
+    if name not in SAMPLERS:
+        raise InvalidParameterError(f"the schedule names sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    options = dict(schedule.get("options") or {})
+    unknown = sorted(set(options) - set(SAMPLER_OPTIONS[name]))
+    if unknown:
+        raise InvalidParameterError(f"the schedule gives {name} the options {unknown}; it takes "
+                                    f"{sorted(SAMPLER_OPTIONS[name])}")
+    return name, options
+
+
 def check_schedule(data, model_type: str | None = None, source: str = "schedule") -> dict:
     from .schedules import check_sigmas
 
@@ -401,4 +417,4 @@ def check_schedule(data, model_type: str | None = None, source: str = "schedule"
 
 __all__ = ["search_schedule", "boss", "boss_costs", "autodiffusion", "fit_solver", "bellman_path", "fine_grid",
            "reference_solve",
-           "jump", "save_schedule", "load_schedule", "parse_schedule", "check_schedule", "METHODS"]
+           "jump", "save_schedule", "load_schedule", "parse_schedule", "check_schedule", "sampler_of", "METHODS"]

@@ -169,14 +169,11 @@ class ScheduleFile:
                                                                       "workflow; overrides path"})}}
 
     def load(self, model, path, schedule_json=""):
-        from ..core.schedule_search import load_schedule, parse_schedule
+        from ..core.schedule_search import load_schedule, parse_schedule, sampler_of
 
         param = param_from_model_sampling(model.get_model_object("model_sampling"))
         data = parse_schedule(schedule_json, param.kind) if schedule_json.strip() else load_schedule(path, param.kind)
-        name = data.get("sampler", "euler")
-        if name not in SAMPLERS:
-            raise ValueError(f"schedule {path!r} names sampler {name!r}; valid: {', '.join(SAMPLERS)}")
-        options = {k: v for k, v in (data.get("options") or {}).items() if k in SAMPLER_OPTIONS[name]}
+        name, options = sampler_of(data)
         return torch.as_tensor(data["sigmas"], dtype=torch.float32), make_sampler(name, **options)
 
 

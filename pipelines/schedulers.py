@@ -235,16 +235,11 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         solver, whose weights only make sense with its own sigmas) on the noise schedule in `config` (e.g.
         `**pipe.scheduler.config`); refuses a file made for another model type. Sample with
         num_inference_steps = the file's nfe."""
-        from ..core.schedule_search import load_schedule
+        from ..core.schedule_search import load_schedule, sampler_of
 
         config = {k: v for k, v in config.items() if not k.startswith("_")}
-        model_type = config.get("model_type", "vp")
-        data = load_schedule(path, model_type=model_type)
-        sampler = data.get("sampler", "euler")
-        if sampler not in SAMPLERS:
-            raise InvalidParameterError(f"schedule file {str(path)!r} names sampler {sampler!r}; "
-                                        f"valid: {', '.join(SAMPLERS)}")
-        options = {k: v for k, v in (data.get("options") or {}).items() if k in SAMPLER_OPTIONS[sampler]}
+        data = load_schedule(path, model_type=config.get("model_type", "vp"))
+        sampler, options = sampler_of(data)
         return cls.from_config({**config, "sampler": sampler, "sampler_options": options,
                                 "schedule_sigmas": data["sigmas"].tolist()})
 

@@ -155,3 +155,12 @@ def test_bad_schedule_files(tmp_path, content, word):
         search.load_schedule(path, model_type="vp")
     with pytest.raises(InvalidParameterError, match="lacks"):
         search.save_schedule(tmp_path / "t.json", {"sigmas": [1.0, 0.0]})
+
+
+def test_sampler_of_a_schedule():
+    assert search.sampler_of({"sampler": "plms", "options": {"order": 3}}) == ("plms", {"order": 3})
+    assert search.sampler_of({}) == ("euler", {})                       # older files name no sampler
+    with pytest.raises(InvalidParameterError, match="'nope'"):
+        search.sampler_of({"sampler": "nope"})
+    with pytest.raises(InvalidParameterError, match=r"\['bogus'\]"):
+        search.sampler_of({"sampler": "fitted", "options": {"bogus": 1}})
