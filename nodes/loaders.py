@@ -19,7 +19,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -321,26 +320,18 @@ def _clip_text_model_class():
     return CLIPTextModelAnyVocab
 
 
-# Fewer tokens than this and the vocabulary is a closed word list (NimbleDiff-Tiny's grammar: ~600 tokens, of which
-# 512 are CLIP's byte characters), not a BPE over open text (CLIP's 49,408).
-CLOSED_VOCAB_SIZE = 5000
-
-
 @functools.cache
 def _closed_vocab_tokenizer_class():
     import comfy.sd1_clip
+
+    from ..tiny.vocab import check_words
 
     class ClosedVocabTokenizer(comfy.sd1_clip.SDTokenizer):
         """CLIP's BPE never fails: a word outside a closed vocabulary would be spelled out in byte tokens the text
         encoder never saw and silently ignored. Refuse the prompt instead, naming the words."""
 
         def tokenize_with_weights(self, text: str, return_word_ids=False, **kwargs):
-            vocab = self.tokenizer.get_vocab()
-            unknown = sorted({w for w in re.findall(r"[a-z]+", text.lower()) if w + "</w>" not in vocab})
-            if unknown:
-                words = sorted(k[:-4] for k in vocab if k.endswith("</w>") and len(k) > 5 and k[:-4].isalpha())
-                raise ValueError(f"prompt {text!r} has words outside this model's vocabulary: {unknown}; "
-                                 f"valid words: {words}")
+            check_words([text], self.tokenizer.get_vocab())
             return super().tokenize_with_weights(text, return_word_ids, **kwargs)
 
     return ClosedVocabTokenizer
@@ -373,6 +364,7 @@ def build_clip(folder: Path, embedding_directory=None, model_options=None):
     import comfy.sd
     from transformers import CLIPTokenizer
 
+    from ..tiny.vocab import CLOSED_VOCAB_SIZE
     from ..weights import keymaps
 
     text_config = text_config_from_transformers(_read_json(folder / "text_encoder" / "config.json"))

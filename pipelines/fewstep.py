@@ -13,7 +13,12 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError
+from ..tiny.vocab import CLOSED_VOCAB_SIZE, check_words
 from .schedulers import NimbleScheduler
+
+
+def _as_list(texts) -> list:
+    return [] if texts is None else [texts] if isinstance(texts, str) else list(texts)
 
 
 class FewStepPipeline(StableDiffusionPipeline):
@@ -62,6 +67,9 @@ class FewStepPipeline(StableDiffusionPipeline):
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
                       clip_skip=None):
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        if len(self.tokenizer) < CLOSED_VOCAB_SIZE:     # e.g. NimbleDiff-Tiny: name unknown words, never drop them
+            check_words([p for p in list(prompts or []) + _as_list(negative_prompt) if isinstance(p, str)],
+                        self.tokenizer.get_vocab())
         # diffusers' _execution_device walks every module's hooks (~2 ms on a small model): ask once per call
         device = device or self._execution_device
         if prompt_embeds is None:

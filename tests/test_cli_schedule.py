@@ -28,7 +28,7 @@ def test_fit_cli_differentiates_through_the_unet(tmp_path):
     out = tmp_path / "fit.json"
     args = ["schedule", "search", "--model", str(tmp_path / "model"), "--method", "fit", "--nfe", "3",
             "--batch", "2", "--size", "16", "--iterations", "4", "--prior-shift", "--cfg", "3", "--out", str(out),
-            "--prompt", "a cat", "--prompt", "a red square",
+            "--prompt", "a cat", "--prompt", "a red dog",
             "--threads", "1"]
     assert main(args) == 0
     data = load_schedule(out, model_type="vp")

@@ -309,3 +309,18 @@ def test_scheduler_from_a_fitted_schedule_file(tmp_path):
     pipe.scheduler = NimbleScheduler.from_schedule_file(tmp_path / "fit.json", **pipe.scheduler.config)
     image = pipe("a cat", num_inference_steps=3, guidance_scale=1.0, output_type="np", height=32, width=32).images
     assert image.shape == (1, 32, 32, 3) and float(image.std()) > 0
+
+
+def test_closed_vocabulary_prompts_are_checked():
+    """NimbleDiff-Tiny's tokenizer is a closed word list: a word outside it (prompt or negative prompt) is named,
+    not spelled out in byte tokens."""
+    from nimblediff.cli import EMBEDDED_MODEL
+    from nimblediff.errors import InvalidParameterError
+
+    pipe = FewStepPipeline.from_pretrained(EMBEDDED_MODEL, torch_dtype=torch.float32)
+    with pytest.raises(InvalidParameterError, match=r"\['cat'\]"):
+        pipe.encode_prompt("a red cat on the left", "cpu")
+    with pytest.raises(InvalidParameterError, match=r"\['blurry'\]"):
+        pipe.encode_prompt("a red circle", "cpu", do_classifier_free_guidance=True, negative_prompt="blurry")
+    embeds, _ = pipe.encode_prompt(["a red circle on the left", "a small blue star"], "cpu")
+    assert embeds.shape[0] == 2

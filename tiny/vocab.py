@@ -75,3 +75,26 @@ def check_prompt(prompt):
     if len(prompt_words(prompt)) > MAX_LENGTH - 2:
         raise InvalidParameterError(f"prompt {prompt!r} has more than {MAX_LENGTH - 2} words")
     return prompt
+
+
+# Fewer tokens than this and a CLIP tokenizer's vocabulary is a closed word list (this grammar: ~600 tokens, of which
+# 512 are byte characters), not a BPE over open text (CLIP's 49,408).
+CLOSED_VOCAB_SIZE = 5000
+
+
+def unknown_words(text, vocab) -> list:
+    """Words of `text` a closed-vocabulary CLIP tokenizer (its `get_vocab()`) has no whole-word token for; it would
+    spell them out in byte tokens its text encoder never saw. Always [] for an open vocabulary."""
+    if len(vocab) >= CLOSED_VOCAB_SIZE:
+        return []
+    return sorted({w for w in prompt_words(text) if w + "</w>" not in vocab})
+
+
+def check_words(texts, vocab, what="prompt"):
+    """Raise InvalidParameterError naming the unknown words of any text, with the words the vocabulary has."""
+    for text in texts:
+        unknown = unknown_words(text, vocab)
+        if unknown:
+            words = sorted(k[:-4] for k in vocab if k.endswith("</w>") and len(k) > 5 and k[:-4].isalpha())
+            raise InvalidParameterError(f"{what} {text!r} has words outside this model's vocabulary: {unknown}; "
+                                        f"valid words: {words}")
