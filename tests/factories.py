@@ -33,15 +33,10 @@ def _seeded(seed: int, build):
 
 # ---------------------------------------------------------------------------------------------------------- text
 def _byte_chars() -> list[str]:
-    """GPT-2/CLIP byte-to-unicode table: 256 printable characters, one per byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    """GPT-2/CLIP byte-to-unicode table: 256 printable characters, one per byte, in byte order."""
+    from nimblediff.tiny.vocab import bytes_to_unicode
+
+    return [c for _, c in sorted(bytes_to_unicode().items())]
 
 
 _CLIP_WORDS = ("a", "photo", "of", "cat", "dog", "the", "in", "on", "red", "blue", "painting", "astronaut", "horse")

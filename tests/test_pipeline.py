@@ -28,6 +28,17 @@ def _run_scheduler(scheduler, model, steps, dtype, seed=1, shape=(1, 4, 8, 8)):
     return x
 
 
+def _eps_model(param, denoise):
+    """A UNet stand-in: the eps an exact k-space denoiser implies at VP input x_t and timestep t."""
+
+    def model(x_t, t):
+        sigma = param.t_to_sigma(t).float()
+        x_k = x_t * (1 + sigma**2) ** 0.5
+        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+
+    return model
+
+
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
 def test_scheduler_matches_lcm_scheduler_on_tiny_unet(steps):
     from diffusers import LCMScheduler
@@ -58,10 +69,7 @@ def test_scheduler_matches_lcm_scheduler_on_exact_denoiser(steps):
     param, data = VP(), GaussianData()
     denoise = data.denoiser(param)
 
-    def model(x_t, t):
-        sigma = param.t_to_sigma(t).float()
-        x_k = x_t * (1 + sigma**2) ** 0.5
-        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+    model = _eps_model(param, denoise)
 
     ref = _run_scheduler(LCMScheduler(timestep_spacing="trailing", **SD_SCHEDULE), model, steps, torch.float32)
     ours = _run_scheduler(NimbleScheduler(**SD_SCHEDULE), model, steps, torch.float32)
@@ -205,10 +213,7 @@ def test_tcd_matches_diffusers_tcd_scheduler(steps, gamma):
     param, data = VP(), GaussianData()
     denoise = data.denoiser(param)
 
-    def model(x_t, t):
-        sigma = param.t_to_sigma(t).float()
-        x_k = x_t * (1 + sigma**2) ** 0.5
-        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+    model = _eps_model(param, denoise)
 
     def drive(scheduler):
         scheduler.set_timesteps(steps)
@@ -290,10 +295,7 @@ def test_scheduler_from_a_fitted_schedule_file(tmp_path):
     sched = NimbleScheduler.from_schedule_file(tmp_path / "fit.json", **SD_SCHEDULE)
     assert sched.config.sampler == "fitted" and sched.config.sampler_options["prior_shift"] is True
 
-    def model(x_t, t):
-        sigma = param.t_to_sigma(t).float()
-        x_k = x_t * (1 + sigma**2) ** 0.5
-        return (x_k - denoise(x_k, sigma.reshape(1))) / sigma
+    model = _eps_model(param, denoise)
 
     ours = _run_scheduler(sched, model, 3, torch.float32)
     x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * (1 + param.sigma_max**2) ** 0.5
