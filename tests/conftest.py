@@ -13,3 +13,20 @@ def _one_thread():
     """Back to one thread after every test: a CLI test runs with its own --threads, which is process-global."""
     yield
     torch.set_num_threads(1)
+
+
+_REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "gguf", "tokenizers",
+             "huggingface_hub", "numpy")
+
+
+def pytest_report_header(config):
+    """Name the dependency set the suite ran on (constraints.txt pins the tested one)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def _v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "absent"
+
+    return "nimblediff deps: " + ", ".join(f"{n} {_v(n)}" for n in _REPORTED)
