@@ -1,8 +1,9 @@
-"""The `nimblediff` command: demo, workflow validation, LoRA tools, tiny-model training."""
+"""The `nimblediff` command: demo on the embedded model, workflow tools, schedule search and LoRA tools."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,39 +12,117 @@ EMBEDDED = Path(__file__).parent / "weights" / "tiny"
 EMBEDDED_MODEL = EMBEDDED / "nimblediff-tiny"
 EMBEDDED_FLASH_LORA = EMBEDDED / "nimblediff-tiny-flash-lora.safetensors"
 
+# Chosen to show what the model does well (each renders as written at --seed 0); README says what it gets wrong.
 DEMO_PROMPTS = ["a red circle in the center", "a blue square on the left", "a large green triangle at the top",
                 "a yellow star at the bottom on a black background", "a purple circle on the right on a white background",
                 "a small red square on the left and a blue star on the right"]
 
 
-def _demo(args) -> int:
+def _quiet_libraries() -> None:
+    """diffusers / transformers log import-time notices and loading bars on every run; the CLI shows only errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _free_cores() -> tuple[int, int, float]:
+    """(cores this process may use, cores not busy by the 1-minute load average, that load)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = max(0, round(load - 0.25))           # a core busy a quarter of the time still preempts a spinning thread
+    return cores, max(1, cores - busy), load
+
+
+def _set_threads(requested) -> int:
+    """torch intra-op threads: as asked, or with "auto" the cores not already busy.
+
+    On a small model an OpenMP thread that loses its core to another process stalls every op: with one of two cores
+    busy, two threads ran the demo 10-30x slower than one."""
     import torch
+
+    if requested == "auto":
+        cores, free, load = _free_cores()
+        torch.set_num_threads(free)
+        print(f"threads: {free} (auto: {cores} cores, 1-min load {load:.2f}; --threads N to choose)")
+        return free
+    torch.set_num_threads(requested)
+    return requested
+
+
+def _threads_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of threads >= 1, or auto")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
+    return value
+
+
+def _load_pipeline(folder, dtype):
+    """FewStepPipeline from a folder, without diffusers' per-component loading bar."""
+    from diffusers.utils import logging as diffusers_logging
 
     from .pipelines import FewStepPipeline
 
-    torch.set_num_threads(args.threads)
+    diffusers_logging.disable_progress_bar()
+    pipe = FewStepPipeline.from_pretrained(folder, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _model_folder(path) -> Path:
+    """An existing diffusers pipeline folder (the CLI runs offline: no hub ids)."""
+    from .errors import WeightsFormatError
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        what = "no such folder" if not folder.is_dir() else "not a diffusers pipeline folder (no model_index.json)"
+        raise WeightsFormatError(f"--model {path}: {what}; give a diffusers pipeline folder such as {EMBEDDED_MODEL}")
+    return folder
+
+
+def _demo(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
     if not (EMBEDDED_MODEL / "model_index.json").is_file():
         print(f"error: the embedded model is missing: {EMBEDDED_MODEL / 'model_index.json'} "
               "(the repository checkout is incomplete)", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    pipe = FewStepPipeline.from_pretrained(EMBEDDED_MODEL, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    if EMBEDDED_FLASH_LORA.is_file():
-        pipe.load_acceleration_lora(EMBEDDED_FLASH_LORA, recipe="nimblediff-tiny-flash")
-    load_s = time.perf_counter() - t0
     prompts = args.prompt or DEMO_PROMPTS
     from .tiny.vocab import check_prompt
 
     for prompt in prompts:       # the tiny model knows only its caption grammar: name unknown words, never drop them
         check_prompt(prompt)
+    import torch
+
+    _set_threads(args.threads)
     t0 = time.perf_counter()
-    images = pipe(prompts, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed)).images
+    pipe = _load_pipeline(EMBEDDED_MODEL, torch.float32)
+    pipe.load_acceleration_lora(EMBEDDED_FLASH_LORA, recipe="nimblediff-tiny-flash")
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # one generator per image: each picture depends on its own seed, not on its place in the batch
+    generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]
+    images = pipe(prompts, num_inference_steps=args.steps, generator=generators).images
     gen_s = time.perf_counter() - t0
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _captioned_grid(images, prompts, scale=args.scale).save(out)
-    print(f"{len(images)} images, {args.steps} steps, Flash LoRA {'on' if EMBEDDED_FLASH_LORA.is_file() else 'off'}: "
+    print(f"{len(images)} images, {args.steps} steps, Flash LoRA on: "
           f"load {load_s:.2f} s, generate {gen_s:.2f} s ({gen_s / len(images):.3f} s/image) -> {out}")
     return 0
 
@@ -66,14 +145,44 @@ def _captioned_grid(images, captions, scale: int = 3):
     return grid
 
 
+def _read_workflow(path, want: str | None = None) -> dict:
+    """A workflow file's JSON, refusing what is not JSON or not a ComfyUI workflow (UI or API format)."""
+    import json
+
+    from .errors import InvalidParameterError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise InvalidParameterError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidParameterError(f"{path}: not JSON ({e}); give a ComfyUI workflow .json file") from None
+    is_ui = isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+    is_api = isinstance(data, dict) and bool(data) and all(
+        isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict) for n in data.values())
+    if want == "api" and not is_api:
+        raise InvalidParameterError(f"{path}: not an API-format workflow (a JSON object of nodes, each with "
+                                    "class_type and inputs, as ComfyUI's 'Export (API)' writes)"
+                                    + ("; this one is already in the UI format" if is_ui else ""))
+    if not (is_ui or is_api):
+        raise InvalidParameterError(f"{path}: not a ComfyUI workflow: expected the UI format (an object with "
+                                    "'nodes' and 'links') or the API format (an object of nodes with 'class_type')")
+    return data
+
+
 def _workflow_validate(args) -> int:
+    from .errors import NimbleDiffError
     from .workflow_check import WORKFLOWS, validate_file
 
     paths = args.paths or sorted(WORKFLOWS.glob("*.json")) + sorted((WORKFLOWS / "api").glob("*.json"))
     paths = [p for p in map(Path, paths) if p.name != "core_nodes.json"]
     failures = 0
     for path in paths:
-        errors = validate_file(path)
+        try:
+            _read_workflow(path)
+            errors = validate_file(path)
+        except NimbleDiffError as e:
+            errors = [str(e)]
         failures += bool(errors)
         print(f"{'FAIL' if errors else 'ok  '} {path}")
         for e in errors:
@@ -90,7 +199,15 @@ def _workflow_to_ui(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    out.write_text(json.dumps(api_to_ui(json.loads(Path(args.api).read_text())), indent=1))
+    api = _read_workflow(args.api, want="api")
+    try:
+        ui = api_to_ui(api)
+    except KeyError as e:
+        from .errors import InvalidParameterError
+
+        raise InvalidParameterError(f"{args.api}: refers to node or node type {e} that the workflow or the "
+                                    "NimbleDiff/ComfyUI schemas do not define") from None
+    out.write_text(json.dumps(ui, indent=1))
     print(f"wrote {out}")
     return 0
 
@@ -100,14 +217,15 @@ def _schedule_search(args) -> int:
     from tqdm import tqdm
 
     from .core.schedule_search import save_schedule, search_schedule
-    from .pipelines import FewStepPipeline, NimbleScheduler
+    from .pipelines import NimbleScheduler
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    torch.set_num_threads(args.threads)
-    pipe = FewStepPipeline.from_pretrained(args.model or EMBEDDED_MODEL)
+    folder = _model_folder(args.model or EMBEDDED_MODEL)
+    _set_threads(args.threads)
+    pipe = _load_pipeline(folder, _dtype(args.dtype))
     if args.lora:
         pipe.load_lora(args.lora)
     param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
@@ -132,7 +250,10 @@ def _schedule_search(args) -> int:
         return d_u + args.cfg * (d_c - d_u)
 
     size = args.size // pipe.vae_scale_factor
-    bar = tqdm(desc=f"{args.method} search", unit="eval")
+    print(f"{args.method} on {folder.name} ({args.dtype}, batch {args.batch}, "
+          + (f"grid {args.grid}" if args.method == "boss" else f"NFE {args.nfe}")
+          + "): the bar's estimate settles after its first steps; Ctrl-C stops without writing")
+    bar = tqdm(desc=f"{args.method} search", unit="step")
 
     def progress(done, total):
         bar.total = total
@@ -157,7 +278,7 @@ def _lora_inspect(args) -> int:
     from .weights.lora_formats import read_lora
 
     deltas, report = read_lora(args.path)
-    print(report)
+    print(report.summary())
     ranks = {}
     for delta in deltas.values():
         ranks[getattr(delta, "rank", "diff")] = ranks.get(getattr(delta, "rank", "diff"), 0) + 1
@@ -446,11 +567,14 @@ def main(argv=None) -> int:
 
     demo = sub.add_parser("demo", help="generate a captioned grid with the embedded model (Flash LoRA, 4 steps)")
     demo.add_argument("--out", default="out/demo.png")
-    demo.add_argument("--steps", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--scale", type=int, default=3, help="upscale factor of the 64x64 tiles in the grid")
-    demo.add_argument("--threads", type=int, default=2)
-    demo.add_argument("--prompt", action="append", help="a prompt (repeatable); default: four demo prompts")
+    demo.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    demo.add_argument("--steps", type=_positive_int, default=4)
+    demo.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    demo.add_argument("--scale", type=_positive_int, default=3, help="upscale factor of the 64x64 tiles in the grid")
+    demo.add_argument("--threads", type=_threads_arg, default="auto",
+                      help="torch threads, or auto: the cores not busy by the 1-minute load average (default)")
+    demo.add_argument("--prompt", action="append",
+                      help=f"a prompt (repeatable); default: {len(DEMO_PROMPTS)} demo prompts")
     demo.set_defaults(run=_demo)
 
     workflow = sub.add_parser("workflow", help="workflow tools").add_subparsers(dest="action", required=True)
@@ -475,14 +599,18 @@ def main(argv=None) -> int:
     search.add_argument("--iterations", type=int, default=200, help="fit: Adam iterations")
     search.add_argument("--prior-shift", action="store_true",
                         help="fit: start from x + D(x), the true prior mean of SD-type (nonzero terminal SNR) models")
-    search.add_argument("--nfe", type=int, default=4)
+    search.add_argument("--nfe", type=_positive_int, default=4)
     search.add_argument("--prompt", action="append", help="calibration prompt (repeat for several; default: empty)")
     search.add_argument("--cfg", type=float, default=1.0, help="search for the CFG-guided denoiser at this scale")
     search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")
-    search.add_argument("--batch", type=int, default=8, help="calibration noises")
+    search.add_argument("--batch", type=_positive_int, default=8, help="calibration noises")
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--grid", type=int, default=120, help="BOSS: fine sigma grid size")
-    search.add_argument("--threads", type=int, default=2)
+    search.add_argument("--grid", type=_positive_int, default=40,
+                        help="BOSS: fine sigma grid size (cost grows with its square; the paper uses 100-200)")
+    search.add_argument("--dtype", choices=_DTYPES, default="fp32",
+                        help="load every model component in this dtype (default fp32: fp16 is slow on CPU)")
+    search.add_argument("--threads", type=_threads_arg, default="auto",
+                        help="torch threads, or auto: the cores not busy by the 1-minute load average")
     search.add_argument("--out", default="schedule.json")
     search.add_argument("--overwrite", action="store_true")
     search.set_defaults(run=_schedule_search)
@@ -493,11 +621,35 @@ def main(argv=None) -> int:
     inspect.set_defaults(run=_lora_inspect)
     _add_lora_commands(lora)
 
+    for leaf in _leaf_parsers(parser):     # given after the command name, where users type it
+        leaf.add_argument("--quiet", "-q", action="store_true", help="print only errors")
     args = parser.parse_args(argv)
+    _quiet_libraries()
     from .errors import NimbleDiffError
 
+    stdout = sys.stdout
+    if args.quiet:            # errors still reach stderr; progress bars (tqdm) read TQDM_DISABLE
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.run(args)
     except NimbleDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+
+
+def _leaf_parsers(parser):
+    """Every parser that runs a command (walks the subcommand tree)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):
+            yield from _leaf_parsers(child)

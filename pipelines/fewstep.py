@@ -14,6 +14,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError
 from ..tiny.vocab import CLOSED_VOCAB_SIZE, check_words
+from .dtypes import agree_dtypes, check_pipeline_folder
 from .schedulers import NimbleScheduler
 
 
@@ -36,6 +37,13 @@ class FewStepPipeline(StableDiffusionPipeline):
                          image_encoder, requires_safety_checker)
         self._adapters = []          # callables that undo each loaded LoRA (unfuse / detach), newest last
         self.recipe = None
+        agree_dtypes(self)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """diffusers' loader, with a NimbleDiff error for a local folder that is not a diffusers pipeline."""
+        check_pipeline_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # --- scheduler ------------------------------------------------------------------------------------------------
 
@@ -99,8 +107,10 @@ class FewStepPipeline(StableDiffusionPipeline):
         """Fuse a LoRA file or state dict of any supported layout; stack by calling again. Returns a load report.
 
         fuse=False attaches plain LoRAs as forward hooks instead: instant to add and remove (no pass over the
-        weights), a few percent slower per forward."""
-        from ..core.adapters.apply import ModuleIndex, fuse_many
+        weights), a few percent slower per forward. Both modes validate every key of every component (UNet and
+        text encoder) before changing anything, so a load that raises leaves the pipeline's outputs as they were."""
+        from ..core.adapters.apply import fuse_many
+        from ..core.adapters.attach import attach_many
         from ..weights.lora_formats import Target, read_lora
 
         modules = {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -108,17 +118,14 @@ class FewStepPipeline(StableDiffusionPipeline):
         te_weight = weight if text_encoder_weight is None else text_encoder_weight
         unet_deltas = {k: d for k, d in deltas.items() if k.startswith("unet.")}
         te_deltas = {k: d for k, d in deltas.items() if not k.startswith("unet.")}
+        pairs = [(unet_deltas, weight), (te_deltas, te_weight)]
         source = f"{report.source} ({report.layout} layout)"
-        if not fuse:
-            from ..core.adapters.attach import attach
-
-            index = ModuleIndex(modules)
-            handles = [attach(index, d, w, source=source) for d, w in ((unet_deltas, weight), (te_deltas, te_weight))
-                       if d]
-            self._adapters.extend(h.detach for h in handles)
-            return report
-        self._adapters.append(fuse_many(modules, [(unet_deltas, weight), (te_deltas, te_weight)], source=source,
-                                        unresolved=report.unmatched).unfuse)
+        if fuse:
+            handle = fuse_many(modules, pairs, source=source, unresolved=report.unmatched)
+            self._adapters.append(handle.unfuse)
+        else:
+            handle = attach_many(modules, pairs, source=source, unresolved=report.unmatched)
+            self._adapters.append(handle.detach)
         return report
 
     def unload_loras(self):
@@ -138,6 +145,9 @@ class FewStepPipeline(StableDiffusionPipeline):
                  return_dict: bool = True, clip_skip: int | None = None, sampler: str | None = None,
                  schedule: str | None = None, callback_on_step_end=None, **_unused):
         recipe = self.recipe
+        if num_inference_steps is not None and num_inference_steps < 1 and timesteps is None and sigmas is None:
+            raise InvalidParameterError(f"num_inference_steps={num_inference_steps}; it must be >= 1 (or None for "
+                                        "the recipe's default)")
         steps = num_inference_steps or (recipe.steps if recipe else 4)
         cfg = guidance_scale if guidance_scale is not None else (recipe.cfg if recipe else 1.0)
         if recipe is not None:

@@ -24,6 +24,13 @@ def ship_pipeline(runs, dest):
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(runs, "unet", "pipeline"))
     pipe.to(torch.float16)
     pipe.save_pretrained(os.path.join(dest, PIPELINE_DIR), safe_serialization=True)
+    # fp16 on disk, but transformers 5 would load the text encoder in the dtype its config names while diffusers
+    # loads the UNet and VAE in float32: name float32 so a stock pipeline's components agree out of the box
+    config = os.path.join(dest, PIPELINE_DIR, "text_encoder", "config.json")
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(text.replace('"dtype": "float16"', '"dtype": "float32"'))
     return pipe
 
 
@@ -97,8 +104,9 @@ left out of 30% of captions. Vocabulary: 26 words (`nimblediff/tiny/vocab.py`); 
 | scheduler | `DDIMScheduler`, SD 1.x schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon, trailing) | - |
 | Flash LoRA | PEFT LoRA rank {rank} on attention, feed-forward, resnet convs and time projections | {lora:,} |
 
-Disk: {size:.1f} MB in all. Load the pipeline with `torch_dtype=torch.float32` on CPU (fp16 convolutions are slow
-or missing there).
+Disk: {size:.1f} MB in all. The weights are fp16 on disk and load as float32 by default (every
+component's config agrees); on CPU keep float32 (fp16 convolutions are slow or missing there), on a GPU pass
+`dtype=torch.float16`.
 
 ## Training (`python -m nimblediff.tiny.train --stage all`)
 - vae: L1 + L2 + 1e-6 KL, AdamW 1e-3, batch 16; scaling_factor = 1 / std of held-out latents.
@@ -133,7 +141,7 @@ generator.
 ```python
 import torch
 from diffusers import StableDiffusionPipeline, LCMScheduler
-pipe = StableDiffusionPipeline.from_pretrained("weights/tiny/nimblediff-tiny", torch_dtype=torch.float32)
+pipe = StableDiffusionPipeline.from_pretrained("weights/tiny/nimblediff-tiny", dtype=torch.float32)
 img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=25, guidance_scale=5).images[0]
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 pipe.load_lora_weights("weights/tiny", weight_name="nimblediff-tiny-flash-lora.safetensors")

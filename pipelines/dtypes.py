@@ -1,0 +1,55 @@
+"""One dtype policy for pipelines: every component computes in the denoiser's dtype.
+
+diffusers loads its models in float32 unless told otherwise, while transformers 5 loads a text encoder in the dtype
+its config names ("auto"). A folder saved in fp16 therefore comes back with an fp16 text encoder beside an fp32 UNet
+and fails at the first matmul. The denoiser's dtype is the one the user chose (``dtype=`` / ``torch_dtype=``), so the
+other components follow it, and the cast is logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from diffusers.utils import logging
+
+from ..errors import WeightsFormatError
+
+logger = logging.get_logger(__name__)
+
+_FOLLOWERS = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "image_encoder")
+
+
+def agree_dtypes(pipe) -> list[str]:
+    """Cast floating components whose dtype differs from the denoiser's to it; returns the names it cast."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        return []
+    dtype, cast = denoiser.dtype, []
+    for name in _FOLLOWERS:
+        module = getattr(pipe, name, None)
+        if module is not None and getattr(module, "dtype", dtype) != dtype and module.dtype.is_floating_point:
+            cast.append(f"{name} {str(module.dtype).removeprefix('torch.')}")
+            module.to(dtype)
+    if cast:
+        logger.warning(f"cast {', '.join(cast)} to the denoiser's {str(dtype).removeprefix('torch.')} so the "
+                       "components agree; pass dtype=... to from_pretrained to choose one dtype for all")
+    return cast
+
+
+def check_pipeline_folder(path) -> None:
+    """A path that names a local folder (or looks like one) must be a diffusers pipeline folder.
+
+    Hub ids (``owner/name``) pass through untouched; diffusers resolves them."""
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    p = Path(path)
+    looks_local = p.is_absolute() or str(path).startswith((".", "~")) or len(p.parts) > 2 or p.exists()
+    if not looks_local:
+        return
+    if not p.is_dir():
+        raise WeightsFormatError(f"{path}: no such folder; give a diffusers pipeline folder (with model_index.json), "
+                                 "e.g. weights/tiny/nimblediff-tiny")
+    if not (p / "model_index.json").is_file():
+        raise WeightsFormatError(f"{path}: not a diffusers pipeline folder (no model_index.json); a single-file "
+                                 "checkpoint is loaded in ComfyUI, or converted with diffusers' conversion scripts")
