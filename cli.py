@@ -12,10 +12,11 @@ EMBEDDED = Path(__file__).parent / "weights" / "tiny"
 EMBEDDED_MODEL = EMBEDDED / "nimblediff-tiny"
 EMBEDDED_FLASH_LORA = EMBEDDED / "nimblediff-tiny-flash-lora.safetensors"
 
-# Chosen to show what the model does well (each renders as written at --seed 0); README says what it gets wrong.
-DEMO_PROMPTS = ["a red circle in the center", "a blue square on the left", "a large green triangle at the top",
-                "a yellow star at the bottom on a black background", "a purple circle on the right on a white background",
-                "a small red square on the left and a blue star on the right"]
+# Picked to show what the model does well: at the default --seed 0 each renders as written (image i uses seed i).
+# What it gets wrong (README): top and bottom are often swapped, two-shape prompts leak attributes between shapes.
+DEMO_PROMPTS = ["a red circle in the center", "a purple circle on the right on a white background",
+                "a small red square on the left and a blue star on the right", "a yellow triangle on the right",
+                "a yellow star at the bottom on a black background", "a red star at the top"]
 
 
 def _quiet_libraries() -> None:
