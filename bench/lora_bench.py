@@ -2,13 +2,16 @@
 fuse_lora + unfuse_lora + unload_lora_weights), and the forward cost of an unfused PEFT adapter vs a fused LoRA.
 
 Same process, same SD1.5-shaped random UNet (tests/factories.sd15_shaped_unet), same rank-16 LoRA file on the
-attention projections (attn1/attn2 to_q, to_k, to_v, to_out.0), runs interleaved (ours, theirs, ours, ...), medians.
+attention projections (attn1/attn2 to_q, to_k, to_v, to_out.0). Every time ratio follows bench/timing.py: paired
+rounds in rotating order, median of per-round ratios with a 95% interval, conditions printed beside it.
 Peak memory: each library runs once in a fresh child process (glibc told to return large blocks at once) while a
 thread samples the resident set size; the peak over the pre-run RSS is reported beside the model's weight bytes.
 
-Usage: python bench/lora_bench.py [--scale 1.0 | 0.2] [--repeats 7] [--forward-repeats 7] [--rank 16] [--threads 2]
-On a machine whose cores are busy with other work, use --threads 1: OpenMP teams spin-waiting for a preempted
-thread made a forward pass 5-15x slower (and the timings meaningless) in our runs.
+Usage: python bench/lora_bench.py [--quick] [--scale 1.0 | 0.2] [--repeats 9] [--forward-repeats 15] [--rank 16]
+                                   [--threads 1] [--no-memory] [--no-write]
+--quick: scale 0.2 (37.5M UNet), about a minute. Writes bench/results/lora_bench.md (--no-write: print only).
+The default is one thread: on a machine whose cores are busy with other work, OpenMP teams spin-waiting for a
+preempted thread made a forward pass 5-15x slower (and the timings meaningless) in our runs.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import factories  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import Conditions, interleave, median, ratio, write_result  # noqa: E402
 
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -113,31 +118,20 @@ def check_same_weights(unet, pipe, path: str) -> tuple[float, float]:
     return diff, back
 
 
-def time_interleaved(unet, pipe, path: str, repeats: int) -> dict[str, dict[str, float]]:
-    runs = {"nimblediff": [], "unfused": [], "diffusers": []}
-    ours(unet, path)                      # warm-up (lazy imports, first-touch allocations)
-    ours(unet, path, hooks=True)
-    theirs(pipe, path, "warmup")
-    for i in range(repeats):
-        gc.collect()
-        runs["nimblediff"].append(ours(unet, path))
-        runs["unfused"].append(ours(unet, path, hooks=True))
-        gc.collect()
-        runs["diffusers"].append(theirs(pipe, path, f"run{i}"))
-    out = {}
-    for lib, rs in runs.items():
-        out[lib] = {phase: statistics.median(r[phase] for r in rs) for phase in ("load", "apply", "remove")}
-        out[lib]["total"] = statistics.median(sum(r.values()) for r in rs)
-    return out
+def time_interleaved(unet, pipe, path: str, repeats: int):
+    """load / apply / remove per library, in paired rounds (bench/timing.py)."""
+    names = iter(range(10**6))
+    return interleave({"nimblediff": lambda: ours(unet, path), "hooked": lambda: ours(unet, path, hooks=True),
+                       "diffusers": lambda: theirs(pipe, path, f"run{next(names)}")},
+                      repeats, between=gc.collect)
 
 
-def time_forward(unet, path: str, repeats: int, batch: int = 2, size: int = 32) -> dict[str, float]:
-    """Paired, interleaved forward passes: our fused copy vs the same UNet with the PEFT adapter unfused (diffusers'
-    default after load_lora_weights). Returns medians and the median of per-pair ratios."""
+def time_forward(unet, path: str, repeats: int, batch: int = 2, size: int = 32):
+    """Paired rounds of forward passes: our fused copy, the same UNet with the PEFT adapter unfused (diffusers'
+    default after load_lora_weights), and our hooks. Returns (samples, max relative output difference)."""
     from nimblediff.core.adapters.apply import fuse
-    from nimblediff.weights.lora_formats import Target, read_lora
-
     from nimblediff.core.adapters.attach import attach
+    from nimblediff.weights.lora_formats import Target, read_lora
 
     fused = copy.deepcopy(unet)
     deltas, _ = read_lora(path, Target.from_modules({"unet": fused}))
@@ -150,25 +144,22 @@ def time_forward(unet, path: str, repeats: int, batch: int = 2, size: int = 32) 
     x = torch.randn(batch, 4, size, size, generator=gen)                                   # (B, 4, h, w)
     ctx = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)           # (B, 77, 768)
     t = torch.tensor([500] * batch)
-    times = {"fused": [], "unfused": [], "hooked": []}
     with torch.inference_mode():
-        a = fused(x, t, encoder_hidden_states=ctx).sample                                  # warm-up both
+        a = fused(x, t, encoder_hidden_states=ctx).sample
         b = peft.unet(x, t, encoder_hidden_states=ctx).sample
-        rel = float((a - b).abs().max() / b.abs().max())
-        for _ in range(repeats):
-            for name, model in (("fused", fused), ("unfused", peft.unet), ("hooked", hooked)):
-                t0 = time.perf_counter()
+        c = hooked(x, t, encoder_hidden_states=ctx).sample
+        rel = max(float((a - b).abs().max() / b.abs().max()), float((c - b).abs().max() / b.abs().max()))
+
+        def forward(model):
+            def call():
                 model(x, t, encoder_hidden_states=ctx)
-                times[name].append(time.perf_counter() - t0)
+            return call
+
+        runs = interleave({"fused": forward(fused), "unfused": forward(peft.unet), "hooked": forward(hooked)}, repeats)
     peft.unload_lora_weights()
-    del fused
+    del fused, hooked
     gc.collect()
-    ratios = [u / f for f, u in zip(times["fused"], times["unfused"])]
-    hooked_ratios = [u / f for f, u in zip(times["fused"], times["hooked"])]
-    del hooked
-    return {"fused": statistics.median(times["fused"]), "unfused": statistics.median(times["unfused"]),
-            "hooked": statistics.median(times["hooked"]), "hooked_ratio": statistics.median(hooked_ratios),
-            "ratio": statistics.median(ratios), "rel_diff": rel}
+    return runs, rel
 
 
 # ---------------------------------------------------------------------------------------------------------- memory
@@ -228,40 +219,67 @@ def measure_memory(lib: str, scale: float, path: str, threads: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ main
-def table(t: dict, mem: dict | None, fwd: dict, info: str) -> str:
+PHASES = {"load": "load (read_lora / load_lora_weights)", "apply": "apply (fuse or attach / fuse_lora)",
+          "remove": "remove (unfuse or detach / unfuse_lora + unload_lora_weights)",
+          "total": "**load + apply + remove**"}
+
+
+def table(t, mem: dict | None, fwd, info: str) -> str:
+    """Medians in ms (loose on a shared machine) and paired ratios with 95% intervals (the result)."""
     ms = lambda s: f"{s * 1e3:.1f}"  # noqa: E731
-    nd, un, df = t["nimblediff"], t["unfused"], t["diffusers"]
-    rows = [f"{info}", "",
-            "| phase | NimbleDiff fused (ms) | NimbleDiff hooks (ms) | diffusers + PEFT (ms) | fused ratio | hooks ratio |",
+    rows = [info, "",
+            "| phase | NimbleDiff fused (ms) | NimbleDiff hooks (ms) | diffusers + PEFT (ms) | fused / diffusers "
+            "[95% CI] | hooks / diffusers [95% CI] |",
             "|---|---:|---:|---:|---:|---:|"]
-    names = {"load": "load (read_lora / load_lora_weights)", "apply": "apply (fuse / fuse_lora)",
-             "remove": "remove (unfuse / unfuse_lora + unload_lora_weights)", "total": "**load + apply + remove**"}
-    for phase, label in names.items():
-        rows.append(f"| {label} | {ms(nd[phase])} | {ms(un[phase])} | {ms(df[phase])} | {nd[phase] / df[phase]:.3f}x "
-                    f"| {un[phase] / df[phase]:.3f}x |")
+    for phase, label in PHASES.items():
+        rows.append(f"| {label} | {ms(median(t, 'nimblediff', phase))} | {ms(median(t, 'hooked', phase))} | "
+                    f"{ms(median(t, 'diffusers', phase))} | {ratio(t, 'nimblediff', 'diffusers', phase)} | "
+                    f"{ratio(t, 'hooked', 'diffusers', phase)} |")
     if mem is not None:
         n, d = mem["nimblediff"], mem["diffusers"]
-        rows.append(f"| peak RSS over start (MB; weights {n['weights_mb']:.0f} MB) | {n['peak_mb']:.1f} | - | "
-                    f"{d['peak_mb']:.1f} | {n['peak_mb'] / max(d['peak_mb'], 1e-9):.3f}x | - |")
-    rows += ["", "| forward, batch 2, 4x32x32 | fused LoRA, ours (ms) | unfused PEFT adapter (ms) | unfused / fused "
-             "(paired median) |", "|---|---:|---:|---:|",
-             f"| UNet | {ms(fwd['fused'])} | {ms(fwd['unfused'])} | {fwd['ratio']:.3f}x |",
-             f"| UNet, NimbleDiff hooks (unfused) | {ms(fwd['fused'])} | {ms(fwd['hooked'])} | "
-             f"{fwd['hooked_ratio']:.3f}x |"]
+        rows.append(f"| peak RSS over start, one fused run in a fresh process (MB; weights {n['weights_mb']:.0f} MB) "
+                    f"| {n['peak_mb']:.1f} | - | {d['peak_mb']:.1f} | {n['peak_mb'] / max(d['peak_mb'], 1e-9):.3f}x "
+                    "(single run) | - |")
+    rows += ["", "| forward, batch 2, 4x32x32 | median (ms) | / our fused UNet [95% CI] |", "|---|---:|---:|",
+             f"| our fused LoRA (NimbleDiff `fuse`) | {ms(median(fwd, 'fused'))} | 1 |",
+             f"| diffusers' unfused PEFT adapter (its default after `load_lora_weights`) | "
+             f"{ms(median(fwd, 'unfused'))} | {ratio(fwd, 'unfused', 'fused')} |",
+             f"| our hooks (NimbleDiff `attach`, unfused) | {ms(median(fwd, 'hooked'))} | "
+             f"{ratio(fwd, 'hooked', 'fused')} |"]
     return "\n".join(rows)
+
+
+def goals(t, mem, fwd) -> list[str]:
+    total, hooks = ratio(t, "nimblediff", "diffusers"), ratio(t, "hooked", "diffusers")
+    fu, fh = ratio(fwd, "unfused", "fused"), ratio(fwd, "hooked", "fused")
+    verdict = lambda r, bound: ("met" if r.high <= bound else "NOT met" if r.low > bound  # noqa: E731
+                                else "undecided (interval straddles the bound)")
+    out = [f"fused load+apply+remove {total} of diffusers (goal <= 0.1x): {verdict(total, 0.1)}",
+           f"hooked load+attach+detach {hooks} of diffusers (goal <= 0.1x): {verdict(hooks, 0.1)}",
+           f"hooked forward {fh} of the fused one (bound <= 1.05x): {verdict(fh, 1.05)}",
+           f"unfused PEFT forward (diffusers' default) {fu} of our fused one (bound <= 1.05x): {verdict(fu, 1.05)}"]
+    if mem is not None:
+        n = mem["nimblediff"]
+        out.append(f"no second copy of the weights: peak {n['peak_mb']:.1f} MB over start vs weights "
+                   f"{n['weights_mb']:.0f} MB, weights patched in place: {n['in_place']}")
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="UNet width scale (1.0: full SD1.5, 0.2: quick)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--forward-repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="scale 0.2 (37.5M UNet): about a minute")
+    parser.add_argument("--scale", type=float, default=None, help="UNet width scale (default 1.0: full SD1.5)")
+    parser.add_argument("--repeats", type=int, default=9, help="paired rounds of load + apply + remove")
+    parser.add_argument("--forward-repeats", type=int, default=15, help="paired rounds of forward passes")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurement")
+    parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/lora_bench.md")
     parser.add_argument("--memory-child", choices=("nimblediff", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--lora", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale is None:
+        args.scale = 0.2 if args.quick else 1.0
     torch.set_num_threads(args.threads)
     from diffusers.utils import logging as diffusers_logging
 
@@ -272,6 +290,8 @@ def main(argv=None) -> int:
 
     from nimblediff.weights.lora_write import save_lora
 
+    cond = Conditions()
+    print(cond, file=sys.stderr)
     t0 = time.perf_counter()
     unet = factories.sd15_shaped_unet(args.scale)
     pipe = pipeline(unet)
@@ -283,27 +303,24 @@ def main(argv=None) -> int:
         print(f"setup {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         diff, back = check_same_weights(unet, pipe, path)
         t = time_interleaved(unet, pipe, path, args.repeats)
+        print(f"load/apply/remove done {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         mem = None if args.no_memory else {lib: measure_memory(lib, args.scale, path, args.threads)
                                            for lib in ("nimblediff", "diffusers")}
-        fwd = time_forward(unet, path, args.forward_repeats)
+        fwd, rel = time_forward(unet, path, args.forward_repeats)
         size_mb = os.path.getsize(path) / 1e6
+    cond.finish()
     info = (f"UNet {n_params / 1e6:.1f} M params (scale {args.scale}), rank-{args.rank} LoRA on {len(deltas)} "
-            f"attention projections ({lora_params / 1e6:.2f} M params, {size_mb:.1f} MB), {args.threads} threads, medians of "
-            f"{args.repeats} interleaved runs. Fused weights ours vs diffusers: max |diff| {diff:.1e}; after unfuse "
-            f"vs base: {back:.1e}; forward outputs unfused vs fused: rel. max diff {fwd['rel_diff']:.1e}.")
-    print(table(t, mem, fwd, info))
-    total = t["nimblediff"]["total"] / t["diffusers"]["total"]
-    hooks = t["unfused"]["total"] / t["diffusers"]["total"]
-    goals = [f"load+apply+remove {total:.3f}x diffusers (goal <= 0.1x): {'met' if total <= 0.1 else 'NOT met'}",
-             f"hooked (unfused) load+attach+detach {hooks:.3f}x diffusers: {'met' if hooks <= 0.1 else 'NOT met'}; "
-             f"its forward {fwd['hooked_ratio']:.3f}x the fused one (bound <= 1.05x)",
-             f"unfused forward (PEFT, diffusers' default) {fwd['ratio']:.3f}x our fused forward (bound: <= 1.05x): "
-             f"{'within' if fwd['ratio'] <= 1.05 else 'above'}"]
-    if mem is not None:
-        n = mem["nimblediff"]
-        goals.append(f"no second copy of the weights: peak {n['peak_mb']:.1f} MB over start vs weights "
-                     f"{n['weights_mb']:.0f} MB, weights patched in place: {n['in_place']}")
-    print("\n" + "\n".join(f"- {g}" for g in goals))
+            f"attention projections ({lora_params / 1e6:.2f} M params, {size_mb:.1f} MB); {args.repeats} paired rounds "
+            f"of load + apply + remove, {args.forward_repeats} of forward passes, order rotating each round; ratio = "
+            f"median of per-round ratios, [95% interval] from order statistics. Fused weights ours vs diffusers: "
+            f"max |diff| {diff:.1e}; after unfuse vs base: {back:.1e}; forward outputs (fused, hooks) vs unfused "
+            f"PEFT: rel. max diff {rel:.1e}.\n\n{cond}")
+    body = table(t, mem, fwd, info) + "\n\n" + "\n".join(f"- {g}" for g in goals(t, mem, fwd))
+    print(body)
+    print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if not args.no_write:
+        mode = ("quick mode: scale 0.2" if args.quick else f"full run, scale {args.scale}")
+        write_result("lora_bench", __file__, body, argv, mode)
     return 0
 
 
