@@ -34,7 +34,7 @@ import torch
 from ...errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
 from .delta import Diff, LoRA
 
-__all__ = ["fuse", "fuse_many", "FusedAdapters", "ModuleIndex", "resolve_module"]
+__all__ = ["fuse", "fuse_many", "validate", "Plan", "FusedAdapters", "ModuleIndex", "resolve_module"]
 
 _MAX_LISTED = 10
 
@@ -96,6 +96,7 @@ class _Patch:
     bias: torch.Tensor | None = None      # the module's bias when the delta has a bias part
     original: tuple | None = None         # (weight, bias) copies when exact_unfuse, and for needs_weight deltas
     exact: bool = False                   # exact_unfuse: restore `original` unconditionally
+    layer: torch.nn.Module | None = None  # hooked mode: the Linear / Conv2d that carries the hook
 
     @property
     def needs_weight(self) -> bool:
@@ -140,33 +141,9 @@ def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
               adapters: Sequence[tuple[Mapping[str, object], float]], *,
               source: str = "adapter", unresolved: Sequence[str] = (), exact_unfuse: bool = False) -> FusedAdapters:
     """Fuse several (deltas, strength) pairs at once: all are validated before any weight changes."""
-    # 1. resolve every key and check every shape and strength
-    patches, unmatched = [], list(unresolved)
-    index = modules if isinstance(modules, ModuleIndex) else ModuleIndex(modules)
-    total, modules = len(unresolved), index.modules
-    for deltas, strength in adapters:
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise InvalidParameterError(f"{source}: strength={strength!r}; expected a finite number")
-        total += len(deltas)
-        for key, delta in deltas.items():
-            module = index.get(key)
-            weight = getattr(module, "weight", None) if module is not None else None
-            if not isinstance(weight, torch.Tensor):
-                unmatched.append(key)
-                continue
-            patches.append(_check(source, key, delta, module, weight, float(strength)))
-    if not patches:
-        raise AdapterMismatchError(
-            f"{source}: none of its {total} keys matches a module of the model (components given: "
-            f"{sorted(modules)}); unmatched: {unmatched[:_MAX_LISTED]}. Is it made for another base model, or "
-            "named for a component that was not passed?")
-    # 2. every factor finite, and the result provably below the dtype's max (exact check only where the bound fails)
-    _check_finite(source, patches)
-    if unmatched:  # a partial match is legitimate (e.g. a text-encoder part with no text encoder given): say so
-        warnings.warn(f"{source}: {len(unmatched)} of {total} keys match no module and are skipped, e.g. "
-                      f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=3)
+    plan = validate(modules, adapters, source=source, unresolved=unresolved)
     # 3. commit, in order (a weight-dependent delta sees the patches before it)
-    for p in patches:
+    for p in plan.patches:
         with small_op_threads(p.weight.numel()):
             if exact_unfuse or p.needs_weight:
                 p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
@@ -175,7 +152,69 @@ def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
                 _set(p)
             else:
                 _add(p, 1.0)
-    return FusedAdapters([p.key for p in patches], unmatched, patches)
+    return FusedAdapters([p.key for p in plan.patches], plan.unmatched, plan.patches)
+
+
+@dataclass
+class Plan:
+    """A validated load (steps 1 and 2): nothing of the model has changed yet."""
+
+    patches: list[_Patch]
+    unmatched: list[str]
+
+
+@torch.no_grad()
+def validate(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
+             adapters: Sequence[tuple[Mapping[str, object], float]], *,
+             source: str = "adapter", unresolved: Sequence[str] = (), hooked: bool = False) -> Plan:
+    """The one check of every load, fused (fuse_many) or hooked (attach.attach_many): every strength, key, shape,
+    alpha and factor of every component, and the same partial-match warning. Raises before anything is applied,
+    so a failed load leaves the model's outputs as they were. `hooked`: also check each layer can carry a hook."""
+    # 1. resolve every key and check every shape and strength
+    patches, unmatched = [], list(unresolved)
+    index = modules if isinstance(modules, ModuleIndex) else ModuleIndex(modules)
+    total = len(unresolved)
+    for deltas, strength in adapters:
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise InvalidParameterError(f"{source}: strength={strength!r}; expected a finite number")
+        total += len(deltas)
+        for key, delta in deltas.items():
+            module = index.get(key)
+            weight = getattr(module, "weight", None) if module is not None else None
+            if not isinstance(weight, torch.Tensor):
+                unmatched.append(key)
+                continue
+            p = _check(source, key, delta, weight, getattr(module, "bias", None), float(strength))
+            if hooked:
+                p.layer = _hook_layer(source, key, delta, module)
+            patches.append(p)
+    if not patches:
+        raise AdapterMismatchError(
+            f"{source}: none of its {total} keys matches a module of the model (components given: "
+            f"{sorted(index.modules)}); unmatched: {unmatched[:_MAX_LISTED]}. Is it made for another base model, or "
+            "named for a component that was not passed?")
+    # 2. every factor finite, and the result provably below the dtype's max (exact check only where the bound fails)
+    _check_finite(source, patches)
+    if unmatched:  # a partial match is legitimate (e.g. a text-encoder part with no text encoder given): say so
+        warnings.warn(f"{source}: {len(unmatched)} of {total} keys match no module and are skipped, e.g. "
+                      f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=4)
+    return Plan(patches, unmatched)
+
+
+def _hook_layer(source: str, key: str, delta, module: torch.nn.Module) -> torch.nn.Module:
+    """The layer a run-time LoRA hooks: a PEFT-wrapped layer's base layer (the weight fuse() would patch), which
+    must be a Linear or an ungrouped, zero-padded Conv2d (the hook recomputes the conv with the LoRA's factors)."""
+    if not isinstance(delta, LoRA) or delta.mid is not None or getattr(delta, "bias", None) is not None:
+        kind = type(delta).__name__ + (" with a Tucker core" if getattr(delta, "mid", None) is not None else "") + (
+            " with a bias difference" if getattr(delta, "bias", None) is not None else "")
+        raise InvalidParameterError(f"{source}: key {key!r} is a {kind}; only plain LoRAs (down, up, alpha) can be "
+                                    "attached unfused; load it fused (fuse=True / fuse())")
+    layer = module.get_base_layer() if callable(getattr(module, "get_base_layer", None)) else module
+    if isinstance(layer, torch.nn.Linear) or (isinstance(layer, torch.nn.Conv2d) and layer.groups == 1
+                                              and layer.padding_mode == "zeros"):
+        return layer
+    raise AdapterMismatchError(f"{source}: key {key!r} names a {type(layer).__name__}; a LoRA can be attached unfused "
+                               "to a Linear or an ungrouped zero-padded Conv2d only; load it fused (fuse=True)")
 
 
 def _factors(delta, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
@@ -190,12 +229,14 @@ def _factors(delta, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength: float) -> _Patch:
+def _check(source: str, key: str, delta, weight: torch.Tensor, bias: torch.Tensor | None, strength: float) -> _Patch:
+    """Step 1 for one key: kind, alpha, factor shapes and the bias part against the target weight and bias."""
     where = f"{source}: key {key!r}"
+    _check_alpha(where, getattr(delta, "alpha", None))
     if isinstance(delta, LoRA):
-        alpha = delta.alpha
-        if alpha is not None and not math.isfinite(float(alpha)):
-            raise WeightsFormatError(f"{where}: alpha={alpha} is not finite")
+        if delta.up.ndim not in (2, 4) or delta.down.ndim not in (2, 4) or delta.rank == 0:
+            raise AdapterMismatchError(f"{where}: LoRA up {tuple(delta.up.shape)} / down {tuple(delta.down.shape)}; "
+                                       "valid: 2-D (linear) or 4-D (conv) factors of rank >= 1")
         up, down, mid = delta.up.flatten(1), delta.down.flatten(1), delta.mid
         fan_in = weight[0].numel()
         if mid is None:
@@ -219,14 +260,28 @@ def _check(source: str, key: str, delta, module, weight: torch.Tensor, strength:
             raise AdapterMismatchError(f"{where}: difference {tuple(dw.shape)} does not fit the module's weight "
                                        f"{tuple(weight.shape)}")
         scale = strength
-    bias = None
     db = getattr(delta, "bias", None)
-    if isinstance(db, torch.Tensor):
-        bias = getattr(module, "bias", None)
+    if not isinstance(db, torch.Tensor):
+        bias = None
+    else:
         if not isinstance(bias, torch.Tensor) or bias.numel() != db.numel():
             have = "no bias" if not isinstance(bias, torch.Tensor) else f"bias {tuple(bias.shape)}"
             raise AdapterMismatchError(f"{where}: bias difference {tuple(db.shape)} does not fit the module ({have})")
     return _Patch(key, weight, delta, strength, scale, bias)
+
+
+def _check_alpha(where: str, alpha) -> None:
+    """A NaN / inf alpha scales every output to NaN; a string or tensor of several values is no alpha at all."""
+    if alpha is None:
+        return
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError, RuntimeError):
+        raise WeightsFormatError(f"{where}: alpha={alpha!r} is not a number; valid: a finite number or None "
+                                 "(alpha = rank)") from None
+    if not math.isfinite(value):
+        raise WeightsFormatError(f"{where}: alpha={alpha!r} is not finite; valid: a finite number or None "
+                                 "(alpha = rank)")
 
 
 def _check_finite(source: str, patches: list[_Patch]) -> None:
@@ -254,9 +309,6 @@ def _check_finite(source: str, patches: list[_Patch]) -> None:
         per_patch[i][name] = m
     dependent = {id(p.weight) for p in patches if p.needs_weight}
     for p, m in zip(patches, per_patch):
-        alpha = getattr(p.delta, "alpha", None)
-        if alpha is not None and not math.isfinite(float(alpha)):
-            raise WeightsFormatError(f"{source}: key {p.key!r}: alpha={alpha} is not finite")
         if id(p.weight) in dependent:
             continue
         if isinstance(p.delta, LoRA) and p.delta.mid is None:

@@ -1,32 +1,40 @@
 """LoRAs applied at run time instead of fused: a forward hook adds s * up(down(x)) to a Linear or Conv layer.
 
 Attaching and detaching cost no pass over the weights (the fused path costs one `addmm_` over every patched
-weight each way), at the price of two small matmuls per patched layer in every forward. Same validation as fuse():
-every key resolves and every factor is checked before the first hook is registered.
+weight each way), at the price of two small matmuls per patched layer in every forward. The validation is fuse()'s own
+(apply.validate): every key, shape, alpha and factor of every component is checked before the first hook.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ...errors import AdapterMismatchError, InvalidParameterError
-from .apply import ModuleIndex
+from .apply import ModuleIndex, validate
 from .delta import LoRA
 
 
-def _lora_hook(delta: LoRA, scale: float):
-    down, up = delta.down, delta.up
+def _lora_hook(layer: torch.nn.Module, delta: LoRA, scale: float):
+    """out + scale * up(down(x)), the factors shaped once for the layer (validate() checked they fit it)."""
+    w = layer.weight
+    if isinstance(layer, torch.nn.Linear):
+        down, up = delta.down.flatten(1), delta.up.flatten(1)                   # (r, in), (out, r)
+
+        def hook(module, args, out):
+            x = args[0]
+            return out + scale * F.linear(F.linear(x, down.to(x)), up.to(x))
+
+        return hook
+    down = delta.down.reshape(delta.rank, *w.shape[1:])                         # (r, in, kh, kw)
+    up = delta.up.reshape(w.shape[0], delta.rank, 1, 1)                         # (out, r, 1, 1)
 
     def hook(module, args, out):
         x = args[0]
-        if isinstance(module, torch.nn.Linear):
-            return out + scale * F.linear(F.linear(x, down.to(x.dtype)), up.flatten(1).to(x.dtype))
-        h = F.conv2d(x, down.to(x.dtype), None, module.stride, module.padding, module.dilation)
-        return out + scale * F.conv2d(h, up.reshape(up.shape[0], -1, 1, 1).to(x.dtype))
+        h = F.conv2d(x, down.to(x), None, module.stride, module.padding, module.dilation)
+        return out + scale * F.conv2d(h, up.to(x))
 
     return hook
 
@@ -34,6 +42,7 @@ def _lora_hook(delta: LoRA, scale: float):
 @dataclass
 class AttachedAdapters:
     applied: list[str]
+    unmatched: list[str] = field(default_factory=list)
     _handles: list = field(default_factory=list, repr=False)
 
     def detach(self) -> None:
@@ -42,26 +51,25 @@ class AttachedAdapters:
         self._handles.clear()
 
 
-def attach(modules: Mapping[str, torch.nn.Module], deltas: Mapping[str, object], strength: float = 1.0, *,
-           source: str = "adapter") -> AttachedAdapters:
-    """Hook plain LoRA deltas (no Tucker core) onto their Linear / Conv2d layers; other kinds must be fused."""
-    index = modules if isinstance(modules, ModuleIndex) else ModuleIndex(modules)   # one module walk
-    plan = []
-    for key, delta in deltas.items():
-        if not isinstance(delta, LoRA) or delta.mid is not None:
-            raise InvalidParameterError(f"{source}: {key} is a {type(delta).__name__}; only plain LoRAs can be "
-                                        "attached unfused; use fuse() for it")
-        module = index.get(key)
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise AdapterMismatchError(f"{source}: {key} names no Linear or Conv2d layer of the model")
-        w = module.weight
-        if delta.up.shape[0] != w.shape[0] or delta.down.shape[1] != w.shape[1] or (
-                w.ndim == 4 and tuple(delta.down.shape[2:]) != tuple(w.shape[2:])):
-            raise AdapterMismatchError(f"{source}: {key}: up {tuple(delta.up.shape)} / down {tuple(delta.down.shape)}"
-                                       f" do not fit weight {tuple(w.shape)}")
-        if not (torch.isfinite(delta.up).all() and torch.isfinite(delta.down).all()):
-            raise AdapterMismatchError(f"{source}: {key} contains NaN or inf")
-        plan.append((key, module, delta))
-    handles = [module.register_forward_hook(_lora_hook(delta, strength * delta.scale))
-               for _, module, delta in plan]
-    return AttachedAdapters([k for k, _, _ in plan], handles)
+def attach(modules: Mapping[str, torch.nn.Module] | ModuleIndex, deltas: Mapping[str, object],
+           strength: float = 1.0, *, source: str = "adapter", unresolved: Sequence[str] = ()) -> AttachedAdapters:
+    """Hook plain LoRA deltas (no Tucker core, no bias) onto their Linear / Conv2d layers; other kinds must be
+    fused."""
+    return attach_many(modules, [(deltas, strength)], source=source, unresolved=unresolved)
+
+
+@torch.no_grad()
+def attach_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
+                adapters: Sequence[tuple[Mapping[str, object], float]], *,
+                source: str = "adapter", unresolved: Sequence[str] = ()) -> AttachedAdapters:
+    """Several (deltas, strength) pairs, validated together by apply.validate (as fuse_many) before the first hook."""
+    plan = validate(modules, adapters, source=source, unresolved=unresolved, hooked=True)
+    handles = []
+    try:
+        for p in plan.patches:
+            handles.append(p.layer.register_forward_hook(_lora_hook(p.layer, p.delta, p.scale)))
+    except BaseException:  # e.g. KeyboardInterrupt: no half-hooked model
+        for h in handles:
+            h.remove()
+        raise
+    return AttachedAdapters([p.key for p in plan.patches], plan.unmatched, handles)
