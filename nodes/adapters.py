@@ -122,21 +122,33 @@ def _patch(delta, weight: torch.Tensor, key: str):
     return ("diff", (dense,))
 
 
-def comfy_patches(deltas: dict, model, clip, target) -> tuple[dict, dict, list[str]]:
-    """Validate all deltas and build ({unet key: patch}, {clip key: patch}, unmatched)."""
+def comfy_patches(deltas: dict, model, clip, target, *, source: str = "LoRA", lora_arch=None,
+                  strengths: tuple[float, float] = (1.0, 1.0)) -> tuple[dict, dict, list[str]]:
+    """Validate all deltas and build ({unet key: patch}, {clip key: patch}, unmatched). Validation is the core's
+    (core.adapters.apply.check_weights: alpha, shapes, finite factors at the given (model, clip) strengths), and
+    with `lora_arch` the widths are weighed as evidence of another base (weights.arch.check_shapes)."""
+    from ..core.adapters.apply import check_weights
+    from ..weights.arch import check_shapes
+
     unet_sd = model.model.state_dict() if model is not None else {}
     clip_sd = clip.patcher.model.state_dict() if clip is not None else {}
     clip_keys = _clip_index(clip)
-    unet_patches, clip_patches, unmatched = {}, {}, []
-    for key, delta in deltas.items():
-        for t in (getattr(delta, "down", None), getattr(delta, "up", None), getattr(delta, "weight", None)):
-            if isinstance(t, torch.Tensor) and not torch.isfinite(t).all():
-                raise AdapterMismatchError(f"LoRA module {key} contains NaN or inf")
+    hosts, unmatched = {}, []
+    for key in deltas:
         host = _host_key(key, target, clip_keys)
-        sd, out = (unet_sd, unet_patches) if key.startswith("unet.") else (clip_sd, clip_patches)
+        sd = unet_sd if key.startswith("unet.") else clip_sd
         if host is None or f"{host}.weight" not in sd:
             unmatched.append(key)
-            continue
+        else:
+            hosts[key] = (host, sd)
+    if lora_arch is not None:
+        check_shapes(source, deltas, {k: tuple(sd[f"{h}.weight"].shape) for k, (h, sd) in hosts.items()}, lora_arch,
+                     target.arch)
+    check_weights(source, [(k, deltas[k], sd[f"{h}.weight"], sd.get(f"{h}.bias"),
+                            strengths[0] if k.startswith("unet.") else strengths[1]) for k, (h, sd) in hosts.items()])
+    unet_patches, clip_patches = {}, {}
+    for key, (host, sd) in hosts.items():
+        delta, out = deltas[key], unet_patches if key.startswith("unet.") else clip_patches
         patch = _patch(delta, sd[f"{host}.weight"], key)
         if patch is not None:
             out[f"{host}.weight"] = patch
@@ -157,7 +169,9 @@ def load_lora(model, clip, path: str, strength_model: float, strength_clip: floa
     if not compatible(report.arch.arch, target.arch.arch):
         raise AdapterMismatchError(f"{path}: this LoRA is for {report.arch} but the model is {target.arch}; "
                                    "load the base model it was trained for")
-    unet_patches, clip_patches, unmatched = comfy_patches(deltas, model, clip, target)
+    unet_patches, clip_patches, unmatched = comfy_patches(deltas, model, clip, target, source=path,
+                                                          lora_arch=report.arch,
+                                                          strengths=(strength_model, strength_clip))
     unmatched = report.unmatched + unmatched
     total = len(deltas) + len(report.unmatched)
     if not unet_patches and not clip_patches:

@@ -26,10 +26,11 @@ from ..core.adapters.extract import extract_lora
 from ..core.adapters.merge import scale_blocks
 from ..core.adapters.rank import RankReport, weight_shape
 from ..errors import AdapterMismatchError, InvalidParameterError
+from ..weights.arch import check_shapes
 from ..weights.lora_formats import Target, read_lora
 from ..weights.lora_write import lora_state_dict
 
-__all__ = ["pipeline_modules", "stack_loras", "extract_from_pipelines", "peft_state_dict", "to_peft", "from_peft",
+__all__ = ["pipeline_modules", "read_for", "stack_loras", "extract_from_pipelines", "peft_state_dict", "to_peft", "from_peft",
            "LoRAOpsMixin"]
 
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -52,11 +53,20 @@ def _is_deltas(source) -> bool:
                                                                     for v in source.values())
 
 
+def read_for(source, target: Target):
+    """read_lora for the modules `target` was built from (Target.from_modules), with the widths of the modules the
+    LoRA shares with them as evidence of another base model (weights.arch.check_shapes): a LoRA for another
+    architecture with the same module names is named as such, not by its first odd shape."""
+    deltas, report = read_lora(source, target)
+    check_shapes(report.source, deltas, target.shapes, report.arch, target.arch)
+    return deltas, report
+
+
 def _read(target: Target, source, i: int):
     """(deltas, name, unresolved keys) of a path, a state dict, or canonical deltas."""
     if _is_deltas(source):
         return dict(source), f"loras[{i}] (deltas)", []
-    deltas, report = read_lora(source, target)
+    deltas, report = read_for(source, target)
     return deltas, f"loras[{i}] {report.source} ({report.layout} layout)", report.unmatched
 
 
@@ -147,7 +157,7 @@ def to_peft(pipe, deltas, adapter_name: str, **load_kwargs) -> list[str]:
     mods = pipeline_modules(pipe)
     index = ModuleIndex(mods)
     if not _is_deltas(deltas):
-        deltas, report = read_lora(deltas, Target.from_modules(index))
+        deltas, report = read_for(deltas, Target.from_modules(index))
         if report.unmatched:
             raise AdapterMismatchError(f"{report.source}: {len(report.unmatched)} keys match no module of the "
                                        f"pipeline, e.g. {report.unmatched[:5]}")

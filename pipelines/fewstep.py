@@ -111,10 +111,11 @@ class FewStepPipeline(StableDiffusionPipeline):
         text encoder) before changing anything, so a load that raises leaves the pipeline's outputs as they were."""
         from ..core.adapters.apply import fuse_many
         from ..core.adapters.attach import attach_many
-        from ..weights.lora_formats import Target, read_lora
+        from ..weights.lora_formats import Target
+        from .adapters import read_for
 
         modules = {"unet": self.unet, "text_encoder": self.text_encoder}
-        deltas, report = read_lora(lora, Target.from_modules(modules))
+        deltas, report = read_for(lora, Target.from_modules(modules))
         te_weight = weight if text_encoder_weight is None else text_encoder_weight
         unet_deltas = {k: d for k, d in deltas.items() if k.startswith("unet.")}
         te_deltas = {k: d for k, d in deltas.items() if not k.startswith("unet.")}

@@ -1,23 +1,31 @@
 """Which base model a LoRA was made for, and which base model a target is.
 
-Architectures: ``sd15``, ``sd2``, ``sdxl`` (UNets), ``sd3``, ``flux``, ``pixart`` (transformers). When the keys only
+Architectures: ``sd15``, ``sd2``, ``sdxl``, ``nimblediff-tiny`` (UNets), ``sd3``, ``flux``, ``pixart`` (transformers). When the keys only
 say "some UNet" or "some MM-DiT" (tiny test models, a LoRA that touches few layers) detection answers the family,
 ``unet`` or ``mmdit``, which is compatible with each of its members: a mismatch is reported only on evidence.
 
 Evidence is read from key names in any layout (diffusers, kohya, LDM/ComfyUI: dots and underscores are unified)
 and, where real sizes are known, from shapes: the cross-attention context width is 768 (SD1.x), 1024 (SD2.x) or
-2048 (SDXL).
+2048 (SDXL) or 64 (NimbleDiff-Tiny, whose UNet has SD1.x's block names at a fraction of the widths: without the
+width a tiny LoRA reads as SD1.5 and fails on its first shape instead of naming the two bases).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["ArchGuess", "detect_lora_arch", "detect_model_arch", "compatible", "FAMILY"]
+from ..core.adapters.delta import Diff, LoRA
+from ..errors import AdapterMismatchError
 
-FAMILY = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "sd3": "mmdit", "flux": "mmdit", "pixart": "dit"}
-_CONTEXT_DIM = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
+__all__ = ["ArchGuess", "detect_lora_arch", "detect_model_arch", "compatible", "check_shapes", "FAMILY"]
+
+FAMILY = {"sd15": "unet", "sd2": "unet", "sdxl": "unet", "nimblediff-tiny": "unet", "sd3": "mmdit", "flux": "mmdit",
+          "pixart": "dit"}
+_CONTEXT_DIM = {64: "nimblediff-tiny", 768: "sd15", 1024: "sd2", 2048: "sdxl"}
+_WIDTH_NAMES = {64: "NimbleDiff-Tiny's text width"}
 
 _SECOND_TE = "keys for a second text encoder"
 _KV_DOWN = re.compile(r"attn2_(processor_)?to_[kv]_(lora_down|lora_A|lora_linear_layer_down|diff$)")
@@ -70,8 +78,9 @@ def detect_lora_arch(shapes: dict) -> ArchGuess:
     unet = _UNET.search(text) is not None
     width = _context_width(shapes)
     if width in _CONTEXT_DIM and unet:
-        found.setdefault(_CONTEXT_DIM[width], f"cross-attention context width {width}")
-    if "sd2" in found:  # SD2 shares SD1.x's block layout
+        why = f" ({_WIDTH_NAMES[width]})" if width in _WIDTH_NAMES else ""
+        found.setdefault(_CONTEXT_DIM[width], f"cross-attention context width {width}{why}")
+    if "sd2" in found or "nimblediff-tiny" in found:  # both share SD1.x's block layout
         found.pop("sd15", None)
     if ("sd3" in found or "flux" in found) and found.get("sdxl", "").startswith(_SECOND_TE):
         found.pop("sdxl")  # SD3 has two CLIP text encoders too
@@ -107,16 +116,21 @@ def detect_model_arch(model) -> ArchGuess:
     if "down_block_types" in config:  # diffusers UNet2DConditionModel
         if config.get("addition_embed_type") == "text_time":
             return ArchGuess("sdxl", "UNet with text_time micro-conditioning")
-        if config.get("cross_attention_dim") == 1024:
-            return ArchGuess("sd2", "UNet with cross_attention_dim 1024")
-        return ArchGuess("sd15", "UNet without micro-conditioning")
+        return _by_context_width(config.get("cross_attention_dim"), "UNet")
     if "num_res_blocks" in config:  # ComfyUI unet_config
         if config.get("adm_in_channels"):
             return ArchGuess("sdxl", "ComfyUI unet_config with adm_in_channels")
-        if config.get("context_dim") == 1024:
-            return ArchGuess("sd2", "ComfyUI unet_config with context_dim 1024")
-        return ArchGuess("sd15", "ComfyUI unet_config")
+        return _by_context_width(config.get("context_dim"), "ComfyUI unet_config")
     return ArchGuess("unknown", f"unrecognised target {cls}")
+
+
+def _by_context_width(width, what: str) -> ArchGuess:
+    """A UNet without micro-conditioning: SD2 / NimbleDiff-Tiny by their text width, else SD1.x."""
+    arch = _CONTEXT_DIM.get(width) if width != 2048 else None
+    if arch is None or arch == "sd15":
+        return ArchGuess("sd15", f"{what} without micro-conditioning")
+    why = f" ({_WIDTH_NAMES[width]})" if width in _WIDTH_NAMES else ""
+    return ArchGuess(arch, f"{what} with cross-attention width {width}{why}")
 
 
 def compatible(lora_arch: str, target_arch: str) -> bool:
@@ -124,3 +138,37 @@ def compatible(lora_arch: str, target_arch: str) -> bool:
     if "unknown" in (lora_arch, target_arch) or lora_arch == target_arch:
         return True
     return FAMILY.get(lora_arch, lora_arch) == target_arch or FAMILY.get(target_arch, target_arch) == lora_arch
+
+
+def _rows_and_fan_in(delta) -> tuple[int, int] | None:
+    """(out, in*kh*kw) of the weight a LoRA or Diff was made for; None for kinds whose factors do not say."""
+    if isinstance(delta, LoRA) and delta.up.ndim >= 2 and delta.down.ndim >= 2:
+        kernel = 1 if delta.mid is None or delta.mid.ndim != 4 else delta.mid.shape[2] * delta.mid.shape[3]
+        return delta.up.shape[0], delta.down[0].numel() * kernel
+    if isinstance(delta, Diff) and delta.weight is not None and delta.weight.ndim >= 2:
+        return delta.weight.shape[0], delta.weight[0].numel()
+    return None
+
+
+def check_shapes(source: str, deltas: Mapping, model_shapes: Mapping[str, tuple], lora_arch: ArchGuess,
+                 model_arch: ArchGuess) -> None:
+    """Shapes as evidence of another base model. One odd module is a broken file (the loader's validation names its
+    key); most of the modules a LoRA shares with the model having other widths is another architecture with the
+    same module names (NimbleDiff-Tiny and SD1.5, SD1.5 and SD2 without a cross-attention key), so say that."""
+    wrong, shared = [], 0
+    for key, delta in deltas.items():
+        have, want = _rows_and_fan_in(delta), model_shapes.get(key)
+        if have is None or not want:
+            continue
+        shared += 1
+        if have != (want[0], math.prod(want[1:])):
+            wrong.append((key, have, tuple(want)))
+    if not wrong or 2 * len(wrong) <= shared:
+        return
+    key, have, want = wrong[0]
+    lora = str(lora_arch) if lora_arch.arch != model_arch.arch else \
+        f"another base model than this one (both have {lora_arch.arch} module names)"
+    raise AdapterMismatchError(
+        f"{source}: this LoRA is for {lora} but the model is {model_arch}: {len(wrong)} of the {shared} modules they "
+        f"share have other widths (e.g. {key}: the LoRA is for a weight of (out, in*kh*kw) = {have}, the model's is "
+        f"{want}); load the base model it was trained for")

@@ -34,7 +34,7 @@ import torch
 from ...errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
 from .delta import Diff, LoRA
 
-__all__ = ["fuse", "fuse_many", "validate", "Plan", "FusedAdapters", "ModuleIndex", "resolve_module"]
+__all__ = ["fuse", "fuse_many", "validate", "check_weights", "Plan", "FusedAdapters", "ModuleIndex", "resolve_module"]
 
 _MAX_LISTED = 10
 
@@ -175,8 +175,7 @@ def validate(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
     index = modules if isinstance(modules, ModuleIndex) else ModuleIndex(modules)
     total = len(unresolved)
     for deltas, strength in adapters:
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise InvalidParameterError(f"{source}: strength={strength!r}; expected a finite number")
+        _check_strength(source, strength)
         total += len(deltas)
         for key, delta in deltas.items():
             module = index.get(key)
@@ -199,6 +198,21 @@ def validate(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
         warnings.warn(f"{source}: {len(unmatched)} of {total} keys match no module and are skipped, e.g. "
                       f"{unmatched[:_MAX_LISTED]}; {len(patches)} applied", stacklevel=4)
     return Plan(patches, unmatched)
+
+
+def check_weights(source: str, items: Sequence[tuple]) -> None:
+    """validate() for a host that patches weights itself (ComfyUI's ModelPatcher): items are (key, delta, weight,
+    bias or None, strength) with the host's own tensors. Raises as validate() does; changes nothing."""
+    patches = []
+    for key, delta, weight, bias, strength in items:
+        _check_strength(source, strength)
+        patches.append(_check(source, key, delta, weight, bias, float(strength)))
+    _check_finite(source, patches)
+
+
+def _check_strength(source: str, strength) -> None:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise InvalidParameterError(f"{source}: strength={strength!r}; expected a finite number")
 
 
 def _hook_layer(source: str, key: str, delta, module: torch.nn.Module) -> torch.nn.Module:
