@@ -8,9 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-EMBEDDED = Path(__file__).parent / "weights" / "tiny"
-EMBEDDED_MODEL = EMBEDDED / "nimblediff-tiny"
-EMBEDDED_FLASH_LORA = EMBEDDED / "nimblediff-tiny-flash-lora.safetensors"
+from . import TINY_FLASH_LORA, TINY_MODEL
+
+EMBEDDED_MODEL = Path(TINY_MODEL)
+EMBEDDED_FLASH_LORA = Path(TINY_FLASH_LORA)
 
 # Picked to show what the model does well: at the default --seed 0 each renders as written (image i uses seed i).
 # What it gets wrong (README): top and bottom are often swapped, two-shape prompts leak attributes between shapes.
@@ -254,7 +255,7 @@ def _schedule_search(args) -> int:
     print(f"{args.method} on {folder.name} ({args.dtype}, batch {args.batch}, "
           + (f"grid {args.grid}" if args.method == "boss" else f"NFE {args.nfe}")
           + "): the bar's estimate settles after its first steps; Ctrl-C stops without writing")
-    bar = tqdm(desc=f"{args.method} search", unit="step")
+    bar = tqdm(desc=f"{args.method} search", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     def progress(done, total):
         bar.total = total
@@ -298,12 +299,12 @@ def _dtype(name):
     return None if name is None else {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def _read_complete(path):
+def _read_complete(path, target=None):
     """read_lora, refusing a file some of whose keys would be lost."""
     from .weights.lora_ops import require_complete
     from .weights.lora_formats import read_lora
 
-    deltas, report = read_lora(path)
+    deltas, report = read_lora(path, target)
     print(report.summary())
     require_complete(report)
     return deltas, report
@@ -338,12 +339,26 @@ def _write(deltas, out, args, layout, metadata, target, verb="wrote") -> None:
 def _lora_convert(args) -> int:
     from .weights.lora_ops import carried_metadata, checked_output
     from .weights.lora_formats import Target
+    from .weights.lora_write import check_unet_fit, model_target
 
     out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
-    deltas, report = _read_complete(args.path)
+    # ComfyUI's LDM block numbers follow the UNet's config: read and write through the model's own map; without a
+    # model, the preset of the detected base, only when the LoRA's block widths agree with it (one per level)
+    model = args.model or (EMBEDDED_MODEL if Path(args.path).resolve() == EMBEDDED_FLASH_LORA.resolve() else None)
+    deltas, report = _read_complete(args.path, None if model is None else model_target(model))
+    target = str(model) if model is not None else Target.for_arch(report.arch)
+    if model is None and (args.layout == "comfyui" or "comfyui" in report.layout or _ldm_named(args.path)):
+        check_unet_fit(deltas, target, widths="relative",
+                       layout=args.layout if args.layout == "comfyui" else f"{args.path} (LDM block names)")
     meta = carried_metadata([report.metadata], "convert", dict(source=Path(args.path).name, layout=args.layout))
-    _write(deltas, out, args, args.layout, meta, Target.for_arch(report.arch))
+    _write(deltas, out, args, args.layout, meta, target)
     return 0
+
+
+def _ldm_named(path) -> bool:
+    from .weights.safetensors_io import read_header
+
+    return any(b in k for k in read_header(path)[0] for b in ("input_blocks", "middle_block", "output_blocks"))
 
 
 def _rank_options(args) -> dict:
@@ -390,7 +405,8 @@ def _lora_prune(args) -> int:
 
 def _lora_merge(args) -> int:
     from .errors import InvalidParameterError
-    from .weights.lora_ops import carried_metadata, checked_output, merge_chunked, read_same_base, require_complete
+    from .weights.lora_ops import (check_merge_keys, checked_output, merge_chunked, merge_metadata, read_same_base,
+                                   require_complete)
     from .weights.lora_formats import Target
 
     if args.weights is not None and len(args.weights) != len(args.loras):
@@ -404,6 +420,7 @@ def _lora_merge(args) -> int:
     for report in reports:
         print(report.summary())
         require_complete(report)
+    check_merge_keys(adapters, reports)
     weights = args.weights or [1.0] * len(args.loras)
     progress = _Progress(f"merge ({args.method})")
     try:
@@ -413,9 +430,8 @@ def _lora_merge(args) -> int:
         progress.close()
     print(f"{args.method} merge of {len(adapters)} LoRAs: {len(merged)} layers"
           + (f"; {report.rank.summary()}" if report.rank is not None else " (full differences)"))
-    meta = carried_metadata([r.metadata for r in reports], "merge", dict(
-        sources=" + ".join(f"{w:g} x {Path(p).name}" for p, w in zip(args.loras, weights)), method=args.method,
-        density=args.density, seed=args.seed, rank=args.rank))
+    meta = merge_metadata(reports, " + ".join(f"{w:g} x {Path(p).name}" for p, w in zip(args.loras, weights)),
+                          merged, method=args.method, density=args.density, seed=args.seed, rank=args.rank)
     _write(merged, out, args, args.layout, meta, Target.for_arch(reports[0].arch))
     return 0
 
@@ -516,6 +532,8 @@ def _add_lora_commands(lora) -> None:
     convert.add_argument("path", metavar="IN")
     convert.add_argument("out", metavar="OUT")
     output(convert, "the layout to write", required=True)
+    convert.add_argument("--model", help="diffusers folder (or unet/config.json) of the model the LoRA is for: "
+                         "ComfyUI block numbers follow its UNet config (default: the detected base's)")
     convert.set_defaults(run=_lora_convert)
 
     resize = lora.add_parser("resize", help="resize every layer (fixed rank or spectrum threshold), kohya-style")
@@ -562,7 +580,7 @@ def _add_lora_commands(lora) -> None:
     extract.set_defaults(run=_lora_extract)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nimblediff", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -624,7 +642,11 @@ def main(argv=None) -> int:
 
     for leaf in _leaf_parsers(parser):     # given after the command name, where users type it
         leaf.add_argument("--quiet", "-q", action="store_true", help="print only errors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     _quiet_libraries()
     from .errors import NimbleDiffError
 
