@@ -30,8 +30,8 @@ from ..weights.arch import check_shapes
 from ..weights.lora_formats import Target, read_lora
 from ..weights.lora_write import lora_state_dict
 
-__all__ = ["pipeline_modules", "read_for", "stack_loras", "extract_from_pipelines", "peft_state_dict", "to_peft", "from_peft",
-           "LoRAOpsMixin"]
+__all__ = ["pipeline_modules", "read_for", "stack_loras", "extract_from_pipelines", "peft_state_dict", "to_peft",
+           "from_peft", "LoRAOpsMixin"]
 
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _DENOISERS = ("unet", "transformer")

@@ -153,6 +153,30 @@ def test_hooked_rejects_kinds_it_cannot_hook_before_hooking_anything():
     fuse(mods, deltas).unfuse()  # the fused path takes it
 
 
+def test_interrupted_fuse_takes_back_what_it_fused(monkeypatch):
+    """An interrupt after three of the layers were patched: those three are unfused again before it propagates."""
+    import nimblediff.core.adapters.apply as apply_mod
+
+    mods = _models()
+    before = _outputs(mods)
+    real, fused = apply_mod._add, []
+
+    def interrupted(p, sign):
+        if sign > 0 and len(fused) == 3:
+            raise KeyboardInterrupt
+        if sign > 0:
+            fused.append(p.key)
+        real(p, sign)
+
+    monkeypatch.setattr(apply_mod, "_add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fuse_many(mods, [(_deltas(mods), 1.0)])
+    after = _outputs(mods)
+    assert len(fused) == 3
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=1e-6)
+
+
 def test_hooked_linear_and_conv_match_hand_computed_outputs():
     """W x + b + s (alpha / r) B A x, written out by hand in float64, for a Linear and a 3x3 Conv2d."""
     torch.manual_seed(0)
@@ -260,3 +284,144 @@ def test_pipeline_modes_agree_and_both_warn_on_a_partial_match(tmp_path):
         torch.testing.assert_close(_images(pipe), base, rtol=1e-5, atol=1e-5)
     assert (out[True] - base).abs().max() > 1e-3
     torch.testing.assert_close(out[False], out[True], rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- another base model
+TINY_LORA = Path(__file__).parents[1] / "weights" / "tiny" / "nimblediff-tiny-flash-lora.safetensors"
+
+
+def _sd15_width_pipe():
+    """FewStepPipeline whose UNet has SD1.5's block layout and its 768-wide cross-attention (tiny channels)."""
+    from nimblediff.pipelines import FewStepPipeline
+
+    return FewStepPipeline(**(factories.tiny_sd15_components(0) | {"unet": factories.tiny_sd15_layout_unet(
+        0, cross_attention_dim=768)}))
+
+
+def _nimblediff_tiny_pipe():
+    from nimblediff.pipelines import FewStepPipeline
+    from nimblediff.tiny import model
+
+    torch.manual_seed(0)
+    return FewStepPipeline(**(factories.tiny_sd15_components(0) | {"unet": model.make_unet().eval(),
+                                                                   "text_encoder": model.make_text_encoder(1000)}))
+
+
+def _unet_out(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return unet(torch.randn(1, 4, 16, 16, generator=g), 500,
+                    torch.randn(1, 3, unet.config.cross_attention_dim, generator=g)).sample
+
+
+def _kohya_file(folder, unet, name, targets=None) -> str:
+    from safetensors.torch import save_file
+
+    kw = {} if targets is None else {"targets": targets}
+    save_file(factories.lora_state_dict(factories.random_lora({"unet": unet}, rank=2, **kw), "kohya"),
+              str(Path(folder) / name))
+    return str(Path(folder) / name)
+
+
+def _arch_cases(folder):
+    """(LoRA file, pipeline, expected message): tiny LoRA on SD1.5, SD1.5 LoRA on tiny, same names other widths."""
+    sd15_lora = _kohya_file(folder, factories.tiny_sd15_layout_unet(0, cross_attention_dim=768), "sd15.safetensors")
+    wide_convs = _kohya_file(folder, factories.tiny_sd15_layout_unet(0, block_out_channels=(8, 16, 16, 16)),
+                             "wide.safetensors", targets=(r"resnets\.\d+\.conv[12]$",))
+    return [(str(TINY_LORA), _sd15_width_pipe, r"this LoRA is for nimblediff-tiny .*but the model is sd15 "),
+            (sd15_lora, _nimblediff_tiny_pipe, r"this LoRA is for sd15 .*but the model is nimblediff-tiny "),
+            (wide_convs, lambda: factories.tiny_sd15_pipeline(0, layout="sd15"),
+             r"this LoRA is for another base model than this one \(both have sd15 module names\).* modules they share "
+             r"have other widths")]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "hooked"])
+def test_lora_of_another_base_is_named_as_such(tmp_path, fused):
+    from nimblediff.pipelines import FewStepPipeline
+
+    for path, make, message in _arch_cases(tmp_path):
+        pipe = make()
+        before = _unet_out(pipe.unet)
+        with pytest.raises(AdapterMismatchError, match=message) as info:
+            FewStepPipeline.load_lora(pipe, path, fuse=fused)
+        assert "load the base model it was trained for" in str(info.value)
+        assert torch.equal(_unet_out(pipe.unet), before) and _hooks({"unet": pipe.unet}) == 0
+
+
+def test_lora_for_its_own_base_still_loads(tmp_path):
+    """Guards the test above: each file loads into the base it was made for, and changes its output."""
+    from nimblediff.pipelines import FewStepPipeline
+
+    made_for = [_nimblediff_tiny_pipe, _sd15_width_pipe,
+                lambda: FewStepPipeline(**(factories.tiny_sd15_components(0) | {
+                    "unet": factories.tiny_sd15_layout_unet(0, block_out_channels=(8, 16, 16, 16))}))]
+    for (path, _, _), make in zip(_arch_cases(tmp_path), made_for):
+        pipe = make()
+        before = _unet_out(pipe.unet)
+        FewStepPipeline.load_lora(pipe, path, fuse=False)
+        assert (_unet_out(pipe.unet) - before).abs().max() > 1e-4, path
+
+
+# ---------------------------------------------------------------------------------------------- ComfyUI loader
+@pytest.fixture
+def comfy_stub():
+    import fake_comfy
+
+    fake_comfy.install()
+    yield fake_comfy
+    fake_comfy.uninstall()
+
+
+def _comfy(fake_comfy, pipe, context_dim):
+    """A ComfyUI-like MODEL / CLIP over an SD1.5-layout pipeline, with ComfyUI's unet_config for it."""
+    import types
+
+    ldm = factories.unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config, prefix="diffusion_model.")
+    te = {f"clip_l.transformer.text_model.{k.removeprefix('text_model.')}": v
+          for k, v in pipe.text_encoder.state_dict().items()}
+    unet_config = {"model_channels": pipe.unet.config.block_out_channels[0], "channel_mult": [1, 2, 2, 2],
+                   "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+                   "transformer_depth_output": [1] * 9 + [0] * 3, "transformer_depth_middle": 1,
+                   "context_dim": context_dim}
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(state_dict=lambda: ldm), None, unet_config)
+    return model, fake_comfy.FakeCLIP(types.SimpleNamespace(state_dict=lambda: te))
+
+
+def test_comfy_loader_rejects_nan_alpha_and_names_the_key(comfy_stub, tmp_path):
+    from nimblediff.nodes.adapters import load_lora
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    model, clip = _comfy(comfy_stub, pipe, 8)
+    bad = _file(pipe, tmp_path, "bad.safetensors", FILE_BAD["nan alpha"])
+    with pytest.raises(WeightsFormatError, match=r"bad.safetensors: key 'text_encoder\..*alpha=nan"):
+        load_lora(model, clip, bad, 1.0, 1.0)
+    assert model.patches == {} and clip.patcher.patches == {}
+    new_model, new_clip, _ = load_lora(model, clip, _file(pipe, tmp_path, "good.safetensors"), 1.0, 1.0)
+    assert new_model.patches and new_clip.patcher.patches
+
+
+@pytest.mark.parametrize("lora,context_dim,message", [
+    ("tiny", 768, r"this LoRA is for nimblediff-tiny .*but the model is sd15 "),
+    ("sd15", 64, r"this LoRA is for sd15 .*but the model is nimblediff-tiny "),
+])
+def test_comfy_loader_names_both_architectures(comfy_stub, tmp_path, lora, context_dim, message):
+    from nimblediff.nodes.adapters import load_lora
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    model, clip = _comfy(comfy_stub, pipe, context_dim)
+    path = str(TINY_LORA) if lora == "tiny" else \
+        _kohya_file(tmp_path, factories.tiny_sd15_layout_unet(0, cross_attention_dim=768), "sd15.safetensors")
+    with pytest.raises(AdapterMismatchError, match=message):
+        load_lora(model, clip, path, 1.0, 1.0)
+    assert model.patches == {} and clip.patcher.patches == {}
+
+
+def test_comfy_loader_names_same_named_base_of_other_widths(comfy_stub, tmp_path):
+    from nimblediff.nodes.adapters import load_lora
+
+    pipe = factories.tiny_sd15_pipeline(0, layout="sd15")
+    model, clip = _comfy(comfy_stub, pipe, 8)
+    path = _kohya_file(tmp_path, factories.tiny_sd15_layout_unet(0, block_out_channels=(8, 16, 16, 16)),
+                       "wide.safetensors", targets=(r"resnets\.\d+\.conv[12]$",))
+    with pytest.raises(AdapterMismatchError, match=r"another base model than this one.*modules they share"):
+        load_lora(model, clip, path, 1.0, 1.0)

@@ -119,3 +119,28 @@ def test_mixin_stack_and_unload():
     assert any(not torch.equal(v, base[k]) for k, v in p.unet.state_dict().items())
     p.unload_loras()
     assert all(torch.allclose(v, base[k], atol=1e-6) for k, v in p.unet.state_dict().items())
+
+
+def test_failed_stack_leaves_outputs_unchanged(pipe, files):
+    """A valid first LoRA and a second whose text-encoder part has a NaN alpha: nothing of either is applied, so the
+    UNet's and the text encoder's outputs are those computed before the call."""
+    from nimblediff.core.adapters.delta import LoRA
+
+    p = copy.deepcopy(pipe)
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 32, 32, generator=gen), torch.randn(1, 77, 8, generator=gen)
+    ids = torch.tensor([[0, 7, 1]])
+
+    def outputs():
+        with torch.no_grad():
+            return p.unet(x, torch.tensor([500]), encoder_hidden_states=ctx).sample, p.text_encoder(ids)[0]
+
+    before = outputs()
+    good = {k: LoRA(*v) for k, v in factories.random_lora(A.pipeline_modules(p), rank=2, seed=3).items()}
+    te_key = next(k for k in good if k.startswith("text_encoder."))
+    bad = {**good, te_key: LoRA(good[te_key].down, good[te_key].up, alpha=float("nan"))}
+    with pytest.raises(NimbleDiffError, match=rf"{te_key}.*alpha=nan"):
+        A.stack_loras(p, [files["a"], bad])
+    after = outputs()
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    A.stack_loras(p, [files["a"], good]).unfuse()  # the same stack without the NaN loads (the guard of the test)

@@ -1,11 +1,12 @@
 """Which base model a LoRA was made for, and which base model a target is.
 
-Architectures: ``sd15``, ``sd2``, ``sdxl``, ``nimblediff-tiny`` (UNets), ``sd3``, ``flux``, ``pixart`` (transformers). When the keys only
-say "some UNet" or "some MM-DiT" (tiny test models, a LoRA that touches few layers) detection answers the family,
-``unet`` or ``mmdit``, which is compatible with each of its members: a mismatch is reported only on evidence.
+Architectures: ``sd15``, ``sd2``, ``sdxl``, ``nimblediff-tiny`` (UNets), ``sd3``, ``flux``, ``pixart``
+(transformers). When the keys only say "some UNet" or "some MM-DiT" (tiny test models, a LoRA that touches few
+layers) detection answers the family, ``unet`` or ``mmdit``, which is compatible with each of its members: a
+mismatch is reported only on evidence.
 
 Evidence is read from key names in any layout (diffusers, kohya, LDM/ComfyUI: dots and underscores are unified)
-and, where real sizes are known, from shapes: the cross-attention context width is 768 (SD1.x), 1024 (SD2.x) or
+and, where real sizes are known, from shapes: the cross-attention context width is 768 (SD1.x), 1024 (SD2.x),
 2048 (SDXL) or 64 (NimbleDiff-Tiny, whose UNet has SD1.x's block names at a fraction of the widths: without the
 width a tiny LoRA reads as SD1.5 and fails on its first shape instead of naming the two bases).
 """
@@ -127,7 +128,7 @@ def detect_model_arch(model) -> ArchGuess:
 def _by_context_width(width, what: str) -> ArchGuess:
     """A UNet without micro-conditioning: SD2 / NimbleDiff-Tiny by their text width, else SD1.x."""
     arch = _CONTEXT_DIM.get(width) if width != 2048 else None
-    if arch is None or arch == "sd15":
+    if arch is None:  # tiny test models of other widths: SD1.x's layout, no evidence of another base
         return ArchGuess("sd15", f"{what} without micro-conditioning")
     why = f" ({_WIDTH_NAMES[width]})" if width in _WIDTH_NAMES else ""
     return ArchGuess(arch, f"{what} with cross-attention width {width}{why}")

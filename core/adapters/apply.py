@@ -143,15 +143,21 @@ def fuse_many(modules: Mapping[str, torch.nn.Module] | ModuleIndex,
     """Fuse several (deltas, strength) pairs at once: all are validated before any weight changes."""
     plan = validate(modules, adapters, source=source, unresolved=unresolved)
     # 3. commit, in order (a weight-dependent delta sees the patches before it)
-    for p in plan.patches:
-        with small_op_threads(p.weight.numel()):
-            if exact_unfuse or p.needs_weight:
-                p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
-                p.exact = exact_unfuse
-            if p.needs_weight:
-                _set(p)
-            else:
-                _add(p, 1.0)
+    done = []
+    try:
+        for p in plan.patches:
+            with small_op_threads(p.weight.numel()):
+                if exact_unfuse or p.needs_weight:
+                    p.original = (p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone())
+                    p.exact = exact_unfuse
+                if p.needs_weight:
+                    _set(p)
+                else:
+                    _add(p, 1.0)
+            done.append(p)
+    except BaseException:  # interrupted or out of memory mid-commit: take back what was fused, never half-patch
+        FusedAdapters([], [], done).unfuse()
+        raise
     return FusedAdapters([p.key for p in plan.patches], plan.unmatched, plan.patches)
 
 
