@@ -1,7 +1,8 @@
 """Validate ComfyUI workflow JSON (API format and UI format) against node schemas.
 
 Schemas: NimbleDiff's own from the node classes; the few core ComfyUI nodes the shipped workflows use from
-`workflows/core_nodes.json` (a subset of a real server's /object_info, checked in). Used by the tests and by
+`workflow_core_nodes.json` beside this file (a subset of a real server's /object_info, checked in; not under
+workflows/, where ComfyUI offers every JSON file as a workflow template). Used by the tests and by
 `nimblediff workflow validate`.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from .errors import NimbleDiffError
 
 WORKFLOWS = Path(__file__).parent / "workflows"
+CORE_NODES = Path(__file__).parent / "workflow_core_nodes.json"
 
 
 class WorkflowError(NimbleDiffError, ValueError):
@@ -24,7 +26,7 @@ def node_schemas() -> dict:
     from .nodes import NODE_CLASS_MAPPINGS
 
     schemas = {}
-    for name, info in json.loads((WORKFLOWS / "core_nodes.json").read_text()).items():
+    for name, info in json.loads(CORE_NODES.read_text()).items():
         if name.startswith("_"):
             continue
         schemas[name] = {"inputs": {k: (v[0], v[1], v[2]) for k, v in info["inputs"].items()},
@@ -36,6 +38,21 @@ def node_schemas() -> dict:
             for k, v in spec.get(section, {}).items():
                 inputs[k] = (v[0], v[1] if len(v) > 1 else {}, section == "required")
         schemas[name] = {"inputs": inputs, "outputs": list(cls.RETURN_TYPES)}
+    return schemas
+
+
+def schemas_from_object_info(info: dict) -> dict:
+    """node_schemas()' form of a live server's GET /object_info (every node it has, ours included)."""
+    schemas = {}
+    for name, node in info.items():
+        inputs = {}
+        for section in ("required", "optional"):
+            for k, v in node.get("input", {}).get(section, {}).items():
+                kind = v[0]
+                if kind == "COMBO":                  # the V3 spelling: ("COMBO", {"options": [...]})
+                    kind = list(v[1].get("options", [])) if len(v) > 1 else []
+                inputs[k] = (kind, v[1] if len(v) > 1 else {}, section == "required")
+        schemas[name] = {"inputs": inputs, "outputs": list(node.get("output", []))}
     return schemas
 
 

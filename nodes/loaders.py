@@ -480,4 +480,45 @@ class NimbleDiffusersCheckpointLoader:
         return load_sd15_folder(resolve_model(model), folder_paths.get_folder_paths("embeddings"))
 
 
-NODES = {"NimbleDiffusersCheckpointLoader": (NimbleDiffusersCheckpointLoader, "NimbleDiff Diffusers Checkpoint Loader")}
+class NimbleEmptyLatent:
+    """Empty latents for a VAE's own size ratio: EmptyLatentImage always divides by 8, so with NimbleDiff-Tiny's /4
+    VAE (or any VAE that is not /8) it makes images of another size than the one asked for."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 512, "min": 16, "max": 16384, "step": 8}
+        return {"required": {
+            "vae": ("VAE", {"tooltip": "the VAE that will decode the latents: its downscale ratio and latent "
+                                       "channels set the latent's shape"}),
+            "width": ("INT", {**size, "tooltip": "width of the decoded images in pixels (NimbleDiff-Tiny: 64)"}),
+            "height": ("INT", {**size, "tooltip": "height of the decoded images in pixels (NimbleDiff-Tiny: 64)"}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "number of latent images"}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    CATEGORY = "NimbleDiff/loaders"
+    DESCRIPTION = ("Empty latents that the given VAE decodes to width x height, whatever its downscale ratio "
+                   "(EmptyLatentImage assumes /8: with NimbleDiff-Tiny's /4 VAE it gives half the size).")
+
+    def generate(self, vae, width, height, batch_size=1):
+        import comfy.model_management
+
+        ratio = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else \
+            vae.downscale_ratio
+        if not isinstance(ratio, int):
+            raise InvalidParameterError(f"vae: downscale ratio {ratio!r} is not one integer (a video VAE?); this node "
+                                        "is for image VAEs")
+        for name, value in (("width", width), ("height", height)):
+            if value % ratio:
+                raise InvalidParameterError(f"{name}={value} is not a multiple of the VAE's downscale ratio {ratio}; "
+                                            f"use {value // ratio * ratio} or {(value // ratio + 1) * ratio}")
+        latent = torch.zeros([batch_size, vae.latent_channels, height // ratio, width // ratio],
+                             device=comfy.model_management.intermediate_device())   # (B, C, H/r, W/r)
+        return ({"samples": latent},)
+
+
+NODES = {
+    "NimbleDiffusersCheckpointLoader": (NimbleDiffusersCheckpointLoader, "NimbleDiff Diffusers Checkpoint Loader"),
+    "NimbleEmptyLatent": (NimbleEmptyLatent, "NimbleDiff Empty Latent (VAE size)"),
+}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 
 import torch
 
@@ -10,6 +12,7 @@ from ..core import schedules
 from ..core.parameterization import VP, Flow
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..core.sampling import SAMPLER_OPTIONS, SAMPLERS, k_diffusion_sampler
+from ..errors import InvalidParameterError, NimbleDiffError
 
 log = logging.getLogger("nimblediff")
 
@@ -33,6 +36,7 @@ def make_sampler(name: str, recipe=None, **options):
     """A comfy KSAMPLER for one of our samplers; with a recipe, warns when the graph contradicts it."""
     import comfy.samplers
 
+    check_sampler_options(name, options)
     fn = k_diffusion_sampler(SAMPLERS[name], _param_of_guided_model, **options)
     if recipe is not None:
         inner = fn
@@ -50,12 +54,27 @@ def make_sigmas_for_model(model, schedule: str, steps: int, denoise: float = 1.0
     """SIGMAS of a named schedule for a ComfyUI MODEL; denoise < 1 keeps the last steps of a longer schedule."""
     param = param_from_model_sampling(model.get_model_object("model_sampling"))
     if not 0.0 < denoise <= 1.0:
-        from ..errors import InvalidParameterError
-
         raise InvalidParameterError(f"denoise={denoise}: must be in (0, 1]")
     total = steps if denoise >= 1.0 else max(int(steps / denoise), steps)
-    sigmas = schedules.make_sigmas(schedule, total, param)
+    try:
+        sigmas = schedules.make_sigmas(schedule, total, param)
+    except InvalidParameterError as e:
+        if total == steps:
+            raise
+        raise InvalidParameterError(f"denoise={denoise} with steps={steps} keeps the last {steps} steps of a "
+                                    f"{total}-step {schedule} schedule, but {e}; raise denoise or lower steps") from None
     return sigmas[-(steps + 1):].float()
+
+
+# the gamma widget's default: TCD's own
+TCD_GAMMA = SAMPLER_OPTIONS["tcd"]["gamma"]
+
+# Options whose value is a list (of lists) of numbers, with the nesting depth: the fitted solver's weights.
+LIST_OPTIONS = {"coeffs": 2, "gains": 1}
+
+FITTED_HINT = ("the fitted sampler needs the coefficients fitted for its sigmas: load the file written by "
+               "`nimblediff schedule search --method fit` with the NimbleDiff Schedule from File node, which outputs "
+               "both the SIGMAS and this SAMPLER")
 
 
 class FewStepSampler:
@@ -69,42 +88,151 @@ class FewStepSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
+        # ComfyUI cannot hide a widget per combo value without a JS extension, so gamma stays a widget for every
+        # sampler (saved workflows keep their widget order) and says in its tooltip that only tcd reads it
         return {"required": {
-            "sampler_name": (list(SAMPLERS), {"default": "lcm"}),
-            "gamma": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "TCD stochasticity (0 = deterministic, 1 = LCM); other samplers ignore it"}),
+            "sampler_name": (list(SAMPLERS), {"default": "lcm", "tooltip": (
+                "lcm / tcd: consistency-distilled models (LCM-LoRA, Flash, TCD). euler, dpmpp_2m, deis, plms, ghvb, "
+                "dpmpp_2m_unic: ODE solvers. scott, pc: stochastic. fkc: Feynman-Kac particle sampler. fitted: "
+                "needs coefficients fitted for its sigmas: use NimbleDiff Schedule from File instead")}),
+            "gamma": ("FLOAT", {"default": TCD_GAMMA, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "tcd only (other samplers ignore it): stochasticity, 0 = deterministic "
+                                           "(DDIM-like), 1 = LCM"}),
         }, "optional": {
-            "options": ("STRING", {"default": "", "tooltip": "other sampler options, e.g. 'beta=0.8, order=3' "
-                                   "(dpmpp_2m / plms / ghvb beta, deis order, pc snr, scott eta)"}),
+            "options": ("STRING", {"default": "", "tooltip": "other sampler options as name=value, comma-separated, "
+                                   "e.g. 'beta=0.8' (dpmpp_2m / dpmpp_2m_unic / plms / ghvb, in (0, 1]), "
+                                   "'order=3' (deis 1-3, plms / ghvb 1-4), 'snr=0.16' (pc), 'eta=1, substeps=2' "
+                                   "(scott), 'mode=cfg, guidance=3' (fkc); lists in JSON: coeffs=[[], [0.5]]"}),
         }}
 
     def build(self, sampler_name, gamma, options=""):
         parsed = parse_sampler_options(sampler_name, options)
         if "gamma" in SAMPLER_OPTIONS[sampler_name]:
             parsed.setdefault("gamma", gamma)
+        elif gamma != TCD_GAMMA:
+            log.warning("NimbleDiff Few-Step Sampler: gamma=%s is ignored: only tcd uses it, not %s", gamma,
+                        sampler_name)
         return (make_sampler(sampler_name, **parsed),)
 
 
-def parse_sampler_options(sampler_name: str, text: str) -> dict:
-    """'beta=0.8, order=3' -> {"beta": 0.8, "order": 3}, checked against the sampler's options."""
-    from ..errors import InvalidParameterError
+def _split_options(text: str) -> list[str]:
+    """'beta=0.8, coeffs=[[], [0.5]]' -> ['beta=0.8', 'coeffs=[[], [0.5]]']: commas inside brackets stay."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
 
+
+def _parse_value(sampler_name: str, name: str, text: str):
+    default = SAMPLER_OPTIONS[sampler_name][name]
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise InvalidParameterError(f"sampler option {name}={text!r}: expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(default, (int, float)):
+        try:
+            return type(default)(text)
+        except ValueError:
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise InvalidParameterError(f"sampler option {name}={text!r}: expected {kind} like {default!r}") from None
+    if name in LIST_OPTIONS:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise InvalidParameterError(f"sampler option {name}={text!r}: expected a JSON list "
+                                        f"{_list_example(name)}") from None
+    return text.strip("'\"")
+
+
+def _list_example(name: str) -> str:
+    return {"coeffs": "of lists of numbers, one list per step, e.g. [[], [0.5], [0.3, -0.1]]",
+            "gains": "of numbers, e.g. [0.2, 0.1]"}[name]
+
+
+def parse_sampler_options(sampler_name: str, text: str) -> dict:
+    """'beta=0.8, order=3' -> {"beta": 0.8, "order": 3}, checked against the sampler's options; lists are JSON."""
     valid = SAMPLER_OPTIONS[sampler_name]
     out = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+    for item in _split_options(text or ""):
         name, sep, value = item.partition("=")
         name = name.strip()
         if not sep or name not in valid:
             raise InvalidParameterError(f"sampler option {item!r}: {sampler_name} takes "
                                         f"{', '.join(f'{k}={v}' for k, v in valid.items()) or 'no options'}")
-        default = valid[name]
-        try:
-            out[name] = type(default)(value.strip()) if not isinstance(default, bool) else \
-                value.strip().lower() in ("1", "true", "yes")
-        except ValueError:
-            raise InvalidParameterError(f"sampler option {name}={value.strip()!r}: expected a "
-                                        f"{type(default).__name__} like {default!r}") from None
+        if name in out:
+            raise InvalidParameterError(f"sampler option {name} is given twice in {text!r}")
+        out[name] = _parse_value(sampler_name, name, value.strip())
     return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_sampler_options(sampler_name: str, options: dict) -> None:
+    """Refuse what the sampler would refuse once SamplerCustom runs it, while the node runs: unknown options,
+    wrong types, NaN or inf, out-of-range values, and the fitted sampler without coefficients."""
+    valid = SAMPLER_OPTIONS[sampler_name]
+    for name, value in options.items():
+        if name not in valid:
+            raise InvalidParameterError(f"sampler option {name}: {sampler_name} takes "
+                                        f"{', '.join(valid) or 'no options'}")
+        default = valid[name]
+        if name in LIST_OPTIONS:
+            if not _is_nested_numbers(value, LIST_OPTIONS[name]):
+                raise InvalidParameterError(f"sampler option {name}={value!r}: expected a list "
+                                            f"{_list_example(name)}, all finite; {FITTED_HINT}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise InvalidParameterError(f"sampler option {name}={value!r}: expected true or false")
+        elif isinstance(default, int):
+            if not (isinstance(value, int) and not isinstance(value, bool)):
+                raise InvalidParameterError(f"sampler option {name}={value!r}: expected an integer like {default}")
+        elif isinstance(default, float):
+            if not (_is_number(value) and math.isfinite(value)):
+                raise InvalidParameterError(f"sampler option {name}={value!r}: expected a finite number like "
+                                            f"{default}")
+    if sampler_name == "fitted" and not options.get("coeffs"):
+        raise InvalidParameterError(f"sampler fitted without coeffs would run plain first-order (DDIM) steps; "
+                                    f"{FITTED_HINT}")
+    if sampler_name == "tcd" and not 0.0 <= options.get("gamma", TCD_GAMMA) <= 1.0:
+        raise InvalidParameterError(f"sampler option gamma={options['gamma']!r}: tcd needs 0 <= gamma <= 1 "
+                                    "(0 deterministic, 1 = LCM)")
+    _dry_run(sampler_name, options)
+
+
+def _is_nested_numbers(value, depth: int) -> bool:
+    if not isinstance(value, (list, tuple)):
+        return False
+    if depth == 1:
+        return all(_is_number(v) and math.isfinite(v) for v in value)
+    return all(_is_nested_numbers(v, depth - 1) for v in value)
+
+
+def _dry_run(sampler_name: str, options: dict) -> None:
+    """Start the sampler on a stand-in problem up to its first model call: each sampler checks its options on
+    entry (core), so the node reports them without a second copy of the rules."""
+    param = VP()
+    steps = len(options.get("coeffs") or ()) or 2
+    x = torch.zeros(1, 1)
+    try:
+        gen = SAMPLERS[sampler_name](x, schedules.make_sigmas("trailing", steps, param), param=param,
+                                     noise=lambda s, s_next: torch.zeros_like(x), **options)
+        next(gen)
+        gen.close()
+    except StopIteration:
+        pass
+    except NimbleDiffError as e:
+        raise InvalidParameterError(f"sampler {sampler_name}: {e}") from None
+    except (TypeError, ValueError, IndexError) as e:
+        raise InvalidParameterError(f"sampler {sampler_name} options {options}: {e}") from None
 
 
 class FewStepSchedule:
@@ -117,10 +245,16 @@ class FewStepSchedule:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "schedule": (list(schedules.SCHEDULES), {"default": "lcm"}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "model": ("MODEL", {"tooltip": "the model to sample: its noise schedule (VP table or flow shift) sets "
+                                           "the sigmas"}),
+            "schedule": (list(schedules.SCHEDULES), {"default": "lcm", "tooltip": (
+                "lcm: the LCM / Flash timestep grid; trailing: evenly spaced timesteps ending at the last; karras, "
+                "exponential: spaced in sigma")}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "number of sampling steps"}),
+            # min 0.01, not 0: denoise = 0 would keep no step of the schedule (make_sigmas_for_model refuses it)
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
+                "fraction of the schedule to run (img2img): 1 starts from pure noise; below 1 keeps the last "
+                "steps of a steps / denoise schedule")}),
         }}
 
     def build(self, model, schedule, steps, denoise):
@@ -138,9 +272,11 @@ class RecipeSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
-            "recipe": (list(RECIPES), {"default": "flash-sd15"}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 100}),
+            "model": ("MODEL", {"tooltip": "the model to sample: its noise schedule sets the sigmas"}),
+            "recipe": (list(RECIPES), {"default": "flash-sd15", "tooltip": (
+                "the distilled model or LoRA: gives the sampler, schedule and CFG it was trained for")}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": (
+                "sampling steps; a warning is logged when the recipe was not distilled for this count")}),
         }}
 
     def build(self, model, recipe, steps):
@@ -163,7 +299,11 @@ class ScheduleFile:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "path": ("STRING", {"default": "schedule.json"})},
+        return {"required": {"model": ("MODEL", {"tooltip": "the model the schedule was searched for (its type "
+                                                           "is checked)"}),
+                             "path": ("STRING", {"default": "schedule.json", "tooltip": (
+                                 "a schedule JSON written by `nimblediff schedule search` (BOSS, AutoDiffusion or "
+                                 "--method fit)")})},
                 "optional": {"schedule_json": ("STRING", {"default": "", "multiline": True,
                                                            "tooltip": "a schedule file's JSON, embedded in the "
                                                                       "workflow; overrides path"})}}

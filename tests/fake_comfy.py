@@ -98,15 +98,17 @@ def install(loras: dict | None = None):
     folder_paths.get_filename_list = lambda kind: sorted(loras) if kind == "loras" else []
     folder_paths.get_full_path_or_raise = lambda kind, name: loras[name]
     folder_paths.get_folder_paths = lambda kind: []
-    comfy.samplers, comfy.model_sampling = samplers, model_sampling
+    model_management = types.ModuleType("comfy.model_management")
+    model_management.intermediate_device = lambda: torch.device("cpu")
+    comfy.samplers, comfy.model_sampling, comfy.model_management = samplers, model_sampling, model_management
     sys.modules.update({"comfy": comfy, "comfy.samplers": samplers, "comfy.model_sampling": model_sampling,
-                        "folder_paths": folder_paths})
+                        "comfy.model_management": model_management, "folder_paths": folder_paths})
     sys.modules.pop("comfy.weight_adapter", None)
     del weight_adapter
 
 
 def uninstall():
-    for name in ("comfy", "comfy.samplers", "comfy.model_sampling", "folder_paths"):
+    for name in ("comfy", "comfy.samplers", "comfy.model_sampling", "comfy.model_management", "folder_paths"):
         sys.modules.pop(name, None)
 
 

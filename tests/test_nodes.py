@@ -259,3 +259,143 @@ def test_schedule_node_reads_a_schedule_embedded_in_the_workflow(comfy, tmp_path
         ScheduleFile().load(patcher, "not/there.json", "{sigmas: [1, 0]")
     with pytest.raises(InvalidParameterError, match="not/there.json"):
         ScheduleFile().load(patcher, "not/there.json", "  ")
+
+
+# ------------------------------------------------------------------ sampler options are checked when the node runs
+@pytest.mark.parametrize("sampler, options, named", [
+    ("dpmpp_2m", "beta=nan", "beta"),                 # NaN passes `0 < beta <= 1`-style widget checks elsewhere
+    ("dpmpp_2m", "beta=1.5", "beta"),
+    ("ghvb", "beta=inf", "beta"),
+    ("deis", "order=5", "order"),
+    ("deis", "order=2.5", "order"),
+    ("deis", "lower_order_final=maybe", "lower_order_final"),
+    ("plms", "momentum=nesterov", "momentum"),
+    ("scott", "eta=-1", "eta"),
+    ("scott", "substeps=-2", "substeps"),
+    ("pc", "snr=nan", "snr"),
+    ("fkc", "ess_threshold=2", "ess_threshold"),
+    ("fkc", "guidance=nan", "guidance"),
+    ("fkc", "mode=sum", "mode"),
+    ("fitted", "coeffs=0.5", "coeffs"),               # was split into the characters '0', '.', '5'
+    ("fitted", "coeffs=[[], [0.5]], gains=[0.1, 0.2, 0.3]", "gains"),
+])
+def test_sampler_node_refuses_bad_options_naming_them(comfy, sampler, options, named):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    with pytest.raises(InvalidParameterError, match=named):
+        FewStepSampler().build(sampler, 0.3, options)
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), 1.5, -0.1])
+def test_tcd_gamma_out_of_range_fails_at_the_node(comfy, gamma):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    with pytest.raises(InvalidParameterError, match="gamma"):
+        FewStepSampler().build("tcd", gamma)
+
+
+def test_every_sampler_builds_with_its_default_options(comfy):
+    """The checks refuse nothing the samplers accept: every sampler's defaults (fitted needs coefficients)."""
+    from nimblediff.core.sampling import SAMPLER_OPTIONS
+    from nimblediff.nodes.sampling import FewStepSampler, make_sampler
+
+    for name in SAMPLERS:
+        if name != "fitted":
+            FewStepSampler().build(name, 0.3)
+            make_sampler(name, **SAMPLER_OPTIONS[name])
+    FewStepSampler().build("fitted", 0.3, "coeffs=[[]]")          # a 1-step fit has no past predictions to mix
+
+
+def test_fitted_sampler_without_coefficients_names_the_schedule_file_node(comfy, tmp_path):
+    """Without coeffs the fitted sampler is plain DDIM: refused, with where the coefficients come from."""
+    from nimblediff.core.schedule_search import save_schedule
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSampler, ScheduleFile
+
+    with pytest.raises(InvalidParameterError, match="coeffs.*Schedule from File"):
+        FewStepSampler().build("fitted", 0.3)
+    save_schedule(tmp_path / "s.json", {"model_type": "vp", "sampler": "fitted", "nfe": 2,
+                                        "sigmas": [14.6, 1.5, 0.0], "created_by": "test"})
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    with pytest.raises(InvalidParameterError, match="coeffs"):
+        ScheduleFile().load(patcher, str(tmp_path / "s.json"))
+
+
+def test_fitted_coefficients_in_the_options_string_reach_the_sampler(comfy):
+    """JSON lists in the options string (commas inside brackets) equal the same options given to run()."""
+    from nimblediff.nodes.sampling import FewStepSampler, parse_sampler_options
+
+    text = "coeffs=[[], [-0.3], [-0.5, 0.1]], gains=[0.25, 0.5], prior_shift=true"
+    coeffs, gains = [[], [-0.3], [-0.5, 0.1]], [0.25, 0.5]
+    assert parse_sampler_options("fitted", text) == {"coeffs": coeffs, "gains": gains, "prior_shift": True}
+    ms = _vp_model_sampling()
+    data = GaussianData()
+    sigmas = schedules.make_sigmas("trailing", 3, VP()).float()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
+    out = FewStepSampler().build("fitted", 0.3, text)[0].sampler_function(model, x, sigmas, extra_args={})
+    ref = run(SAMPLERS["fitted"], data.denoiser(VP()), x, sigmas, param=VP(), coeffs=coeffs, gains=gains,
+              prior_shift=True)
+    torch.testing.assert_close(out, ref)
+    assert not torch.allclose(out, run(SAMPLERS["fitted"], data.denoiser(VP()), x, sigmas, param=VP()))
+
+
+def test_gamma_given_to_another_sampler_is_logged_and_tooltip_says_tcd_only(comfy, caplog):
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    spec = FewStepSampler.INPUT_TYPES()["required"]["gamma"][1]
+    assert "tcd only" in spec["tooltip"]
+    with caplog.at_level("WARNING", logger="nimblediff"):
+        FewStepSampler().build("lcm", spec["default"])
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="nimblediff"):
+        FewStepSampler().build("lcm", 0.7)
+    assert any("gamma=0.7" in r.getMessage() and "tcd" in r.getMessage() for r in caplog.records)
+
+
+def test_schedule_denoise_widget_minimum_is_a_valid_denoise(comfy):
+    """The widget's lowest value must run: denoise = 0 keeps no step at all. The LCM grid has only 50 timesteps, so
+    a low denoise there is an error naming denoise."""
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSchedule
+
+    spec = FewStepSchedule.INPUT_TYPES()["required"]["denoise"][1]
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    sigmas = FewStepSchedule().build(model, "trailing", 4, spec["min"])[0]
+    full = schedules.make_sigmas("trailing", int(4 / spec["min"]), VP())
+    torch.testing.assert_close(sigmas, full[-5:].float())
+    assert sigmas[-1] == 0 and sigmas[0] < 0.5                   # the last, low-noise steps
+    with pytest.raises(InvalidParameterError, match="denoise=0.05 with steps=4.*80-step lcm"):
+        FewStepSchedule().build(model, "lcm", 4, 0.05)
+
+
+def test_sampling_nodes_have_a_tooltip_on_every_input():
+    from nimblediff.nodes import sampling
+
+    for node_id, (cls, _) in sampling.NODES.items():
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, value in spec.get(section, {}).items():
+                assert len(value) > 1 and value[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+@pytest.mark.parametrize("ratio, size, expected", [(4, 64, 16), (8, 512, 64), (2, 48, 24)])
+def test_empty_latent_node_follows_the_vae_ratio(comfy, ratio, size, expected):
+    """EmptyLatentImage always divides by 8; ours by the VAE's ratio, so the decoded image has the asked size."""
+    from nimblediff.nodes.loaders import NimbleEmptyLatent
+
+    vae = types.SimpleNamespace(downscale_ratio=ratio, latent_channels=4,
+                                spacial_compression_encode=lambda: ratio)
+    latent = NimbleEmptyLatent().generate(vae, size, size, 3)[0]["samples"]
+    assert latent.shape == (3, 4, expected, expected) and not latent.any()
+
+
+def test_empty_latent_node_names_a_size_the_vae_cannot_make(comfy):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.loaders import NimbleEmptyLatent
+
+    vae = types.SimpleNamespace(downscale_ratio=8, latent_channels=4)
+    with pytest.raises(InvalidParameterError, match="height=100.*96 or 104"):
+        NimbleEmptyLatent().generate(vae, 64, 100, 1)

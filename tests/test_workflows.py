@@ -8,7 +8,8 @@ import pytest
 from nimblediff.workflow_check import WORKFLOWS, api_to_ui, validate_api, validate_file, validate_ui
 
 API = sorted((WORKFLOWS / "api").glob("*.json"))
-UI = sorted(p for p in WORKFLOWS.glob("*.json") if p.name != "core_nodes.json")
+UI = sorted(WORKFLOWS.glob("*.json"))    # ComfyUI offers each of these as a template: all must be UI workflows
+TINY_VAE = json.loads((WORKFLOWS.parent / "weights" / "tiny" / "nimblediff-tiny" / "vae" / "config.json").read_text())
 
 
 def test_there_are_shipped_workflows_in_both_formats():
@@ -40,3 +41,30 @@ def test_ui_conversion_keeps_every_link_typed():
         ui = api_to_ui(api)
         assert validate_ui(ui) == []
         assert len(ui["links"]) == sum(isinstance(v, list) for n in api.values() for v in n["inputs"].values())
+
+
+def test_every_template_comfyui_offers_is_a_ui_workflow():
+    """ComfyUI serves every workflows/*.json as a template (custom_node_manager: `*/workflows/*.json`); a schema
+    list there fails to load in the browser."""
+    for path in UI:
+        workflow = json.loads(path.read_text())
+        assert isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list), path.name
+
+
+def _decoded_size(api: dict, node_id: str) -> tuple[int, int]:
+    """(width, height) VAEDecode gives for the latent node: EmptyLatentImage is /8 for every VAE (ComfyUI's
+    nodes.py), ours /ratio of the VAE; the tiny VAE upsamples by 2 per block after the first (diffusers)."""
+    vae_ratio = 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
+    node = api[node_id]["inputs"]
+    latent_ratio = 8 if api[node_id]["class_type"] == "EmptyLatentImage" else vae_ratio
+    return node["width"] // latent_ratio * vae_ratio, node["height"] // latent_ratio * vae_ratio
+
+
+@pytest.mark.parametrize("path", API, ids=lambda p: p.name)
+def test_shipped_workflow_asks_for_the_size_it_makes(path):
+    api = json.loads(path.read_text())
+    latents = [k for k, n in api.items() if n["class_type"] in ("EmptyLatentImage", "NimbleEmptyLatent")]
+    assert latents
+    for node_id in latents:
+        node = api[node_id]["inputs"]
+        assert _decoded_size(api, node_id) == (node["width"], node["height"]), (path.name, node)
