@@ -7,7 +7,8 @@ Keys are ``<component>.<module path>`` (see delta.py); text encoders resolve thr
 te)`` (transformers 5 flattened CLIPTextModel), then the component itself (``text_projection``).
 
 Validate, then commit (../shared/STYLE.md habit 9): every key is resolved, every shape checked and every factor
-checked finite before the first weight changes, so a failed call leaves every module byte-identical. The fuse
+checked finite before the first weight changes, so a failed call leaves every module byte-identical. validate() is
+that check, and the only one: run-time LoRAs (attach.py) and the ComfyUI loader (check_weights) call it too. The fuse
 itself is one ``addmm_`` per LoRA layer on the weight viewed as (out, in*kh*kw): no delta matrix is materialized for
 float32/float64 weights, and nothing of the model is copied. Unfusing recomputes the same products and subtracts
 them (exact up to float rounding, as PEFT's unmerge); ``exact_unfuse=True`` keeps the original weights of the
