@@ -7,7 +7,10 @@ posterior means. Every error a sampler makes on it is the sampler's own.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -49,6 +52,88 @@ class GaussianMixture:
         stds = 0.15 + 0.25 * torch.rand(k, generator=g, dtype=torch.float64)
         weights = 0.5 + torch.rand(k, generator=g, dtype=torch.float64) * 1.5
         return cls(means, stds, weights)
+
+    # --- problem families: the benchmark designs and tunes on DESIGN_FAMILIES only; the others are held out ------
+
+    @classmethod
+    def family(cls, name: str, dim: int, seed: int) -> "GaussianMixture":
+        """A mixture drawn from a named family with a seed (see FAMILIES). "circle" (2-D) and "random" (any dim)
+        are the design families: seed 0 is the benchmark's original mixture, which the logsnr schedule constants
+        and FLOW_START_LOG_RHO were fitted on. "grid", "clusters" and "wide" are held out: never used to design or
+        tune a sampler, only to report on."""
+        if name not in FAMILIES:
+            raise InvalidParameterError(f"family={name!r} is unknown; valid: {', '.join(FAMILIES)}")
+        if name == "circle" and dim != 2:
+            raise InvalidParameterError(f"family 'circle' is 2-D; got dim={dim} (use 'random' for other dims)")
+        return FAMILIES[name](dim, seed)
+
+    @classmethod
+    def _grid(cls, dim: int, seed: int) -> "GaussianMixture":
+        """Means at jittered corners of a scaled hypercube (2-D: a 3x3 lattice), equal-ish weights, std 0.1-0.3."""
+        g = torch.Generator().manual_seed(10_000 + seed)
+        if dim == 2:
+            ij = torch.cartesian_prod(torch.arange(3.0), torch.arange(3.0)).double() - 1.0
+            means = 1.6 * ij
+        else:
+            means = 1.2 * (2 * torch.randint(0, 2, (10, dim), generator=g).double() - 1)
+        means = means + 0.15 * torch.randn(means.shape, generator=g, dtype=torch.float64)
+        k = len(means)
+        stds = 0.1 + 0.2 * torch.rand(k, generator=g, dtype=torch.float64)
+        weights = 0.8 + 0.4 * torch.rand(k, generator=g, dtype=torch.float64)
+        return cls(means, stds, weights)
+
+    @classmethod
+    def _clusters(cls, dim: int, seed: int) -> "GaussianMixture":
+        """Two or three far super-clusters of tight components (std 0.05-0.2), strongly unequal weights: a data
+        law off the origin with a heavy imbalance (the rare modes are where a sampler's tail errors show)."""
+        g = torch.Generator().manual_seed(20_000 + seed)
+        centres = 3.0 * torch.randn(2 + seed % 2, dim, generator=g, dtype=torch.float64) / dim**0.5 * 2**0.5
+        parent = torch.arange(12) % len(centres)
+        means = centres[parent] + 0.6 * torch.randn(12, dim, generator=g, dtype=torch.float64) / dim**0.25
+        stds = 0.05 + 0.15 * torch.rand(12, generator=g, dtype=torch.float64)
+        weights = torch.rand(12, generator=g, dtype=torch.float64) ** 3 + 0.01
+        return cls(means, stds, weights)
+
+    @classmethod
+    def _wide(cls, dim: int, seed: int) -> "GaussianMixture":
+        """Four broad, overlapping components (std 0.5-1.0) with means of scale 2.5: data wider than unit scale."""
+        g = torch.Generator().manual_seed(30_000 + seed)
+        means = 2.5 * torch.randn(4, dim, generator=g, dtype=torch.float64) / (dim / 2) ** 0.5
+        stds = 0.5 + 0.5 * torch.rand(4, generator=g, dtype=torch.float64)
+        weights = 0.5 + torch.rand(4, generator=g, dtype=torch.float64)
+        return cls(means, stds, weights)
+
+    # --- as data -----------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"means": self.means.tolist(), "stds": self.stds.tolist(), "weights": self.weights.tolist()}
+
+    @classmethod
+    def from_dict(cls, data, source: str = "mixture") -> "GaussianMixture":
+        if not isinstance(data, dict) or any(k not in data for k in ("means", "stds", "weights")):
+            raise InvalidParameterError(f"{source}: expected a JSON object with keys means (K x D), stds (K), "
+                                        "weights (K)")
+        mix = cls(data["means"], data["stds"], data["weights"])
+        if not (bool((mix.stds > 0).all()) and bool((mix.weights > 0).all()) and bool(mix.means.isfinite().all())):
+            raise InvalidParameterError(f"{source}: stds and weights must be > 0 and means finite")
+        return mix
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path) -> "GaussianMixture":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidParameterError(f"cannot read the mixture file {str(path)!r}: {e}") from e
+        return cls.from_dict(data, source=f"mixture file {str(path)!r}")
+
+    def fingerprint(self) -> str:
+        """A short hash of the parameters (6 significant digits), to record what a solver was fitted on."""
+        text = json.dumps({k: [float(f"{v:.6g}") for v in torch.as_tensor(t).flatten().tolist()]
+                           for k, t in (("means", self.means), ("stds", self.stds), ("weights", self.weights))})
+        return "gmm:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float32) -> torch.Tensor:
         """n exact draws of x0, (n, D)."""
@@ -131,4 +216,14 @@ class GaussianMixture:
         return self.posterior_mean(a * y, a, s)
 
 
-__all__ = ["GaussianMixture"]
+FAMILIES = {
+    "circle": lambda dim, seed: GaussianMixture.circle(seed=seed),
+    "random": lambda dim, seed: GaussianMixture.random(dim=dim, seed=seed),
+    "grid": GaussianMixture._grid,
+    "clusters": GaussianMixture._clusters,
+    "wide": GaussianMixture._wide,
+}
+DESIGN_FAMILIES = ("circle", "random")          # what the samplers were designed and tuned on
+HELD_OUT_FAMILIES = ("grid", "clusters", "wide")
+
+__all__ = ["GaussianMixture", "FAMILIES", "DESIGN_FAMILIES", "HELD_OUT_FAMILIES"]

@@ -309,10 +309,11 @@ class ScheduleFile:
                                                                       "workflow; overrides path"})}}
 
     def load(self, model, path, schedule_json=""):
-        from ..core.schedule_search import load_schedule, parse_schedule, sampler_of
+        from ..core.schedule_search import load_schedule, parse_schedule, sampler_of, warn_if_fitted_elsewhere
 
         param = param_from_model_sampling(model.get_model_object("model_sampling"))
         data = parse_schedule(schedule_json, param.kind) if schedule_json.strip() else load_schedule(path, param.kind)
+        warn_if_fitted_elsewhere(data, param)
         name, options = sampler_of(data)
         return torch.as_tensor(data["sigmas"], dtype=torch.float32), make_sampler(name, **options)
 

@@ -235,10 +235,11 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         solver, whose weights only make sense with its own sigmas) on the noise schedule in `config` (e.g.
         `**pipe.scheduler.config`); refuses a file made for another model type. Sample with
         num_inference_steps = the file's nfe."""
-        from ..core.schedule_search import load_schedule, sampler_of
+        from ..core.schedule_search import load_schedule, sampler_of, warn_if_fitted_elsewhere
 
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         data = load_schedule(path, model_type=config.get("model_type", "vp"))
+        warn_if_fitted_elsewhere(data, cls.from_config(config).param)
         sampler, options = sampler_of(data)
         return cls.from_config({**config, "sampler": sampler, "sampler_options": options,
                                 "schedule_sigmas": data["sigmas"].tolist()})

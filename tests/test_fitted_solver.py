@@ -112,3 +112,59 @@ def test_fitted_schedule_file_round_trip(tmp_path):
             **fit["options"])
     b = run(SAMPLERS["fitted"], den, x, back["sigmas"].double(), param=param, **back["options"])
     torch.testing.assert_close(a, b)
+
+
+def test_tail_objective_hand_worked():
+    """Errors 1..10: the mean is 5.5; the worst 10 % is the single 10; the worst 20 % is (9 + 10) / 2."""
+    e = torch.arange(1.0, 11.0)
+    assert float(search._tail_objective(e, 1.0, 0.9)) == pytest.approx(5.5 + 10.0)
+    assert float(search._tail_objective(e, 2.0, 0.8)) == pytest.approx(5.5 + 2 * 9.5)
+    assert float(search._tail_objective(e, 0.0, 0.9)) == pytest.approx(5.5)
+
+
+@pytest.mark.parametrize("param", [VP(), Flow()], ids=["vp", "flow"])
+def test_named_start_is_dpmpp_2m(param):
+    """The DPM-Solver++(2M) start of the fit, in the fitted form, is the dpmpp_2m sampler (an independent
+    implementation) on the same sigmas."""
+    den = GaussianMixture.circle().denoiser(param)
+    x = _noise(param, 16)
+    sig = schedules.make_sigmas("karras" if param.kind == "vp" else "flow", 5, param).double()
+    coeffs = search._dpmpp_2m_coeffs(param, sig.tolist())
+    out = run(SAMPLERS["fitted"], den, x, sig, param=param, coeffs=coeffs)
+    torch.testing.assert_close(out, run(SAMPLERS["dpmpp_2m"], den, x, sig, param=param), rtol=1e-9, atol=1e-9)
+
+
+def test_zero_iterations_return_the_best_named_start():
+    """With no iterations the fit returns a named start (here without corrector: DDIM or DPM-Solver++(2M)): the same
+    sigmas and the same samples as that solver."""
+    param = VP()
+    den = GaussianMixture.random(dim=16).denoiser(param)
+    cal = _noise(param, 64, dim=16, seed=3)
+    fit = search.fit_solver(den, param, 4, x=cal, iterations=0, corrector=False)
+    rule, name = fit["start"].split("/")
+    sig = schedules.make_sigmas(name, 4, param).double()
+    torch.testing.assert_close(torch.tensor(fit["sigmas"], dtype=torch.float64), sig, rtol=1e-6, atol=1e-9)
+    x = _noise(param, 32, dim=16, seed=4)
+    out = run(SAMPLERS["fitted"], den, x, sig, param=param, **fit["options"])
+    ref = run(SAMPLERS["dpmpp_2m" if rule == "dpmpp_2m" else "euler"], den, x, sig, param=param)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_fit_is_tail_safe_on_held_out_noise():
+    """16-D VP, NFE 4, where a mean-only fit had a median of 0.04 but a p99 above UniPC's: fitted on 128 noises, on
+    1000 others the solver is better than DPM-Solver++(2M) + UniC (diffusers' UniPC twin) on the logsnr and the
+    trailing schedule both in mean L2 and at the 99th percentile, against the exact RK4 ODE solution."""
+    param, gmm = VP(), GaussianMixture.random(dim=16)
+    den = gmm.denoiser(param)
+    cal, x = _noise(param, 128, dim=16, seed=11), _noise(param, 1000, dim=16, seed=12)
+    fit = search.fit_solver(den, param, 4, x=cal, iterations=240)
+    exact = gmm.ode_solve(x, "vp", float(param.sigma_max), steps=400)
+    out = run(SAMPLERS["fitted"], den, x, torch.tensor(fit["sigmas"], dtype=torch.float64), param=param,
+              **fit["options"])
+    e = (out - exact).norm(dim=1)
+    for name in ("logsnr", "trailing"):
+        base = run(SAMPLERS["dpmpp_2m_unic"], den, x, schedules.make_sigmas(name, 4, param).double(), param=param)
+        e_base = (base - exact).norm(dim=1)
+        assert e.mean() < e_base.mean(), (name, e.mean(), e_base.mean())
+        assert torch.quantile(e, 0.99) < torch.quantile(e_base, 0.99), (name, torch.quantile(e, 0.99),
+                                                                        torch.quantile(e_base, 0.99))

@@ -164,3 +164,84 @@ def test_sampler_of_a_schedule():
         search.sampler_of({"sampler": "nope"})
     with pytest.raises(InvalidParameterError, match=r"\['bogus'\]"):
         search.sampler_of({"sampler": "fitted", "options": {"bogus": 1}})
+
+
+# --- what a schedule was fitted on -----------------------------------------------------------------------------------
+
+def test_fingerprint_tells_models_apart():
+    param = VP()
+    a, b = GaussianMixture.random(dim=4, seed=0), GaussianMixture.random(dim=4, seed=1)
+    fa = search.fingerprint(a.denoiser(param), param, (4,))
+    assert fa == search.fingerprint(a.denoiser(param), param, (4,))              # deterministic
+    assert fa != search.fingerprint(b.denoiser(param), param, (4,))
+    assert a.fingerprint() == GaussianMixture.random(dim=4, seed=0).fingerprint() != b.fingerprint()
+
+
+def test_fit_records_what_it_was_fitted_on_and_warns_elsewhere(tmp_path):
+    """A fitted file names its model type, noise schedule and model; used on the same one it is silent, on a VP
+    model with another beta schedule (another sigma_max) or another model fingerprint it warns; a fitted file from
+    before `fitted_on` existed warns that it cannot tell."""
+    import warnings
+
+    from nimblediff.core.parameterization import sd_alphas_cumprod
+
+    param, gmm, cal = _problem(n=16)
+    fit = search.fit_solver(gmm.denoiser(param), param, 2, x=cal, iterations=2, model_fingerprint=gmm.fingerprint())
+    assert fit["fitted_on"]["model_type"] == "vp" and fit["fitted_on"]["model"] == gmm.fingerprint()
+    assert fit["fitted_on"]["schedule"]["sigma_max"] == pytest.approx(float(param.sigma_max), rel=1e-3)
+    search.save_schedule(tmp_path / "fit.json", fit)
+    data = search.load_schedule(tmp_path / "fit.json", model_type="vp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert search.warn_if_fitted_elsewhere(data, VP(), model=gmm.fingerprint()) is data
+    other = VP(sd_alphas_cumprod(1000, 0.0001, 0.02, "linear"))                  # DDPM's linear betas
+    with pytest.warns(search.FittedElsewhereWarning, match="noise schedule"):
+        search.warn_if_fitted_elsewhere(data, other)
+    with pytest.warns(search.FittedElsewhereWarning, match="model"):
+        search.warn_if_fitted_elsewhere(data, VP(), model=GaussianMixture.circle(seed=3).fingerprint())
+    old = {k: v for k, v in data.items() if k != "fitted_on"}
+    with pytest.warns(search.FittedElsewhereWarning, match="does not record"):
+        search.warn_if_fitted_elsewhere(old, VP())
+    with warnings.catch_warnings():                                   # a plain BOSS list is no fitted solver
+        warnings.simplefilter("error")
+        search.warn_if_fitted_elsewhere({**old, "sampler": "euler"}, VP())
+
+
+def test_scheduler_from_file_warns_on_another_noise_schedule(tmp_path):
+    """The diffusers entry point calls the check: a VP fit loaded onto linear betas warns."""
+    pytest.importorskip("diffusers")
+    from nimblediff.pipelines import NimbleScheduler
+
+    param, gmm, cal = _problem(n=16)
+    search.save_schedule(tmp_path / "fit.json", search.fit_solver(gmm.denoiser(param), param, 2, x=cal,
+                                                                  iterations=1))
+    NimbleScheduler.from_schedule_file(tmp_path / "fit.json", beta_schedule="scaled_linear")
+    with pytest.warns(search.FittedElsewhereWarning, match="noise schedule"):
+        NimbleScheduler.from_schedule_file(tmp_path / "fit.json", beta_start=0.0001, beta_end=0.02,
+                                           beta_schedule="linear")
+
+
+# --- problem families (the benchmark's held-out problems) -----------------------------------------------------------
+
+def test_problem_families_seeded_and_file_round_trip(tmp_path):
+    from nimblediff.core.gmm import FAMILIES, HELD_OUT_FAMILIES
+
+    for name in HELD_OUT_FAMILIES:
+        for dim in (2, 16):
+            a, b = GaussianMixture.family(name, dim, 3), GaussianMixture.family(name, dim, 3)
+            assert a.dim == dim and a.fingerprint() == b.fingerprint()
+            assert a.fingerprint() != GaussianMixture.family(name, dim, 4).fingerprint()
+    assert GaussianMixture.family("circle", 2, 0).fingerprint() == GaussianMixture.circle().fingerprint()
+    assert set(HELD_OUT_FAMILIES) < set(FAMILIES)
+    mix = GaussianMixture.family("clusters", 16, 2)
+    mix.save(tmp_path / "mix.json")
+    back = GaussianMixture.load(tmp_path / "mix.json")
+    x = torch.randn(8, 16, dtype=torch.float64)
+    torch.testing.assert_close(back.posterior_mean(x, 1.0, 0.7), mix.posterior_mean(x, 1.0, 0.7))
+    (tmp_path / "bad.json").write_text('{"means": [[0.0]], "stds": [0.0], "weights": [1.0]}')
+    with pytest.raises(InvalidParameterError, match="stds and weights"):
+        GaussianMixture.load(tmp_path / "bad.json")
+    with pytest.raises(InvalidParameterError, match="'circle' is 2-D"):
+        GaussianMixture.family("circle", 16, 0)
+    with pytest.raises(InvalidParameterError, match="unknown"):
+        GaussianMixture.family("moons", 2, 0)
