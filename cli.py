@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ def _free_cores() -> tuple[int, int, float]:
     """(cores this process may use, cores not busy by the 1-minute load average, that load)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    busy = max(0, round(load - 0.25))           # a core busy a quarter of the time still preempts a spinning thread
+    busy = max(0, math.ceil(load - 0.3))        # a core busy a third of the time already preempts a spinning thread
     return cores, max(1, cores - busy), load
 
 
@@ -344,7 +345,7 @@ def _lora_convert(args) -> int:
     out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
     # ComfyUI's LDM block numbers follow the UNet's config: read and write through the model's own map; without a
     # model, the preset of the detected base, only when the LoRA's block widths agree with it (one per level)
-    model = args.model or (EMBEDDED_MODEL if Path(args.path).resolve() == EMBEDDED_FLASH_LORA.resolve() else None)
+    model = args.model
     deltas, report = _read_complete(args.path, None if model is None else model_target(model))
     target = str(model) if model is not None else Target.for_arch(report.arch)
     if model is None and (args.layout == "comfyui" or "comfyui" in report.layout or _ldm_named(args.path)):
