@@ -69,11 +69,12 @@ def fine_grid(param, size: int = 120, rho_min: float = 2e-3) -> list[float]:
     return grid + [0.0]
 
 
-def reference_solve(denoiser, param, x, grid, substeps: int = 8):
+def reference_solve(denoiser, param, x, grid, substeps: int = 8, progress=None):
     """A fine ODE solve (DEIS order 3 on the grid refined `substeps` times, log-uniform in rho) from x at grid[0].
 
     Returns (states, denoised, final): the states and denoised predictions at every grid node but the last (the
     ones the fine solver evaluated at), and the result at sigma 0. Costs (len(grid) - 2) * substeps + 1 calls.
+    `progress(done, total)` is called after every step.
     """
     fine = []
     for a, b in zip(grid[:-2], grid[1:-1]):
@@ -87,6 +88,8 @@ def reference_solve(denoiser, param, x, grid, substeps: int = 8):
     states, preds = [], []
 
     def record(info):
+        if progress is not None:
+            progress(info["i"] + 1, len(fine) - 1)
         if info["i"] in keep:
             states.append(info["x"])
             preds.append(info["denoised"])
@@ -152,9 +155,12 @@ def boss_costs(denoiser, param, *, x, sampler: str = "euler", options=None, grid
     method, options = SAMPLERS[sampler], {**SAMPLER_OPTIONS[sampler], **(options or {})}
     if reference is None:
         grid = fine_grid(param, grid_size)
-        states, preds, final = reference_solve(denoiser, param, x, grid, substeps)
+        work = _boss_work(grid, substeps)
+        ref_progress = None if progress is None else (lambda done, total: progress(done, work[-1]))
+        states, preds, final = reference_solve(denoiser, param, x, grid, substeps, progress=ref_progress)
     else:
         grid, states, preds, final = reference
+        work = _boss_work(grid, substeps, with_reference=False)
     n = len(grid)
     stride = max(1, (n - 1) // 16)
     cost = torch.full((n, n), math.inf, dtype=torch.float64)
@@ -172,8 +178,21 @@ def boss_costs(denoiser, param, *, x, sampler: str = "euler", options=None, grid
         for i, out in enumerate(outs):
             cost[i, j] = _error(out, target)
         if progress is not None:
-            progress(j, n - 1)
+            progress(work[j], work[-1])
     return grid, cost
+
+
+def _boss_work(grid, substeps: int, with_reference: bool = True) -> list[float]:
+    """Cumulative batched model calls of boss_costs, so a progress bar can estimate the time left from the start:
+    the reference solve, then per target node j one coarse solve of j + 1 batches over the rest of the grid (a
+    one-evaluation sampler's jumps reuse the reference's predictions and cost nothing)."""
+    n = len(grid)
+    stride = max(1, (n - 1) // 16)
+    done = [float((n - 2) * substeps + 1) if with_reference else 0.0]
+    for j in range(1, n):
+        nodes = 0 if j == n - 1 else len(torch.tensor(grid[j:-1:stride] + [grid[-2], 0.0]).unique_consecutive())
+        done.append(done[-1] + (j + 1) * max(0, nodes - 1))
+    return done
 
 
 def boss(denoiser, param, nfe: int, *, x, sampler: str = "euler", options=None, costs=None, progress=None,
