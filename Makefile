@@ -28,7 +28,7 @@ report-newest:
 	$(NEWEST)/bin/pip install -q "$(TORCH_SPEC)"
 	$(NEWEST)/bin/pip install -q --upgrade -r requirements.txt "pytest>=8"
 	$(NEWEST)/bin/pip install -q --no-deps -e .
-	-$(NEWEST)/bin/python -m pytest -q -m "not slow" -p no:randomly 2>&1 | tail -n 40
+	-$(NEWEST)/bin/python -m pytest -q -m "not slow" 2>&1 | tail -n 40
 
 # Rewrite constraints.txt from the current environment (after a deliberate upgrade; then make test).
 lock: $(BIN)/.installed
