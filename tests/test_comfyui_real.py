@@ -30,6 +30,7 @@ if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").i
 
 PACK = comfy_harness.PACK_DIR
 WORKFLOWS = sorted((PACK / "workflows" / "api").glob("*.json"))
+UI_WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
 EMBEDDED = "nimblediff-tiny (embedded)"
 EMBEDDED_DIR = PACK / "weights" / "tiny" / "nimblediff-tiny"
 SPEC = "tiny-sd-spec"  # UNet 32/64 GroupNorm 8, VAE 32/64 (/2), CLIP width 32, 77 tokens
@@ -91,6 +92,35 @@ def _txt2img(model: str, seed: int = 1, size: int = 64, text: str = "a red squar
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "nimblediff_test"}},
     }
+
+
+def _custom_sampling(model: str, sampler: dict, schedule: dict | None = None, size: int = 64) -> dict:
+    """Our nodes around SamplerCustom: loader -> NimbleEmptyLatent, Few-Step Sampler and Schedule -> VAEDecode."""
+    return {
+        "1": {"class_type": "NimbleDiffusersCheckpointLoader", "inputs": {"model": model}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red square"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "NimbleEmptyLatent", "inputs": {"vae": ["1", 2], "width": size, "height": size,
+                                                            "batch_size": 1}},
+        "5": {"class_type": "NimbleFewStepSampler", "inputs": {"sampler_name": "lcm", "gamma": 0.3, **sampler}},
+        "6": {"class_type": "NimbleFewStepSchedule", "inputs": {"model": ["1", 0], "schedule": "lcm", "steps": 4,
+                                                                "denoise": 1.0, **(schedule or {})}},
+        "7": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": True, "noise_seed": 0, "cfg": 2.0, "positive": ["2", 0],
+            "negative": ["3", 0], "sampler": ["5", 0], "sigmas": ["6", 0], "latent_image": ["4", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "nimblediff_test"}},
+    }
+
+
+def _image_sizes(base: Path, entry: dict) -> list[tuple[int, int]]:
+    from PIL import Image
+
+    sizes = []
+    for img in comfy_harness.output_images(entry):
+        with Image.open(base / "output" / img["subfolder"] / img["filename"]) as im:
+            sizes.append(im.size)
+    return sizes
 
 
 # -------------------------------------------------------------------------------------------------- registration
@@ -170,7 +200,7 @@ def _embedded_assets_not_offered(server, prompt: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS or [None], ids=[p.stem for p in WORKFLOWS] or ["none"])
-def test_shipped_api_workflow_runs(server, path):
+def test_shipped_api_workflow_runs(server, base, path):
     if path is None:
         pytest.skip("no workflows/api/*.json in the pack yet")
     prompt = json.loads(path.read_text(encoding="utf-8"))
@@ -180,6 +210,70 @@ def test_shipped_api_workflow_runs(server, path):
         pytest.skip(f"{path.name} uses embedded assets the pack does not ship yet: {absent}")
     entry = server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success"
+    asked = {(n["inputs"]["width"], n["inputs"]["height"]) for n in prompt.values()
+             if n["class_type"] in ("EmptyLatentImage", "NimbleEmptyLatent")}
+    sizes = _image_sizes(base, entry)
+    assert sizes and set(sizes) == asked, f"{path.name} asks for {asked} and makes {sizes}"
+
+
+def test_templates_the_server_offers_are_valid_ui_workflows(server):
+    """ComfyUI offers every workflows/*.json of a pack as a template: each must be a UI workflow whose nodes and
+    links match the live server's schemas."""
+    from nimblediff.workflow_check import schemas_from_object_info, validate_ui
+
+    templates = server.get("/workflow_templates").get("nimblediff", [])
+    assert sorted(templates) == sorted(p.stem for p in UI_WORKFLOWS)
+    schemas = schemas_from_object_info(server.get("/object_info"))
+    for name in templates:
+        workflow = server.get(f"/api/workflow_templates/nimblediff/{name}.json")
+        assert validate_ui(workflow, schemas) == [], name
+
+
+def test_checked_in_core_node_schemas_match_the_server(server):
+    """workflow_core_nodes.json (what `nimblediff workflow validate` checks against offline) is a true subset of the
+    server's /object_info: same inputs, types and outputs."""
+    from nimblediff.workflow_check import CORE_NODES, schemas_from_object_info
+
+    live = schemas_from_object_info(server.get("/object_info"))
+    for name, info in json.loads(CORE_NODES.read_text()).items():
+        if name.startswith("_"):
+            continue
+        assert name in live, name
+        assert list(info["outputs"]) == live[name]["outputs"], name
+        for key, (kind, _, required) in info["inputs"].items():
+            live_kind, _, live_required = live[name]["inputs"][key]
+            assert (isinstance(kind, list), required) == (isinstance(live_kind, list), live_required), (name, key)
+            if not isinstance(kind, list):
+                assert kind == live_kind, (name, key)
+
+
+# ------------------------------------------------------------------------------------------ our sampling nodes
+@pytest.mark.parametrize("model", [SPEC, TINY16])
+def test_empty_latent_decodes_to_the_asked_size(server, base, model):
+    """EmptyLatentImage divides by 8 whatever the VAE (so 64 gives 32 with the /4 tiny VAE); ours by the VAE's own
+    ratio, so the saved image has the size asked for."""
+    entry = server.run_prompt(_custom_sampling(model, {}, size=48))
+    assert _image_sizes(base, entry) == [(48, 48)]
+
+
+@pytest.mark.parametrize("sampler, expected", [
+    ({"sampler_name": "dpmpp_2m", "options": "beta=nan"}, "beta"),
+    ({"sampler_name": "fitted"}, "Schedule from File"),
+    ({"sampler_name": "fitted", "options": "coeffs=0.5"}, "coeffs"),
+    ({"sampler_name": "tcd", "gamma": float("nan")}, "gamma"),
+])
+def test_bad_sampler_options_fail_at_our_node(server, sampler, expected):
+    """The error names our node and the option, not SamplerCustom (the prompt JSON carries NaN as ComfyUI's does)."""
+    with pytest.raises(RuntimeError) as err:
+        server.run_prompt(_custom_sampling(SPEC, sampler))
+    message = str(err.value)      # the execution_error: node_type, then exception_message, then the traceback
+    assert '"node_type": "NimbleFewStepSampler"' in message and expected in message, message
+
+
+def test_schedule_denoise_zero_is_refused_by_the_widget(server):
+    with pytest.raises(RuntimeError) as err:
+        server.run_prompt(_custom_sampling(SPEC, {}, {"denoise": 0.0}))
+    assert "400" in str(err.value) and "denoise" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------- parity with diffusers
