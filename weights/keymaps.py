@@ -13,13 +13,17 @@ mirror the levels deepest first with one more resnet each, the upsampler sitting
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 from ..errors import InvalidParameterError, WeightsFormatError
 
 __all__ = [
-    "UNetLayout", "PrefixMap", "unet_keymap", "unet_module_names", "clip_module_names",
+    "UNetLayout", "PrefixMap", "unet_keymap", "unet_module_names", "clip_module_names", "read_unet_config",
+    "unet_fit_problems",
     "unet_diffusers_to_ldm", "unet_ldm_to_diffusers", "vae_keymap", "vae_diffusers_to_ldm", "vae_ldm_to_diffusers",
     "clip_diffusers_to_ldm", "clip_ldm_to_diffusers", "convert_state_dict",
 ]
@@ -108,9 +112,19 @@ class UNetLayout:
         return cls((320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), (0, 0, 0) + (1,) * 9, 1)
 
     @classmethod
+    def nimblediff_tiny(cls) -> "UNetLayout":
+        """The shipped NimbleDiff-Tiny UNet (3 levels of 1 layer), from its own config."""
+        return _shipped_tiny_layout()
+
+    @classmethod
     def sdxl(cls) -> "UNetLayout":
         return cls((320, 640, 1280), (2, 2, 2), (0, 0, 2, 2, 10, 10), (10,) * 3 + (2,) * 3 + (0,) * 3, 10,
                    "add_embedding")
+
+
+@lru_cache(maxsize=1)
+def _shipped_tiny_layout() -> UNetLayout:
+    return UNetLayout.from_diffusers_config(read_unet_config(Path(__file__).parent / "tiny" / "nimblediff-tiny"))
 
 
 def _per_level(v, levels: int) -> list:
@@ -125,7 +139,8 @@ class PrefixMap:
     """Module-prefix pairs (a, b). `to_b(name)` converts through the longest listed prefix of `name` (at a dot
     boundary) and keeps the rest; `to_a` the other way. `modules` lists every known full module pair."""
 
-    def __init__(self, pairs: list[tuple[str, str]], modules: list[tuple[str, str]]):
+    def __init__(self, pairs: list[tuple[str, str]], modules: list[tuple[str, str]], layout=None):
+        self.layout = layout  # the UNetLayout the table was built from (None for other tables)
         self.a_to_b = dict(pairs)
         self.b_to_a = {b: a for a, b in pairs}
         if len(self.a_to_b) != len(pairs) or len(self.b_to_a) != len(pairs):
@@ -200,7 +215,74 @@ def unet_keymap(layout: UNetLayout) -> PrefixMap:
             n += 1
         if x < levels - 1:
             single(f"up_blocks.{x}.upsamplers.0.conv", f"output_blocks.{n - 1}.{2 if depth else 1}.conv")
-    return PrefixMap(pairs, modules)
+    return PrefixMap(pairs, modules, layout)
+
+
+def read_unet_config(path) -> dict:
+    """The UNet config of a diffusers model folder (``unet/config.json``), a UNet folder or its ``config.json``."""
+    path = Path(path)
+    candidates = [path] if path.is_file() else [path / "unet" / "config.json", path / "config.json"]
+    for file in candidates:
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except (OSError, ValueError) as exc:
+                raise WeightsFormatError(f"{file}: not a readable JSON model config ({exc})") from exc
+            if isinstance(config, dict) and "down_block_types" in config:
+                return config
+            raise WeightsFormatError(f"{file}: not a diffusers UNet2DConditionModel config (no down_block_types; "
+                                     f"class {config.get('_class_name') if isinstance(config, dict) else None!r})")
+    raise WeightsFormatError(f"{path}: no UNet config found; expected a diffusers model folder with "
+                             "unet/config.json, a UNet folder with config.json, or the config.json itself")
+
+
+_LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^mid_block\.")
+
+
+def _level(layout: UNetLayout, name: str) -> int | None:
+    """Level (0 = outermost) of the block a diffusers module sits in; None outside the blocks."""
+    m = _LEVEL.match(name)
+    if m is None:
+        return None
+    levels = len(layout.num_res_blocks)
+    if m.group(1) is None:
+        return levels - 1
+    x = int(m.group(2))
+    return x if m.group(1) == "down_blocks" else levels - 1 - x
+
+
+def unet_fit_problems(layout: UNetLayout, shapes: dict, *, widths: str = "absolute") -> list[str]:
+    """Why weights ``{diffusers module: weight shape or None}`` are not those of a UNet with this layout (empty
+    when they fit): a name the UNet does not have, or a block width that disagrees.
+
+    The width of a block-level module is its output rows (input columns for ``ff.net.0.proj``, whose rows are the
+    GEGLU's 8x); inside UNet2DConditionModel every other weight of level x has ``channels[x]`` rows.
+    widths: "absolute" compares with ``layout.channels``; "relative" only requires one width per level (for a
+    layout whose sizes are a guess, e.g. the SD1.5 preset for a LoRA of unknown size: down_blocks.1 and
+    up_blocks.<levels-2> must then agree); "none" checks names only."""
+    if widths not in ("absolute", "relative", "none"):
+        raise InvalidParameterError(f"widths={widths!r}; valid: 'absolute', 'relative', 'none'")
+    names = {d for d, _ in unet_keymap(layout).modules}
+    missing, problems = [], []
+    seen: dict[int, tuple[int, str]] = {}
+    for name, shape in shapes.items():
+        if name not in names:
+            missing.append(f"{name!r} is not a module of this UNet")
+            continue
+        level = _level(layout, name)
+        if level is None or widths == "none" or shape is None or len(shape) < 1:
+            continue
+        width = int(shape[1] if name.endswith("ff.net.0.proj") and len(shape) > 1 else shape[0])
+        if widths == "absolute":
+            if layout.channels is not None and width != layout.channels[level]:
+                problems.append(f"{name!r} has weight shape {tuple(shape)}, but level {level} of this UNet has "
+                                f"{layout.channels[level]} channels")
+        elif level in seen and seen[level][0] != width:
+            problems.append(f"{name!r} is {width} channels wide but {seen[level][1]!r}, at the same level {level} of "
+                            f"this layout, is {seen[level][0]}")
+        else:
+            seen.setdefault(level, (width, name))
+    return missing + problems
 
 
 def unet_module_names(layout: UNetLayout) -> list[tuple[str, str]]:

@@ -185,6 +185,8 @@ class Target:
             return cls.from_layout(UNetLayout.sdxl(), {"text_encoder": 12, "text_encoder_2": 32}, arch)
         if arch.arch == "sd2":
             return cls.from_layout(UNetLayout.sd15(), {"text_encoder": 23}, arch)
+        if arch.arch == "nimblediff-tiny":  # its own block numbering (3 levels of 1 layer), from the shipped config
+            return cls.from_layout(UNetLayout.nimblediff_tiny(), {"text_encoder": 12}, arch)
         if arch.arch in ("sd15", "unet", "unknown"):
             return cls.from_layout(UNetLayout.sd15(), {"text_encoder": 12}, arch)
         target = cls.from_layout(None, {}, arch)

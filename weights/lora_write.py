@@ -12,12 +12,21 @@
 Every delta is written or the call raises naming the key (no silent skips); weights/lora_formats.read_lora reads
 each layout back to the same deltas. Files are written atomically and never replace an existing file unless
 ``overwrite=True`` (weights/safetensors_io.save_state_dict).
+
+ComfyUI's UNet names (``input_blocks.<n>`` / ``middle_block`` / ``output_blocks.<n>``) number blocks by the UNet's
+config (levels, layers per block, attention placement), so the comfyui layout needs the UNet the LoRA is for:
+``target=`` a model folder, a UNetLayout (``UNetLayout.from_diffusers_config(unet.config)``) or the model's
+components; without one, the preset of the base detected from the keys (SD1.5 / SDXL numbering). Weights that are
+not modules of that UNet, or whose widths disagree with its config, are refused instead of written under a wrong
+block number. save_lora reads every file back before it is put in place and refuses one whose deltas differ.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,11 +36,11 @@ from ..core.adapters.delta import Diff, Delta, LoRA
 from ..core.adapters.rank import lora_factors, weight_shape
 from ..errors import InvalidParameterError, WeightsFormatError
 from . import arch as arch_mod
-from .keymaps import UNetLayout
-from .lora_formats import Target
+from .keymaps import UNetLayout, read_unet_config, unet_fit_problems
+from .lora_formats import Target, _kohya_table, read_lora
 from .safetensors_io import save_state_dict
 
-__all__ = ["LAYOUTS", "lora_state_dict", "save_lora"]
+__all__ = ["LAYOUTS", "lora_state_dict", "save_lora", "model_target", "check_unet_fit"]
 
 _TEXT = ("text_encoder", "text_encoder_2")
 _SUFFIX = {  # role -> tensor name suffix, per layout (None: the layout cannot hold it)
@@ -80,18 +89,79 @@ def _comfyui_name(key: str, target: Target, components: set) -> str:
 _NAMES = {"peft": _peft_name, "kohya": _kohya_name, "comfyui": _comfyui_name}
 
 
-# ------------------------------------------------------------------------------------------------------- tensors
-def _target(target, deltas: dict) -> Target:
+# ------------------------------------------------------------------------------------------------ the target UNet
+def model_target(path) -> Target:
+    """The names of a diffusers UNet model from its config alone: a model folder (``unet/config.json``, and
+    ``text_encoder*/config.json`` for the text depths), a UNet folder or its config.json."""
+    config = read_unet_config(path)
+    layers = {"text_encoder": 12, "text_encoder_2": 32}
+    for comp in layers:
+        te = Path(path) / comp / "config.json"
+        if Path(path).is_dir() and te.is_file():
+            layers[comp] = max(layers[comp], int(json.loads(te.read_text()).get("num_hidden_layers", 0)))
+    return Target.from_layout(UNetLayout.from_diffusers_config(config), layers, arch_mod.detect_model_arch(config))
+
+
+def _target(target, deltas: dict) -> tuple[Target, str]:
+    """(Target, how its UNet widths are known): "absolute" from a config, "shapes" from the modules themselves,
+    "none" for a preset or a Target of unknown origin (names are checked, sizes are not)."""
+    if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], Target):
+        return target  # already resolved
     if isinstance(target, Target):
-        return target
+        return target, "shapes" if target.known is not None else "none"
     if isinstance(target, UNetLayout):
-        return Target.from_layout(target, {"text_encoder": 12, "text_encoder_2": 32})
+        return Target.from_layout(target, {"text_encoder": 12, "text_encoder_2": 32}), "absolute"
+    if isinstance(target, (str, Path)):
+        return model_target(target), "absolute"
     if isinstance(target, dict):
-        return Target.from_modules(target)
+        return Target.from_modules(target), "shapes"
     if target is None:
-        return Target.for_arch(arch_mod.detect_lora_arch({k: None for k in deltas}))
-    raise InvalidParameterError(f"target of type {type(target).__name__}; expected a Target, a UNetLayout, a dict of "
-                                "components or None")
+        return Target.for_arch(arch_mod.detect_lora_arch({k: None for k in deltas})), "none"
+    raise InvalidParameterError(f"target of type {type(target).__name__}; expected a model folder, a Target, a "
+                                "UNetLayout, a dict of components or None")
+
+
+def _shape(delta) -> tuple[int, ...] | None:
+    try:
+        return tuple(weight_shape(delta))
+    except (InvalidParameterError, AttributeError):
+        return None
+
+
+def check_unet_fit(deltas: dict[str, Delta], target=None, *, widths: str | None = None, layout: str = "comfyui"
+                   ) -> None:
+    """Raise unless every UNet delta is a module of the target's UNet (see the module docstring) with a fitting
+    width. widths: None = as known for the target ("absolute" for a config, exact shapes for modules, names only
+    for a preset); "relative" = one width per level of the preset, for a LoRA of unknown size (the CLI's check
+    when no model is given)."""
+    tgt, known = _target(target, deltas)
+    shapes = {k.split(".", 1)[1]: _shape(d) for k, d in deltas.items() if k.startswith("unet.")}
+    if not shapes or tgt.unet_map is None or tgt.unet_map.layout is None:
+        return
+    mode = widths or known
+    problems = unet_fit_problems(tgt.unet_map.layout, shapes, widths="none" if mode == "shapes" else mode)
+    if mode == "shapes":
+        for name, shape in shapes.items():
+            have = tgt.shapes.get(f"unet.{name}")
+            if have is None and tgt.known is not None:
+                problems.append(f"{name!r} is not a module of this model")
+            elif have is not None and shape is not None and (shape[0] != have[0] or
+                                                             torch.Size(shape).numel() != torch.Size(have).numel()):
+                problems.append(f"{name!r} has weight shape {shape}, the model's is {tuple(have)}")
+    if problems:
+        layout_of = tgt.unet_map.layout
+        which = (f"the {tgt.arch.arch} preset numbering (guessed from the keys: {tgt.arch.reason})" if known == "none"
+                 else f"the UNet with {len(layout_of.num_res_blocks)} levels of {list(layout_of.num_res_blocks)} "
+                      f"layers and widths {layout_of.channels}")
+        raise InvalidParameterError(
+            f"{layout} layout: {len(problems)} UNet weights do not fit {which}, e.g. {'; '.join(problems[:2])}. "
+            "ComfyUI's input_blocks / middle_block / output_blocks numbering depends on the UNet's config, so the "
+            "file would not load back; pass the model the LoRA is for (CLI: --model <diffusers folder>; Python: "
+            "target=<model folder>, UNetLayout.from_diffusers_config(unet.config) or the model's components), or "
+            "write layout='peft' or 'kohya', whose names do not depend on it")
+
+
+# ------------------------------------------------------------------------------------------------------- tensors
 
 
 def _plain(delta: LoRA) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +261,11 @@ def lora_state_dict(deltas: dict[str, Delta], layout: str = "peft", *, target=No
     if bad:
         raise InvalidParameterError(f"keys {bad[:5]} are not canonical '<component>.<module path>' keys (e.g. "
                                     "'unet.down_blocks.0.attentions.0.proj_in')")
-    tgt = _target(target, deltas) if layout == "comfyui" else None
+    tgt = None
+    if layout == "comfyui":
+        tgt = _target(target, deltas)
+        check_unet_fit(deltas, tgt)
+        tgt = tgt[0]
     if uniform_alpha and layout != "peft":
         deltas = _uniform_alpha(deltas)
     components = {k.split(".", 1)[0] for k in deltas}
@@ -219,7 +293,59 @@ def save_lora(deltas: dict[str, Delta], path, layout: str = "peft", *, metadata:
     same name, since they must describe the tensors written. Refuses to replace an existing file unless
     overwrite=True. target, dtype, uniform_alpha: see lora_state_dict."""
     path = Path(path)
-    if path.exists() and not overwrite:  # before any work; save_state_dict checks again at the write
+    if path.exists() and not overwrite:  # before any work; checked again when the file is put in place
         raise WeightsFormatError(f"{path}: exists; pass overwrite=True or choose another name")
+    if layout == "comfyui":
+        target = _target(target, deltas)  # resolved once for the write and the read-back
     sd, own = lora_state_dict(deltas, layout, target=target, dtype=dtype, uniform_alpha=uniform_alpha)
-    return save_state_dict(sd, path, {**(metadata or {}), **own}, overwrite=overwrite)
+    # written beside the output, read back and compared, and only then renamed into place
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check.safetensors", dir=str(path.parent))
+    os.close(fd)
+    try:
+        save_state_dict(sd, tmp, {**(metadata or {}), **own}, overwrite=True)
+        _verify(tmp, path, deltas, layout, target, dtype)
+        if path.exists() and not overwrite:
+            raise WeightsFormatError(f"{path}: exists; pass overwrite=True or choose another name")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_back_target(deltas: dict, layout: str, target) -> Target:
+    """The names the written file must resolve to: exactly the keys of `deltas` (kohya names are looked up in a
+    table of those keys; comfyui UNet names through the same UNet map)."""
+    comps: dict[str, list[str]] = {}
+    for key in deltas:
+        comp, path = key.split(".", 1)
+        comps.setdefault(comp, []).append(path)
+    denoiser = "transformer" if "transformer" in comps else "unet"
+    table = _kohya_table([(p, None) for p in comps.get(denoiser, [])],
+                         {c: comps[c] for c in _TEXT if c in comps}, denoiser)
+    unet_map = _target(target, deltas)[0].unet_map if layout == "comfyui" else None
+    return Target(arch_mod.ArchGuess("unknown", "read back after writing"), unet_map, table, set(deltas), denoiser)
+
+
+def _verify(tmp, path: Path, deltas: dict, layout: str, target, dtype) -> None:
+    """Read the written file back and compare every delta's weight (and bias) difference with what was asked."""
+    back, report = read_lora(tmp, _read_back_target(deltas, layout, target))
+    lost = sorted(set(deltas) - set(back))
+    if lost or report.unmatched:
+        raise WeightsFormatError(f"{path}: refusing to write a {layout} file that does not load back: "
+                                 f"{len(lost)} modules are lost, e.g. {lost[:3] or report.unmatched[:3]}")
+    low = dtype is not None and dtype != torch.float32 or any(
+        t.dtype in (torch.float16, torch.bfloat16) for d in deltas.values() for t in vars(d).values()
+        if isinstance(t, torch.Tensor))
+    tol = 2e-2 if low else 1e-4  # a half-precision write rounds each factor
+    for key, want in deltas.items():
+        got = back[key]
+        pairs = [(got.delta_bias(), want.delta_bias())]
+        shape = _shape(want)
+        if shape is not None:
+            pairs.append((got.delta_weight(torch.Size(shape)), want.delta_weight(torch.Size(shape))))
+        for a, b in pairs:
+            if (a is None) != (b is None) or a is not None and (
+                    a.shape != b.shape or float((a - b).norm()) > tol * max(float(b.norm()), 1e-12)):
+                raise WeightsFormatError(f"{path}: refusing to write a {layout} file that does not load back: "
+                                         f"module {key!r} reads back as a different {type(got).__name__}")
