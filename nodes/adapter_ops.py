@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import AdapterMismatchError, InvalidParameterError, NimbleDiffError, WeightsFormatError
-from ..weights.lora_ops import (DYNAMIC_METHODS, LAYOUTS, carried_metadata, describe_file, extract_chunked,
-                                merge_chunked, output_path, rank_selection, read_same_base, require_complete,
-                                save_deltas)
+from ..weights.lora_ops import (DYNAMIC_METHODS, LAYOUTS, carried_metadata, check_merge_keys, describe_file,
+                                extract_chunked, merge_chunked, merge_metadata, output_path, rank_selection,
+                                read_same_base, require_complete, save_deltas)
 from .adapters import comfy_patches, comfy_target, lora_choices, lora_path
 
 log = logging.getLogger("nimblediff")
@@ -370,13 +370,13 @@ class LoRAMerge:
         adapters, reports = read_same_base([p for _, p, _ in chosen])
         for r in reports:
             require_complete(r)
+        check_merge_keys(adapters, reports)
         weights = [w for *_, w in chosen]
         total = len(dict.fromkeys(k for a in adapters for k in a))
         merged, report = merge_chunked(adapters, weights, method, density=density, seed=seed,
                                        rank=rank or None, progress=_comfy_progress(total))
-        meta = carried_metadata([r.metadata for r in reports], "merge", dict(
-            sources=" + ".join(f"{w:g} x {Path(p).name}" for _, p, w in chosen), method=method, density=density,
-            seed=seed, rank=rank))
+        meta = merge_metadata(reports, " + ".join(f"{w:g} x {Path(p).name}" for _, p, w in chosen), merged,
+                              method=method, density=density, seed=seed, rank=rank or None)
         path = save_deltas(merged, out, layout, dtype=DTYPES[dtype], overwrite=overwrite, metadata=meta,
                            target=Target.for_arch(reports[0].arch))
         lines = [describe_file(path), f"{method} of {len(chosen)} LoRAs, {len(merged)} layers"]

@@ -75,14 +75,7 @@ def combine_rank_reports(reports: Sequence):
 
     out = RankReport()
     for r in reports:
-        if r is None:
-            continue
-        out.ranks.update(r.ranks)
-        out.rel_error.update(r.rel_error)
-        out.params_before += r.params_before
-        out.params += r.params
-        out.passed.extend(r.passed)
-        out.dropped.update(r.dropped)
+        out.add(r)
     return out
 
 
@@ -121,27 +114,65 @@ def read_same_base(paths: Sequence) -> tuple[list[dict], list]:
 
 
 def merge_chunked(adapters: Sequence[dict], weights: Sequence[float], method: str, *, density: float, seed: int,
-                  rank: int | None, progress=None):
-    """core merge() over slices of the keys with one random generator: the same result as one merge() call (DARE
-    draws one mask per task tensor in key order), with progress between slices."""
-    from ..core.adapters.merge import MergeReport, merge
+                  rank: int | None, progress=None, svd: str = "fast"):
+    """core merge() with a progress callback after every layer (progress(done, total); raise from it to cancel);
+    without one, a tqdm bar on a terminal. The rank reduction is the fast one (see core merge's `svd`)."""
+    from ..core.adapters.merge import merge
 
-    keys = list(dict.fromkeys(k for a in adapters for k in a))
-    generator = torch.Generator().manual_seed(int(seed))
+    bar = None
+    if progress is None:
+        from tqdm import tqdm
 
-    def part(chunk):
-        wanted = set(chunk)
-        return merge([{k: d for k, d in a.items() if k in wanted} for a in adapters], weights, method,
-                     density=density, generator=generator, rank=rank)
+        bar = tqdm(total=len(dict.fromkeys(k for a in adapters for k in a)), desc=f"merge ({method})", unit="layer",
+                   disable=None)
+        progress = lambda done, total: bar.update(done - bar.n)  # noqa: E731
+    try:
+        return merge(adapters, weights, method, density=density, generator=torch.Generator().manual_seed(int(seed)),
+                     seed=int(seed), rank=rank, svd=svd, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
-    out, reports = in_chunks(part, keys, progress=progress)
-    report = MergeReport(method)
-    for r in reports:
-        report.sources.update(r.sources)
-        report.rescale.update(r.rescale)
-    if rank is not None:
-        report.rank = combine_rank_reports([r.rank for r in reports])
-    return out, report
+
+def check_merge_keys(adapters: Sequence[dict], reports: Sequence) -> None:
+    """Refuse to merge a LoRA none of whose modules is a module of the model it claims (read_lora names any PEFT /
+    diffusers module as given, so a LoRA for something else reads without error) or shares a module with the other
+    LoRAs; warn when only some of its modules are known. Raises naming the file and what matched."""
+    import warnings
+
+    from ..weights.lora_formats import Target
+
+    for deltas, report in zip(adapters, reports):
+        known = set(Target.for_arch(report.arch).kohya.values())  # every canonical module of a UNet base
+        if not known:  # DiTs: no module list without a model; the check against the other LoRAs still applies
+            continue
+        stray = [k for k in deltas if k not in known]
+        if len(stray) == len(deltas):
+            raise AdapterMismatchError(
+                f"{report.source}: none of its {len(deltas)} modules is a module of a {report.arch.arch} model, e.g. "
+                f"{stray[:3]}; valid names look like {sorted(known)[:2]}. Is it a LoRA for another model?")
+        if stray:
+            warnings.warn(f"{report.source}: {len(stray)} of its {len(deltas)} modules are not modules of a "
+                          f"{report.arch.arch} model and are merged as they are, e.g. {stray[:3]}", stacklevel=2)
+    if len(adapters) > 1:
+        for i, (deltas, report) in enumerate(zip(adapters, reports)):
+            others = {k for j, a in enumerate(adapters) if j != i for k in a}
+            if not others & set(deltas):
+                raise AdapterMismatchError(
+                    f"{report.source}: none of its {len(deltas)} modules (e.g. {list(deltas)[:3]}) is in the other "
+                    f"LoRAs ({', '.join(r.source for j, r in enumerate(reports) if j != i)}: {len(others)} modules, "
+                    f"e.g. {sorted(others)[:3]}); merge LoRAs that adapt the same modules")
+
+
+def merge_metadata(reports: Sequence, sources: str, merged: dict, **params) -> dict[str, str]:
+    """carried_metadata for a merge; `rank` says the rank(s) written, not the budget asked for (a linear merge of
+    ranks 4 + 4 under rank 16 is written at rank 8), and the budget is kept as `max_rank`."""
+    ranks = sorted({d.rank for d in merged.values() if hasattr(d, "rank")})
+    written = "none (full differences)" if not ranks else str(ranks[0]) if len(ranks) == 1 else \
+        f"{ranks[0]}..{ranks[-1]}"
+    return carried_metadata([r.metadata for r in reports], "merge", dict(
+        sources=sources, **{k: v for k, v in params.items() if k != "rank"}, rank=written,
+        max_rank=params.get("rank")))
 
 
 def extract_chunked(base: dict, tuned: dict, *, component: str, progress=None, **options):

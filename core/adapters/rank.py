@@ -28,8 +28,8 @@ from ...errors import InvalidParameterError
 from .apply import small_op_threads  # small kernels on one thread: with busy cores an OpenMP wake-up costs ~30 ms per op
 from .delta import Delta, LoRA
 
-__all__ = ["RankReport", "weight_shape", "lora_factors", "lora_svd", "select_rank", "lora_from_svd",
-           "check_finite", "resize_lora", "prune_to_budget", "SCORES"]
+__all__ = ["RankReport", "weight_shape", "lora_factors", "lora_svd", "randomized_svd", "select_rank",
+           "lora_from_svd", "check_finite", "resize_lora", "prune_to_budget", "SCORES"]
 
 SCORES = ("relative", "energy", "sv")
 """Importance of a rank-1 component, per parameter it costs: its share of its layer's ||dW||_F^2 ("relative", which
@@ -46,6 +46,17 @@ class RankReport:
     params: int = 0
     passed: list[str] = field(default_factory=list)             # non-LoRA keys returned unchanged
     dropped: dict[str, str] = field(default_factory=dict)       # key -> what was left out of the result, and why
+
+    def add(self, other: "RankReport | None") -> "RankReport":
+        """Take in the report of a disjoint set of keys (None: nothing); returns self."""
+        if other is not None:
+            self.ranks.update(other.ranks)
+            self.rel_error.update(other.rel_error)
+            self.params_before += other.params_before
+            self.params += other.params
+            self.passed.extend(other.passed)
+            self.dropped.update(other.dropped)
+        return self
 
     @property
     def total_rel_error(self) -> float:
@@ -118,6 +129,22 @@ def lora_svd(lora: LoRA, dtype: torch.dtype = torch.float32) -> tuple[torch.Tens
         Qa, Ra = torch.linalg.qr(A.T)                     # (in, m2), (m2, r)
         Uc, S, Vhc = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)  # core (m1, m2)
         return Qb @ Uc, S, Vhc @ Qa.T
+
+
+def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 8, niter: int = 2, seed: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k leading singular triplets of a dense (m, n) matrix, U (m, k), S (k,), Vh (k, n), by randomized range
+    finding with `niter` power iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4; torch.svd_lowrank) on
+    q = k + oversample random directions drawn from torch.manual_seed(seed) (the global RNG is left as it was).
+    Costs ~(2 niter + 2) products with (n, q) / (m, q) blocks instead of a full SVD's O(m n min(m, n)). The best
+    rank-k error sqrt(sum_{i>k} sigma_i^2) is reached within a factor close to 1 when the spectrum decays; and
+    ||M - U diag(S) Vh||_F^2 = ||M||_F^2 - ||S||^2 exactly (U diag(S) Vh is a projection of M)."""
+    m, n = M.shape
+    q = min(k + oversample, m, n)
+    with small_op_threads(M.numel()), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(M, q=q, niter=niter)   # (m, q), (q,), (n, q)
+    return U[:, :k], S[:k], V[:, :k].T
 
 
 def _check_selector(rank, thresholds: dict) -> None:
