@@ -154,3 +154,55 @@ def test_bad_inputs_raise_with_the_keys():
         keymaps.UNetLayout((4,), (2,), (1,), (1, 1), 1)
     with pytest.raises(InvalidParameterError, match="transformer_depth_middle"):
         keymaps.UNetLayout.from_comfy_config({**SD15_COMFY, "transformer_depth_middle": -1})
+
+
+# ------------------------------------------------------------------- the shipped UNet; fit checks; config files
+TINY = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "nimblediff-tiny"
+
+
+def test_shipped_tiny_unet_round_trip_through_diffusers(tmp_path):
+    """The shipped UNet (3 levels of 1 layer, no attention at the last level): our LDM names, read by diffusers'
+    from_single_file (which numbers blocks from the same config), give back the same weights."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(TINY), subfolder="unet")
+    layout = keymaps.UNetLayout.nimblediff_tiny()
+    assert layout == keymaps.UNetLayout.from_diffusers_config(keymaps.read_unet_config(TINY))
+    assert layout.num_res_blocks == (1, 1, 1) and layout.transformer_depth == (1, 1, 0)
+    sd = factories.unet_to_ldm(unet.state_dict(), unet.config)
+    assert "model.diffusion_model.input_blocks.3.1.proj_in.weight" in sd           # SD1.5 numbering: 4.1
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in sd             # up_blocks.0's upsampler
+    ckpt = save_state_dict(sd, tmp_path / "unet.safetensors")
+    loaded = UNet2DConditionModel.from_single_file(str(ckpt), config=str(TINY), subfolder="unet",
+                                                   local_files_only=True)
+    assert _max_diff(unet.state_dict(), loaded.state_dict()) == 0.0
+
+
+def test_fit_problems_name_modules_and_widths():
+    tiny = keymaps.UNetLayout.nimblediff_tiny()
+    fits = {"down_blocks.1.attentions.0.proj_in": (128, 128, 1, 1), "mid_block.resnets.0.conv1": (128, 128, 3, 3),
+            "up_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj": (512, 64), "conv_in": (64, 4, 3, 3)}
+    assert keymaps.unet_fit_problems(tiny, fits) == []
+    problems = keymaps.unet_fit_problems(tiny, {"down_blocks.3.resnets.0.conv1": (8, 8, 3, 3),
+                                                "down_blocks.0.resnets.0.conv1": (32, 64, 3, 3)})
+    assert problems == ["'down_blocks.3.resnets.0.conv1' is not a module of this UNet",
+                        "'down_blocks.0.resnets.0.conv1' has weight shape (32, 64, 3, 3), but level 0 of this UNet "
+                        "has 64 channels"]
+    # relative: SD1.5's 4 levels put up_blocks.2 at level 1 with down_blocks.1; the shipped LoRA's widths disagree
+    shipped = {"down_blocks.1.attentions.0.proj_in": (128, 128, 1, 1),
+               "up_blocks.2.attentions.0.proj_in": (64, 64, 1, 1)}
+    assert keymaps.unet_fit_problems(keymaps.UNetLayout.sd15(), shipped, widths="none") == []
+    (problem,) = keymaps.unet_fit_problems(keymaps.UNetLayout.sd15(), shipped, widths="relative")
+    assert "'up_blocks.2.attentions.0.proj_in' is 64 channels wide" in problem and "level 1" in problem
+    assert keymaps.unet_fit_problems(tiny, shipped, widths="relative") == []
+    with pytest.raises(InvalidParameterError, match="widths='exact'; valid"):
+        keymaps.unet_fit_problems(tiny, {}, widths="exact")
+
+
+def test_read_unet_config_accepts_model_unet_and_file_and_names_bad_paths(tmp_path):
+    want = keymaps.read_unet_config(TINY)
+    assert keymaps.read_unet_config(TINY / "unet") == want == keymaps.read_unet_config(TINY / "unet" / "config.json")
+    with pytest.raises(WeightsFormatError, match=f"{tmp_path}: no UNet config found"):
+        keymaps.read_unet_config(tmp_path)
+    with pytest.raises(WeightsFormatError, match="not a diffusers UNet2DConditionModel config.*AutoencoderKL"):
+        keymaps.read_unet_config(TINY / "vae")

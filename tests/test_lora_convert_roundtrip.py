@@ -228,7 +228,7 @@ def test_sd15_kohya_and_comfyui_files_load_in_diffusers(capsys, cases, tmp_path)
     sgm = _sgm_kohya({k: v for k, v in sd.items() if not k.startswith(up0) and not two_digit.match(k)})
     assert len(sgm) > 200
     got = diffusers_fused(sgm)
-    skipped = re.compile(r"^unet\.(conv_in\.|conv_out\.|time_embedding\.|up_blocks\.0\.upsamplers\.|down_blocks\.3\.|up_blocks\.3\.attentions\.[12]\.|"
-                         r"up_blocks\.3\.resnets\.[12]\.)")
+    skipped = re.compile(r"^unet\.(conv_in\.|conv_out\.|time_embedding\.|up_blocks\.0\.upsamplers\.|down_blocks\.3\.|"
+                         r"up_blocks\.3\.(attentions|resnets)\.[12]\.)")
     without = {k: v for k, v in reference.items() if not skipped.match(k)}
     _assert_same({k: got[k] for k in without}, without, base, "diffusers on our comfyui file (sgm names)")

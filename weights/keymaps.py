@@ -228,7 +228,8 @@ def read_unet_config(path) -> dict:
                 config = json.loads(file.read_text())
             except (OSError, ValueError) as exc:
                 raise WeightsFormatError(f"{file}: not a readable JSON model config ({exc})") from exc
-            if isinstance(config, dict) and "down_block_types" in config:
+            unet = isinstance(config, dict) and "UNet" in config.get("_class_name", "UNet")
+            if unet and "down_block_types" in config:
                 return config
             raise WeightsFormatError(f"{file}: not a diffusers UNet2DConditionModel config (no down_block_types; "
                                      f"class {config.get('_class_name') if isinstance(config, dict) else None!r})")
