@@ -442,3 +442,20 @@ def test_bad_inputs_name_the_parameter_value_and_what_is_valid(tmp_path):
         save_lora({"unet.x": Diff(torch.randn(5, 6))}, tmp_path / "d.safetensors", "peft")
     with pytest.raises(InvalidParameterError, match="layout='a1111'; valid: peft, kohya, comfyui"):
         save_lora(d, tmp_path / "d.safetensors", "a1111")
+
+
+def test_merge_key_check_names_the_file_warns_on_strays_and_refuses_no_match():
+    """Issue 17: read_lora names any PEFT module as given; the merge checks the names against the claimed base."""
+    from nimblediff.weights.lora_ops import check_merge_keys
+
+    good = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    pairs = {good: (320, 320), "unet.head.proj": (8, 8)}
+    sd = {f"{m}.lora_{ab}.weight": torch.randn(*((2, i) if ab == "A" else (o, 2)))
+          for m, (o, i) in pairs.items() for ab in "AB"}
+    deltas, report = read_lora(sd)
+    with pytest.warns(UserWarning, match=r"<state dict>: 1 of its 2 modules are not modules of a \w+ model.*head"):
+        check_merge_keys([deltas], [report])
+    stray, stray_report = read_lora({k: v for k, v in sd.items() if "head" in k})
+    with pytest.raises(AdapterMismatchError, match=r"<state dict>: none of its 1 modules is a module of a \w+ model, "
+                                                   r"e.g. \['unet.head.proj'\]"):
+        check_merge_keys([stray, deltas], [stray_report, report])

@@ -80,6 +80,47 @@ def test_merge_equals_core_merge(capsys, files, tmp_path, method, extra):
     assert f"{method} merge of 2 LoRAs: 208 layers" in out and ("full differences" in out) == (rank is None)
 
 
+def test_merge_refuses_loras_that_match_no_module(capsys, files, tmp_path):
+    """Issue 17: a LoRA whose modules exist in no SD1.5 model, or share none with the other LoRA, was merged into a
+    file anyway; now the merge names the file and what matched, and writes nothing."""
+    from safetensors.torch import save_file
+
+    from nimblediff.weights.lora_write import save_lora
+
+    g = torch.Generator().manual_seed(0)
+    stray = tmp_path / "stray.safetensors"
+    save_file({f"unet.head.layers.{i}.proj.lora_{ab}.weight": torch.randn(*shape, generator=g)
+               for i in range(3) for ab, shape in (("A", (4, 8)), ("B", (16, 4)))}, str(stray))
+    a = read_lora(files["a"])[0]
+    unet_only, text_only = tmp_path / "unet.safetensors", tmp_path / "text.safetensors"
+    save_lora({k: d for k, d in a.items() if k.startswith("unet.")}, unet_only, "peft")
+    save_lora({k: d for k, d in a.items() if k.startswith("text_encoder.")}, text_only, "peft")
+    out_path = tmp_path / "m.safetensors"
+    for loras, message in (([stray, files["b"]], f"{stray}: none of its 3 modules is a module of a"),
+                           ([unet_only, text_only], f"{unet_only}: none of its 198 modules")):
+        rc, _, err = run(capsys, "merge", out_path, *loras, "--method", "ties", "--density", "0.5", "--rank", "2")
+        assert rc == 2 and message in err, err
+        assert "unet.head.layers.0.proj" in err or "text_encoder.encoder.layers.0.mlp.fc1" in err   # what it has
+        assert not out_path.exists()
+
+
+def test_merged_file_metadata_names_the_rank_it_holds(capsys, files, tmp_path):
+    """Issue 17: a linear merge of ranks 4 + 2 under --rank 16 holds tensors of rank 6 (4 where a layer allows no
+    more); the metadata said rank=16."""
+    from safetensors import safe_open
+
+    out_path = tmp_path / "m.safetensors"
+    rc, _, err = run(capsys, "merge", out_path, files["a"], files["b"], "--rank", "16", "--layout", "kohya")
+    assert rc == 0, err
+    with safe_open(str(out_path), "pt") as f:
+        metadata = f.metadata()
+        ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_down.weight")}
+    params = dict(p.split("=", 1) for p in metadata["nimblediff_params"].split(", "))
+    assert max(ranks) == 6 and params["max_rank"] == "16"
+    assert params["rank"] == (f"{min(ranks)}..{max(ranks)}" if len(ranks) > 1 else str(max(ranks)))
+    assert metadata["ss_network_dim"] == ("Dynamic" if len(ranks) > 1 else str(max(ranks)))
+
+
 def test_resize_and_prune_equal_core(capsys, files, tmp_path):
     a = read_lora(files["a"])[0]
     rc, out, _ = run(capsys, "resize", files["a"], tmp_path / "r.safetensors", "--rank", "3", "--sv-fro", "0.9")
