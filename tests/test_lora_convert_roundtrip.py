@@ -147,11 +147,22 @@ def test_without_the_model_a_lora_that_does_not_fit_the_preset_is_refused(capsys
     rc, _, err = run(capsys, original, out, "--layout", "comfyui")
     assert rc == 2 and "comfyui layout" in err and "--model" in err and "level 1" in err, err
     assert not out.exists() and not list(tmp_path.glob(".c.safetensors*"))
+    # a ComfyUI file of it (written with --model) read without the model would take SD1.5's block numbers: refused
+    comfy = tmp_path / "with_model.safetensors"
+    assert run(capsys, original, comfy, "--layout", "comfyui", "--model", cases["tiny3"][1])[0] == 0
+    rc, _, err = run(capsys, comfy, tmp_path / "p.safetensors", "--layout", "peft")
+    assert rc == 2 and "sd15" in err and not (tmp_path / "p.safetensors").exists()
     # kohya and peft names do not depend on the block numbering: written and loaded back without a model
     base = {f"unet.{k}": v for k, v in mods["unet"].state_dict().items()}
     for layout in ("kohya", "peft"):
         assert run(capsys, original, tmp_path / f"{layout}.safetensors", "--layout", layout)[0] == 0
         _assert_same(_fused(mods, tmp_path / f"{layout}.safetensors"), _fused(mods, original), base, layout)
+
+
+def test_a_model_of_another_base_is_refused(capsys, cases, tmp_path):
+    _, _, original = cases["sd15"]
+    rc, _, err = run(capsys, original, tmp_path / "x.safetensors", "--layout", "comfyui", "--model", EMBEDDED_MODEL)
+    assert rc == 2 and "nimblediff-tiny" in err and not (tmp_path / "x.safetensors").exists()
 
 
 def test_the_input_is_never_overwritten(capsys, cases, tmp_path):
