@@ -1,9 +1,17 @@
 """Attribute evaluator for 64x64 NimbleDiff-Tiny images against the labels of their captions.
 
-Colour, position and size are measured from pixels: the background is the median border colour, shapes are the
-connected components of pixels far from it. Shape is read by a small CNN (trained on the procedural data, saved in
-weights/tiny/evaluator.safetensors) from a colour-free 32x32 "distance from background" crop of each component, so
-it cannot lean on colour. Its penultimate features give a Frechet distance between a generated and a real set.
+Evaluator v2 (`evaluate_v2`, the judge to use): reads each image without its caption, then scores every word the
+caption states. The background is the median border colour (and must be flat, or the image has no scene); objects
+are regions far from it, cut at half their own contrast and required to be large and flat inside, so blur neither
+grows nor merges them and noise yields none. Colour, position, size and background are measured from pixels; shape
+is read by a small CNN (weights/tiny/evaluator.safetensors, trained on blurred and noised procedural renders) from a
+colour-free 32x32 "distance from background" crop, so it cannot lean on colour. In two-shape scenes the objects are
+assigned to the caption's phrases jointly over all stated attributes, so a swap or a leaked attribute is an error.
+Headline: whole-prompt accuracy (every stated word right, right count), with per-attribute accuracies and Wilson
+intervals beside it; `baselines` gives the chance-level images (bench/evaluator_check.py reports both).
+
+`evaluate` is v1, kept for its callers: it pairs shapes by position, ignores the background and counts noise.
+The CNN's penultimate features give a Frechet distance between a generated and a real set (`frechet`).
 """
 
 import itertools
@@ -152,15 +160,248 @@ def frechet(f1, f2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean.real))
 
 
+# ---------------------------------------------------------------- Evaluator v2
+# v1 above pairs shapes by position, never reads the background and counts any blob of noise as a shape. v2 reads
+# every object from pixels first (with no look at the caption), then scores every stated word of the caption, with
+# the objects of a two-shape scene assigned to the caption's phrases jointly over all attributes.
+
+BG_FLAT_TOL = 40.0       # border pixels this close to the background estimate count as flat background
+BG_FLAT_FRACTION = 0.6   # below this the image has no flat background (noise): no scene, no objects
+BG_MAX_DIST = 45.0       # a background further than this from every palette background is no named background
+MIN_CONTRAST = 60.0      # an object's colour must stand this far from the background (palette: >= ~100)
+MIN_AREA = 40            # pixels at half contrast; the smallest real object (small star) has ~80
+MAX_SPREAD = 30.0        # flat shapes: median colour distance inside the object core; noise blobs are far wider
+COLOUR_MAX_DIST = 60.0   # colour jitter is +-12 per channel (<= 21 away); further means no palette colour
+POSITION_MAX_DIST = 9.0  # anchors are >= 16 px apart and jitter is +-2 px; further means no named position
+LARGE_RADIUS = 11.0      # size classes: half-extent 8-10 px (small) vs 12-14 px (large)
+SHAPE_AREA = {"circle": np.pi, "square": 1.7 ** 2, "triangle": 0.5 * 1.9 * 1.8, "star": 5 * 0.45 * np.sin(np.pi / 5)}
+ATTRIBUTES = ("shape", "colour", "position", "size")
+
+
+def find_background(image):
+    """(64, 64, 3) float -> (rgb, palette name or None, flat?). The border is mostly background even when a large
+    shape touches it, so its median is the estimate; its spread says whether there is a flat background at all."""
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3), image[:, :2].reshape(-1, 3),
+                             image[:, -2:].reshape(-1, 3)])
+    bg = np.median(border, axis=0)
+    flat = np.mean(np.linalg.norm(border - bg, axis=1) < BG_FLAT_TOL) >= BG_FLAT_FRACTION
+    name = nearest(bg, data.BACKGROUNDS)
+    if not flat or np.linalg.norm(bg - data.BACKGROUNDS[name]) > BG_MAX_DIST:
+        name = None
+    return bg, name, flat
+
+
+def objects_v2(image):
+    """(64, 64, 3) uint8 -> (background name or None, distance map, objects). An object is a connected region that
+    stands at least MIN_CONTRAST from a flat background, is cut at half its own contrast (so blur neither grows it
+    nor merges two neighbours: the gap between them stays below half contrast) and is flat inside."""
+    img = ndimage.median_filter(image.astype(np.float32), size=(3, 3, 1))  # pixel noise off, edges kept
+    bg, name, flat = find_background(img)
+    dist = np.linalg.norm(img - bg, axis=-1)
+    if not flat:
+        return name, dist, []
+    coarse, n = ndimage.label(dist > MIN_CONTRAST / 2, structure=np.ones((3, 3)))
+    objs = []
+    for k in range(1, n + 1):
+        region = coarse == k
+        contrast = np.percentile(dist[region], 90)
+        if contrast < MIN_CONTRAST:
+            continue
+        fine, m = ndimage.label(region & (dist > contrast / 2), structure=np.ones((3, 3)))
+        objs += [o for j in range(1, m + 1) if (o := _object(img, dist, fine == j, contrast)) is not None]
+    for o in objs:
+        o["colour"] = _colour(o["rgb"], bg)
+        o["position"] = _named(o["centroid"], data.POSITIONS, POSITION_MAX_DIST)
+    objs.sort(key=lambda o: -o["area"])
+    return name, dist, objs
+
+
+def _object(img, dist, mask, contrast):
+    """Measurements of one half-contrast region, or None if it is too small or not flat (not a drawn shape)."""
+    area = int(mask.sum())
+    if area < MIN_AREA:
+        return None
+    core = mask & (dist > 0.75 * contrast)
+    core = core if core.sum() >= 5 else mask
+    rgb = np.median(img[core], axis=0)
+    if np.median(np.linalg.norm(img[core] - rgb, axis=1)) > MAX_SPREAD:
+        return None
+    ys, xs = np.nonzero(mask)
+    return {"mask": mask, "area": area, "centroid": (xs.mean(), ys.mean()), "rgb": rgb}
+
+
+def read_image(image, net):
+    """(64, 64, 3) uint8 -> {"background": name or None, "objects": [{shape, colour, position, size, ...}]}: what
+    the image shows, read without the caption."""
+    background, dist, objs = objects_v2(image)
+    if objs:
+        crops = [crop(dist, o, [p for p in objs if p is not o]) for o in objs]
+        with torch.no_grad():
+            feats = net.features(torch.from_numpy(np.stack(crops)).float()[:, None])
+            pred = net.head(feats).argmax(1).numpy()
+        for o, k, f in zip(objs, pred, feats.numpy()):
+            o["shape"], o["features"] = data.SHAPES[k], f
+            radius = np.sqrt(o["area"] / SHAPE_AREA[o["shape"]])  # area at half contrast barely moves under blur
+            o["size"] = "large" if radius > LARGE_RADIUS else "small"
+    return {"background": background, "objects": objs}
+
+
+def _named(value, table, max_dist):
+    """Nearest palette entry, or None when even the nearest is too far to be what the caption meant."""
+    name = nearest(value, table)
+    return name if np.linalg.norm(np.asarray(value, np.float32) - table[name]) <= max_dist else None
+
+
+def _colour(rgb, bg):
+    """Palette colour whose mix with the background (alpha 0.5-1) is nearest to the measured colour, or None if
+    none is within COLOUR_MAX_DIST. Why the mix: blur blends a thin star arm with the background, so its brightest
+    pixels lie on the line from the background to its true colour, not at the colour itself."""
+    def miss(c):
+        c = np.asarray(c, np.float32)
+        alpha = np.clip(np.dot(rgb - bg, c - bg) / max(np.dot(c - bg, c - bg), 1e-6), 0.5, 1.0)
+        return np.linalg.norm(bg + alpha * (c - bg) - rgb)
+    name = min(data.COLOURS, key=lambda k: miss(data.COLOURS[k]))
+    return name if miss(data.COLOURS[name]) <= COLOUR_MAX_DIST else None
+
+
+def stated(scene):
+    """The words the caption states: per shape phrase the attributes it names (size is sometimes left free),
+    and whether it names the background. Read from the caption text, not assumed from the labels."""
+    phrases = scene.caption.split(" on a ")[0].split(" and ")
+    per_shape = [("shape", "colour", "position") + (("size",) if phrase.split()[1] in data.SIZES else ())
+                 for phrase in phrases]
+    return per_shape, scene.caption.endswith(" background")
+
+
+def assign(labels, words, objs):
+    """Best one-to-one assignment of caption phrases to read objects: most agreeing stated attributes (so a swap or
+    a leak cannot be explained away by position), ties broken by anchor distance. Returns one object or None per
+    label. At most two phrases per caption, so trying every permutation is cheap."""
+    best, best_key = [None] * len(labels), None
+    k = min(len(labels), len(objs))
+    for chosen in itertools.permutations(range(len(objs)), k):
+        for slots in itertools.permutations(range(len(labels)), k):
+            pairs = list(zip(slots, chosen))
+            agree = sum(getattr(labels[s], a) == objs[o][a] for s, o in pairs for a in words[s])
+            far = sum(np.hypot(*np.subtract(objs[o]["centroid"], data.POSITIONS[labels[s].position])) for s, o in pairs)
+            if best_key is None or (agree, -far) > best_key:
+                best_key, best = (agree, -far), [None] * len(labels)
+                for s, o in pairs:
+                    best[s] = objs[o]
+    return best
+
+
+def score(scene, reading):
+    """One image's reading against its caption -> {attribute: [hit, ...]} with one entry per stated word, plus
+    "count" and "whole" (every stated attribute right and exactly as many objects as phrases)."""
+    words, says_background = stated(scene)
+    objs = reading["objects"]
+    matched = assign(scene.shapes, words, objs)
+    hits = {a: [] for a in ATTRIBUTES + ("background",)}
+    for label, ws, obj in zip(scene.shapes, words, matched):
+        for a in ws:  # a missing object is wrong on every attribute its phrase states
+            hits[a].append(obj is not None and obj[a] == getattr(label, a))
+    if says_background:
+        hits["background"].append(reading["background"] == scene.background)
+    hits["count"] = [len(objs) == len(scene.shapes)]
+    hits["whole"] = [all(all(v) for v in hits.values())]
+    return hits
+
+
+def evaluate_v2(images, scenes, net):
+    """images (N, 64, 64, 3) uint8 against the scenes of their captions -> {"accuracy": {attribute: mean},
+    "interval": {attribute: Wilson 95% interval}, "hits": {attribute: [bool]}, "whole": (N,) bool,
+    "features": (M, 64) object features}. "whole" (whole-prompt accuracy) is the headline number."""
+    hits = {a: [] for a in ("whole", "count") + ATTRIBUTES + ("background",)}
+    feats = []
+    for image, scene in zip(images, scenes):
+        reading = read_image(image, net)
+        feats += [o["features"] for o in reading["objects"]]
+        for a, v in score(scene, reading).items():
+            hits[a] += v
+    acc = {a: float(np.mean(v)) if v else float("nan") for a, v in hits.items()}
+    ci = {a: wilson(sum(v), len(v)) for a, v in hits.items()}
+    return {"accuracy": acc, "interval": ci, "hits": hits, "whole": np.array(hits["whole"]),
+            "features": np.stack(feats) if feats else np.zeros((0, 64), np.float32)}
+
+
+def wilson(k, n, z=1.96):
+    """Wilson score interval for k successes in n trials (stays inside [0, 1] and is honest at 0 and n)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (float(max(0.0, mid - half)), float(min(1.0, mid + half)))
+
+
+# ---------------------------------------------------------------- v2: perturbations and chance levels
+
+
+def blur(images, sigma):
+    """Gaussian blur of (N, 64, 64, 3) uint8 images, sigma in pixels (a soft sample from a few-step sampler)."""
+    out = ndimage.gaussian_filter(images.astype(np.float32), sigma=(0, sigma, sigma, 0), mode="nearest")
+    return out.round().clip(0, 255).astype(np.uint8)
+
+
+def add_noise(images, std, seed):
+    """Additive Gaussian pixel noise (std in 0-255 units), seeded."""
+    noise = np.random.default_rng(seed).normal(0, std, images.shape)
+    return (images + noise).round().clip(0, 255).astype(np.uint8)
+
+
+def centred_blob(scene):
+    """A mode-collapsed generator's image: a soft disk at the centre in the caption's first colour on the caption's
+    background. It knows colour and background, so it bounds what those words alone can earn."""
+    yy, xx = np.mgrid[:data.SIZE, :data.SIZE]
+    a = np.clip(11.5 - np.hypot(xx - 31.5, yy - 31.5), 0, 1)[..., None]
+    img = (1 - a) * np.array(data.BACKGROUNDS[scene.background]) + a * np.array(data.COLOURS[scene.shapes[0].colour])
+    return blur(img[None].round().astype(np.uint8), 1.0)[0]
+
+
+def smooth_noise(shape, rng):
+    """Low-frequency noise: blob-like regions of many colours, the hardest noise for a count check."""
+    x = blur(rng.integers(0, 256, shape, dtype=np.uint8), 3.0).astype(np.float32)
+    return ((x - 128) * 4 + 128).clip(0, 255).astype(np.uint8)
+
+
+def baselines(images, scenes, seed=0):
+    """Images that should fail, each paired with the scenes to score them against: {name: (images, scenes)}."""
+    n = len(scenes)
+    rng = np.random.default_rng(seed)
+    blank = np.stack([np.broadcast_to(np.uint8(data.BACKGROUNDS[s.background]), images.shape[1:]) for s in scenes])
+    return {
+        "shuffled captions (real image, another image's caption)": (images, scenes[1:] + scenes[:1]),
+        "blank (the caption's own background only)": (blank, scenes),
+        "pure noise (uniform pixels)": (rng.integers(0, 256, images.shape, dtype=np.uint8), scenes),
+        "smooth noise (blurred, contrast x4)": (smooth_noise(images.shape, rng), scenes),
+        "centred blob (caption's first colour and background)": (np.stack([centred_blob(s) for s in scenes]), scenes),
+    }
+
+
+def real_variants(images, seed=0):
+    """Real renders and mild degradations the evaluator must still read: {name: images}."""
+    return {"real renders": images, "blur sigma 1": blur(images, 1.0), "blur sigma 1.5": blur(images, 1.5),
+            "blur sigma 2": blur(images, 2.0), "noise std 8": add_noise(images, 8, seed),
+            "blur 1.5 + noise std 8": add_noise(blur(images, 1.5), 8, seed)}
+
+
+# ---------------------------------------------------------------- training the shape CNN
+
+
 def training_crops(seed, n):
-    """Crops and shape indices from n procedural scenes, through the same segmentation the evaluator uses."""
+    """Crops and shape indices from n procedural scenes, each rendered then blurred (sigma 0-2.5 px) and noised
+    (std 0-12) as generated samples are, read through the same v2 segmentation the evaluator uses."""
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for _ in range(n):
         scene = data.sample_scene(rng)
-        for label, p in zip(scene.shapes, match(scene, data.render(scene))):
-            if p is not None:
-                xs.append(p[1])
+        image = data.render(scene)[None]
+        image = add_noise(blur(image, rng.uniform(0, 2.5)), rng.uniform(0, 12), rng.integers(2**31))[0]
+        _, dist, objs = objects_v2(image)
+        by_position = assign(scene.shapes, [("position",)] * len(scene.shapes), objs)
+        for label, o in zip(scene.shapes, by_position):  # renders are labelled exactly: position pairs them
+            if o is not None:
+                xs.append(crop(dist, o, [p for p in objs if p is not o]))
                 ys.append(data.SHAPES.index(label.shape))
     return torch.from_numpy(np.stack(xs)).float()[:, None], torch.tensor(ys)
 
@@ -200,7 +441,6 @@ def train_evaluator(path=DEFAULT_PATH, steps=1500, seed=0, n_scenes=6000, log=pr
               metadata={"model": "nimblediff-tiny ShapeNet", "classes": ",".join(data.SHAPES)})
     return net
 
-
 if __name__ == "__main__":
     import argparse
 
@@ -213,4 +453,6 @@ if __name__ == "__main__":
     net = train_evaluator(a.out, a.steps)
     imgs, _, scenes = data.make_batch(12345, 500)
     images = ((imgs.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    print(evaluate(images, scenes, net)[0])
+    print("v1", evaluate(images, scenes, net)[0])
+    for name, variant in real_variants(images).items():
+        print("v2", name, evaluate_v2(variant, scenes, net)["accuracy"])
