@@ -72,7 +72,8 @@ def save_grid(rows, labels, path, n=8):
 def readme_table(results, n, threads):
     """README's short table and the sentences it supports, computed from `results` so no figure is typed by hand.
     results: {(name, steps): {"shape", "colour", "position", "fd", "ms"}}."""
-    lines = ["| model | steps | CFG | shape | colour | position | feature dist | ms/img |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | CFG | shape | colour | position | feature dist | ms/img |",
+             "|---|---|---|---|---|---|---|---|"]
     for (name, kind, steps, guidance, lora), r in results.items():
         label = f"**{name}**" if lora else name
         lines.append(f"| {label} | {steps} | {guidance:g} | {r['shape']:.3f} | {r['colour']:.3f} | "
@@ -90,7 +91,8 @@ def readme_table(results, n, threads):
     for k in (1, 4):
         u, f = get.get(("no distillation LCM", k)), get.get(("Flash LoRA LCM", k))
         if u and f:
-            say.append(f"At {k} step{'s' if k > 1 else ''}, undistilled LCM minus Flash LoRA: shape {pts(u['shape'], f['shape'])} / "
+            say.append(f"At {k} step{'s' if k > 1 else ''}, undistilled LCM minus Flash LoRA: "
+                       f"shape {pts(u['shape'], f['shape'])} / "
                        f"colour {pts(u['colour'], f['colour'])} points, feature distance "
                        f"{u['fd'] / f['fd']:.2f}x.")
     fit, d4 = get.get(("teacher fitted solver", 4)), get.get(("teacher DPM++", 4))

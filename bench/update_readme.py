@@ -8,7 +8,8 @@ Every table of figures in README.md comes from a bench run this way, never typed
 bench/results/NAME.md, whose first line names the exact command that produced it.
 
     python bench/update_readme.py            # rewrite the blocks
-    python bench/update_readme.py --check    # exit 1 if a block differs from its result file (CI: tests/test_readme_tables.py)
+    python bench/update_readme.py --check    # exit 1 if a block differs from its result file
+                                             # (the suite runs it: tests/test_readme_tables.py)
 """
 
 from __future__ import annotations
