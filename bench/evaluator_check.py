@@ -50,9 +50,13 @@ def main():
     for name, imgs in {**evaluate.real_variants(images, seed=1), **beyond}.items():
         lines.append(row(name, evaluate.evaluate_v2(imgs, held.scenes, net)))
         print(lines[-1], flush=True)
-    for name, (imgs, scenes) in evaluate.baselines(images, held.scenes, seed=2).items():
+    refs = evaluate.baselines(images, held.scenes, seed=2)
+    v1 = ["| images | shape | colour | position | count |", "|---|---|---|---|---|"]
+    for name, (imgs, scenes) in refs.items():
         lines.append(row(f"chance: {name}", evaluate.evaluate_v2(imgs, scenes, net)))
         print(lines[-1], flush=True)
+        acc = evaluate.evaluate(imgs, scenes, net)[0]  # v1 on the same inputs: what the old judge let through
+        v1.append(f"| {name} | " + " | ".join(f"{acc[k]:.3f}" for k in ("shape", "colour", "position", "count")) + " |")
     if a.compare:
         other = evaluate.load_evaluator(a.compare)
         tag = os.path.basename(a.compare)
@@ -67,7 +71,10 @@ def main():
             "Per-attribute columns average over stated words (count and background over images). Interval: Wilson "
             "95%. Noise is Gaussian in 0-255 units; blur is Gaussian in pixels. "
             f"Weights: `{os.path.relpath(a.weights)}`. One CPU thread, {time.perf_counter() - t0:.0f} s.")
-    body = "\n".join(lines) + "\n\n" + note
+    if a.compare:
+        note += f" Rows marked [{os.path.basename(a.compare)}] read the shapes with that weights file instead."
+    v1_head = "v1 (`evaluate.evaluate`, pairing by position, no background) on the same chance-level inputs:"
+    body = "\n".join(lines) + "\n\n" + note + "\n\n" + v1_head + "\n\n" + "\n".join(v1)
     print("\n" + body)
     if not a.no_write:
         write_result("evaluator", __file__, body, mode="quick: 128 prompts" if a.quick else f"{n} prompts")

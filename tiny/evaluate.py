@@ -364,9 +364,20 @@ def smooth_noise(shape, rng):
     return ((x - 128) * 4 + 128).clip(0, 255).astype(np.uint8)
 
 
+def swap_positions(scene):
+    """The same two-shape scene with the phrases' positions exchanged in labels and caption (same stated words)."""
+    words, says_background = stated(scene)
+    a, b = scene.shapes
+    labels = (data.ShapeLabel(a.shape, a.colour, b.position, a.size),
+              data.ShapeLabel(b.shape, b.colour, a.position, b.size))
+    caption = " and ".join(data.shape_phrase(lab, "size" in w) for lab, w in zip(labels, words))
+    caption += f" on a {scene.background} background" if says_background else ""
+    return data.Scene(labels, scene.background, caption, scene.jitter)
+
+
 def baselines(images, scenes, seed=0):
     """Images that should fail, each paired with the scenes to score them against: {name: (images, scenes)}."""
-    n = len(scenes)
+    two = [i for i, s in enumerate(scenes) if len(s.shapes) == 2]
     rng = np.random.default_rng(seed)
     blank = np.stack([np.broadcast_to(np.uint8(data.BACKGROUNDS[s.background]), images.shape[1:]) for s in scenes])
     return {
@@ -375,6 +386,8 @@ def baselines(images, scenes, seed=0):
         "pure noise (uniform pixels)": (rng.integers(0, 256, images.shape, dtype=np.uint8), scenes),
         "smooth noise (blurred, contrast x4)": (smooth_noise(images.shape, rng), scenes),
         "centred blob (caption's first colour and background)": (np.stack([centred_blob(s) for s in scenes]), scenes),
+        "swapped positions (two-shape scenes, caption's positions exchanged)":
+            (images[two], [swap_positions(scenes[i]) for i in two]),
     }
 
 
