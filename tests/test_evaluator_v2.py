@@ -143,6 +143,14 @@ def test_wilson_interval_matches_hand_computed_values():
     assert (lo, hi) == pytest.approx((0.4038, 0.5962), abs=1e-4)  # textbook value for 50/100
 
 
+def test_paired_difference_on_hand_built_outcomes():
+    same = np.array([True, False] * 50)
+    assert evaluate.paired_difference(same, same) == (0.0, (0.0, 0.0))  # identical methods: no difference at all
+    assert evaluate.paired_difference(np.ones(40, bool), np.zeros(40, bool)) == (1.0, (1.0, 1.0))
+    d, (lo, hi) = evaluate.paired_difference(np.r_[np.ones(30), np.zeros(70)], np.zeros(100))  # 30 of 100 better
+    assert d == pytest.approx(0.3) and lo < 0.3 < hi and lo > 0.15 and hi < 0.45  # sd sqrt(.3 * .7 / 100) = 0.046
+
+
 def test_heldout_prompts_are_fixed_proportioned_and_unseen():
     from nimblediff.tiny import train
 
