@@ -62,7 +62,8 @@ def make_sigmas_for_model(model, schedule: str, steps: int, denoise: float = 1.0
         if total == steps:
             raise
         raise InvalidParameterError(f"denoise={denoise} with steps={steps} keeps the last {steps} steps of a "
-                                    f"{total}-step {schedule} schedule, but {e}; raise denoise or lower steps") from None
+                                    f"{total}-step {schedule} schedule, but {e}; raise denoise or lower "
+                                    "steps") from None
     return sigmas[-(steps + 1):].float()
 
 

@@ -94,14 +94,16 @@ def _txt2img(model: str, seed: int = 1, size: int = 64, text: str = "a red squar
     }
 
 
-def _custom_sampling(model: str, sampler: dict, schedule: dict | None = None, size: int = 64) -> dict:
-    """Our nodes around SamplerCustom: loader -> NimbleEmptyLatent, Few-Step Sampler and Schedule -> VAEDecode."""
+def _custom_sampling(model: str, sampler: dict, schedule: dict | None = None, size: int = 64,
+                     latent: str = "NimbleEmptyLatent") -> dict:
+    """Our nodes around SamplerCustom: loader -> NimbleEmptyLatent (or the stock EmptyLatentImage), Few-Step Sampler
+    and Schedule -> VAEDecode."""
+    vae = {"vae": ["1", 2]} if latent == "NimbleEmptyLatent" else {}
     return {
         "1": {"class_type": "NimbleDiffusersCheckpointLoader", "inputs": {"model": model}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red square"}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "NimbleEmptyLatent", "inputs": {"vae": ["1", 2], "width": size, "height": size,
-                                                            "batch_size": 1}},
+        "4": {"class_type": latent, "inputs": {**vae, "width": size, "height": size, "batch_size": 1}},
         "5": {"class_type": "NimbleFewStepSampler", "inputs": {"sampler_name": "lcm", "gamma": 0.3, **sampler}},
         "6": {"class_type": "NimbleFewStepSchedule", "inputs": {"model": ["1", 0], "schedule": "lcm", "steps": 4,
                                                                 "denoise": 1.0, **(schedule or {})}},
@@ -219,13 +221,16 @@ def test_shipped_api_workflow_runs(server, base, path):
 def test_templates_the_server_offers_are_valid_ui_workflows(server):
     """ComfyUI offers every workflows/*.json of a pack as a template: each must be a UI workflow whose nodes and
     links match the live server's schemas."""
-    from nimblediff.workflow_check import schemas_from_object_info, validate_ui
-
     templates = server.get("/workflow_templates").get("nimblediff", [])
     assert sorted(templates) == sorted(p.stem for p in UI_WORKFLOWS)
+    served = {name: server.get(f"/api/workflow_templates/nimblediff/{name}.json") for name in templates}
+    for name, workflow in served.items():
+        assert isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list), name
+
+    from nimblediff.workflow_check import schemas_from_object_info, validate_ui
+
     schemas = schemas_from_object_info(server.get("/object_info"))
-    for name in templates:
-        workflow = server.get(f"/api/workflow_templates/nimblediff/{name}.json")
+    for name, workflow in served.items():
         assert validate_ui(workflow, schemas) == [], name
 
 
@@ -265,15 +270,15 @@ def test_empty_latent_decodes_to_the_asked_size(server, base, model):
 def test_bad_sampler_options_fail_at_our_node(server, sampler, expected):
     """The error names our node and the option, not SamplerCustom (the prompt JSON carries NaN as ComfyUI's does)."""
     with pytest.raises(RuntimeError) as err:
-        server.run_prompt(_custom_sampling(SPEC, sampler))
+        server.run_prompt(_custom_sampling(SPEC, sampler, latent="EmptyLatentImage"))
     message = str(err.value)      # the execution_error: node_type, then exception_message, then the traceback
     assert '"node_type": "NimbleFewStepSampler"' in message and expected in message, message
 
 
 def test_schedule_denoise_zero_is_refused_by_the_widget(server):
     with pytest.raises(RuntimeError) as err:
-        server.run_prompt(_custom_sampling(SPEC, {}, {"denoise": 0.0}))
-    assert "400" in str(err.value) and "denoise" in str(err.value)
+        server.run_prompt(_custom_sampling(SPEC, {}, {"denoise": 0.0}, latent="EmptyLatentImage"))
+    assert "400" in str(err.value) and "value_smaller_than_min" in str(err.value) and "denoise" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------- parity with diffusers
