@@ -178,7 +178,6 @@ def _workflow_validate(args) -> int:
     from .workflow_check import WORKFLOWS, validate_file
 
     paths = args.paths or sorted(WORKFLOWS.glob("*.json")) + sorted((WORKFLOWS / "api").glob("*.json"))
-    paths = [p for p in map(Path, paths) if p.name != "core_nodes.json"]
     failures = 0
     for path in paths:
         try:

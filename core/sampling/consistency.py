@@ -6,6 +6,7 @@ consistency-distilled model (LCM-LoRA, Flash Diffusion, TCD, SCott) is trained f
 
 from __future__ import annotations
 
+from ...errors import InvalidParameterError
 from .driver import as_floats
 
 
@@ -27,6 +28,8 @@ def sample_tcd(x, sigmas, *, param, noise, gamma: float = 0.3):
     From t, jump along the predicted trajectory to s = floor((1 - gamma) * t_next), then forward-diffuse back up to
     t_next with fresh noise. gamma = 0 is deterministic (DDIM-like); gamma = 1 is LCM.
     """
+    if not 0.0 <= gamma <= 1.0:         # also refuses NaN
+        raise InvalidParameterError(f"tcd gamma={gamma!r}: need 0 <= gamma <= 1 (0 deterministic, 1 = LCM)")
     sigmas = as_floats(sigmas)
     # every s at once: the two table searches are ~25 tensor launches (~65 µs), too many for each step
     sigmas_s = param.t_to_sigma((param.sigma_to_t(sigmas[1:]) * (1 - gamma)).floor()).tolist()
