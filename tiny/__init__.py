@@ -7,7 +7,8 @@
 | `model.py` | AutoencoderKL / CLIPTextModel / UNet2DConditionModel configs, SD schedule, pipeline assembly |
 | `train.py` | `python -m nimblediff.tiny.train --stage vae|unet|flash|all`: resumable CPU training |
 | `flash.py` | Flash Diffusion distillation loss, LoRA attach / save |
-| `evaluate.py` | attribute accuracies (shape CNN, colour/position from pixels) and Frechet feature distance |
+| `evaluate.py` | v2: whole-prompt accuracy (every stated word, objects matched jointly), per-attribute accuracy with 95% intervals, chance levels, paired differences; v1 attribute accuracies; Frechet feature distance |
+| `heldout.py` | the held-out prompt set (512 scenes from a seed training never uses) with fixed noise seeds |
 | `package.py` | writes weights/tiny/ (fp16 pipeline, Flash LoRA, MODEL_CARD.md) |
 
 Nothing here is imported by `nimblediff/__init__.py`; importing these modules needs torch, diffusers, transformers.
