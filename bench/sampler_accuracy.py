@@ -19,8 +19,10 @@ Protocol (per problem and NFE; the same rule for every contestant):
    calibration split;
 4. report on held-out noise (2000 fresh noises): per-sample L2 to a 1000-step RK4 reference solve from the same
    noise (mean, p50, p90, p99, RMS, paired-bootstrap 95% intervals of the ratios), sliced W2 to the exact data law,
-   and exact W2 (optimal assignment, scipy linear_sum_assignment) between 1000 outputs and 1000 fresh data draws
-   (its finite-sample floor, the reference solve's own W2, is printed).
+   and exact W2 (optimal assignment, scipy linear_sum_assignment) of 1000 outputs (a) to 1000 fresh data draws
+   (plug-in; its finite-sample floor, the reference solve's own value, is printed: in 16-D it is ~2.5 and a
+   contracted output scores below it) and (b) to the reference solve's 1000 samples, the ODE's law (no floor:
+   0 for the exact sampler), the faithful W2 estimate here.
 A second table freezes every choice on the design problems (diffusers' and our named configuration by their mean
 calibration metric over the design problems, the solver fitted on design problem 0) and applies it to the held-out
 problems unchanged: what a fitted solver does on a model it was not fitted to.
@@ -52,8 +54,9 @@ from nimblediff.core.parameterization import VP, Flow
 from nimblediff.core.sampling import SAMPLERS, run
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-METRICS = ("mean", "p99", "w2")           # the goal metrics; a peer is chosen per metric on the calibration split
-GOALS = {"mean": 0.7, "p99": 1.0, "w2": 1.0}
+METRICS = ("mean", "p99", "w2ode", "w2")  # the goal metrics; a peer is chosen per metric on the calibration split
+GOALS = {"mean": 0.7, "p99": 1.0, "w2ode": 1.0, "w2": 1.0}
+HEADS = {"mean": "mean L2", "p99": "p99", "w2ode": "W2 to ODE law", "w2": "W2 to data (plug-in)"}
 
 
 # --- problems and metrics -----------------------------------------------------------------------------------------
@@ -132,6 +135,10 @@ def metrics(problem: Problem, split: Split, out: torch.Tensor, full: bool) -> di
          "e": e}
     finite = bool(torch.isfinite(out).all())
     m["w2"] = w2_exact(out, split.data) if finite else math.inf
+    # the plug-in W2 to independent data draws has a large finite-sample floor in 16-D (N^(-1/d)) and rewards a
+    # contracted output (it scores below the exact sampler's own value); W2 to the reference solve's samples
+    # (exact assignment, the ODE's law) has no floor: 0 for the exact sampler, large for a contracted one
+    m["w2ode"] = w2_exact(out, split.ref[:split.n_w2].double().numpy()) if finite else math.inf
     if full:
         m["sw2"] = problem.sw2(out) if finite else math.inf
     return m
@@ -368,7 +375,7 @@ def fmt(v) -> str:
 
 def detail_table(results, problems, nfes, key=lambda nfe: nfe) -> list[str]:
     lines = ["| problem | NFE | contestant (config chosen on calibration) | mean L2 | p50 | p90 | p99 | RMS | SW2 "
-             "| W2 |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| W2 to ODE law | W2 to data |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for pb in problems:
         for nfe in nfes:
             row = results[pb.label].get(key(nfe))
@@ -377,10 +384,10 @@ def detail_table(results, problems, nfes, key=lambda nfe: nfe) -> list[str]:
             for who, m in row.items():
                 lines.append(f"| {pb.label} | {nfe} | {who} = {m['config']} | {fmt(m['mean'])} | {fmt(m['p50'])} | "
                              f"{fmt(m['p90'])} | {fmt(m['p99'])} | {fmt(m['rms'])} | {fmt(m['sw2'])} | "
-                             f"{fmt(m['w2'])} |")
+                             f"{fmt(m['w2ode'])} | {fmt(m['w2'])} |")
         fl = results[pb.label]["floor"]
         lines.append(f"| {pb.label} | – | floor: the reference solve itself | 0 | 0 | 0 | 0 | 0 | {fmt(fl['sw2'])} | "
-                     f"{fmt(fl['w2'])} |")
+                     f"0 | {fmt(fl['w2'])} |")
     return lines
 
 
@@ -405,8 +412,9 @@ def ratio_cell(r) -> str:
 
 
 def goal_table(case_results, nfes, key=lambda nfe: nfe, held_out_only=True) -> list[str]:
-    lines = ["| case | problem | NFE | fitted: mean L2 | p99 | W2 | named only: mean L2 | p99 | W2 | goals met "
-             "(fitted) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = ["| case | problem | NFE | fitted: " + " | ".join(HEADS[m] for m in METRICS) + " | named only: "
+             + " | ".join(HEADS[m] for m in METRICS) + " | goals met (fitted) |",
+             "|---|---|---:|" + "---:|" * (2 * len(METRICS)) + ":---:|"]
     for case, (results, problems) in case_results.items():
         for pb in problems:
             if held_out_only and pb.design:
@@ -418,13 +426,14 @@ def goal_table(case_results, nfes, key=lambda nfe: nfe, held_out_only=True) -> l
                 f, n = ratios(row, "fitted"), ratios(row, "named")
                 met = sum(f[m][0] <= GOALS[m] for m in METRICS)
                 lines.append(f"| {case} | {pb.label} | {nfe} | " + " | ".join(ratio_cell(f[m]) for m in METRICS)
-                             + " | " + " | ".join(fmt(n[m][0]) for m in METRICS) + f" | {met}/3 |")
+                             + " | " + " | ".join(fmt(n[m][0]) for m in METRICS) + f" | {met}/{len(METRICS)} |")
     return lines
 
 
 def compact_summary(case_results, nfes) -> tuple[list[str], dict]:
     """Per case and NFE: the worst ratio over the held-out problems (a goal must hold on each)."""
-    lines = ["| case | NFE | mean L2 (goal <= 0.7) | p99 (<= 1.0) | W2 (<= 1.0) |", "|---|---:|---:|---:|---:|"]
+    lines = ["| case | NFE | " + " | ".join(f"{HEADS[m]} (goal <= {GOALS[m]})" for m in METRICS) + " |",
+             "|---|---:|" + "---:|" * len(METRICS)]
     tally = {m: [0, 0] for m in METRICS}
     for case, (results, problems) in case_results.items():
         for nfe in nfes:
@@ -555,6 +564,8 @@ def main(argv=None):
             case_results[f"{dim}-D {kind}"] = (results, problems)
             fits_all[f"{dim}-D {kind}"] = fits
     nfes = args.nfe
+    held_out = ", ".join(sorted({" ".join(p.label.split()[1:]) for _, ps in case_results.values() for p in ps
+                                 if not p.design}))
     goal, tally = compact_summary(case_results, nfes)
     head = [f"Command: `{command}`", ""]
     protocol = ("Every configuration is chosen on the problem's calibration split (its own 384 noises; quick: 128) "
@@ -576,8 +587,9 @@ def main(argv=None):
     for case, (results, problems) in case_results.items():
         report += [f"## {case}: every metric on held-out noise", "",
                    "Per-sample L2 to the reference ODE solve from the same noise; SW2 to the exact data law (64 "
-                   "projections); W2: exact optimal assignment against as many fresh data draws (floor: the "
-                   "reference solve's own W2).", ""]
+                   "projections); W2: exact optimal assignment of 1000 outputs to the reference solve's samples "
+                   "(the ODE's law, no floor) and to 1000 fresh data draws (plug-in; floor: the reference solve's "
+                   "own value; a contracted output, e.g. Euler at few steps, can score below it).", ""]
         report += detail_table(results, problems, nfes) + [""]
         report += ["Frozen choices on held-out problems:", ""]
         report += detail_table(results, [p for p in problems if not p.design], nfes,
@@ -596,9 +608,9 @@ def main(argv=None):
         args.out.write_text(text + "\n")
     if args.summary:
         args.summary.write_text("\n".join(
-            head + ["Held-out problem families (grid, clusters, wide), every configuration chosen on a calibration "
-                    "split, reported on held-out noise. Fitted solver / best tuned diffusers scheduler, worst "
-                    "ratio over the held-out problems; our best named sampler x schedule in brackets.", ""]
+            head + [f"Held-out problems ({held_out}), every configuration chosen on a calibration split, reported "
+                    "on held-out noise. Fitted solver / best tuned diffusers scheduler, worst ratio over the "
+                    "held-out problems; our best named sampler x schedule in brackets.", ""]
             + goal + ["", f"Cells meeting each goal (per held-out problem and NFE): "
                       + ", ".join(f"{m} {tally[m][0]}/{tally[m][1]}" for m in METRICS)]) + "\n")
 
