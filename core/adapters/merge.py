@@ -288,45 +288,51 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
     out, report = {}, MergeReport(method, rank=None if rank is None else RankReport())
     svd_seeds = torch.Generator().manual_seed(seed if seed is not None else 0)  # apart from DARE's masks
     fn = _METHODS.get(method)
-    for i, key in enumerate(keys):
-        present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
-        w = [float(weights[t]) for t, _ in present]
-        report.sources[key] = [t for t, _ in present]
-        ctx = _Ctx(density, majority_sign, generator)
-        shapes = {tuple(weight_shape(d)) for _, d in present}
-        if len(shapes) != 1:
-            raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} in "
-                                       f"adapters {report.sources[key]}; they are not for the same model")
-        shape = weight_shape(present[0][1])
-        if method == "cat" or (method == "linear" and space == "delta" and rank is not None and svd == "fast"
-                               and all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present)):
-            merged = _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])
-        elif space == "factors":
-            with small_op_threads(sum(d.numel() for _, d in present)):
-                merged = _merge_factors(key, present, w, fn, ctx)
-        else:
-            if method == "darex_q":
-                X = calibration[key]
-                if X.ndim != 2 or X.shape[1] != math.prod(shape[1:]):
-                    raise InvalidParameterError(f"darex_q: calibration[{key!r}] has shape {tuple(X.shape)}; "
-                                                f"expected (N, {math.prod(shape[1:])}) inputs of a layer with weight "
-                                                f"{shape}")
-                ctx.calibration = X
-            with small_op_threads(math.prod(shape) * len(present)):
-                T = [d.delta_weight(shape) for _, d in present]
-                dense = fn(T, torch.tensor(w), ctx)
-            if ctx.rescale is not None:
-                report.rescale[key] = ctx.rescale
-            biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
-            bias = sum(wt * b for b, wt in biases if b is not None) if any(b is not None for b, _ in biases) else None
-            merged = Diff(dense, bias)
-        if rank is not None:  # 3. back to a LoRA under the rank budget
-            merged = _to_rank(key, merged, rank, svd, int(torch.randint(1 << 62, (), generator=svd_seeds)),
-                              report.rank)
-        if merged is not None:
-            out[key] = merged
-        if progress is not None:
-            progress(i + 1, len(keys))
+    # svd="fast" runs on one thread: merging is memory-bound elementwise work, and on 2 busy cores a second OpenMP
+    # thread made TIES 1.7x slower on a 1280 x 23040 conv and 7-10x slower on a 320 x 768 layer (barrier waits);
+    # "exact" keeps the threads the old path had (small kernels on one, the rest and the full SVDs on all)
+    with small_op_threads(0 if svd == "fast" else small_op_threads.SMALL):
+        for i, key in enumerate(keys):
+            present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
+            w = [float(weights[t]) for t, _ in present]
+            report.sources[key] = [t for t, _ in present]
+            ctx = _Ctx(density, majority_sign, generator)
+            shapes = {tuple(weight_shape(d)) for _, d in present}
+            if len(shapes) != 1:
+                raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} "
+                                           f"in adapters {report.sources[key]}; they are not for the same model")
+            shape = weight_shape(present[0][1])
+            plain = all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present)
+            if method == "cat" or (method == "linear" and space == "delta" and rank is not None and svd == "fast"
+                                   and plain):  # sum_t w_t s_t B_t A_t = [w_t s_t B_t] @ [A_t]: exact, no dense dW
+                merged = _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])
+            elif space == "factors":
+                with small_op_threads(sum(d.numel() for _, d in present)):
+                    merged = _merge_factors(key, present, w, fn, ctx)
+            else:
+                if method == "darex_q":
+                    X = calibration[key]
+                    if X.ndim != 2 or X.shape[1] != math.prod(shape[1:]):
+                        raise InvalidParameterError(f"darex_q: calibration[{key!r}] has shape {tuple(X.shape)}; "
+                                                    f"expected (N, {math.prod(shape[1:])}) inputs of a layer with "
+                                                    f"weight {shape}")
+                    ctx.calibration = X
+                with small_op_threads(math.prod(shape) * len(present)):
+                    T = [d.delta_weight(shape) for _, d in present]
+                    dense = fn(T, torch.tensor(w), ctx)
+                if ctx.rescale is not None:
+                    report.rescale[key] = ctx.rescale
+                biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
+                bias = sum(wt * b for b, wt in biases if b is not None) \
+                    if any(b is not None for b, _ in biases) else None
+                merged = Diff(dense, bias)
+            if rank is not None:  # 3. back to a LoRA under the rank budget
+                merged = _to_rank(key, merged, rank, svd, int(torch.randint(1 << 62, (), generator=svd_seeds)),
+                                  report.rank)
+            if merged is not None:
+                out[key] = merged
+            if progress is not None:
+                progress(i + 1, len(keys))
     if report.rank is not None and report.rank.dropped:
         warnings.warn(f"merge: {len(report.rank.dropped)} keys carry a bias difference a LoRA cannot hold; it is "
                       f"dropped, e.g. {list(report.rank.dropped)[:5]}", stacklevel=2)
