@@ -12,6 +12,8 @@ each entry with probability p = 1 - density and rescale the survivors by 1 / den
 DARE with the rescale fitted on calibration inputs (Deng et al., ICLR 2025). ``space="factors"`` instead merges the
 A and B factors separately with sqrt-split weights, as PEFT's ``add_weighted_adapter`` does for
 "linear"/"ties"/"dare_*"/"magnitude_prune" (an approximation of the merged update; only for equal ranks).
+With `rank`, each merged update becomes a LoRA as soon as it is merged: a linear merge of LoRAs exactly through its
+stacked factors, the others (which change every entry) by a seeded randomized SVD (svd="exact": the full SVD).
 
 Blocks: `block_of(key)` names the part of the network a canonical key belongs to (UNet input / middle / output,
 DiT double / single, a text encoder); `scale_blocks` (aTLAS-style anisotropic scaling), `compose` (content/style
@@ -68,12 +70,11 @@ def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     n, m = a.numel(), _SELECT_SAMPLE
     sample = a[torch.randint(n, (m,), generator=torch.Generator().manual_seed(n))].sort().values  # (m,) ascending
     q, d = 1 - k / n, 4 / math.sqrt(m)          # 4 standard errors of a sample quantile on each side
-    lo = sample[int((q - d) * m)] if q - d > 0 else None
-    hi = sample[int((q + d) * m)] if q + d < 1 else None
-    above = 0 if hi is None else int(torch.count_nonzero(a > hi))
+    lo = sample[int((q - d) * m)] if q - d > 0 else a.new_tensor(-math.inf)
+    hi = sample[int((q + d) * m)] if q + d < 1 else a.new_tensor(math.inf)
+    above = int(torch.count_nonzero(a > hi))
     if above < k:
-        inside = a if lo is None and hi is None else a[(a >= lo) & (a <= hi)] if lo is not None and hi is not None \
-            else a[a >= lo] if lo is not None else a[a <= hi]
+        inside = a[(a >= lo) & (a <= hi)]
         if k - above <= inside.numel():
             return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
     return torch.kthvalue(a, n - k + 1).values  # the bracket missed (probability ~1e-4): the slow exact way
