@@ -453,9 +453,16 @@ def test_merge_key_check_names_the_file_warns_on_strays_and_refuses_no_match():
     sd = {f"{m}.lora_{ab}.weight": torch.randn(*((2, i) if ab == "A" else (o, 2)))
           for m, (o, i) in pairs.items() for ab in "AB"}
     deltas, report = read_lora(sd)
-    with pytest.warns(UserWarning, match=r"<state dict>: 1 of its 2 modules are not modules of a \w+ model.*head"):
+    with pytest.warns(UserWarning, match=r"<state dict>: 1 of its 2 modules are not modules of a.*head"):
         check_merge_keys([deltas], [report])
     stray, stray_report = read_lora({k: v for k, v in sd.items() if "head" in k})
-    with pytest.raises(AdapterMismatchError, match=r"<state dict>: none of its 1 modules is a module of a \w+ model, "
-                                                   r"e.g. \['unet.head.proj'\]"):
+    with pytest.raises(AdapterMismatchError, match=r"<state dict>: none of its 1 modules is a module of an SD1.x / "
+                                                   r"SD2.x / SDXL UNet or text encoder, e.g. \['unet.head.proj'\]"):
         check_merge_keys([stray, deltas], [stray_report, report])
+    # DiT modules have no list without a model: only the check against the other LoRAs applies to them
+    dit, dit_report = read_lora({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.randn(2, 8),
+                                 "transformer.blocks.0.attn.to_q.lora_B.weight": torch.randn(8, 2)})
+    check_merge_keys([dit, dit], [dit_report, dit_report])
+    with pytest.raises(AdapterMismatchError, match=r"<state dict>: none of its 1 modules \(e.g. \['transformer.blocks"), \
+            pytest.warns(UserWarning, match="head"):
+        check_merge_keys([dit, deltas], [dit_report, report])

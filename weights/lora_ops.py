@@ -137,23 +137,29 @@ def merge_chunked(adapters: Sequence[dict], weights: Sequence[float], method: st
 def check_merge_keys(adapters: Sequence[dict], reports: Sequence) -> None:
     """Refuse to merge a LoRA none of whose modules is a module of the model it claims (read_lora names any PEFT /
     diffusers module as given, so a LoRA for something else reads without error) or shares a module with the other
-    LoRAs; warn when only some of its modules are known. Raises naming the file and what matched."""
+    LoRAs; warn when only some of its modules are known. Raises naming the file and what matched. UNet bases are
+    checked against their module lists (any UNet base's when the base is unknown); DiT modules have no list without
+    a model, so they meet only the check against the other LoRAs."""
     import warnings
 
+    from ..weights.arch import ArchGuess
     from ..weights.lora_formats import Target
 
     for deltas, report in zip(adapters, reports):
-        known = set(Target.for_arch(report.arch).kohya.values())  # every canonical module of a UNet base
-        if not known:  # DiTs: no module list without a model; the check against the other LoRAs still applies
-            continue
-        stray = [k for k in deltas if k not in known]
-        if len(stray) == len(deltas):
+        known = set(Target.for_arch(report.arch).kohya.values())
+        base = f"a {report.arch.arch} model"
+        if report.arch.arch in ("unknown", "unet"):
+            known |= set(Target.for_arch(ArchGuess("sdxl", "any UNet base")).kohya.values())
+            base = "an SD1.x / SD2.x / SDXL UNet or text encoder"
+        checked = [k for k in deltas if not k.startswith("transformer.")] if known else []
+        stray = [k for k in checked if k not in known]
+        if stray and len(stray) == len(deltas):
             raise AdapterMismatchError(
-                f"{report.source}: none of its {len(deltas)} modules is a module of a {report.arch.arch} model, e.g. "
-                f"{stray[:3]}; valid names look like {sorted(known)[:2]}. Is it a LoRA for another model?")
+                f"{report.source}: none of its {len(deltas)} modules is a module of {base}, e.g. {stray[:3]}; valid "
+                f"names look like {sorted(known)[:2]}. Is it a LoRA for another model?")
         if stray:
-            warnings.warn(f"{report.source}: {len(stray)} of its {len(deltas)} modules are not modules of a "
-                          f"{report.arch.arch} model and are merged as they are, e.g. {stray[:3]}", stacklevel=2)
+            warnings.warn(f"{report.source}: {len(stray)} of its {len(deltas)} modules are not modules of {base} and "
+                          f"are merged as they are, e.g. {stray[:3]}", stacklevel=2)
     if len(adapters) > 1:
         for i, (deltas, report) in enumerate(zip(adapters, reports)):
             others = {k for j, a in enumerate(adapters) if j != i for k in a}
