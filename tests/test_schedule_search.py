@@ -81,7 +81,8 @@ def test_boss_beats_the_default_schedule():
     sig = result["sigmas"]
     assert result["model_type"] == "vp" and result["nfe"] == 4 and result["created_by"] == "boss"
     assert len(sig) == 5 and sig[-1] == 0 and sig[0] == pytest.approx(float(param.sigma_max))
-    assert seen[-1][0] == seen[-1][1] and len(seen) == seen[-1][1]
+    # progress counts model calls (reference solve and coarse solves included): never falls, ends at the total
+    assert seen[-1][0] == seen[-1][1] and all(a[0] <= b[0] and a[1] == b[1] for a, b in zip(seen, seen[1:]))
     ref = gmm.ode_solve(x, "vp", float(param.sigma_max), steps=200)
     assert _l2(param, gmm, x, sig, ref=ref) < _l2(param, gmm, x, schedules.make_sigmas("trailing", 4, param),
                                                    ref=ref)
