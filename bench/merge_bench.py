@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                      max(re.rank.rel_error.values()), max(excess.values()),
                      excess[worst] / max(re.rank.rel_error[worst], 1e-300), diff))
         print(f"{method}: exact {rows[-1][1]:.1f} s, fast {rows[-1][2]:.2f} s (count-weighted), {speedup}; "
-              f"excess error {rows[-1][6]:.2e}, max |fast - exact| / |dW| {diff:.1e}", flush=True)
+              f"excess error {rows[-1][7]:.2e}, max |fast - exact| / |dW| {diff:.1e}", flush=True)
     cond.finish()
     lines = [str(cond), "",
              f"SD1.5-shaped LoRA pair: {len(shapes)} layers (every attention / ff / proj layer and every conv; "
