@@ -336,22 +336,31 @@ def _write(deltas, out, args, layout, metadata, target, verb="wrote") -> None:
     print(describe_file(path) + f" ({layout} layout, {len(deltas)} layers)")
 
 
-def _lora_convert(args) -> int:
-    from .weights.lora_ops import carried_metadata, checked_output
+def _read_source(args, layout=None):
+    """A LoRA file, the layout to write and the target its names are written for.
+
+    ComfyUI's LDM block numbers follow the UNet's config: read and write through --model's own map; without a
+    model, the preset of the detected base, only when the LoRA's block widths agree with it (one per level)."""
     from .weights.lora_formats import Target
     from .weights.lora_write import check_unet_fit, model_target
 
-    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
-    # ComfyUI's LDM block numbers follow the UNet's config: read and write through the model's own map; without a
-    # model, the preset of the detected base, only when the LoRA's block widths agree with it (one per level)
     model = args.model
     deltas, report = _read_complete(args.path, None if model is None else model_target(model))
+    layout = layout or args.layout or _WRITE_LAYOUT.get(report.layout, "kohya")
     target = str(model) if model is not None else Target.for_arch(report.arch)
-    if model is None and (args.layout == "comfyui" or "comfyui" in report.layout or _ldm_named(args.path)):
+    if model is None and (layout == "comfyui" or "comfyui" in report.layout or _ldm_named(args.path)):
         check_unet_fit(deltas, target, widths="relative",
-                       layout=args.layout if args.layout == "comfyui" else f"{args.path} (LDM block names)")
-    meta = carried_metadata([report.metadata], "convert", dict(source=Path(args.path).name, layout=args.layout))
-    _write(deltas, out, args, args.layout, meta, target)
+                       layout=layout if layout == "comfyui" else f"{args.path} (LDM block names)")
+    return deltas, report, layout, target
+
+
+def _lora_convert(args) -> int:
+    from .weights.lora_ops import carried_metadata, checked_output
+
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
+    deltas, report, layout, target = _read_source(args, args.layout)
+    meta = carried_metadata([report.metadata], "convert", dict(source=Path(args.path).name, layout=layout))
+    _write(deltas, out, args, layout, meta, target)
     return 0
 
 
@@ -369,16 +378,14 @@ def _rank_options(args) -> dict:
 def _lora_resize(args) -> int:
     from .core.adapters.rank import resize_lora
     from .weights.lora_ops import carried_metadata, checked_output
-    from .weights.lora_formats import Target
 
     out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
-    deltas, report = _read_complete(args.path)
+    deltas, report, layout, target = _read_source(args)
     options = _rank_options(args)
     small, rank_report = resize_lora(deltas, **options)
     print(rank_report.summary())
     meta = carried_metadata([report.metadata], "resize", dict(source=Path(args.path).name, **options))
-    _write(small, out, args, args.layout or _WRITE_LAYOUT.get(report.layout, "kohya"), meta,
-           Target.for_arch(report.arch))
+    _write(small, out, args, layout, meta, target)
     return 0
 
 
@@ -387,10 +394,9 @@ def _lora_prune(args) -> int:
 
     from .core.adapters.rank import prune_to_budget
     from .weights.lora_ops import carried_metadata, checked_output
-    from .weights.lora_formats import Target
 
     out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.path])
-    deltas, report = _read_complete(args.path)
+    deltas, report, layout, target = _read_source(args)
     budget = {k: v for k, v in dict(fraction=args.fraction, params=args.params, max_bytes=args.max_bytes).items()
               if v is not None}
     dtype = _dtype(args.dtype) or next((d.up.dtype for d in deltas.values() if hasattr(d, "up")), torch.float16)
@@ -398,8 +404,7 @@ def _lora_prune(args) -> int:
     print(rank_report.summary())
     meta = carried_metadata([report.metadata], "prune", dict(source=Path(args.path).name, score=args.score,
                                                              min_rank=args.min_rank, **budget))
-    _write(small, out, args, args.layout or _WRITE_LAYOUT.get(report.layout, "kohya"), meta,
-           Target.for_arch(report.arch))
+    _write(small, out, args, layout, meta, target)
     return 0
 
 
@@ -520,6 +525,10 @@ def _add_lora_commands(lora) -> None:
         p.add_argument("--dtype", choices=_DTYPES, help="dtype of the written tensors (default: as computed)")
         p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
+    def model_option(p):
+        p.add_argument("--model", help="diffusers folder (or unet/config.json) of the model the LoRA is for: "
+                       "ComfyUI block numbers follow its UNet config (default: the detected base's)")
+
     def rank_selection(p, rank_default=None):
         p.add_argument("--rank", type=int, default=rank_default, help="new rank; the maximum with a threshold")
         g = p.add_mutually_exclusive_group()
@@ -532,8 +541,7 @@ def _add_lora_commands(lora) -> None:
     convert.add_argument("path", metavar="IN")
     convert.add_argument("out", metavar="OUT")
     output(convert, "the layout to write", required=True)
-    convert.add_argument("--model", help="diffusers folder (or unet/config.json) of the model the LoRA is for: "
-                         "ComfyUI block numbers follow its UNet config (default: the detected base's)")
+    model_option(convert)
     convert.set_defaults(run=_lora_convert)
 
     resize = lora.add_parser("resize", help="resize every layer (fixed rank or spectrum threshold), kohya-style")
@@ -541,6 +549,7 @@ def _add_lora_commands(lora) -> None:
     resize.add_argument("out", metavar="OUT")
     rank_selection(resize)
     output(resize)
+    model_option(resize)
     resize.set_defaults(run=_lora_resize)
 
     prune = lora.add_parser("prune", help="keep the best rank-1 components of all layers under one budget")
@@ -553,6 +562,7 @@ def _add_lora_commands(lora) -> None:
     prune.add_argument("--score", choices=("relative", "energy", "sv"), default="relative")
     prune.add_argument("--min-rank", type=int, default=0, help="components every layer keeps")
     output(prune)
+    model_option(prune)
     prune.set_defaults(run=_lora_prune)
 
     from .core.adapters.merge import MERGE_METHODS
