@@ -19,8 +19,7 @@ _REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safete
              "huggingface_hub", "numpy")
 
 
-def pytest_report_header(config):
-    """Name the dependency set the suite ran on (constraints.txt pins the tested one)."""
+def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     def _v(name):
@@ -30,3 +29,13 @@ def pytest_report_header(config):
             return "absent"
 
     return "nimblediff deps: " + ", ".join(f"{n} {_v(n)}" for n in _REPORTED)
+
+
+def pytest_report_header(config):
+    """Name the dependency set the suite ran on (constraints.txt pins the tested one)."""
+    return _versions()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Again at the end, where `pytest -q` (make test) prints it too."""
+    terminalreporter.write_line(_versions())
