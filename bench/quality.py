@@ -1,10 +1,13 @@
-"""NimbleDiff-Tiny quality vs steps: the teacher with multistep solvers, the Flash LoRA with LCM, and 4 steps with
-no distillation, on fixed prompts and seeds. Prints a Markdown table, writes out/tiny_quality.md and a grid PNG.
+"""NimbleDiff-Tiny quality vs steps: the teacher with multistep solvers, the Flash LoRA with LCM, and LCM steps with
+no distillation, on the held-out prompt set (tiny/heldout.py: 512 prompts from a seed training never uses, one fixed
+noise seed per prompt), judged by evaluator v2: whole-prompt accuracy (every stated word right) with a 95% interval,
+per-attribute accuracy, chance levels, and paired 95% intervals for every comparison the README states.
+Prints a Markdown table, writes out/tiny_quality.md and a grid PNG.
 
     python bench/quality.py [--quick] [--threads 1] [--model weights/tiny/nimblediff-tiny]
                             [--lora weights/tiny/nimblediff-tiny-flash-lora.safetensors] [--no-write]
 
---quick: 16 prompts instead of 64 and no 25-step teacher row (about a minute; accuracies move by several points).
+--quick: 16 prompts instead of 512 and no 25-step teacher row (about a minute; accuracies move by several points).
 Writes bench/results/quality.md (README's table and its summary sentences, computed here) and
 bench/results/quality_card.md (the model card's full table; also out/tiny_quality.md between its markers, which
 `python -m nimblediff.tiny.package` puts into the card). `python bench/update_readme.py` copies them in.
@@ -22,13 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nimblediff.tiny import data, evaluate
+from nimblediff.tiny import evaluate, heldout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import Conditions, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPT_SEED = 2024  # the prompts are the captions of these procedural scenes; their images are the real set
 CFG = 5.0
 # (name, scheduler, steps, guidance, LoRA on)
 CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25, CFG, False),
@@ -50,15 +52,11 @@ def scheduler(kind, config, schedule_file=None):
     return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "lcm": LCMScheduler}[kind].from_config(config)
 
 
-def generate(pipe, captions, steps, guidance):
-    gens = [torch.Generator().manual_seed(i) for i in range(len(captions))]
+def generate(pipe, captions, steps, guidance, seeds):
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe(captions, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
                generator=gens, output_type="np").images  # (N, 64, 64, 3) in [0, 1]
     return (out * 255).round().clip(0, 255).astype(np.uint8)
-
-
-def to_uint8(images):
-    return ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
 
 
 def save_grid(rows, labels, path, n=8):
@@ -69,42 +67,57 @@ def save_grid(rows, labels, path, n=8):
         f.write("rows: " + "; ".join(labels) + "\n")
 
 
+def _cell(r, key="whole"):
+    lo, hi = r["interval"][key]
+    return f"{r['accuracy'][key]:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _compare(label, a, b):
+    """A sentence on A minus B in whole-prompt accuracy, paired over the same prompts and seeds; a difference is
+    claimed only when its interval excludes 0."""
+    d, (lo, hi) = evaluate.paired_difference(a["whole"], b["whole"])
+    verdict = "no difference shown" if lo <= 0 <= hi else ("better" if d > 0 else "worse")
+    return f"{label}: {100 * d:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] ({verdict})."
+
+
 def readme_table(results, n, threads):
-    """README's short table and the sentences it supports, computed from `results` so no figure is typed by hand.
-    results: {(name, steps): {"shape", "colour", "position", "fd", "ms"}}."""
-    lines = ["| model | steps | CFG | shape | colour | position | feature dist | ms/img |",
-             "|---|---|---|---|---|---|---|---|"]
+    """README's short table and the comparisons it supports, computed from `results` so no figure is typed by hand.
+    results: {config: evaluate_v2 result + "fd", "ms"}."""
+    lines = ["| model | steps | CFG | whole prompt [95% CI] | one shape | two shapes | shape | colour | position | "
+             "background | feature dist | ms/img |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (name, kind, steps, guidance, lora), r in results.items():
         label = f"**{name}**" if lora else name
-        lines.append(f"| {label} | {steps} | {guidance:g} | {r['shape']:.3f} | {r['colour']:.3f} | "
-                     f"{r['position']:.3f} | {r['fd']:.0f} | {r['ms']:.0f} |")
+        acc, by = r["accuracy"], r["whole_by_count"]
+        lines.append(f"| {label} | {steps} | {guidance:g} | {_cell(r)} | {by.get(1, float('nan')):.3f} | "
+                     f"{by.get(2, float('nan')):.3f} | {acc['shape']:.3f} | {acc['colour']:.3f} | "
+                     f"{acc['position']:.3f} | {acc['background']:.3f} | {r['fd']:.0f} | {r['ms']:.0f} |")
     get = {(c[0], c[2]): r for c, r in results.items()}
     say = []
-    t50, f4 = get.get(("teacher DPM++", 50)), get.get(("Flash LoRA LCM", 4))
-    pct = lambda a, b: f"{100 * a / b:.0f}%"  # noqa: E731
-    pts = lambda a, b: f"{100 * (a - b):+.0f}"  # noqa: E731
-    if t50 and f4:
-        say.append(f"The 50-step teacher gets shape and colour right in {pct(t50['shape'], 1)} / "
-                   f"{pct(t50['colour'], 1)} of images; the Flash LoRA at 4 steps without CFG reaches "
-                   f"{pct(f4['shape'], t50['shape'])} / {pct(f4['colour'], t50['colour'])} of that in "
-                   f"{f4['ms'] / t50['ms']:.2f}x the teacher's 50-step time.")
-    for k in (1, 4):
-        u, f = get.get(("no distillation LCM", k)), get.get(("Flash LoRA LCM", k))
-        if u and f:
-            say.append(f"At {k} step{'s' if k > 1 else ''}, undistilled LCM minus Flash LoRA: "
-                       f"shape {pts(u['shape'], f['shape'])} / "
-                       f"colour {pts(u['colour'], f['colour'])} points, feature distance "
-                       f"{u['fd'] / f['fd']:.2f}x.")
-    fit, d4 = get.get(("teacher fitted solver", 4)), get.get(("teacher DPM++", 4))
-    if fit and d4:
-        say.append(f"The fitted 4-step solver vs DPM++ at 4 steps: shape {pts(fit['shape'], d4['shape'])} / colour "
-                   f"{pts(fit['colour'], d4['colour'])} points, feature distance {fit['fd'] / d4['fd']:.2f}x.")
-    pos = [r["position"] for r in results.values()]
-    say.append(f"Position accuracy ranges over {min(pos):.2f}-{max(pos):.2f} across rows.")
-    note = (f"{n} prompts and seeds, 64x64, {threads} CPU thread(s), one batch of {n} per row; ms/img is the batch "
-            "wall time / n. Full table (count accuracy, batch wall time): `weights/tiny/MODEL_CARD.md`; grid: "
-            "`out/tiny_quality_grid.png`.")
+    pairs = [("Flash LoRA at 4 steps minus the 50-step teacher", ("Flash LoRA LCM", 4), ("teacher DPM++", 50)),
+             ("Flash LoRA at 4 steps minus the teacher's DPM++ at 4 steps", ("Flash LoRA LCM", 4),
+              ("teacher DPM++", 4)),
+             ("The fitted 4-step solver minus DPM++ at 4 steps", ("teacher fitted solver", 4), ("teacher DPM++", 4))]
+    pairs += [(f"Flash LoRA minus undistilled LCM at {k} step{'s' if k > 1 else ''}", ("Flash LoRA LCM", k),
+               ("no distillation LCM", k)) for k in (1, 2, 4)]
+    for label, a, b in pairs:
+        if a in get and b in get:
+            say.append(_compare(label, get[a], get[b]))
+    note = (f"{n} held-out prompts (`nimblediff.tiny.heldout`), one fixed noise seed each, 64x64, {threads} CPU "
+            "thread(s); whole prompt = every word the caption states (shape, colour, size, position, background, "
+            "count) read back by evaluator v2 with two-shape scenes matched jointly; [95% CI] Wilson; comparisons "
+            "below are paired bootstrap 95% intervals over prompts. Chance levels and the full table: "
+            "`weights/tiny/MODEL_CARD.md`; grid: `out/tiny_quality_grid.png`.")
     return "\n".join(lines) + "\n\n" + note + "\n\n" + " ".join(say)
+
+
+def _card_row(name, kind, steps, guidance, r, fd, wall, n):
+    acc = r["accuracy"]
+    two = r["whole_by_count"].get(2, float("nan"))
+    fd_s = "-" if fd is None else f"{fd:.2f}"
+    time_s = "- | -" if wall is None else f"{wall:.2f} | {1000 * wall / n:.1f}"
+    return (f"| {name} | {kind} | {steps} | {guidance if isinstance(guidance, str) else f'{guidance:g}'} | {_cell(r)} | "
+            f"{two:.3f} | {acc['shape']:.3f} | {acc['colour']:.3f} | {acc['size']:.3f} | {acc['position']:.3f} | "
+            f"{acc['background']:.3f} | {acc['count']:.3f} | {fd_s} | {time_s} |")
 
 
 def main():
@@ -115,7 +128,7 @@ def main():
     p.add_argument("--lora", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-flash-lora.safetensors"))
     p.add_argument("--schedule", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-fit4.json"),
                    help="fitted 4-step solver for the teacher row 'teacher fitted solver' (skipped if missing)")
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--n", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out")
     p.add_argument("--quick", action="store_true", help="16 prompts, no 25-step teacher row: about a minute")
@@ -129,21 +142,25 @@ def main():
     t_start = time.perf_counter()
     os.makedirs(a.out, exist_ok=True)
 
-    real, captions, scenes = data.make_batch(PROMPT_SEED, a.n)
-    real = to_uint8(real)
+    held = heldout.heldout_scenes(a.n)
+    captions, scenes, seeds = held.captions, held.scenes, held.noise_seeds
+    real = heldout.render(held)
     net = evaluate.load_evaluator()
-    real_acc, real_feats = evaluate.evaluate(real, scenes, net)
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=torch.float32)
+    real_r = evaluate.evaluate_v2(real, scenes, net)
+    real_feats = real_r["features"]
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
     has_lora = os.path.exists(a.lora)
     if has_lora:
         pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora), adapter_name="flash")
 
-    header = "| model | sampler | steps | CFG | shape acc | colour acc | position acc | count acc | feature dist | wall s | ms/img |"
-    lines = [header, "|" + "---|" * 11,
-             f"| real images (evaluator check) | - | - | - | {real_acc['shape']:.3f} | {real_acc['colour']:.3f} | "
-             f"{real_acc['position']:.3f} | {real_acc['count']:.3f} | 0 | - | - |"]
+    header = ("| model | sampler | steps | CFG | whole prompt [95% CI] | two shapes | shape | colour | size | position "
+              "| background | count | feature dist | wall s | ms/img |")
+    lines = [header, "|" + "---|" * 15, _card_row("real renders (evaluator check)", "-", "-", "-", real_r, 0, None, a.n)]
+    for label, (imgs, scs) in evaluate.baselines(real, scenes).items():      # chance levels, printed every run
+        lines.append(_card_row(f"chance: {label}", "-", "-", "-", evaluate.evaluate_v2(imgs, scs, net), None, None,
+                               a.n))
     rows, labels, results = [real], ["real"], {}
     for config in CONFIGS:
         name, kind, steps, guidance, lora = config
@@ -154,29 +171,30 @@ def main():
         pipe.scheduler = scheduler(kind, base_config, a.schedule)
         if has_lora:
             pipe.enable_lora() if lora else pipe.disable_lora()
-        generate(pipe, captions[:2], steps, guidance)  # warm-up
+        generate(pipe, captions[:2], steps, guidance, seeds[:2])  # warm-up
         t0 = time.perf_counter()
-        images = generate(pipe, captions, steps, guidance)
+        images = generate(pipe, captions, steps, guidance, seeds)
         wall = time.perf_counter() - t0
-        acc, feats = evaluate.evaluate(images, scenes, net)
-        fd = evaluate.frechet(feats, real_feats) if len(feats) > 2 else float("nan")
-        lines.append(f"| {name} | {kind} | {steps} | {guidance:g} | {acc['shape']:.3f} | {acc['colour']:.3f} | "
-                     f"{acc['position']:.3f} | {acc['count']:.3f} | {fd:.2f} | {wall:.2f} | {1000 * wall / a.n:.1f} |")
+        r = evaluate.evaluate_v2(images, scenes, net)
+        fd = evaluate.frechet(r["features"], real_feats) if len(r["features"]) > 2 else float("nan")
+        lines.append(_card_row(name, kind, steps, guidance, r, fd, wall, a.n))
         print(lines[-1], flush=True)
-        results[config] = dict(acc, fd=fd, ms=1000 * wall / a.n)
+        results[config] = dict(r, fd=fd, ms=1000 * wall / a.n)
         rows.append(images)
         labels.append(f"{name} {steps} steps")
     table = "\n".join(lines)
-    note = (f"\n\n{a.n} prompts (captions of procedural scenes, seed {PROMPT_SEED}), seeds 0..{a.n - 1}, 64x64, "
-            f"{a.threads} CPU thread(s), batch of {a.n}; wall time is for the whole batch. Feature distance: "
-            "Frechet distance between the evaluator's penultimate features of generated and real shapes.\n")
+    note = (f"\n\n{a.n} held-out prompts (`nimblediff.tiny.heldout`, seed {heldout.HELDOUT_SEED}, noise seeds from "
+            f"{heldout.NOISE_BASE}), 64x64, {a.threads} CPU thread(s), batch of {a.n}; wall time is for the whole "
+            "batch. Whole prompt: every stated word right (evaluator v2), Wilson 95% interval. Chance rows: what the "
+            "evaluator gives images that should fail. Feature distance: Frechet distance between the evaluator's "
+            "penultimate features of generated and real shapes.\n")
     cond.finish()
     note += f"\n{cond} Whole run {time.perf_counter() - t_start:.0f} s.\n"
     print("\n" + table + note)
     save_grid(rows, labels, os.path.join(a.out, "tiny_quality_grid.png"))
     if a.no_write:
         return
-    mode = "quick mode: 16 prompts, no 25-step row" if a.quick else f"full run, {a.n} prompts"
+    mode = "quick mode: 16 prompts, no 25-step row" if a.quick else f"full run, {a.n} held-out prompts"
     write_result("quality", __file__, readme_table(results, a.n, a.threads) + "\n\n" + str(cond), mode=mode)
     card = write_result("quality_card", __file__, table + note, mode=mode).read_text().strip()
     with open(os.path.join(a.out, "tiny_quality.md"), "w") as f:   # for nimblediff.tiny.package's card template
