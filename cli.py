@@ -52,26 +52,18 @@ def _set_threads(requested) -> int:
     return requested
 
 
+def _positive_int(text: str, what: str = "an integer >= 1") -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {what}")
+    return value
+
+
 def _threads_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of threads >= 1, or auto")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 1")
-    return value
+    return text if text == "auto" else _positive_int(text, "a number of threads >= 1, or auto")
 
 
 def _load_pipeline(folder, dtype):
