@@ -143,14 +143,41 @@ def validate_ui(workflow: dict, schemas: dict | None = None) -> list[str]:
     return errors
 
 
-def validate_file(path) -> list[str]:
-    path = Path(path)
+def read_workflow(path, want: str | None = None) -> dict:
+    """A workflow file's JSON, refusing what is not JSON or not a ComfyUI workflow (UI or API format; `want="api"`
+    accepts only the API format)."""
     try:
-        workflow = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"{path}: cannot read workflow JSON: {e}"]
-    check = validate_ui if "nodes" in workflow and "links" in workflow else validate_api
-    return [f"{path.name}: {e}" for e in check(workflow)]
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise WorkflowError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkflowError(f"{path}: not JSON ({e}); give a ComfyUI workflow .json file") from None
+    if want == "api" and not _is_api(data):
+        raise WorkflowError(f"{path}: not an API-format workflow (a JSON object of nodes, each with class_type and "
+                            "inputs, as ComfyUI's 'Export (API)' writes)"
+                            + ("; this one is already in the UI format" if _is_ui(data) else ""))
+    if not (_is_ui(data) or _is_api(data)):
+        raise WorkflowError(f"{path}: not a ComfyUI workflow: expected the UI format (an object with 'nodes' and "
+                            "'links') or the API format (an object of nodes with 'class_type')")
+    return data
+
+
+def _is_ui(data) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
+
+
+def _is_api(data) -> bool:
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(n, dict) and "class_type" in n and isinstance(n.get("inputs", {}), dict) for n in data.values())
+
+
+def validate_file(path) -> list[str]:
+    try:
+        workflow = read_workflow(path)
+    except WorkflowError as e:
+        return [str(e)]
+    check = validate_ui if _is_ui(workflow) else validate_api
+    return [f"{Path(path).name}: {e}" for e in check(workflow)]
 
 
 def _is_link(value) -> bool:
