@@ -80,13 +80,10 @@ def _load_pipeline(folder, dtype):
 
 def _model_folder(path) -> Path:
     """An existing diffusers pipeline folder (the CLI runs offline: no hub ids)."""
-    from .errors import WeightsFormatError
+    from .pipelines.loading import check_pipeline_folder
 
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        what = "no such folder" if not folder.is_dir() else "not a diffusers pipeline folder (no model_index.json)"
-        raise WeightsFormatError(f"--model {path}: {what}; give a diffusers pipeline folder such as {EMBEDDED_MODEL}")
-    return folder
+    check_pipeline_folder(path, local_only=True, name="--model")
+    return Path(path)
 
 
 def _demo(args) -> int:
@@ -216,7 +213,7 @@ def _schedule_search(args) -> int:
     size = args.size // pipe.vae_scale_factor
     print(f"{args.method} on {folder.name} ({args.dtype}, batch {args.batch}, "
           + (f"grid {args.grid}" if args.method == "boss" else f"NFE {args.nfe}")
-          + "): the bar's estimate settles after its first steps; Ctrl-C stops without writing")
+          + "): the bar estimates the time left; Ctrl-C stops without writing")
     bar = tqdm(desc=f"{args.method} search", bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     def progress(done, total):

@@ -14,7 +14,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError
 from ..tiny.vocab import CLOSED_VOCAB_SIZE, check_words
-from .dtypes import agree_dtypes, check_pipeline_folder
+from .loading import agree_dtypes, check_pipeline_folder
 from .schedulers import NimbleScheduler
 
 

@@ -1,4 +1,5 @@
-"""One dtype policy for pipelines: every component computes in the denoiser's dtype.
+"""Loading a pipeline folder: the folder check, and one dtype policy (every component computes in the denoiser's
+dtype).
 
 diffusers loads its models in float32 unless told otherwise, while transformers 5 loads a text encoder in the dtype
 its config names ("auto"). A folder saved in fp16 therefore comes back with an fp16 text encoder beside an fp32 UNet
@@ -37,19 +38,21 @@ def agree_dtypes(pipe) -> list[str]:
     return cast
 
 
-def check_pipeline_folder(path) -> None:
+def check_pipeline_folder(path, *, local_only: bool = False, name: str | None = None) -> None:
     """A path that names a local folder (or looks like one) must be a diffusers pipeline folder.
 
-    Hub ids (``owner/name``) pass through untouched; diffusers resolves them."""
+    Hub ids (``owner/name``) pass through untouched, for diffusers to resolve, unless `local_only` (the offline CLI).
+    `name` (e.g. "--model") is how the caller's user gave the path."""
     if not isinstance(path, (str, os.PathLike)):
         return
     p = Path(path)
-    looks_local = p.is_absolute() or str(path).startswith((".", "~")) or len(p.parts) > 2 or p.exists()
+    label = f"{name} {path}" if name else str(path)
+    looks_local = local_only or p.is_absolute() or str(path).startswith((".", "~")) or len(p.parts) > 2 or p.exists()
     if not looks_local:
         return
     if not p.is_dir():
-        raise WeightsFormatError(f"{path}: no such folder; give a diffusers pipeline folder (with model_index.json), "
+        raise WeightsFormatError(f"{label}: no such folder; give a diffusers pipeline folder (with model_index.json), "
                                  "e.g. weights/tiny/nimblediff-tiny")
     if not (p / "model_index.json").is_file():
-        raise WeightsFormatError(f"{path}: not a diffusers pipeline folder (no model_index.json); a single-file "
+        raise WeightsFormatError(f"{label}: not a diffusers pipeline folder (no model_index.json); a single-file "
                                  "checkpoint is loaded in ComfyUI, or converted with diffusers' conversion scripts")
