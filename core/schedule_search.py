@@ -13,6 +13,7 @@ Both return a schedule as data, {"model_type", "sampler", "nfe", "sigmas", "crea
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -153,16 +154,20 @@ def boss_costs(denoiser, param, *, x, sampler: str = "euler", options=None, grid
     `reference` = (grid, states, denoised, final) reuses a reference solve.
     """
     method, options = SAMPLERS[sampler], {**SAMPLER_OPTIONS[sampler], **(options or {})}
+    grid = fine_grid(param, grid_size) if reference is None else reference[0]
+    n = len(grid)
+    stride = max(1, (n - 1) // 16)
+    coarse = {j: _coarse_grid(grid, j, stride) for j in range(1, n - 1)} if propagate else {}
+    # batched model calls, cumulative (the reference solve, then each target node's coarse solve of j + 1 batches;
+    # a one-evaluation sampler's jumps reuse the reference's predictions): the progress bar's ETA holds from the start
+    calls = [(n - 2) * substeps + 1 if reference is None else 0]
+    calls += [(j + 1) * (len(coarse[j]) - 1) if j in coarse else 0 for j in range(1, n)]
+    work = list(itertools.accumulate(calls))
     if reference is None:
-        grid = fine_grid(param, grid_size)
-        work = _boss_work(grid, substeps)
         ref_progress = None if progress is None else (lambda done, total: progress(done, work[-1]))
         states, preds, final = reference_solve(denoiser, param, x, grid, substeps, progress=ref_progress)
     else:
         grid, states, preds, final = reference
-        work = _boss_work(grid, substeps, with_reference=False)
-    n = len(grid)
-    stride = max(1, (n - 1) // 16)
     cost = torch.full((n, n), math.inf, dtype=torch.float64)
     for j in range(1, n):
         outs = [jump(method, denoiser, param, states[i], grid[i], grid[j], preds[i], options) for i in range(j)]
@@ -171,8 +176,7 @@ def boss_costs(denoiser, param, *, x, sampler: str = "euler", options=None, grid
         elif not propagate:
             target = states[j]
         else:                                                        # one coarse solve for every jump into j
-            coarse = torch.tensor(grid[j:-1:stride] + [grid[-2], 0.0], dtype=torch.float64).unique_consecutive()
-            solved = run(SAMPLERS["deis"], denoiser, torch.cat(outs + [states[j]]), coarse, param=param,
+            solved = run(SAMPLERS["deis"], denoiser, torch.cat(outs + [states[j]]), coarse[j], param=param,
                          order=3, lower_order_final=False)
             *outs, target = solved.split(len(states[j]))
         for i, out in enumerate(outs):
@@ -182,17 +186,9 @@ def boss_costs(denoiser, param, *, x, sampler: str = "euler", options=None, grid
     return grid, cost
 
 
-def _boss_work(grid, substeps: int, with_reference: bool = True) -> list[float]:
-    """Cumulative batched model calls of boss_costs, so a progress bar can estimate the time left from the start:
-    the reference solve, then per target node j one coarse solve of j + 1 batches over the rest of the grid (a
-    one-evaluation sampler's jumps reuse the reference's predictions and cost nothing)."""
-    n = len(grid)
-    stride = max(1, (n - 1) // 16)
-    done = [float((n - 2) * substeps + 1) if with_reference else 0.0]
-    for j in range(1, n):
-        nodes = 0 if j == n - 1 else len(torch.tensor(grid[j:-1:stride] + [grid[-2], 0.0]).unique_consecutive())
-        done.append(done[-1] + (j + 1) * max(0, nodes - 1))
-    return done
+def _coarse_grid(grid, j: int, stride: int) -> torch.Tensor:
+    """The coarse DEIS grid that carries jumps into node j on to sigma 0: every stride-th node, the last nonzero one."""
+    return torch.tensor(grid[j:-1:stride] + [grid[-2], 0.0], dtype=torch.float64).unique_consecutive()
 
 
 def boss(denoiser, param, nfe: int, *, x, sampler: str = "euler", options=None, costs=None, progress=None,

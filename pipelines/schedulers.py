@@ -239,10 +239,11 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
 
         config = {k: v for k, v in config.items() if not k.startswith("_")}
         data = load_schedule(path, model_type=config.get("model_type", "vp"))
-        warn_if_fitted_elsewhere(data, cls.from_config(config).param)
         sampler, options = sampler_of(data)
-        return cls.from_config({**config, "sampler": sampler, "sampler_options": options,
-                                "schedule_sigmas": data["sigmas"].tolist()})
+        scheduler = cls.from_config({**config, "sampler": sampler, "sampler_options": options,
+                                     "schedule_sigmas": data["sigmas"].tolist()})
+        warn_if_fitted_elsewhere(data, scheduler.param)
+        return scheduler
 
     def add_noise(self, original_samples, noise, timesteps):
         sigma = self.param.t_to_sigma(timesteps.float().cpu()).to(original_samples.device)

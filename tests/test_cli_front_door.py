@@ -94,7 +94,8 @@ def test_schedule_search_runs_on_the_default_model_with_progress(tmp_path):
     assert json.loads(out.read_text())["nfe"] == 2
 
 
-def test_boss_work_estimate_counts_the_model_calls():
+@pytest.mark.parametrize("propagate", [True, False])
+def test_boss_work_estimate_counts_the_model_calls(propagate):
     """The progress bar's total is the number of batched model calls boss_costs makes (hand-counted by a wrapper)."""
     from nimblediff.core import schedule_search as ss
     from nimblediff.core.parameterization import VP
@@ -108,7 +109,8 @@ def test_boss_work_estimate_counts_the_model_calls():
 
     x = torch.randn(2, 3)
     seen = []
-    ss.boss_costs(denoiser, param, x=x, grid_size=10, progress=lambda done, total: seen.append((done, total)))
+    ss.boss_costs(denoiser, param, x=x, grid_size=10, propagate=propagate,
+                  progress=lambda done, total: seen.append((done, total)))
     batches = sum(calls) / len(x)
     total = seen[-1][1]
     assert seen[-1][0] == total
