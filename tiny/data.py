@@ -49,9 +49,11 @@ def shape_phrase(label, mention_size=True):
     return f"a {size}{label.colour} {label.shape} {POSITION_PHRASES[label.position]}"
 
 
-def sample_scene(rng):
-    """Draw labels and a caption that states them (size and background are sometimes left unsaid)."""
-    if rng.random() < P_TWO_SHAPES:
+def sample_scene(rng, p_two=P_TWO_SHAPES):
+    """Draw labels and a caption that states them (size and background are sometimes left unsaid).
+
+    p_two: share of two-shape scenes; training may over-sample them, evaluation keeps the data's proportion."""
+    if rng.random() < p_two:
         positions = list(PAIRS[rng.integers(len(PAIRS))])
         rng.shuffle(positions)
     else:
@@ -105,9 +107,9 @@ def to_tensor(images):
     return x / 127.5 - 1.0
 
 
-def make_batch(seed, n):
+def make_batch(seed, n, p_two=P_TWO_SHAPES):
     """n scenes from one seed: (images (N, 3, 64, 64) in [-1, 1], captions, scenes). Same seed, same batch."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
+    scenes = [sample_scene(rng, p_two) for _ in range(n)]
     images = np.stack([render(s) for s in scenes])
     return to_tensor(images), [s.caption for s in scenes], scenes

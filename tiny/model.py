@@ -26,20 +26,35 @@ def make_vae():
                          sample_size=64, mid_block_add_attention=False)
 
 
-def make_text_encoder(vocab_size):
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=vocab.MAX_LENGTH,
-                         projection_dim=TEXT_DIM, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# v1 is the shipped teacher. v2 is built to bind attributes in two-shape scenes: a text encoder wide enough that the
+# last token of "a yellow circle on the left" carries all three words (CLIP is causal), cross-attention at every
+# resolution including 4x4 where the two objects' layout is decided, and 32-wide attention heads (v1's are 16).
+ARCHS = {
+    "v1": dict(text_dim=TEXT_DIM, text_layers=2, text_heads=4, channels=(64, 128, 128),
+               cross=(True, True, False), heads=4),
+    "v2": dict(text_dim=128, text_layers=3, text_heads=4, channels=(64, 128, 192),
+               cross=(True, True, True), heads=(2, 4, 6)),
+}
+
+
+def make_text_encoder(vocab_size, arch="v1"):
+    a = ARCHS[arch]
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=a["text_dim"], intermediate_size=4 * a["text_dim"],
+                         num_hidden_layers=a["text_layers"], num_attention_heads=a["text_heads"],
+                         max_position_embeddings=vocab.MAX_LENGTH, projection_dim=a["text_dim"],
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
     return CLIPTextModel(cfg)
 
 
-def make_unet():
-    # 16x16 -> 8x8 -> 4x4. Cross-attention at 16 and 8, where position and shape are decided.
+def make_unet(arch="v1"):
+    # 16x16 -> 8x8 -> 4x4.
+    a = ARCHS[arch]
+    down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in a["cross"])
+    up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(a["cross"]))
     return UNet2DConditionModel(sample_size=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                                block_out_channels=(64, 128, 128), layers_per_block=1, norm_num_groups=16,
-                                cross_attention_dim=TEXT_DIM, attention_head_dim=4)
+                                down_block_types=down, up_block_types=up, block_out_channels=a["channels"],
+                                layers_per_block=1, norm_num_groups=16, cross_attention_dim=a["text_dim"],
+                                attention_head_dim=a["heads"])
 
 
 def make_scheduler():

@@ -38,6 +38,10 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--min-snr", type=float, default=5.0,
                    help="Min-SNR-gamma loss weight for the UNet (Hang et al. 2023); 0 turns it off")
+    p.add_argument("--arch", choices=sorted(model.ARCHS), default="v1", help="UNet + text encoder size (tiny/model.py)")
+    p.add_argument("--p-two", type=float, default=None,
+                   help="share of two-shape scenes in UNet batches (default: the data's own, 0.2)")
+    p.add_argument("--vae", default=None, help="trained VAE folder for the unet stage (default: <out>/vae/final)")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -193,9 +197,11 @@ def snr_weight(alpha_bar, gamma):
 def train_unet(args):
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(os.path.join(args.out, "vae", PRODUCTS["vae"])).eval().requires_grad_(False)
+    vae_dir = args.vae or os.path.join(args.out, "vae", PRODUCTS["vae"])
+    vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval().requires_grad_(False)
     tokenizer = vocab.build_tokenizer()
-    text_encoder, unet = model.make_text_encoder(len(tokenizer)), model.make_unet()
+    text_encoder, unet = model.make_text_encoder(len(tokenizer), args.arch), model.make_unet(args.arch)
+    p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
     # Text encoder trained jointly: a random frozen encoder would have to be decoded by the UNet instead.
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
@@ -205,7 +211,7 @@ def train_unet(args):
     gen = torch.Generator().manual_seed(args.seed)
 
     def step_fn(step):
-        x, captions, _ = data.make_batch(batch_seed(args, "unet", step), loop.batch)
+        x, captions, _ = data.make_batch(batch_seed(args, "unet", step), loop.batch, p_two)
         gen.manual_seed(batch_seed(args, "unet", step))
         drop = torch.rand(len(captions), generator=gen) < 0.1  # CFG: learn the unconditional model too
         captions = ["" if d else c for c, d in zip(captions, drop)]
@@ -225,7 +231,8 @@ def train_unet(args):
             p.copy_(e)
     pipe = model.make_pipeline(vae, text_encoder, unet, tokenizer)
     pipe.save_pretrained(os.path.join(loop.dir, PRODUCTS["unet"]))
-    loop.log(f"final: params unet {model.n_params(unet)} text_encoder {model.n_params(text_encoder)}")
+    loop.log(f"final: arch {args.arch} p_two {p_two} params unet {model.n_params(unet)} "
+             f"text_encoder {model.n_params(text_encoder)}")
 
 
 # ---------------------------------------------------------------- stage flash
