@@ -1,0 +1,94 @@
+"""Per-output-channel int8 weights, symmetric (W = s q) or asymmetric (W = s (q - z)).
+
+The symmetric form runs ``torch._weight_int8pack_mm`` where it exists. That kernel is fast only with bf16
+activations; with fp32 activations it takes a ~35x slower path (47 ms vs 1.4 ms on a 64x1280x1280 matmul,
+../shared/notes/perf-anchors.md #10), so fp32 inputs are cast to bf16 for the matmul and the result cast back.
+The bf16 rounding of x (relative 2^-9) is far below the int8 weight error (~1e-2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import WeightsFormatError
+from .tensor import QuantizedWeight, register_kind
+
+__all__ = ["Int8Weight", "quantize_int8"]
+
+_HAS_INT8_MM = hasattr(torch, "_weight_int8pack_mm")
+
+
+def _rows(w: torch.Tensor) -> torch.Tensor:
+    return w.detach().float().reshape(w.shape[0], -1)  # (out, in*kh*kw)
+
+
+@register_kind
+class Int8Weight(QuantizedWeight):
+    """q int8 (out, K), scale (out,) fp32, zero (out,) fp32 or absent (symmetric)."""
+
+    kind = "int8"
+
+    def __init__(self, shape, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None,
+                 fast: bool = True) -> None:
+        super().__init__(shape)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.fast = fast  # allow the integer kernel (benches switch it off to time the dequantize path)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = self.q.float()
+        if self.zero is not None:
+            q = q - self.zero[:, None]
+        return (q * self.scale[:, None]).reshape(self.shape).to(dtype)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.fast and self.symmetric and _HAS_INT8_MM and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16)):
+            return F.linear(x, self.dequantize(x.dtype))
+        lead = x.shape[:-1]
+        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations hit the slow kernel path
+        y = torch._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16))
+        return y.to(x.dtype).reshape(*lead, -1)
+
+    def config(self) -> dict:
+        return {"symmetric": self.symmetric}
+
+    @classmethod
+    def from_tensors(cls, shape, config, tensors):
+        q, scale, zero = tensors.get("q"), tensors.get("scale"), tensors.get("zero")
+        rows, k = shape[0], int(torch.Size(shape).numel() // shape[0])
+        if q is None or scale is None or q.dtype != torch.int8 or tuple(q.shape) != (rows, k) or scale.shape != (rows,):
+            raise WeightsFormatError(f"int8 weight of shape {tuple(shape)} needs q int8 ({rows}, {k}) and scale "
+                                     f"({rows},); got {({n: (tuple(t.shape), str(t.dtype)) for n, t in tensors.items()})}")
+        if not config.get("symmetric", True) and zero is None:
+            raise WeightsFormatError("asymmetric int8 weight has no 'zero' tensor")
+        return cls(shape, q, scale.float(), None if zero is None else zero.float())
+
+    def requantize(self, weight: torch.Tensor) -> "Int8Weight":
+        return quantize_int8(weight, symmetric=self.symmetric)
+
+
+def quantize_int8(w: torch.Tensor, *, symmetric: bool = True, clip: torch.Tensor | float | None = None) -> Int8Weight:
+    """Round-to-nearest per-channel int8. ``clip`` (per row or scalar, fraction of the row range) shrinks the range,
+    the knob calibration searches."""
+    r = _rows(w)
+    if symmetric:
+        amax = r.abs().amax(1)
+        if clip is not None:
+            amax = amax * clip
+        scale = (amax / 127).clamp_min(1e-12)
+        q = torch.clamp(torch.round(r / scale[:, None]), -127, 127).to(torch.int8)
+        return Int8Weight(w.shape, q, scale)
+    lo, hi = r.amin(1).clamp(max=0), r.amax(1).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    scale = ((hi - lo) / 255).clamp_min(1e-12)
+    zero = torch.round(-lo / scale) - 128  # q in [-128, 127] and q - zero = 0 exactly represents 0
+    q = torch.clamp(torch.round(r / scale[:, None]) + zero[:, None], -128, 127).to(torch.int8)
+    return Int8Weight(w.shape, q, scale, zero)
