@@ -24,10 +24,11 @@ DEFAULTS = {  # stage: (batch, lr, minutes)
 }
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--stage", choices=["vae", "unet", "flash", "all"], required=True)
-    p.add_argument("--out", default="runs/tiny")
+def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__doc__):
+    """The options every training script shares (tiny/train_dit.py adds its own)."""
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--stage", choices=list(stages), required=True)
+    p.add_argument("--out", default=out)
     p.add_argument("--threads", type=int, default=1, help="torch threads; the other core belongs to other work")
     p.add_argument("--minutes", type=float, default=None, help="wall budget per stage (default: per stage)")
     p.add_argument("--max-steps", type=int, default=10**9)
@@ -44,17 +45,21 @@ def parse_args(argv=None):
     p.add_argument("--vae", default=None, help="trained VAE folder for the unet stage (default: <out>/vae/final)")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 class Loop:
     """Step loop with resume, wall budget, periodic atomic checkpoints, tqdm and a loss log."""
 
-    def __init__(self, args, stage, modules, optimizer, extra=None):
+    def __init__(self, args, stage, modules, optimizer, extra=None, defaults=DEFAULTS):
         self.args, self.stage, self.modules, self.opt, self.extra = args, stage, modules, optimizer, extra or {}
         self.dir = os.path.join(args.out, stage)
         os.makedirs(self.dir, exist_ok=True)
-        batch, lr, minutes = DEFAULTS[stage]
+        batch, lr, minutes = defaults[stage]
         self.batch, self.lr = args.batch or batch, args.lr or lr
         self.budget = 60 * (args.minutes if args.minutes is not None else minutes)
         self.step, self.elapsed, self.losses = 0, 0.0, []
@@ -172,9 +177,9 @@ def tokenize(tokenizer, captions):
 
 
 class EmaLoop(Loop):
-    def __init__(self, args, stage, modules, optimizer, params, ema):
+    def __init__(self, args, stage, modules, optimizer, params, ema, defaults=DEFAULTS):
         self.params, self.ema = params, ema
-        super().__init__(args, stage, modules, optimizer, extra={"ema": ema})
+        super().__init__(args, stage, modules, optimizer, extra={"ema": ema}, defaults=defaults)
 
     def after_step(self):
         decay = min(0.999, (1 + self.step) / (10 + self.step))
