@@ -1,0 +1,14 @@
+"""Editing operators (issue 15), pure torch: inversion, prompt-tuning inversion, inpainting blends, restoration by
+data consistency (DDS), FilterPrompt filters. Samplers here are ask/tell generators like core.sampling's."""
+
+from .filters import FILTERS, apply_filter
+from .inpaint import check_mask, differential_masks, sample_inpaint
+from .inversion import check_model_kind, invert, latent_psnr, reconstruct, truncate
+from .operators import OPERATORS, Blur, Downsample, Mask, conjugate_gradient, data_consistency
+from .pti import interpolate, run_per_step, sample_per_step, tune_prompt
+from .restore import sample_dds, sample_replace
+
+__all__ = ["FILTERS", "apply_filter", "check_mask", "differential_masks", "sample_inpaint", "check_model_kind",
+           "invert", "latent_psnr", "reconstruct", "truncate", "OPERATORS", "Blur", "Downsample", "Mask",
+           "conjugate_gradient", "data_consistency", "interpolate", "run_per_step", "sample_per_step",
+           "tune_prompt", "sample_dds", "sample_replace"]
