@@ -73,6 +73,15 @@ class Int8Weight(QuantizedWeight):
     def requantize(self, weight: torch.Tensor) -> "Int8Weight":
         return quantize_int8(weight, symmetric=self.symmetric)
 
+    def affine_grid(self):
+        """(s, m, qmin, qmax), s and m broadcastable to (out, K): W = q s + m; the grid calibration rounds onto."""
+        s = self.scale.float()[:, None]
+        m = torch.zeros_like(s) if self.symmetric else -self.zero.float()[:, None] * s
+        return s, m, (-127 if self.symmetric else -128), 127
+
+    def with_codes(self, q: torch.Tensor) -> "Int8Weight":
+        return Int8Weight(self.shape, q.to(torch.int8).reshape(self.q.shape), self.scale, self.zero, self.fast)
+
 
 def quantize_int8(w: torch.Tensor, *, symmetric: bool = True, clip: torch.Tensor | float | None = None) -> Int8Weight:
     """Round-to-nearest per-channel int8. ``clip`` (per row or scalar, fraction of the row range) shrinks the range,

@@ -62,7 +62,7 @@ class QuantModule(torch.nn.Module):
         self.lora: tuple[LowRank, ...] = ()
         object.__setattr__(self, "_merged", None)  # not a submodule: merged weights stay out of state_dict
         self._merge_cache: collections.OrderedDict = collections.OrderedDict()
-        self.act_quant: Callable[[torch.Tensor], torch.Tensor] | None = None  # W8A8: fake/real activation quant
+        self.act_quant = None  # W8A8: an act.ActQuant (a submodule, so its static scales are saved with the layer)
 
     @property
     def shape(self) -> torch.Size:
@@ -140,8 +140,8 @@ class QuantLinear(QuantModule):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        xq = self.act_quant(x) if self.act_quant is not None else x
-        y = self.active_weight().linear(xq)
+        w = self.active_weight()
+        y = w.linear(x) if self.act_quant is None else self.act_quant.linear(x, w)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self._merged is None:
