@@ -39,7 +39,7 @@ def tune_prompt(model, trajectory, sigmas, cond, *, iters: int = 10, lr: float =
         for _ in range(iters):
             with torch.enable_grad():
                 loss = ((_euler(x, model(x, sigmas[i], c), sigmas[i], sigmas[i + 1]) - target) ** 2).mean()
-                if float(loss) <= tol:
+                if float(loss.detach()) <= tol:
                     break
                 # grad of c only: the model's own parameters stay untouched (no .grad left on them)
                 (c.grad,) = torch.autograd.grad(loss, [c])
