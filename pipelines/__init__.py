@@ -6,6 +6,7 @@ components only from modules that are already imported.
 
 from pathlib import Path
 
+from .dit import FewStepFluxPipeline, FewStepPixArtPipeline, FewStepSD3Pipeline, FewStepSDXLPipeline
 from .fewstep import FewStepPipeline
 from .schedulers import NimbleScheduler
 
@@ -14,7 +15,7 @@ _CUSTOM = Path(__file__).parent / "custom"
 
 def custom_pipeline_path(name: str) -> str:
     """Path of the one-line file for `DiffusionPipeline.from_pretrained(..., custom_pipeline=path,
-    trust_remote_code=True)`; `name` is e.g. "fewstep"."""
+    trust_remote_code=True)`; `name` is e.g. "fewstep" or "dit_flux"."""
     path = _CUSTOM / f"nimblediff_{name}.py"
     if not path.is_file():
         from ..errors import InvalidParameterError
@@ -24,4 +25,5 @@ def custom_pipeline_path(name: str) -> str:
     return str(path)
 
 
-__all__ = ["FewStepPipeline", "NimbleScheduler", "custom_pipeline_path"]
+__all__ = ["FewStepPipeline", "FewStepSDXLPipeline", "FewStepPixArtPipeline", "FewStepSD3Pipeline",
+           "FewStepFluxPipeline", "NimbleScheduler", "custom_pipeline_path"]

@@ -64,7 +64,12 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         sampler_options: dict | None = None,
         use_dynamic_shifting: bool = False,
         schedule_sigmas: list | None = None,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        base_shift: float = 0.5,
+        max_shift: float = 1.15,
     ):
+        # the last four are FlowMatchEulerDiscreteScheduler's: FluxPipeline reads them from the config to compute mu
         if sampler not in SAMPLERS:
             raise InvalidParameterError(f"sampler={sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
         if model_type == "vp":
