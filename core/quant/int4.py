@@ -140,12 +140,14 @@ class Int4Weight(QuantizedWeight):
 
 def quantize_int4(w: torch.Tensor, *, group: int = 64, symmetric: bool = False, scales: str = "fp16",
                   clip: torch.Tensor | float | None = None) -> Int4Weight:
-    """Round-to-nearest group-wise int4. ``clip`` ((out, G) or scalar) scales the group range, for calibration."""
+    """Round-to-nearest group-wise int4. ``clip`` (scalar, (out,) or (out, G)) shrinks the group range, for calibration."""
     if group not in GROUPS:
         raise InvalidParameterError(f"int4 group must be one of {GROUPS}, got {group}")
     if scales not in ("fp16", "q6") or (scales == "q6" and symmetric):
         raise InvalidParameterError(f"int4 scales must be 'fp16' or (asymmetric only) 'q6', got {scales!r}")
     g, pad = grouped(w, group)  # (out, G, group)
+    if isinstance(clip, torch.Tensor) and clip.dim() == 1:
+        clip = clip[:, None]  # one ratio per output row, for every group of the row
     if scales == "q6":
         return _quantize_q6(w, g, pad, group, clip)
     if symmetric:

@@ -84,9 +84,11 @@ class Int8Weight(QuantizedWeight):
 
 
 def quantize_int8(w: torch.Tensor, *, symmetric: bool = True, clip: torch.Tensor | float | None = None) -> Int8Weight:
-    """Round-to-nearest per-channel int8. ``clip`` (per row or scalar, fraction of the row range) shrinks the range,
-    the knob calibration searches."""
+    """Round-to-nearest per-channel int8. ``clip`` (scalar or (out,), a fraction of each row's range) shrinks the
+    range: the knob calibration searches."""
     r = _rows(w)
+    if isinstance(clip, torch.Tensor):
+        clip = clip.reshape(-1)  # one ratio per output row
     if symmetric:
         amax = r.abs().amax(1)
         if clip is not None:

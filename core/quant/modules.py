@@ -20,7 +20,7 @@ from ...errors import AdapterMismatchError, InvalidParameterError
 from .tensor import QuantizedWeight
 
 __all__ = ["LowRank", "QuantLinear", "QuantConv2d", "QuantModule", "quantize_model", "replace", "quantized_modules",
-           "resolve_scheme", "SCHEMES"]
+           "resolve_scheme", "SCHEMES", "wrap", "eligible_layers", "quantize_layer"]
 
 # scheme name -> fn(float weight (out, ...)) -> QuantizedWeight. Filled by core/quant/schemes.py (explicit table).
 SCHEMES: dict[str, Callable[[torch.Tensor], QuantizedWeight]] = {}
@@ -208,15 +208,24 @@ def resolve_scheme(scheme) -> Callable[[torch.Tensor], QuantizedWeight]:
 
 def quantize_layer(layer: torch.nn.Module, scheme) -> QuantModule:
     """A QuantLinear / QuantConv2d for an nn.Linear / nn.Conv2d (the layer is not modified)."""
-    fn = resolve_scheme(scheme)
-    w = layer.weight.detach()
-    qw = fn(w)
-    if tuple(qw.shape) != tuple(w.shape):
-        raise InvalidParameterError(f"scheme {scheme!r} returned shape {tuple(qw.shape)} for weight {tuple(w.shape)}")
+    return wrap(layer, resolve_scheme(scheme)(layer.weight.detach()))
+
+
+def wrap(layer: torch.nn.Module, qw: QuantizedWeight) -> QuantModule:
+    """The quantized counterpart of float ``layer`` (Linear or Conv2d) computing with ``qw``, same bias and geometry."""
+    if tuple(qw.shape) != tuple(layer.weight.shape):
+        raise InvalidParameterError(f"quantized weight shape {tuple(qw.shape)} does not match the layer's weight "
+                                    f"{tuple(layer.weight.shape)}")
     bias = None if layer.bias is None else layer.bias.detach()
     if isinstance(layer, torch.nn.Linear):
         return QuantLinear(qw, bias)
     return QuantConv2d(qw, bias, layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+
+
+def eligible_layers(model: torch.nn.Module, include=None, exclude=None, min_numel: int = 0) -> dict[str, torch.nn.Module]:
+    """{name: layer} of the float Linear / Conv2d layers quantize_model would replace."""
+    return {n: m for n, m in model.named_modules()
+            if n and _eligible(n, m, include, exclude) and m.weight.numel() >= min_numel}
 
 
 def _eligible(name: str, m: torch.nn.Module, include, exclude) -> bool:
@@ -240,9 +249,7 @@ def quantize_model(model: torch.nn.Module, scheme="int8", *, per_layer: Mapping[
     unknown = sorted(set(per_layer) - names)
     if unknown:
         raise InvalidParameterError(f"per_layer names modules the model does not have: {unknown[:5]}")
-    todo = [(n, m) for n, m in model.named_modules()
-            if n and _eligible(n, m, include, exclude) and m.weight.numel() >= min_numel]
-    todo = [(n, m, per_layer.get(n, scheme)) for n, m in todo]
+    todo = [(n, m, per_layer.get(n, scheme)) for n, m in eligible_layers(model, include, exclude, min_numel).items()]
     todo = [t for t in todo if t[2] is not None]
     new = {}
     for i, (n, m, s) in enumerate(todo):  # 1. build everything
