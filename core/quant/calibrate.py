@@ -289,8 +289,8 @@ def allocate(options: Mapping[str, list[tuple[object, float, float]]], budget_bi
     """Per-layer scheme minimising sum Omega with total stored bits <= budget_bits.
 
     greedy: start from the smallest option of every layer and repeatedly take the upgrade with the largest
-    Omega decrease per extra bit that still fits. ip: exact dynamic program over bits discretised into
-    ``resolution`` units (a multiple-choice knapsack, the integer program of mixed-precision allocation)."""
+    Omega decrease per extra bit that still fits. ip: exact dynamic program over the extra bits above the
+    smallest allocation, discretised (rounded up) into ``resolution`` units (a multiple-choice knapsack, the integer program of mixed-precision allocation)."""
     low = sum(o[0][1] for o in options.values())
     if low > budget_bits:
         raise InvalidParameterError(f"bit budget {budget_bits:.0f} bits is below the smallest allocation "
@@ -315,12 +315,15 @@ def allocate(options: Mapping[str, list[tuple[object, float, float]]], budget_bi
         return {n: options[n][j][0] for n, j in pick.items()}
     if method != "ip":
         raise InvalidParameterError(f"allocate method must be 'greedy' or 'ip', got {method!r}")
-    unit = budget_bits / resolution
+    # costs are the extra bits over each layer's smallest option, rounded up (never over the true budget)
+    if budget_bits - low <= 0:
+        return {n: o[0][0] for n, o in options.items()}
+    unit = (budget_bits - low) / resolution
     inf = float("inf")
     dp = [0.0] + [inf] * resolution  # dp[b] = min Omega using exactly <= b units so far
     choice = []
     for n, opts in options.items():
-        costs = [math.ceil(o[1] / unit - 1e-9) for o in opts]
+        costs = [math.ceil((o[1] - opts[0][1]) / unit - 1e-9) for o in opts]
         new, arg = [inf] * (resolution + 1), [-1] * (resolution + 1)
         for b in range(resolution + 1):
             if dp[b] == inf:
@@ -332,9 +335,6 @@ def allocate(options: Mapping[str, list[tuple[object, float, float]]], budget_bi
         dp = new
         choice.append((n, arg))
     b = min(range(resolution + 1), key=lambda i: dp[i])
-    if dp[b] == inf:
-        raise InvalidParameterError("bit budget too small once bits are rounded up to the DP resolution; "
-                                    "raise the budget or the resolution")
     pick = {}
     for n, arg in reversed(choice):
         j, b = divmod(arg[b], resolution + 1)
