@@ -265,6 +265,9 @@ def _check(source: str, key: str, delta, weight: torch.Tensor, bias: torch.Tenso
         else:  # Tucker core (r, r, kh, kw) between up (out, r) and down (r, in)
             fits = (mid.ndim == 4 and up.shape[1] == mid.shape[0] and mid.shape[1] == down.shape[0]
                     and down.shape[1] * mid.shape[2] * mid.shape[3] == fan_in)
+        if not all(t.is_floating_point() for t in (delta.up, delta.down) + ((mid,) if mid is not None else ())):
+            raise WeightsFormatError(f"{where}: LoRA factors of dtype {delta.up.dtype} / {delta.down.dtype}; valid: "
+                                     "floating-point up and down (a quantized LoRA must be dequantized first)")
         if up.shape[0] != weight.shape[0] or not fits:
             shapes = f"up {tuple(delta.up.shape)} / down {tuple(delta.down.shape)}" + (
                 "" if mid is None else f" / mid {tuple(mid.shape)}")
@@ -313,15 +316,16 @@ def _check_finite(source: str, patches: list[_Patch]) -> None:
     tensors, owners = [], []
     for i, p in enumerate(patches):
         for name, t in _factors(p.delta):
-            tensors.append(t)
-            owners.append((i, name))
+            if t.numel():  # an empty factor has no max (torch raises); it adds nothing
+                tensors.append(t)
+                owners.append((i, name))
         if p.weight.dtype == torch.float16:
             tensors.append(p.weight.detach())
             owners.append((i, "model weight"))
     with small_op_threads(sum(t.numel() for t in tensors)):
         maxes = torch.stack([m.float().cpu() for m in torch._foreach_norm(tensors, math.inf)]).tolist() \
             if tensors else []
-    per_patch: list[dict] = [{} for _ in patches]
+    per_patch: list[dict] = [dict.fromkeys((n for n, _ in _factors(p.delta)), 0.0) for p in patches]
     for j, ((i, name), m) in enumerate(zip(owners, maxes)):
         if not math.isfinite(m) and name != "model weight":
             t = tensors[j]
