@@ -44,6 +44,15 @@ def _fit(t: torch.Tensor, shape, what: str) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def _check_size(natural: tuple, shape, what: str) -> None:
+    """_fit's check on the product's shape worked out from the factors', before it is computed: a small file of
+    mismatched factors (e.g. LoHa (100000, 1) @ (1, 100000)) would otherwise allocate a huge update only to refuse
+    it."""
+    if natural[0] != shape[0] or math.prod(natural) != math.prod(shape):
+        raise AdapterMismatchError(f"{what} gives a {tuple(natural)} update, which does not fit the module's weight "
+                                   f"{tuple(shape)} (the output rows and the element count must agree)")
+
+
 def _tensors(delta) -> int:
     return sum(t.numel() for f in dataclasses.fields(delta) if isinstance(t := getattr(delta, f.name), torch.Tensor))
 
@@ -160,6 +169,8 @@ class LoHa:
         return self.w1a.shape[0 if self.t1 is None else 1]
 
     def delta_weight(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:
+        _check_size((self.w1a.shape[0], math.prod(self.w1b.shape[1:])) if self.t1 is None else
+                    (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:]), shape, "LoHa")
         w1a, w1b, w2a, w2b = (t.to(device=device, dtype=dtype) for t in (self.w1a, self.w1b, self.w2a, self.w2b))
         if self.t1 is None:
             h1, h2 = w1a.flatten(1) @ w1b.flatten(1), w2a.flatten(1) @ w2b.flatten(1)      # (out, in*kh*kw) each
@@ -217,6 +228,13 @@ class LoKr:
 
     def delta_weight(self, shape, dtype=torch.float32, device=None) -> torch.Tensor:
         f = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        s1 = tuple(self.w1.shape) if self.w1 is not None else (self.w1a.shape[0], math.prod(self.w1b.shape[1:]))
+        s2 = tuple(self.w2.shape) if self.w2 is not None else \
+            (self.w2a.shape[0], math.prod(self.w2b.shape[1:])) if self.t2 is None else \
+            (self.w2a.shape[1], self.w2b.shape[1], *self.t2.shape[2:])
+        s1 = s1 + (1,) * (len(s2) - len(s1))                                                # as w1[:, :, None, None]
+        _check_size(tuple(a * b for a, b in zip(s1, s2)) if len(s1) == len(s2) else (s1[0] * s2[0], math.prod(s1)
+                    * math.prod(s2)), shape, "LoKr")
         w1 = f(self.w1) if self.w1 is not None else f(self.w1a) @ f(self.w1b)               # (out1, in1)
         if self.w2 is not None:
             w2 = f(self.w2)
@@ -300,6 +318,7 @@ class Factored:
         return self.u.shape[0]
 
     def delta_weight(self, shape, dtype=torch.float32, device=None, weight: torch.Tensor | None = None):
+        _check_size((self.u.shape[0], math.prod(self.v.shape[1:])), shape, "Factored U V")
         uv = _fit(self.u.to(device=device, dtype=dtype).flatten(1) @ self.v.to(device=device, dtype=dtype).flatten(1),
                   shape, "Factored U V")
         if not self.replace:
