@@ -40,6 +40,10 @@ CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25
            ("no distillation LCM", "lcm", 4, 1.0, False),
            ("Flash LoRA LCM", "lcm", 1, 1.0, True), ("Flash LoRA LCM", "lcm", 2, 1.0, True),
            ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
+# NimbleDiff-Tiny-DiT (rectified flow, StableDiffusion3Pipeline): (name, sampler, steps, guidance, weights)
+DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", 25, CFG, None),
+               ("DiT teacher flow Euler", "flow-euler", 4, CFG, None),
+               ("DiT teacher BOSS", "boss", 4, CFG, None)]
 
 
 def scheduler(kind, config, schedule_file=None):
@@ -52,10 +56,10 @@ def scheduler(kind, config, schedule_file=None):
     return {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "lcm": LCMScheduler}[kind].from_config(config)
 
 
-def generate(pipe, captions, steps, guidance, seeds):
+def generate(pipe, captions, steps, guidance, seeds, **kwargs):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe(captions, height=64, width=64, num_inference_steps=steps, guidance_scale=guidance,
-               generator=gens, output_type="np").images  # (N, 64, 64, 3) in [0, 1]
+               generator=gens, output_type="np", **kwargs).images  # (N, 64, 64, 3) in [0, 1]
     return (out * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -120,14 +124,72 @@ def _card_row(name, kind, steps, guidance, r, fd, wall, n):
             f"{acc['background']:.3f} | {acc['count']:.3f} | {fd_s} | {time_s} |")
 
 
-def main():
+def _wanted(a, config):
+    name, _, steps, _, _ = config
+    return (not a.only or any(o in name for o in a.only)) and not (a.quick and steps == 25)
+
+
+def unet_jobs(a):
+    """(config, make(captions, seeds) -> images) for the UNet rows; the pipeline loads only if a row is wanted."""
     from diffusers import StableDiffusionPipeline
+
+    configs = [c for c in CONFIGS if _wanted(a, c)]
+    has_lora = os.path.exists(a.lora)
+    configs = [c for c in configs if (has_lora or not c[4]) and (c[1] != "fitted" or os.path.exists(a.schedule))]
+    if not configs:
+        return
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    has_lora = any(c[4] for c in configs)  # a LoRA made for the shipped UNet need not fit another --model
+    if has_lora:
+        pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora), adapter_name="flash")
+    for config in configs:
+        _, kind, steps, guidance, lora = config
+        pipe.scheduler = scheduler(kind, base_config, a.schedule)
+        if has_lora:
+            pipe.enable_lora() if lora else pipe.disable_lora()
+        yield config, lambda caps, seeds: generate(pipe, caps, steps, guidance, seeds)
+
+
+def dit_jobs(a):
+    """The DiT rows: the stock StableDiffusion3Pipeline with its T5 absent (the tiny DiT has none) and its defaults."""
+    from diffusers import StableDiffusion3Pipeline
+
+    boss = os.path.join(a.dit, "..", "nimblediff-tiny-dit-boss4.json")
+    configs = [c for c in DIT_CONFIGS if _wanted(a, c) and (c[1] != "boss" or os.path.exists(boss))]
+    if not configs or not os.path.isdir(a.dit):
+        return
+    pipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for config in configs:
+        _, kind, steps, guidance, _ = config
+        extra = {}
+        if kind == "boss":
+            import json
+
+            with open(boss) as f:
+                extra["sigmas"] = json.load(f)["sigmas"][:-1]  # the pipeline appends the final 0 itself
+        yield config, lambda caps, seeds: generate(pipe, caps, steps if not extra else None, guidance, seeds,
+                                                   **extra)
+
+
+def jobs(a):
+    yield from unet_jobs(a)
+    yield from dit_jobs(a)
+
+
+def main():
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny"))
     p.add_argument("--lora", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-flash-lora.safetensors"))
     p.add_argument("--schedule", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-fit4.json"),
                    help="fitted 4-step solver for the teacher row 'teacher fitted solver' (skipped if missing)")
+    p.add_argument("--dit", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit"),
+                   help="NimbleDiff-Tiny-DiT folder for the DiT rows (skipped if missing)")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only rows whose name contains this text (repeatable), e.g. --only 'DiT teacher'")
     p.add_argument("--n", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="out")
@@ -148,13 +210,6 @@ def main():
     net = evaluate.load_evaluator()
     real_r = evaluate.evaluate_v2(real, scenes, net)
     real_feats = real_r["features"]
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    base_config = pipe.scheduler.config
-    has_lora = os.path.exists(a.lora)
-    if has_lora:
-        pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora), adapter_name="flash")
-
     header = ("| model | sampler | steps | CFG | whole prompt [95% CI] | two shapes | shape | colour | size | position "
               "| background | count | feature dist | wall s | ms/img |")
     lines = [header, "|" + "---|" * 15, _card_row("real renders (evaluator check)", "-", "-", "-", real_r, 0, None, a.n)]
@@ -162,18 +217,11 @@ def main():
         lines.append(_card_row(f"chance: {label}", "-", "-", "-", evaluate.evaluate_v2(imgs, scs, net), None, None,
                                a.n))
     rows, labels, results = [real], ["real"], {}
-    for config in CONFIGS:
-        name, kind, steps, guidance, lora = config
-        if (lora and not has_lora) or (kind == "fitted" and not os.path.exists(a.schedule)):
-            continue
-        if a.quick and steps == 25:
-            continue
-        pipe.scheduler = scheduler(kind, base_config, a.schedule)
-        if has_lora:
-            pipe.enable_lora() if lora else pipe.disable_lora()
-        generate(pipe, captions[:2], steps, guidance, seeds[:2])  # warm-up
+    for config, make in jobs(a):
+        name, kind, steps, guidance, _ = config
+        make(captions[:2], seeds[:2])  # warm-up
         t0 = time.perf_counter()
-        images = generate(pipe, captions, steps, guidance, seeds)
+        images = make(captions, seeds)
         wall = time.perf_counter() - t0
         r = evaluate.evaluate_v2(images, scenes, net)
         fd = evaluate.frechet(r["features"], real_feats) if len(r["features"]) > 2 else float("nan")

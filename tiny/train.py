@@ -45,6 +45,8 @@ def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__
     p.add_argument("--vae", default=None, help="trained VAE folder for the unet stage (default: <out>/vae/final)")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--export", action="store_true",
+                   help="no training: write the checkpoint's (EMA) weights to <out>/<stage>/snapshot for evaluation")
     return p
 
 
@@ -80,7 +82,8 @@ class Loop:
             for dst, src in zip(t, state["extra"][name]):
                 dst.copy_(src)
         self.step, self.elapsed = state["step"], state["elapsed"]
-        self.log(f"resumed at step {self.step}, {self.elapsed / 60:.1f} min elapsed")
+        if not self.args.export:  # an export reads the checkpoint of a run that may still be logging here
+            self.log(f"resumed at step {self.step}, {self.elapsed / 60:.1f} min elapsed")
 
     def save(self):
         state = {"modules": {n: m.state_dict() for n, m in self.modules.items()}, "optimizer": self.opt.state_dict(),
@@ -99,6 +102,8 @@ class Loop:
 
     def run(self, step_fn):
         """step_fn(step) -> loss tensor (already backpropagated is not required: we do it here)."""
+        if self.args.export:  # read-only: the checkpoint may belong to a run still in progress
+            return
         bar = tqdm(total=int(self.budget), initial=int(self.elapsed), unit="s", desc=self.stage,
                    disable=self.args.no_progress, mininterval=5)
         last_save = time.time()
@@ -170,6 +175,11 @@ def train_vae(args):
 # ---------------------------------------------------------------- stage unet
 
 
+def product_dir(args, loop, product):
+    """Where a stage writes its result: the product, or <stage>/snapshot when only exporting a checkpoint."""
+    return os.path.join(loop.dir, "snapshot" if args.export else product)
+
+
 def tokenize(tokenizer, captions):
     # Same call as StableDiffusionPipeline.encode_prompt: pad to model_max_length, no attention mask.
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -235,7 +245,9 @@ def train_unet(args):
         for p, e in zip(params, ema):
             p.copy_(e)
     pipe = model.make_pipeline(vae, text_encoder, unet, tokenizer)
-    pipe.save_pretrained(os.path.join(loop.dir, PRODUCTS["unet"]))
+    pipe.save_pretrained(product_dir(args, loop, PRODUCTS["unet"]))
+    if args.export:
+        return
     loop.log(f"final: arch {args.arch} p_two {p_two} params unet {model.n_params(unet)} "
              f"text_encoder {model.n_params(text_encoder)}")
 
@@ -267,7 +279,7 @@ def train_flash(args):
         return flash.distill_loss(pipe.unet, z0, cond, uncond, alphas, loop.progress, gen)
 
     loop.run(step_fn)
-    flash.save_lora(pipe, os.path.join(loop.dir, PRODUCTS["flash"]))
+    flash.save_lora(pipe, product_dir(args, loop, PRODUCTS["flash"]))
     loop.log(f"final: lora params {sum(p.numel() for p in lora_params)}")
 
 

@@ -1,9 +1,17 @@
-"""Train NimbleDiff-Tiny-DiT on CPU: `python -m nimblediff.tiny.train_dit --stage dit [--out runs/tiny-dit]`.
+"""Train NimbleDiff-Tiny-DiT and its InstaFlow student on CPU:
+`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill [--out runs/tiny-dit]`.
 
 Stage dit: rectified flow (x_t = (1 - s) x0 + s eps, the transformer predicts eps - x0, s logit-normal as in SD3),
 the two CLIP encoders trained jointly, 10% empty captions for CFG, EMA 0.999 shipped. Same resumable loop, wall budget
 and data seeds scheme as tiny/train.py (data seeds k = 4, 5, 6 for dit / reflow / distill, disjoint from the
 held-out set's k = 100, see tiny/heldout.py).
+
+InstaFlow (Liu et al. 2024), in three more stages, each resumable:
+- couples: noise z1 paired with the teacher's own ODE sample z0 from it (flow Euler, CFG), in shards;
+- reflow: 2-rectified flow: the teacher's transformer retrained on straight lines between each couple, which
+  straightens the paths so few steps follow them (text encoders frozen: the student keeps the teacher's);
+- distill: from the 2-RF model, one step: z1 - v(z1, 1) regressed onto z0.
+The students bake CFG in (couples are guided), so they run at guidance 1.
 """
 
 import os
@@ -14,10 +22,12 @@ import torch
 from diffusers import AutoencoderKL
 
 from . import data, dit, vocab
-from .train import EmaLoop, build_parser
+from .train import EmaLoop, build_parser, product_dir
 
 STAGE_K = {"dit": 4, "reflow": 5, "distill": 6}
-DEFAULTS = {"dit": (48, 5e-4, 90.0)}
+DEFAULTS = {"dit": (48, 5e-4, 90.0), "couples": (48, 0.0, 30.0), "reflow": (48, 2e-4, 45.0),
+            "distill": (48, 1e-4, 30.0)}
+COUPLE_STEPS, COUPLE_CFG = 25, 5.0
 SHIPPED_VAE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "tiny", "nimblediff-tiny", "vae")
 
 
@@ -61,13 +71,113 @@ def train_dit(args):
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-    pipe.save_pretrained(os.path.join(loop.dir, "pipeline"))
+    pipe.save_pretrained(product_dir(args, loop, "pipeline"))
+    if args.export:
+        return
     n = sum(p.numel() for p in transformer.parameters())
     loop.log(f"final: layers {args.layers} p_two {p_two} params transformer {n} "
              f"text encoders {sum(p.numel() for p in te1.parameters()) * 2}")
 
 
-STAGES = {"dit": train_dit}
+def load_teacher(args):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(args.out, "dit", "pipeline"), text_encoder_3=None,
+                                                    tokenizer_3=None, dtype=torch.float32)
+    for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
+@torch.no_grad()
+def teacher_ode(pipe, z1, embeds, pooled, null_embeds, null_pooled, steps, cfg):
+    """Flow Euler from sigma 1 to 0 with CFG: the teacher's own sample for each noise (the pipeline's sampler)."""
+    z, sig = z1, torch.linspace(1, 0, steps + 1)
+    both_e, both_p = torch.cat([null_embeds, embeds]), torch.cat([null_pooled, pooled])
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        v_u, v_c = pipe.transformer(hidden_states=torch.cat([z, z]), timestep=(s * 1000).expand(2 * len(z)),
+                                    encoder_hidden_states=both_e, pooled_projections=both_p).sample.chunk(2)
+        z = z + (s_next - s) * (v_u + cfg * (v_c - v_u))
+    return z
+
+
+def make_couples(args):
+    """Shards runs/tiny-dit/couples/shard_XXXX.pt of {z1, z0, captions}; a restart continues at the next shard."""
+    pipe = load_teacher(args)
+    out = os.path.join(args.out, "couples")
+    os.makedirs(out, exist_ok=True)
+    batch, _, minutes = DEFAULTS["couples"]
+    batch, budget, t_start = args.batch or batch, 60 * (args.minutes or minutes), time.time()
+    p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
+    step = len([f for f in os.listdir(out) if f.startswith("shard_")])
+    while time.time() - t_start < budget and step < args.max_steps:
+        seed = batch_seed(args, "reflow", step)
+        _, captions, _ = data.make_batch(seed, batch, p_two)
+        gen = torch.Generator().manual_seed(seed)
+        z1 = torch.randn(batch, 4, 16, 16, generator=gen)
+        with torch.no_grad():
+            e, p = dit.encode(pipe, captions, 24)
+            ne, np_ = dit.encode(pipe, [""] * batch, 24)
+        z0 = teacher_ode(pipe, z1, e, p, ne, np_, COUPLE_STEPS, COUPLE_CFG)
+        torch.save({"z1": z1, "z0": z0, "captions": captions}, os.path.join(out, f"shard_{step:05d}.pt.tmp"))
+        os.replace(os.path.join(out, f"shard_{step:05d}.pt.tmp"), os.path.join(out, f"shard_{step:05d}.pt"))
+        step += 1
+        print(f"couples shard {step} ({step * batch} couples) {(time.time() - t_start) / 60:.1f} min", flush=True)
+
+
+def load_couples(args):
+    out = os.path.join(args.out, "couples")
+    shards = [torch.load(os.path.join(out, f), weights_only=True) for f in sorted(os.listdir(out))
+              if f.endswith(".pt")]
+    if not shards:
+        raise SystemExit(f"no couples in {out}: run --stage couples first")
+    return (torch.cat([s["z1"] for s in shards]), torch.cat([s["z0"] for s in shards]),
+            [c for s in shards for c in s["captions"]])
+
+
+def train_student(args, stage, init_dir):
+    """reflow: straight-line flow matching on the couples; distill: one-step regression z1 - v(z1, 1) -> z0."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe = load_teacher(args)
+    student = SD3Transformer2DModel.from_pretrained(init_dir, dtype=torch.float32).train()
+    z1_all, z0_all, caps_all = load_couples(args)
+    params = list(student.parameters())
+    ema = [p.detach().clone() for p in params]
+    _, lr, _ = DEFAULTS[stage]
+    opt = torch.optim.AdamW(params, lr=args.lr or lr, betas=(0.9, 0.99), weight_decay=0.0)
+    loop = EmaLoop(args, stage, {"transformer": student}, opt, params, ema, defaults=DEFAULTS)
+    gen = torch.Generator()
+
+    def step_fn(step):
+        seed = batch_seed(args, stage, step)
+        gen.manual_seed(seed)
+        idx = torch.randint(0, len(z1_all), (loop.batch,), generator=gen)
+        z1, z0 = z1_all[idx], z0_all[idx]
+        rows = int(np.random.default_rng(seed).choice(dit.ZERO_ROWS, p=dit.ZERO_ROWS_P))
+        with torch.no_grad():
+            e, p = dit.encode(pipe, [caps_all[i] for i in idx], rows)
+        if stage == "reflow":
+            s = torch.rand(loop.batch, generator=gen).view(-1, 1, 1, 1)
+        else:
+            s = torch.ones(loop.batch, 1, 1, 1)
+        v = student(hidden_states=(1 - s) * z0 + s * z1, timestep=s.flatten() * 1000, encoder_hidden_states=e,
+                    pooled_projections=p).sample
+        return (v - (z1 - z0)).pow(2).mean()  # distill: the same target, read at s = 1 only
+
+    loop.run(step_fn)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    student.save_pretrained(product_dir(args, loop, "transformer"))
+    if not args.export:
+        loop.log(f"final: {stage} from {init_dir}, {len(z1_all)} couples")
+
+
+STAGES = {"dit": train_dit, "couples": make_couples,
+          "reflow": lambda args: train_student(args, "reflow", os.path.join(args.out, "dit", "pipeline",
+                                                                            "transformer")),
+          "distill": lambda args: train_student(args, "distill", os.path.join(args.out, "reflow", "transformer"))}
 
 
 def parse_args(argv=None):
