@@ -78,6 +78,23 @@ def _load_pipeline(folder, dtype):
     return pipe
 
 
+def _load_any_pipeline(folder, dtype):
+    """FewStepPipeline for UNet folders; the stock pipeline class for DiT folders (model_index.json names it)."""
+    import json
+
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from .pipelines.loading import missing_text_encoders
+
+    if "unet" in json.loads((Path(folder) / "model_index.json").read_text()):
+        return _load_pipeline(folder, dtype)
+    diffusers_logging.disable_progress_bar()
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype, **missing_text_encoders(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _model_folder(path) -> Path:
     """An existing diffusers pipeline folder (the CLI runs offline: no hub ids)."""
     from .pipelines.loading import check_pipeline_folder
@@ -178,7 +195,7 @@ def _schedule_search(args) -> int:
     from tqdm import tqdm
 
     from .core.schedule_search import save_schedule, search_schedule
-    from .pipelines import NimbleScheduler
+    from .pipelines.guided import guided_denoiser
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -186,30 +203,14 @@ def _schedule_search(args) -> int:
         return 2
     folder = _model_folder(args.model or EMBEDDED_MODEL)
     _set_threads(args.threads)
-    pipe = _load_pipeline(folder, _dtype(args.dtype))
+    pipe = _load_any_pipeline(folder, _dtype(args.dtype))
     if args.lora:
+        if not hasattr(pipe, "load_lora"):
+            print(f"error: --lora applies to UNet pipelines; {folder.name} is a {type(pipe).__name__}", file=sys.stderr)
+            return 2
         pipe.load_lora(args.lora)
-    param = NimbleScheduler.from_config(pipe.scheduler.config, sampler="euler").param
     prompts = args.prompt or [""]
-    with torch.no_grad():
-        prompt_embeds = pipe.encode_prompt(prompts, "cpu")[0]                  # (P, L, D)
-        uncond = pipe.encode_prompt("", "cpu")[0]
-    unet = pipe.unet.requires_grad_(False)
-
-    def denoiser(x, sigma):                         # k-diffusion convention: x0 from (x, sigma)
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
-        t = param.sigma_to_t(sigma).to(x.dtype)
-        context = prompt_embeds[torch.arange(len(x)) % len(prompts)]         # calibration noises cycle the prompts
-        if args.cfg == 1:
-            out = unet(x * param.c_in(s), t, encoder_hidden_states=context).sample
-            return param.denoised(x, s, out)
-        # the guided denoiser the sampler will see in a CFG graph: D_u + cfg (D_c - D_u)
-        ctx = torch.cat([uncond.expand(len(x), -1, -1), context])
-        out = unet(torch.cat([x, x]) * param.c_in(torch.cat([s, s])), torch.cat([t, t]),
-                   encoder_hidden_states=ctx).sample
-        d_u, d_c = param.denoised(torch.cat([x, x]), torch.cat([s, s]), out).chunk(2)
-        return d_u + args.cfg * (d_c - d_u)
-
+    denoiser, param, (channels, _, _) = guided_denoiser(pipe, prompts, args.cfg)
     size = args.size // pipe.vae_scale_factor
     print(f"{args.method} on {folder.name} ({args.dtype}, batch {args.batch}, "
           + (f"grid {args.grid}" if args.method == "boss" else f"NFE {args.nfe}")
@@ -223,9 +224,9 @@ def _schedule_search(args) -> int:
 
     extra = {"boss": {"grid_size": args.grid}, "fit": {"iterations": args.iterations,
                                                        "prior_shift": args.prior_shift}}.get(args.method, {})
-    with torch.set_grad_enabled(args.method == "fit"):     # only the fit differentiates through the UNet
+    with torch.set_grad_enabled(args.method == "fit"):     # only the fit differentiates through the model
         result = search_schedule(args.method, denoiser, param, args.nfe, batch=args.batch, seed=args.seed,
-                                 shape=(unet.config.in_channels, size, size), sampler=args.sampler,
+                                 shape=(channels, size, size), sampler=args.sampler,
                                  progress=progress, **extra)
     bar.close()
     save_schedule(out, {**result, "model": str(args.model or "nimblediff-tiny"), "prompts": prompts,
@@ -476,6 +477,53 @@ def _lora_extract(args) -> int:
     return 0
 
 
+_QUANT_BITS = {"8": "int8", "4": "int4k_g32"}   # 4: Q4_K-style group-32 int4 with 6-bit scales, 4.4 bits per weight
+
+
+def _quantize(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .pipelines.quantized import mixed_precision_plan, quantize_denoiser, save_quantized_denoiser
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    folder = _model_folder(args.model or EMBEDDED_MODEL)
+    _set_threads(args.threads)
+    pipe = _load_pipeline(folder, torch.float32)
+    prompts = args.prompt or DEMO_PROMPTS
+    prompts = [prompts[i % len(prompts)] for i in range(args.calibrate)]
+    per_layer, scheme = None, args.scheme or _QUANT_BITS.get(args.bits)
+    if args.bits == "mixed":
+        if not prompts:
+            from .errors import InvalidParameterError
+
+            raise InvalidParameterError("--bits mixed needs --calibrate N >= 1 (its sensitivities use sampled images)")
+        print(f"HAWQ-V2 sensitivities on {len(prompts)} prompts, budget {args.bpw} bits per weight ...")
+        per_layer = mixed_precision_plan(pipe, ["int4k_g32", "int8", None], args.bpw, prompts=prompts,
+                                         steps=args.steps, seed=args.seed)
+        scheme = "int8"
+    bar = tqdm(desc="calibrate + quantize" if prompts else "quantize", unit="layer")
+
+    def progress(done, total, name):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    report = quantize_denoiser(pipe, scheme, prompts=prompts, steps=args.steps, calibrate=bool(prompts),
+                               per_layer=per_layer, adaround_iters=args.adaround, w8a8=args.w8a8, seed=args.seed,
+                               progress=progress)
+    bar.close()
+    save_quantized_denoiser(pipe, out, overwrite=args.overwrite)
+    layers = [r for k, r in report.items() if not k.startswith("_")]
+    errs = [r["calibrated"] for r in layers if "calibrated" in r]
+    note = f", mean layer output error {sum(errs) / len(errs):.4f}" if errs else ""
+    print(f"{len(layers)} layers quantized ({scheme if per_layer is None else 'mixed'}{note}) -> {out} "
+          f"({out.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
 def _add_lora_commands(lora) -> None:
     layouts = ("peft", "kohya", "comfyui")
 
@@ -608,6 +656,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path")
     inspect.set_defaults(run=_lora_inspect)
     _add_lora_commands(lora)
+
+    quant = sub.add_parser("quantize", help="quantize a model's UNet (Q-Diffusion calibration on its own sampling "
+                           "trajectory) into a NimbleDiff quantized .safetensors")
+    quant.add_argument("out", metavar="OUT")
+    quant.add_argument("--model", help="diffusers SD folder (default: the embedded NimbleDiff-Tiny)")
+    quant.add_argument("--bits", choices=("8", "4", "mixed"), default="8",
+                       help="8: per-channel int8; 4: group-32 int4 with 6-bit scales; mixed: HAWQ-V2 per layer")
+    quant.add_argument("--scheme", help="a core.quant scheme name instead of --bits (e.g. int4_g64, nf4, bfp8)")
+    quant.add_argument("--bpw", type=float, default=6.0, help="--bits mixed: average bits per weight budget")
+    quant.add_argument("--calibrate", type=int, default=4,
+                       help="calibration prompts sampled with the float model (0: round to nearest)")
+    quant.add_argument("--prompt", action="append", help="calibration prompt (repeatable; default: the demo prompts)")
+    quant.add_argument("--steps", type=_positive_int, default=4, help="sampling steps per calibration prompt")
+    quant.add_argument("--adaround", type=int, default=0, help="AdaRound iterations per layer (0: off)")
+    quant.add_argument("--w8a8", action="store_true", help="also quantize activations of int8 layers (static scales)")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--threads", type=_threads_arg, default="auto",
+                       help="torch threads, or auto: the cores not busy by the 1-minute load average")
+    quant.add_argument("--overwrite", action="store_true")
+    quant.set_defaults(run=_quantize)
 
     for leaf in _leaf_parsers(parser):     # given after the command name, where users type it
         leaf.add_argument("--quiet", "-q", action="store_true", help="print only errors")
