@@ -50,14 +50,11 @@ def _comfy_progress(total: int):
 
 
 def _target(model, clip, label: str = "model"):
-    """nodes/adapters.comfy_target, with a named error for models it cannot describe (DiT unet_configs)."""
+    """nodes/adapters.comfy_target, its error prefixed with the input's name."""
     try:
         return comfy_target(model, clip)
-    except (KeyError, TypeError) as exc:
-        config = getattr(getattr(getattr(model, "model", None), "model_config", None), "unet_config", {})
-        raise AdapterMismatchError(
-            f"{label}: its ComfyUI unet_config (keys {sorted(config)[:8]}) has no UNet layout (missing {exc}); "
-            "NimbleDiff's LoRA nodes support SD1.x / SD2.x / SDXL UNets so far") from exc
+    except AdapterMismatchError as exc:
+        raise AdapterMismatchError(f"{label}: {exc}") from exc
 
 
 def _loras_folder() -> Path:

@@ -41,13 +41,8 @@ def lora_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", name)
 
 
-def comfy_target(model, clip):
-    """The reader's Target for a ComfyUI UNet model (its unet_config) and CLIP (its layer counts)."""
-    from ..weights.arch import detect_model_arch
-    from ..weights.keymaps import UNetLayout
-    from ..weights.lora_formats import Target
-
-    layout = UNetLayout.from_comfy_config(model.model.model_config.unet_config) if model is not None else None
+def _text_layers(clip) -> dict:
+    """{text_encoder: n layers, text_encoder_2: n layers} of a ComfyUI CLIP (clip_l / clip_g)."""
     text_layers = {}
     if clip is not None:
         keys = clip.patcher.model.state_dict().keys()
@@ -56,8 +51,33 @@ def comfy_target(model, clip):
                       if k.startswith(prefix) and "encoder.layers." in k}
             if layers:
                 text_layers[comp] = len(layers)
-    arch = detect_model_arch(model.model.model_config.unet_config) if model is not None else None
-    return Target.from_layout(layout, text_layers, arch)
+    return text_layers
+
+
+def comfy_target(model, clip):
+    """The reader's Target for a ComfyUI MODEL and CLIP: a UNet by its unet_config, a DiT (Flux, SD3, PixArt) by its
+    own weight names (weights/comfy_keys.py), the CLIP by its layer counts."""
+    from ..weights.arch import detect_model_arch
+    from ..weights.comfy_keys import comfy_dit_arch, dit_target
+    from ..weights.keymaps import UNetLayout
+    from ..weights.lora_formats import Target
+
+    text_layers = _text_layers(clip)
+    if model is None:
+        return Target.from_layout(None, text_layers, None)
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    dit = comfy_dit_arch(shapes)
+    if dit is not None:
+        return dit_target(dit, shapes, Target.from_layout(None, text_layers))
+    config = model.model.model_config.unet_config
+    try:
+        layout = UNetLayout.from_comfy_config(config)
+    except (KeyError, TypeError) as exc:
+        raise AdapterMismatchError(
+            f"its ComfyUI unet_config (keys {sorted(config)[:8]}) has no UNet layout (missing {exc}) and its weights "
+            "are not a DiT NimbleDiff knows (Flux double_blocks, SD3 joint_blocks, PixArt blocks); NimbleDiff's LoRA "
+            "nodes support SD1.x / SD2.x / SDXL UNets and Flux, SD3 and PixArt DiTs") from exc
+    return Target.from_layout(layout, text_layers, detect_model_arch(config))
 
 
 def _host_key(key: str, target, clip_keys: dict) -> str | None:
@@ -95,13 +115,7 @@ def _patch(delta, weight: torch.Tensor, key: str):
         if delta.up.shape[0] != weight.shape[0] or not fits_in:
             raise AdapterMismatchError(f"LoRA module {key}: up {tuple(delta.up.shape)} / down "
                                        f"{tuple(delta.down.shape)} do not fit weight {tuple(weight.shape)}")
-        values = (delta.up, delta.down, delta.alpha, delta.mid, None, None)
-        try:
-            from comfy.weight_adapter import LoRAAdapter
-
-            return LoRAAdapter(set(), values)
-        except ImportError:
-            return ("lora", values)
+        return _adapter((delta.up, delta.down, delta.alpha, delta.mid, None, None))
     if isinstance(delta, Diff):
         if delta.weight is None:
             return None
@@ -122,39 +136,86 @@ def _patch(delta, weight: torch.Tensor, key: str):
     return ("diff", (dense,))
 
 
+def _adapter(values: tuple):
+    """ComfyUI's LoRA patch: a LoRAAdapter where ComfyUI has them, the legacy ("lora", values) tuple otherwise."""
+    try:
+        from comfy.weight_adapter import LoRAAdapter
+
+        return LoRAAdapter(set(), values)
+    except ImportError:
+        return ("lora", values)
+
+
+def _dit_patches(deltas: dict, target, unet_sd: dict) -> dict:
+    """{ComfyUI weight key: patch} of DiT deltas: the deltas of each ComfyUI weight (q, k, v of one qkv, ...) fused
+    into one patch on its rows (weights/comfy_keys.fuse_slots)."""
+    from ..weights.comfy_keys import fuse_bias, fuse_slots
+
+    by_weight: dict[str, list] = {}
+    for key, delta in deltas.items():
+        slot = target.slots[key]
+        by_weight.setdefault(slot.key, []).append((slot, delta))
+    out = {}
+    for host, pieces in by_weight.items():
+        weight = unet_sd[f"{host}.weight"]
+        patch = fuse_slots(pieces, weight)
+        if patch is not None:
+            kind, values = patch
+            out[f"{host}.weight"] = _adapter((*values, None, None, None)) if kind == "lora" else patch
+        biases = [(s, b) for s, d in pieces if (b := d.delta_bias()) is not None]
+        if biases and f"{host}.bias" in unet_sd:
+            out[f"{host}.bias"] = ("diff", (fuse_bias(biases, weight.shape[0]),))
+    return out
+
+
 def comfy_patches(deltas: dict, model, clip, target, *, source: str = "LoRA", lora_arch=None,
                   strengths: tuple[float, float] = (1.0, 1.0)) -> tuple[dict, dict, list[str]]:
     """Validate all deltas and build ({unet key: patch}, {clip key: patch}, unmatched). Validation is the core's
     (core.adapters.apply.check_weights: alpha, shapes, finite factors at the given (model, clip) strengths), and
-    with `lora_arch` the widths are weighed as evidence of another base (weights.arch.check_shapes)."""
+    with `lora_arch` the widths are weighed as evidence of another base (weights.arch.check_shapes). A DiT's deltas
+    are on diffusers modules; each is checked against its rows of the ComfyUI weight it lives in."""
     from ..core.adapters.apply import check_weights
     from ..weights.arch import check_shapes
 
     unet_sd = model.model.state_dict() if model is not None else {}
     clip_sd = clip.patcher.model.state_dict() if clip is not None else {}
     clip_keys = _clip_index(clip)
-    hosts, unmatched = {}, []
+    slots = getattr(target, "slots", None)
+    hosts, unmatched, dit = {}, [], {}
     for key in deltas:
+        if slots is not None and key.startswith("transformer."):
+            slot = slots.get(key)
+            if slot is None or f"{slot.key}.weight" not in unet_sd:
+                unmatched.append(key)
+                continue
+            w, b = unet_sd[f"{slot.key}.weight"], unet_sd.get(f"{slot.key}.bias")
+            rows = slice(slot.start, slot.start + slot.length)
+            hosts[key] = (w[rows], None if b is None else b[rows], strengths[0])
+            dit[key] = deltas[key]
+            continue
         host = _host_key(key, target, clip_keys)
         sd = unet_sd if key.startswith("unet.") else clip_sd
         if host is None or f"{host}.weight" not in sd:
             unmatched.append(key)
         else:
-            hosts[key] = (host, sd)
+            hosts[key] = (sd[f"{host}.weight"], sd.get(f"{host}.bias"),
+                          strengths[0] if key.startswith("unet.") else strengths[1])
     if lora_arch is not None:
-        check_shapes(source, deltas, {k: tuple(sd[f"{h}.weight"].shape) for k, (h, sd) in hosts.items()}, lora_arch,
-                     target.arch)
-    check_weights(source, [(k, deltas[k], sd[f"{h}.weight"], sd.get(f"{h}.bias"),
-                            strengths[0] if k.startswith("unet.") else strengths[1]) for k, (h, sd) in hosts.items()])
-    unet_patches, clip_patches = {}, {}
-    for key, (host, sd) in hosts.items():
+        check_shapes(source, deltas, {k: tuple(w.shape) for k, (w, _, _) in hosts.items()}, lora_arch, target.arch)
+    check_weights(source, [(k, deltas[k], w, b, s) for k, (w, b, s) in hosts.items()])
+    unet_patches = _dit_patches(dit, target, unet_sd) if dit else {}
+    clip_patches = {}
+    for key, (weight, bias, _) in hosts.items():
+        if key in dit:
+            continue
         delta, out = deltas[key], unet_patches if key.startswith("unet.") else clip_patches
-        patch = _patch(delta, sd[f"{host}.weight"], key)
+        host = _host_key(key, target, clip_keys)
+        patch = _patch(delta, weight, key)
         if patch is not None:
             out[f"{host}.weight"] = patch
-        bias = delta.delta_bias()
-        if bias is not None and f"{host}.bias" in sd:
-            out[f"{host}.bias"] = ("diff", (bias,))
+        delta_bias = delta.delta_bias()
+        if delta_bias is not None and bias is not None:
+            out[f"{host}.bias"] = ("diff", (delta_bias,))
     return unet_patches, clip_patches, unmatched
 
 

@@ -1,0 +1,290 @@
+"""Adapter nodes on DiT MODELs (Flux, SD3, PixArt) in ComfyUI's own key names, against ComfyUI's LoraLoader.
+
+The MODEL is ComfyUI-shaped (state dict ``diffusion_model.double_blocks.0.img_attn.qkv.weight`` ..., ComfyUI's
+unet_config) in the stub ModelPatcher of fake_comfy.py. The reference is ComfyUI's own LoRA path on the same state dict
+(tests/comfyui/comfy_lora_reference.py: its key map, reader and weight arithmetic; with COMFYUI_PATH set, ComfyUI's own
+diffusers tables). LoRA files come in the three layouts people ship: diffusers/PEFT (``transformer.<diffusers
+module>``), original BFL / ComfyUI (``diffusion_model.<original module>``) and kohya (``lora_unet_<original>``).
+"""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "comfyui"))
+import comfy_lora_reference as ref  # noqa: E402
+import fake_comfy  # noqa: E402
+
+from nimblediff.errors import AdapterMismatchError  # noqa: E402
+from nimblediff.weights.safetensors_io import save_state_dict  # noqa: E402
+
+torch.set_num_threads(1)
+
+# ComfyUI-shaped tiny DiTs. SD3 must have hidden = 64 x depth (ComfyUI sizes SD3's fused rows so), Flux an MLP ratio
+# of 4 (ComfyUI sizes linear1's MLP rows so): real models satisfy both.
+CONFIGS = {
+    "flux": {"image_model": "flux", "in_channels": 16, "patch_size": 2, "hidden_size": 32, "mlp_ratio": 4.0,
+             "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "context_in_dim": 24, "vec_in_dim": 12},
+    "sd3": {"in_channels": 4, "patch_size": 2, "depth": 2, "adm_in_channels": 24},
+    "pixart": {"image_model": "pixart_alpha", "in_channels": 4, "hidden_size": 32, "depth": 2},
+}
+
+
+def flux_shapes(c):
+    h, s = c["hidden_size"], {}
+    for i in range(c["depth"]):
+        for side in ("img", "txt"):
+            p = f"double_blocks.{i}.{side}"
+            s.update({f"{p}_mod.lin": (6 * h, h), f"{p}_attn.qkv": (3 * h, h), f"{p}_attn.proj": (h, h),
+                      f"{p}_mlp.0": (4 * h, h), f"{p}_mlp.2": (h, 4 * h)})
+            s[f"{p}_attn.norm.query_norm.scale"] = (h // c["num_heads"],)
+    for i in range(c["depth_single_blocks"]):
+        p = f"single_blocks.{i}"
+        s.update({f"{p}.linear1": (7 * h, h), f"{p}.linear2": (h, 5 * h), f"{p}.modulation.lin": (3 * h, h)})
+    s.update({"img_in": (h, 64), "txt_in": (h, c["context_in_dim"]), "time_in.in_layer": (h, 256),
+              "time_in.out_layer": (h, h), "vector_in.in_layer": (h, c["vec_in_dim"]), "vector_in.out_layer": (h, h),
+              "final_layer.linear": (64, h), "final_layer.adaLN_modulation.1": (2 * h, h)})
+    return s
+
+
+def sd3_shapes(c):
+    h, s = 64 * c["depth"], {}
+    for i in range(c["depth"]):
+        s.update({f"joint_blocks.{i}.x_block.{k}": v for k, v in {
+            "attn.qkv": (3 * h, h), "attn.proj": (h, h), "mlp.fc1": (4 * h, h), "mlp.fc2": (h, 4 * h),
+            "adaLN_modulation.1": (6 * h, h)}.items()})
+        last = i == c["depth"] - 1      # the last context block is pre-only: qkv and a 2 x hidden adaLN
+        s.update({f"joint_blocks.{i}.context_block.{k}": v for k, v in {
+            "attn.qkv": (3 * h, h), "adaLN_modulation.1": (2 * h if last else 6 * h, h),
+            **({} if last else {"attn.proj": (h, h), "mlp.fc1": (4 * h, h), "mlp.fc2": (h, 4 * h)})}.items()})
+    s.update({"x_embedder.proj": (h, 4, 2, 2), "context_embedder": (h, 40), "t_embedder.mlp.0": (h, 256),
+              "t_embedder.mlp.2": (h, h), "y_embedder.mlp.0": (h, c["adm_in_channels"]), "y_embedder.mlp.2": (h, h),
+              "final_layer.linear": (16, h), "final_layer.adaLN_modulation.1": (2 * h, h)})
+    return s
+
+
+def pixart_shapes(c):
+    h, s = c["hidden_size"], {}
+    for i in range(c["depth"]):
+        s.update({f"blocks.{i}.{k}": v for k, v in {
+            "attn.qkv": (3 * h, h), "attn.proj": (h, h), "cross_attn.q_linear": (h, h),
+            "cross_attn.kv_linear": (2 * h, h), "cross_attn.proj": (h, h), "mlp.fc1": (4 * h, h),
+            "mlp.fc2": (h, 4 * h)}.items()})
+    s.update({"x_embedder.proj": (h, 4, 2, 2), "t_embedder.mlp.0": (h, 256), "t_embedder.mlp.2": (h, h),
+              "t_block.1": (6 * h, h), "y_embedder.y_proj.fc1": (h, 24), "y_embedder.y_proj.fc2": (h, h),
+              "csize_embedder.mlp.0": (h, 256), "csize_embedder.mlp.2": (h, h), "ar_embedder.mlp.0": (h, 256),
+              "ar_embedder.mlp.2": (h, h), "final_layer.linear": (32, h)})
+    return s
+
+
+SHAPES = {"flux": flux_shapes, "sd3": sd3_shapes, "pixart": pixart_shapes}
+
+
+def comfy_state_dict(arch: str, seed: int = 0) -> dict:
+    """ComfyUI's state dict of a tiny model: weights (and biases of the linear layers), random."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in SHAPES[arch](CONFIGS[arch]).items():
+        key = f"diffusion_model.{name}" + ("" if name.endswith(".scale") else ".weight")
+        sd[key] = torch.randn(*shape, generator=gen) * 0.1
+        if len(shape) >= 2:
+            sd[f"diffusion_model.{name}.bias"] = torch.randn(shape[0], generator=gen) * 0.1
+    return sd
+
+
+class Patcher(fake_comfy.FakeModelPatcher):
+    def clone(self):
+        c = Patcher(self.model, self.model_sampling)
+        c.patches = {k: list(v) for k, v in self.patches.items()}
+        return c
+
+
+def comfy_model(arch: str, sd: dict, model_sampling=None):
+    module = types.SimpleNamespace(state_dict=lambda: sd)
+    return Patcher(module, model_sampling, dict(CONFIGS[arch]))
+
+
+def lora_file(arch: str, layout: str, sd: dict, seed: int = 1, rank: int = 2) -> dict:
+    """A LoRA on every linear / conv of the model, ranks and alphas varying: in diffusers layout on the diffusers
+    modules (each its rows of the fused ComfyUI weight, as ComfyUI's table sizes them), else on the original ones."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    if layout == "diffusers":
+        table, _ = ref.diffusers_table(arch, CONFIGS[arch])
+        modules = {}
+        for name, (key, offset, _) in table.items():
+            if key not in sd:           # a module this model does not have (the pre-only context block's MLP)
+                continue
+            shape = sd[key].shape
+            modules[f"transformer.{name}"] = (offset[2] if offset else shape[0], *shape[1:])
+    else:
+        modules = {k[len("diffusion_model."):-len(".weight")]: v.shape for k, v in sd.items()
+                   if k.endswith(".weight") and v.ndim >= 2}
+    for i, (name, shape) in enumerate(sorted(modules.items())):
+        r = 1 + (i + seed) % rank
+        alpha = [None, 1.0, 4.0][i % 3]
+        down = torch.randn(r, *shape[1:], generator=gen) * 0.3
+        up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
+        if layout == "diffusers":
+            n, d, u = name, "lora_A.weight", "lora_B.weight"
+        elif layout == "bfl":
+            n, d, u = f"diffusion_model.{name}", "lora_down.weight", "lora_up.weight"
+        else:
+            n, d, u = "lora_unet_" + name.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        out[f"{n}.{d}"], out[f"{n}.{u}"] = down, up
+        if alpha is not None:
+            out[f"{n}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def comfyui_result(arch: str, sd: dict, lora: dict, strength=1.0) -> tuple[dict, int]:
+    key_map = ref.lora_key_map(arch, CONFIGS[arch], sd)
+    patches = ref.load_lora(lora, key_map)
+    return ref.patched_weights(sd, patches, strength), len(patches)
+
+
+@pytest.fixture
+def comfy(tmp_path):
+    files = {"(none)": ""}          # non-empty: fake_comfy.install keeps this very dict, so added files are found
+
+    def add(name, sd):
+        files[name] = str(save_state_dict(sd, tmp_path / name))
+        return name
+
+    fake_comfy.install(files)
+    yield add
+    fake_comfy.uninstall()
+
+
+def max_diff(a: dict, b: dict, keys) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl", "kohya"])
+@pytest.mark.parametrize("arch", ["flux", "sd3", "pixart"])
+def test_lora_loader_equals_comfyui_loraloader(comfy, arch, layout):
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sd = comfy_state_dict(arch)
+    lora = lora_file(arch, layout, sd)
+    name = comfy(f"{arch}_{layout}.safetensors", lora)
+    model = comfy_model(arch, sd)
+    new_model, clip, report = LoRALoader().load(model, None, name, 0.7, 1.0)
+    expected, n = comfyui_result(arch, sd, lora, 0.7)
+    assert model.patches == {} and clip is None                   # the input MODEL is never patched
+    ours = new_model.patched_state_dict()
+    changed = [k for k in sd if not torch.equal(expected[k], sd[k].float())]
+    modules = {k.rsplit(".", 2)[0] for k in lora if not k.endswith(".alpha")}
+    assert n == len(modules) and len(changed) > 10, (n, len(modules), len(changed))   # ComfyUI applies every module
+    assert max_diff(ours, expected, sd) <= 1e-5
+    assert "unmatched" not in report or layout == "diffusers", report
+
+
+def test_stack_and_block_weights_on_flux_double_and_single(comfy):
+    """Stack (two LoRAs) equals the two applied one after another; block weights scale ComfyUI's double_blocks /
+    single_blocks weights (the reference: ComfyUI's patches with the strength of the block of their key)."""
+    from nimblediff.nodes import adapter_ops as ops
+
+    sd = comfy_state_dict("flux")
+    a, b = lora_file("flux", "bfl", sd, seed=1), lora_file("flux", "diffusers", sd, seed=2)
+    na, nb = comfy("a.safetensors", a), comfy("b.safetensors", b)
+    model = comfy_model("flux", sd)
+    slots = dict(lora_1=na, strength_model_1=1.0, strength_clip_1=1.0, lora_2="None", strength_model_2=1.0,
+                 strength_clip_2=1.0, lora_3=nb, strength_model_3=0.5, strength_clip_3=1.0, lora_4="None",
+                 strength_model_4=1.0, strength_clip_4=1.0)
+    stacked, _, report = ops.LoRAStack().apply(model, None, **slots)
+    key_map = ref.lora_key_map("flux", CONFIGS["flux"], sd)
+    both = ref.patched_weights(ref.patched_weights(sd, ref.load_lora(a, key_map), 1.0), ref.load_lora(b, key_map), 0.5)
+    assert max_diff(stacked.patched_state_dict(), both, sd) <= 1e-5
+
+    blocked, _, report = ops.LoRABlockWeights().apply(model, None, na, 0.8, 1.0, dit_double=0.5, dit_single=0.0,
+                                                      blocks="double.1=2")
+    expected = {k: v.clone().float() for k, v in sd.items()}
+    for patch in ref.load_lora(a, key_map):
+        key = patch[0][0]
+        w = 2.0 if ".double_blocks.1." in key else 0.5 if ".double_blocks." in key else \
+            0.0 if ".single_blocks." in key else 1.0
+        expected = ref.patched_weights(expected, [patch], 0.8 * w)
+    assert max_diff(blocked.patched_state_dict(), expected, sd) <= 1e-5
+    assert "double: " in report and "single: " in report
+
+
+def test_acceleration_lora_flash_sd3_recipe(comfy):
+    """The Flash SD3 recipe on an SD3 MODEL: the patched weights of ComfyUI's loader, and the recipe's LCM sampler on
+    flow sigmas from the model's own shift (ComfyUI's ModelSamplingDiscreteFlow, shift 3)."""
+    from nimblediff.core.schedules import flow_sigmas
+    from nimblediff.nodes.adapters import AccelerationLoRA
+
+    sd = comfy_state_dict("sd3")
+    lora = lora_file("sd3", "diffusers", sd)
+    name = comfy("flash.safetensors", lora)
+    sampling = fake_comfy.CONST()
+    sampling.shift = 3.0
+    model = comfy_model("sd3", sd, sampling)
+    new_model, _, sampler, sigmas, cfg, text = AccelerationLoRA().load(model, None, name, "flash-sd3", 1.0, 1.0, 4)
+    expected, _ = comfyui_result("sd3", sd, lora)
+    assert max_diff(new_model.patched_state_dict(), expected, sd) <= 1e-5
+    torch.testing.assert_close(sigmas, flow_sigmas(4, 3.0))
+    assert cfg == 1.0 and "flash-sd3" in text
+
+
+def test_pixart_flash_recipe_keys_from_peft_script(comfy):
+    """Flash PixArt ships PEFT keys with the old script's prefix (unet.base_model.model.<diffusers module>)."""
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sd = comfy_state_dict("pixart")
+    lora = lora_file("pixart", "diffusers", sd)
+    ours_file = {k.replace("transformer.", "unet.base_model.model.", 1): v for k, v in lora.items()}
+    name = comfy("flash_pixart.safetensors", ours_file)
+    new_model, _, _ = LoRALoader().load(comfy_model("pixart", sd), None, name, 1.0, 1.0)
+    expected, _ = comfyui_result("pixart", sd, lora)
+    assert max_diff(new_model.patched_state_dict(), expected, sd) <= 1e-5
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def _unet_lora() -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
+            torch.randn(2, 768, generator=g),
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
+            torch.randn(640, 2, generator=g)}
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "pixart"])
+def test_unet_lora_on_dit_names_both_and_leaves_model(comfy, arch):
+    from nimblediff.nodes.adapters import LoRALoader
+
+    model = comfy_model(arch, comfy_state_dict(arch))
+    name = comfy("unet.safetensors", _unet_lora())
+    with pytest.raises(AdapterMismatchError, match=rf"(?s)sd15.*{arch}"):
+        LoRALoader().load(model, None, name, 1.0, 1.0)
+    assert model.patches == {}
+
+
+def test_dit_lora_on_unet_names_both(comfy):
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_adapter_nodes import UNET_CONFIG
+
+    unet_sd = {"diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 8)}
+    model = Patcher(types.SimpleNamespace(state_dict=lambda: unet_sd), None, dict(UNET_CONFIG))
+    name = comfy("flux.safetensors", lora_file("flux", "bfl", comfy_state_dict("flux")))
+    with pytest.raises(AdapterMismatchError, match=r"(?s)flux.*sd15"):
+        LoRALoader().load(model, None, name, 1.0, 1.0)
+    assert model.patches == {}
+
+
+@pytest.mark.parametrize("layout", ["bfl", "kohya", "diffusers"])
+def test_flux_lora_on_sd3_names_both(comfy, layout):
+    from nimblediff.nodes import adapter_ops as ops
+
+    model = comfy_model("sd3", comfy_state_dict("sd3"))
+    name = comfy("flux.safetensors", lora_file("flux", layout, comfy_state_dict("flux")))
+    with pytest.raises(AdapterMismatchError, match=r"(?s)flux.*sd3"):
+        ops.LoRAStack().apply(model, None, lora_1=name, strength_model_1=1.0, strength_clip_1=1.0)
+    assert model.patches == {}
