@@ -7,6 +7,7 @@ components only from modules that are already imported.
 from pathlib import Path
 
 from .dit import FewStepFluxPipeline, FewStepPixArtPipeline, FewStepSD3Pipeline, FewStepSDXLPipeline
+from .editing import EditPipeline, RestorePipeline
 from .fewstep import FewStepPipeline
 from .schedulers import NimbleScheduler
 
@@ -26,4 +27,4 @@ def custom_pipeline_path(name: str) -> str:
 
 
 __all__ = ["FewStepPipeline", "FewStepSDXLPipeline", "FewStepPixArtPipeline", "FewStepSD3Pipeline",
-           "FewStepFluxPipeline", "NimbleScheduler", "custom_pipeline_path"]
+           "FewStepFluxPipeline", "NimbleScheduler", "custom_pipeline_path", "EditPipeline", "RestorePipeline"]
