@@ -18,11 +18,17 @@ log = logging.getLogger("nimblediff")
 
 
 def param_from_model_sampling(model_sampling):
-    """Our parameterization from ComfyUI's model_sampling object (its sigma table or its flow shift)."""
+    """Our parameterization from ComfyUI's model_sampling object (its sigma table or its flow shift).
+
+    ComfyUI's ModelSamplingFlux keeps Flux's mu in `shift` (sigma = e^mu / (e^mu + 1/t - 1)), which is the SD3-type
+    shift e^mu (ModelSamplingDiscreteFlow's shift * t / (1 + (shift - 1) t)); our Flow takes the SD3 form."""
     import comfy.model_sampling as ms
 
     if isinstance(model_sampling, ms.CONST):
-        return Flow(shift=float(getattr(model_sampling, "shift", 1.0)))
+        shift = float(getattr(model_sampling, "shift", 1.0))
+        if isinstance(model_sampling, getattr(ms, "ModelSamplingFlux", ())):
+            shift = math.exp(shift)
+        return Flow(shift=shift)
     sigmas = model_sampling.sigmas.detach().double().cpu()
     return VP(1.0 / (1.0 + sigmas**2))
 
@@ -259,6 +265,73 @@ class FewStepSchedule:
         return (make_sigmas_for_model(model, schedule, steps, denoise),)
 
 
+def flux_mu(width: int, height: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """Flux's resolution-dependent shift mu: linear in the number of 2x2 latent patches (256 -> base_shift, 4096 ->
+    max_shift), as diffusers' calculate_shift and ComfyUI's ModelSamplingFlux compute it."""
+    return base_shift + (max_shift - base_shift) / (4096 - 256) * (width * height / (16 * 16) - 256)
+
+
+SHIFT_TYPES = ("model", "sd3", "flux")
+
+
+def flow_param(model, shift_type: str, shift: float, width: int, height: int, base_shift: float,
+               max_shift: float) -> Flow:
+    """The Flow parameterization a flow schedule is made for: the MODEL's own shift, an SD3-type constant shift, or
+    Flux's resolution-dependent one (exp(mu)); refuses a model that is not a rectified-flow model."""
+    param = param_from_model_sampling(model.get_model_object("model_sampling"))
+    if param.kind != "flow":
+        raise InvalidParameterError("model: its ComfyUI model_sampling is not a flow one (it is a VP / epsilon or v "
+                                    "model such as SD1.x / SDXL); flow schedules are for rectified-flow models "
+                                    "(SD3, Flux, ...): use NimbleDiff Few-Step Schedule for this model")
+    if shift_type not in SHIFT_TYPES:
+        raise InvalidParameterError(f"shift_type={shift_type!r}; valid: {', '.join(SHIFT_TYPES)}")
+    if shift_type == "sd3":
+        if not (math.isfinite(shift) and shift > 0):
+            raise InvalidParameterError(f"shift={shift}: the SD3 shift must be > 0 (SD3 uses 3.0)")
+        return Flow(param.num_train_timesteps, shift)
+    if shift_type == "flux":
+        for name, value in (("width", width), ("height", height)):
+            if value % 16:
+                raise InvalidParameterError(
+                    f"{name}={value}: Flux patchifies 2x2 latent pixels of an 8x VAE, so the image side must be a "
+                    f"multiple of 16 (e.g. {value // 16 * 16 or 16} or {(value // 16 + 1) * 16}); mu is computed "
+                    "from the number of patches")
+        return Flow(param.num_train_timesteps, math.exp(flux_mu(width, height, base_shift, max_shift)))
+    return param
+
+
+class FlowSchedule:
+    """SIGMAS on the rectified-flow schedule of a DiT (SD3, Flux, ...): the model's own shift, an SD3-type constant
+    shift, or Flux's resolution-dependent shift (mu from width x height), for SamplerCustom with any sampler."""
+
+    CATEGORY = "NimbleDiff/sampling"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "a rectified-flow model (SD3, Flux, NimbleDiff-Tiny-DiT)"}),
+            "schedule": (list(schedules.SCHEDULES), {"default": "trailing", "tooltip": (
+                "trailing / lcm: sigmas 1 ... 1/steps shifted (FluxPipeline's grid); flowmatch: diffusers' "
+                "FlowMatchEulerDiscreteScheduler grid; logsnr, sgm_uniform, karras, exponential")}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000}),
+            "shift_type": (list(SHIFT_TYPES), {"default": "model", "tooltip": (
+                "model: the MODEL's own shift (as set by ModelSamplingSD3 / ModelSamplingFlux); sd3: the constant "
+                "`shift` below; flux: resolution-dependent, from width, height, base_shift and max_shift")}),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
+                                "tooltip": "sd3 shift_type only: sigma' = shift sigma / (1 + (shift - 1) sigma)"}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
+            "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01}),
+        }}
+
+    def build(self, model, schedule, steps, shift_type, shift, width, height, base_shift, max_shift):
+        param = flow_param(model, shift_type, shift, width, height, base_shift, max_shift)
+        return (schedules.make_sigmas(schedule, steps, param).float(),)
+
+
 class RecipeSampler:
     """SAMPLER + SIGMAS + recommended CFG of a distillation recipe (Flash, LCM-LoRA, TCD, DMD2, Lightning...)."""
 
@@ -321,4 +394,5 @@ NODES = {
     "NimbleFewStepSchedule": (FewStepSchedule, "NimbleDiff Few-Step Schedule"),
     "NimbleRecipeSampler": (RecipeSampler, "NimbleDiff Recipe Sampler"),
     "NimbleScheduleFile": (ScheduleFile, "NimbleDiff Schedule from File"),
+    "NimbleFlowSchedule": (FlowSchedule, "NimbleDiff Flow Schedule (SD3 / Flux shift)"),
 }

@@ -288,3 +288,95 @@ def test_flux_lora_on_sd3_names_both(comfy, layout):
     with pytest.raises(AdapterMismatchError, match=r"(?s)flux.*sd3"):
         ops.LoRAStack().apply(model, None, lora_1=name, strength_model_1=1.0, strength_clip_1=1.0)
     assert model.patches == {}
+
+
+# ---------------------------------------------------------------------------------------------- flow sampling
+class ModelSamplingFlux(fake_comfy.CONST):
+    """ComfyUI's Flux model_sampling keeps mu in `shift` (ModelSamplingFlux + CONST)."""
+
+    def __init__(self, mu):
+        self.shift = mu
+
+
+@pytest.fixture
+def flux_sampling(comfy):
+    sys.modules["comfy.model_sampling"].ModelSamplingFlux = ModelSamplingFlux
+    return ModelSamplingFlux
+
+
+def diffusers_flux_sigmas(steps, width, height):
+    """diffusers' Flux grid: FluxPipeline's linspace, dynamically shifted by calculate_shift(image_seq_len)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    s = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    mu = calculate_shift((width // 16) * (height // 16), 256, 4096, 0.5, 1.15)
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return s.sigmas
+
+
+@pytest.mark.parametrize("width,height", [(1024, 1024), (512, 768)])
+def test_flow_schedule_flux_shift_equals_diffusers(flux_sampling, width, height):
+    from nimblediff.nodes.sampling import FlowSchedule, flux_mu
+
+    model = comfy_model("flux", comfy_state_dict("flux"), flux_sampling(0.0))
+    ours, = FlowSchedule().build(model, "trailing", 4, "flux", 3.0, width, height, 0.5, 1.15)
+    torch.testing.assert_close(ours, diffusers_flux_sigmas(4, width, height), rtol=0, atol=1e-6)
+    # the same from the MODEL after ComfyUI's ModelSamplingFlux node set mu for that size
+    model = comfy_model("flux", comfy_state_dict("flux"), flux_sampling(flux_mu(width, height)))
+    from_model, = FlowSchedule().build(model, "trailing", 4, "model", 3.0, 64, 64, 0.5, 1.15)
+    torch.testing.assert_close(from_model, ours, rtol=0, atol=1e-6)
+
+
+def test_flow_schedule_sd3_shift_equals_flowmatch_euler(comfy):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nimblediff.nodes.sampling import FewStepSchedule, FlowSchedule
+
+    sampling = fake_comfy.CONST()
+    sampling.shift = 3.0
+    model = comfy_model("sd3", comfy_state_dict("sd3"), sampling)
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    stock.set_timesteps(5)
+    for sigmas in (FlowSchedule().build(model, "flowmatch", 5, "sd3", 3.0, 1024, 1024, 0.5, 1.15)[0],
+                   FlowSchedule().build(model, "flowmatch", 5, "model", 1.0, 1024, 1024, 0.5, 1.15)[0],
+                   FewStepSchedule().build(model, "flowmatch", 5, 1.0)[0]):     # a DiT MODEL is not refused
+        torch.testing.assert_close(sigmas, stock.sigmas, rtol=0, atol=1e-6)
+
+
+def test_flux_sampling_with_our_sampler_matches_flowmatch_euler(flux_sampling):
+    """Our euler SAMPLER (KSAMPLER function) on a Flux MODEL's flow parameterization, on the Flux SIGMAS, equals
+    diffusers' FlowMatchEulerDiscreteScheduler stepping the same velocity model."""
+    from nimblediff.nodes.sampling import FlowSchedule, flux_mu, make_sampler
+
+    mu = flux_mu(512, 512)
+    sampling = flux_sampling(mu)
+    target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def velocity(x, sigma):            # a flow model whose data is `target`: v = (x - target) / sigma
+        return (x - target) / sigma.reshape(-1, 1, 1, 1) - target
+
+    denoiser = lambda x, sigma: x - sigma.reshape(-1, 1, 1, 1) * velocity(x, sigma)  # noqa: E731
+    model = comfy_model("flux", comfy_state_dict("flux"), sampling)
+    sigmas, = FlowSchedule().build(model, "trailing", 4, "model", 0.0, 512, 512, 0.5, 1.15)
+    x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    ksampler = make_sampler("euler")
+    ours = ksampler.sampler_function(fake_comfy.GuidedModel(denoiser, sampling), x0.clone(), sigmas)
+    stock_sigmas = diffusers_flux_sigmas(4, 512, 512)
+    x = x0.clone()
+    for s, s_next in zip(stock_sigmas[:-1], stock_sigmas[1:]):
+        x = x + (s_next - s) * velocity(x, s.reshape(1))
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
+
+
+def test_flow_schedule_refuses_vp_model_and_unpatchifiable_size(comfy, flux_sampling):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FlowSchedule
+
+    vp = comfy_model("flux", comfy_state_dict("flux"), fake_comfy.EPS(torch.linspace(0.03, 14.6, 1000)))
+    with pytest.raises(InvalidParameterError, match="not a flow"):
+        FlowSchedule().build(vp, "trailing", 4, "model", 3.0, 1024, 1024, 0.5, 1.15)
+    flux = comfy_model("flux", comfy_state_dict("flux"), flux_sampling(1.15))
+    with pytest.raises(InvalidParameterError, match=r"width=1000.*multiple of 16.*992 or 1008"):
+        FlowSchedule().build(flux, "trailing", 4, "flux", 3.0, 1000, 1024, 0.5, 1.15)
