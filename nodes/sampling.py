@@ -315,16 +315,20 @@ class FlowSchedule:
             "schedule": (list(schedules.SCHEDULES), {"default": "trailing", "tooltip": (
                 "trailing / lcm: sigmas 1 ... 1/steps shifted (FluxPipeline's grid); flowmatch: diffusers' "
                 "FlowMatchEulerDiscreteScheduler grid; logsnr, sgm_uniform, karras, exponential")}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 1000}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "number of sampling steps"}),
             "shift_type": (list(SHIFT_TYPES), {"default": "model", "tooltip": (
                 "model: the MODEL's own shift (as set by ModelSamplingSD3 / ModelSamplingFlux); sd3: the constant "
                 "`shift` below; flux: resolution-dependent, from width, height, base_shift and max_shift")}),
             "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                 "tooltip": "sd3 shift_type only: sigma' = shift sigma / (1 + (shift - 1) sigma)"}),
-            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16}),
-            "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01}),
-            "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                              "tooltip": "flux shift_type only: image width in pixels (a multiple of 16)"}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                               "tooltip": "flux shift_type only: image height in pixels (a multiple of 16)"}),
+            "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
+                                     "tooltip": "flux shift_type only: mu at 256 patches (256x256 pixels)"}),
+            "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01,
+                                    "tooltip": "flux shift_type only: mu at 4096 patches (1024x1024 pixels)"}),
         }}
 
     def build(self, model, schedule, steps, shift_type, shift, width, height, base_shift, max_shift):
