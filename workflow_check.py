@@ -80,8 +80,15 @@ def _check_widget(where: str, name: str, spec, value, errors: list) -> None:
 def validate_api(workflow: dict, schemas: dict | None = None) -> list[str]:
     """Errors of an API-format (POST /prompt) workflow; empty when valid."""
     schemas = schemas or node_schemas()
+    if not isinstance(workflow, dict):
+        return [f"an API workflow is a JSON object of nodes, not {type(workflow).__name__}"]
     errors = []
     for node_id, node in workflow.items():
+        # the shape first: a workflow is data from anywhere, and a malformed one gets messages, not a crash
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) \
+                or not isinstance(node.get("inputs", {}), dict):
+            errors.append(f"node {node_id}: expected an object with class_type (a string) and inputs (an object)")
+            continue
         cls = node.get("class_type")
         where = f"node {node_id} ({cls})"
         if cls not in schemas:
@@ -98,11 +105,12 @@ def validate_api(workflow: dict, schemas: dict | None = None) -> list[str]:
                 continue
             if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
                 src = workflow.get(str(value[0]))
-                if src is None or src.get("class_type") not in schemas:
+                if not isinstance(src, dict) or not isinstance(src.get("class_type"), str) \
+                        or src["class_type"] not in schemas:
                     errors.append(f"{where}: input {name!r} links to missing node {value[0]}")
                     continue
                 outputs = schemas[src["class_type"]]["outputs"]
-                if value[1] >= len(outputs):
+                if not 0 <= value[1] < len(outputs):
                     errors.append(f"{where}: input {name!r} links to output {value[1]} of {src['class_type']}, "
                                   f"which has {len(outputs)}")
                     continue
@@ -117,12 +125,24 @@ def validate_api(workflow: dict, schemas: dict | None = None) -> list[str]:
 def validate_ui(workflow: dict, schemas: dict | None = None) -> list[str]:
     """Errors of a UI-format (drag-and-drop) workflow: node types and every link's type at both ends."""
     schemas = schemas or node_schemas()
+    if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list) \
+            or not isinstance(workflow.get("links", []), list):
+        return ["a UI workflow is a JSON object with a list of nodes and a list of links"]
     errors = []
-    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
-    for n in nodes.values():
+    nodes = {}
+    for i, n in enumerate(workflow["nodes"]):  # the shape first: malformed entries get messages, not a crash
+        if not isinstance(n, dict) or not isinstance(n.get("id"), int) or not isinstance(n.get("type"), str) \
+                or not isinstance(n.get("inputs", []), list):
+            errors.append(f"nodes[{i}]: expected an object with an integer id, a type (string) and a list of inputs")
+            continue
+        nodes[n["id"]] = n
         if n["type"] not in schemas:
             errors.append(f"node {n['id']}: unknown node type {n['type']}")
-    for link in workflow.get("links", []):
+    for i, link in enumerate(workflow.get("links", [])):
+        if not isinstance(link, list) or len(link) < 6 or not all(isinstance(v, int) for v in link[:5]) \
+                or not isinstance(link[5], str):
+            errors.append(f"links[{i}]: expected [id, source node, source slot, target node, target slot, type]")
+            continue
         link_id, src, src_slot, dst, dst_slot, link_type = link[:6]
         if src not in nodes or dst not in nodes:
             errors.append(f"link {link_id}: connects missing node {src if src not in nodes else dst}")
@@ -131,10 +151,11 @@ def validate_ui(workflow: dict, schemas: dict | None = None) -> list[str]:
         if s["type"] not in schemas or d["type"] not in schemas:
             continue
         outputs = schemas[s["type"]]["outputs"]
-        if src_slot >= len(outputs) or outputs[src_slot] != link_type:
+        if not 0 <= src_slot < len(outputs) or outputs[src_slot] != link_type:
             errors.append(f"link {link_id}: {s['type']} output {src_slot} is not {link_type}")
-        dst_input = d.get("inputs", [])[dst_slot] if dst_slot < len(d.get("inputs", [])) else None
-        spec = schemas[d["type"]]["inputs"].get(dst_input["name"]) if dst_input else None
+        dst_input = d.get("inputs", [])[dst_slot] if 0 <= dst_slot < len(d.get("inputs", [])) else None
+        spec = schemas[d["type"]]["inputs"].get(dst_input["name"]) \
+            if isinstance(dst_input, dict) and isinstance(dst_input.get("name"), str) else None
         if spec is None:
             errors.append(f"link {link_id}: {d['type']} has no input slot {dst_slot}")
         elif _type_name(spec[0]) not in (link_type, "*"):
@@ -187,6 +208,9 @@ def _is_link(value) -> bool:
 def api_to_ui(api: dict, schemas: dict | None = None, titles: dict | None = None) -> dict:
     """A UI-format (drag-and-drop) workflow equivalent to an API-format one, laid out left to right."""
     schemas = schemas or node_schemas()
+    errors = validate_api(api, schemas)
+    if errors:  # the conversion follows links and schemas: only a valid workflow can be converted
+        raise WorkflowError(f"not a valid API workflow ({len(errors)} problems), e.g. " + "; ".join(errors[:3]))
     ids = {node_id: i + 1 for i, node_id in enumerate(api)}
     links, nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
