@@ -359,25 +359,29 @@ def to_original(sd: dict, arch: str, unet_config=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ write
-def _choose(key: str, t: torch.Tensor, qtype: str, keep_f32) -> tuple[str, object]:
+def _choose(key: str, t: torch.Tensor, qtype: str, keep_f32, flatten: bool) -> tuple[str, object]:
     """(stored type, value) for one tensor under ComfyUI-GGUF's rules: 1-D and small tensors F32, the rest `qtype`
-    where its blocks fit (rows of 256 for conv kernels), else F16."""
+    where its blocks fit (with `flatten`, conv kernels as rows of 256), else F16."""
     if isinstance(t, GGUFWeight):
         return t.qtype, t
     t = t.detach().float() if not isinstance(t, QuantizedWeight) else t.dequantize()
     if t.ndim <= 1 or t.numel() <= _SMALL or any(s in key for s in keep_f32) or qtype == "F32":
         return "F32", t
-    if stored_shape_for(tuple(t.shape), qtype) is None:
+    stored = stored_shape_for(tuple(t.shape), qtype)
+    if stored is None or (not flatten and stored[-1] != t.shape[-1]):
         return "F16", t
     return qtype, gguf_weight_from_float(t, qtype)
 
 
-def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=(), progress=None) -> Counter:
+def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=(), flatten: bool = True,
+               progress=None) -> Counter:
     """Write a UNet / DiT state dict (any layout; values float tensors or QuantizedWeight) as GGUF.
 
     arch: NimbleDiff name (sd15 / sdxl / sd3 / flux / pixart). qtype: any writable type (F16, BF16, Q8_0, Q4_0,
-    Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K). Written to a temporary file and moved into place: an existing file is
-    replaced only by a complete one. Returns the count of each stored type."""
+    Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K). flatten: store conv kernels as rows of 256 so they can be quantized
+    (ComfyUI-GGUF's convention; diffusers' GGUF loader cannot read such tensors, so flatten=False keeps them F16).
+    Written to a temporary file and moved into place: an existing file is replaced only by a complete one.
+    Returns the count of each stored type."""
     import gguf
 
     from ..core.quant.gguf_quantize import QUANTIZERS
@@ -393,7 +397,7 @@ def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     counts = Counter()
     for n, (key, t) in enumerate(tensors.items()):
-        kind, value = _choose(key, t, qtype, keep_f32)
+        kind, value = _choose(key, t, qtype, keep_f32, flatten)
         if kind == "F32":
             writer.add_tensor(key, value.float().contiguous().numpy())
         elif kind == "F16":
@@ -472,8 +476,17 @@ def install(model: torch.nn.Module, tensors: dict, source: str = "GGUF") -> dict
     # all validated and built: now change the model (replace() checks names and shapes before it swaps)
     replace(model, new)
     with torch.no_grad():
-        current = dict(model.named_parameters())
-        current.update(dict(model.named_buffers()))
+        modules = dict(model.named_modules())
         for key, t in plain.items():
-            current[key].copy_(t.to(current[key].dtype))
+            name, _, leaf = key.rpartition(".")
+            module = modules[name]
+            current = getattr(module, leaf)
+            if current.is_meta:  # built without storage (init_empty_weights): take the file's tensor as is
+                value = t.to(current.dtype).clone()
+                if isinstance(current, torch.nn.Parameter):
+                    module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=current.requires_grad)
+                else:
+                    module._buffers[leaf] = value
+            else:
+                current.copy_(t.to(current.dtype))
     return new

@@ -105,36 +105,37 @@ def _q5_1(x):
 # --------------------------------------------------------------------------------------------------- K-quants
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml make_qkx2_quants on rows x (M, n) with weights w: x ~ scale * L - the_min, L in [0, nmax], the_min >= 0.
-    Returns (scale (M,), the_min (M,), L (M, n) int)."""
-    lo = x.amin(1).clamp(max=0)
+    As in ggml, each candidate rounds against the best min found so far. Returns (scale, the_min (M,), L (M, n))."""
     hi = x.amax(1)
-    flat = hi == lo
-    span = torch.where(flat, torch.ones_like(hi), hi - lo)
+    mn = x.amin(1).clamp(max=0)
+    flat = hi == mn
     sum_w, sum_x = w.sum(1), (w * x).sum(1)
+    one = torch.ones_like(hi)
 
-    def levels(iscale):
-        return torch.round(iscale[:, None] * (x - lo[:, None])).clamp(0, nmax)
+    def levels(step):  # the candidate inverse scale (rmin + rdelta*step + nmax) / (max - min), in float32 as ggml
+        num = torch.tensor(rmin, dtype=torch.float32) + torch.tensor(rdelta, dtype=torch.float32) * step + nmax
+        iscale = num / torch.where(flat, one, hi - mn)
+        return torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
 
     # 1. plain min/max rounding
-    iscale = nmax / span
+    iscale = nmax / torch.where(flat, one, hi - mn)
     scale = 1 / iscale
-    L = levels(iscale)
-    best = (w * (scale[:, None] * L + lo[:, None] - x) ** 2).sum(1)
-    mn = lo.clone()
+    L = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
+    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
     # 2. least-squares scale and min for each candidate rounding; keep the best weighted error
     for i in range(nstep + 1):
-        La = levels((rmin + rdelta * i + nmax) / span)
+        La = levels(i)
         sl, sl2, sxl = (w * La).sum(1), (w * La * La).sum(1), (w * La * x).sum(1)
         D = sum_w * sl2 - sl * sl
         ok = D > 0
-        Ds = torch.where(ok, D, torch.ones_like(D))
+        Ds = torch.where(ok, D, one)
         ts = (sum_w * sxl - sum_x * sl) / Ds
         tm = (sl2 * sum_x - sl * sxl) / Ds
         pos = tm > 0  # the min must not be positive: refit the scale alone
         tm = torch.where(pos, torch.zeros_like(tm), tm)
-        ts = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), ts)
+        ts = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, one), ts)
         mad = (w * (ts[:, None] * La + tm[:, None] - x) ** 2).sum(1)
-        take = ok & (mad < best)
+        take = ok & (mad < best) & ~flat
         L = torch.where(take[:, None], La, L)
         best, scale, mn = torch.where(take, mad, best), torch.where(take, ts, scale), torch.where(take, tm, mn)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
