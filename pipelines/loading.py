@@ -56,3 +56,17 @@ def check_pipeline_folder(path, *, local_only: bool = False, name: str | None = 
     if not (p / "model_index.json").is_file():
         raise WeightsFormatError(f"{label}: not a diffusers pipeline folder (no model_index.json); a single-file "
                                  "checkpoint is loaded in ComfyUI, or converted with diffusers' conversion scripts")
+
+
+def missing_text_encoders(folder) -> dict:
+    """{component: None} for the T5 encoder and tokenizer a folder leaves out on purpose.
+
+    SD3's pipeline runs without its T5 (text_encoder_3=None, as diffusers documents for dropping it), but
+    from_pretrained insists on every non-optional component, so a folder saved without T5 needs them passed as None.
+    """
+    import json
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {name: None for name in ("text_encoder_3", "tokenizer_3")
+            if name in index and (index[name] is None or index[name][0] is None)
+            and not (Path(folder) / name).is_dir()}

@@ -1,0 +1,66 @@
+"""NimbleDiff-Tiny-DiT's recipe (tiny/dit.py) as a stock StableDiffusion3Pipeline folder, and the guided flow
+denoiser that schedule search uses, checked against the stock pipeline's own sampling loop."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusion3Pipeline
+
+from nimblediff.cli import _load_any_pipeline, main
+from nimblediff.core.schedule_search import load_schedule
+from nimblediff.pipelines.guided import guided_denoiser
+from nimblediff.pipelines.loading import missing_text_encoders
+from nimblediff.tiny import dit, vocab
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = vocab.build_tokenizer()
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=4, sample_size=64)
+    pipe = dit.make_pipeline(vae, dit.make_text_encoder(len(tok)), dit.make_text_encoder(len(tok)),
+                             dit.make_transformer(num_layers=2), tok)
+    path = tmp_path_factory.mktemp("dit") / "tiny-dit"
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_folder_is_a_stock_sd3_pipeline_without_t5(folder):
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert missing_text_encoders(folder) == {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = DiffusionPipeline.from_pretrained(folder, **missing_text_encoders(folder))
+    assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.vae.config.shift_factor == 0.0
+    assert isinstance(_load_any_pipeline(folder, torch.float32), StableDiffusion3Pipeline)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_guided_flow_denoiser_reproduces_the_stock_pipeline(folder, cfg):
+    """Flow Euler with our denoiser, x <- x + (s' - s) (x - D(x, s)) / s, equals the pipeline's FlowMatchEuler loop."""
+    pipe = _load_any_pipeline(folder, torch.float32)
+    prompts = ["a red circle on the left", "a blue star at the top on a white background"]
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref = pipe(prompts, height=64, width=64, num_inference_steps=4, guidance_scale=cfg, latents=z.clone(),
+               output_type="latent", max_sequence_length=pipe.tokenizer_max_length).images
+    denoiser, param, shape = guided_denoiser(pipe, prompts, cfg)
+    assert shape == (4, 16, 16) and param.kind == "flow"
+    sigmas = pipe.scheduler.sigmas  # the schedule the pipeline just used, ending at 0
+    x = z
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x = x + (s_next - s) * (x - denoiser(x, s.expand(len(x)))) / s
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_boss_schedule_search_on_a_flow_transformer(folder, tmp_path):
+    out = tmp_path / "boss.json"
+    args = ["schedule", "search", "--model", str(folder), "--nfe", "3", "--batch", "2", "--size", "64",
+            "--grid", "16", "--cfg", "3", "--out", str(out), "--threads", "1", "--quiet"]
+    assert main(args) == 0
+    data = load_schedule(out, model_type="flow")
+    sig = [float(s) for s in data["sigmas"]]
+    assert len(sig) == 4 and sig[0] == pytest.approx(1.0, abs=1e-3) and sig[-1] == 0.0
+    assert all(a > b for a, b in zip(sig, sig[1:]))
