@@ -117,7 +117,10 @@ def logsnr_sigmas(steps: int, param, rho_min: float | None = None, rho_top: floa
 
 def check_sigmas(sigmas) -> torch.Tensor:
     """Validate a user schedule: 1-D, at least 2 entries, finite, non-negative and strictly decreasing."""
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    try:
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # text, None, ragged lists from a user file
+        raise InvalidParameterError(f"sigmas must be a 1-D list of numbers; got {str(sigmas)[:80]!r} ({e})") from None
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise InvalidParameterError(f"sigmas must be a 1-D list of at least 2 values; got shape {tuple(sigmas.shape)}")
     if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
