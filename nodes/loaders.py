@@ -450,8 +450,10 @@ def resolve_model(name: str) -> Path:
     was installed without its weights."""
     if name == EMBEDDED_CHOICE:
         candidates = [EMBEDDED_DIR] + [Path(root) / EMBEDDED_NAME for root in _diffusers_roots()]
-    else:
-        candidates = [Path(root) / name for root in _diffusers_roots()]
+    else:  # a name from a workflow: never a folder outside models/diffusers
+        from ..weights.paths import inside
+
+        candidates = [inside(root, name, "model") for root in _diffusers_roots()]
     for path in candidates:
         if (path / "model_index.json").is_file():
             return path
@@ -509,6 +511,9 @@ class NimbleEmptyLatent:
         if not isinstance(ratio, int):
             raise InvalidParameterError(f"vae: downscale ratio {ratio!r} is not one integer (a video VAE?); this node "
                                         "is for image VAEs")
+        from ..core.limits import check_latent_size
+
+        check_latent_size(batch_size, vae.latent_channels, height, width, ratio, "NimbleEmptyLatent")
         for name, value in (("width", width), ("height", height)):
             if value % ratio:
                 raise InvalidParameterError(f"{name}={value} is not a multiple of the VAE's downscale ratio {ratio}; "

@@ -17,17 +17,12 @@ _CARRIED_DROP = ("lora_adapter_metadata", "ss_network_dim", "ss_network_alpha", 
 def output_path(folder, filename: str, *, overwrite: bool, inputs: Sequence = ()) -> Path:
     """`filename` inside `folder` (".safetensors" added when it has no suffix). Raises naming the path when it would
     leave the folder, replace an input, or replace an existing file without `overwrite`."""
-    if not isinstance(filename, str) or not filename.strip():
-        raise InvalidParameterError(f"filename={filename!r}; expected a file name such as 'my_lora' or "
-                                    "'styles/my_lora.safetensors'")
-    folder = Path(folder).resolve()
-    rel = Path(filename.strip())
-    if rel.is_absolute() or ".." in rel.parts:
-        raise InvalidParameterError(f"filename={filename!r}: must be a relative path inside {folder} (no '..', "
-                                    "not absolute)")
-    if rel.suffix.lower() != ".safetensors":
-        rel = rel.with_name(rel.name + ".safetensors")
-    return checked_output(folder / rel, overwrite=overwrite, inputs=inputs, hint="set overwrite to true")
+    from .paths import inside
+
+    path = inside(Path(folder).resolve(), filename, "filename")
+    if path.suffix.lower() != ".safetensors":
+        path = path.with_name(path.name + ".safetensors")
+    return checked_output(path, overwrite=overwrite, inputs=inputs, hint="set overwrite to true")
 
 
 def checked_output(path, *, overwrite: bool, inputs: Sequence = (), hint: str = "pass --overwrite") -> Path:
