@@ -80,7 +80,7 @@ class Int4Weight(QuantizedWeight):
     def _fast_ok(self, x: torch.Tensor) -> bool:
         return (self.fast and self.pad == 0 and len(self.shape) == 2 and x.device.type == "cpu"
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.shape[1] % self.group == 0
-                and self.shape[0] % 8 == 0)
+                and self.shape[0] % 16 == 0)  # the packer requires N divisible by 16
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast_ok(x):

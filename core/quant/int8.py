@@ -3,7 +3,9 @@
 The symmetric form runs ``torch._weight_int8pack_mm`` where it exists. That kernel is fast only with bf16
 activations; with fp32 activations it takes a ~35x slower path (47 ms vs 1.4 ms on a 64x1280x1280 matmul,
 ../shared/notes/perf-anchors.md #10), so fp32 inputs are cast to bf16 for the matmul and the result cast back.
-The bf16 rounding of x (relative 2^-9) is far below the int8 weight error (~1e-2).
+The bf16 rounding of x (relative 2^-9) is far below the int8 weight error (~1e-2). The kernel (torch 2.13 CPU)
+segfaults or returns garbage when the input width is not a multiple of 16 (K = 8, 24, 40 tried), so such
+layers dequantize instead.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Int8Weight(QuantizedWeight):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.fast and self.symmetric and _HAS_INT8_MM and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16)):
+                and x.dtype in (torch.float32, torch.bfloat16) and self.q.shape[1] % 16 == 0):
             return F.linear(x, self.dequantize(x.dtype))
         lead = x.shape[:-1]
         xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations hit the slow kernel path
