@@ -103,17 +103,30 @@ def _q5_1(x):
 
 
 # --------------------------------------------------------------------------------------------------- K-quants
+def _seqsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis left to right in float32, as ggml's scalar loops add (torch.sum adds pairwise, which
+    rounds differently and can flip a near-tie between two candidate scales)."""
+    acc = t[..., 0]
+    for i in range(1, t.shape[-1]):
+        acc = acc + t[..., i]
+    return acc
+
+
+def _float32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """ggml make_qkx2_quants on rows x (M, n) with weights w: x ~ scale * L - the_min, L in [0, nmax], the_min >= 0.
     As in ggml, each candidate rounds against the best min found so far. Returns (scale, the_min (M,), L (M, n))."""
     hi = x.amax(1)
     mn = x.amin(1).clamp(max=0)
     flat = hi == mn
-    sum_w, sum_x = w.sum(1), (w * x).sum(1)
+    sum_w, sum_x = _seqsum(w), _seqsum(w * x)
     one = torch.ones_like(hi)
 
     def levels(step):  # the candidate inverse scale (rmin + rdelta*step + nmax) / (max - min), in float32 as ggml
-        num = torch.tensor(rmin, dtype=torch.float32) + torch.tensor(rdelta, dtype=torch.float32) * step + nmax
+        num = _float32(rmin) + _float32(rdelta) * step + nmax
         iscale = num / torch.where(flat, one, hi - mn)
         return torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
 
@@ -121,11 +134,12 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     iscale = nmax / torch.where(flat, one, hi - mn)
     scale = 1 / iscale
     L = torch.round(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
-    best = (w * (scale[:, None] * L + mn[:, None] - x) ** 2).sum(1)
+    diff = scale[:, None] * L + mn[:, None] - x
+    best = _seqsum(w * (diff * diff))
     # 2. least-squares scale and min for each candidate rounding; keep the best weighted error
     for i in range(nstep + 1):
         La = levels(i)
-        sl, sl2, sxl = (w * La).sum(1), (w * La * La).sum(1), (w * La * x).sum(1)
+        sl, sl2, sxl = _seqsum(w * La), _seqsum(w * La * La), _seqsum(w * La * x)
         D = sum_w * sl2 - sl * sl
         ok = D > 0
         Ds = torch.where(ok, D, one)
@@ -134,7 +148,8 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         pos = tm > 0  # the min must not be positive: refit the scale alone
         tm = torch.where(pos, torch.zeros_like(tm), tm)
         ts = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, one), ts)
-        mad = (w * (ts[:, None] * La + tm[:, None] - x) ** 2).sum(1)
+        diff = ts[:, None] * La + tm[:, None] - x
+        mad = _seqsum(w * (diff * diff))
         take = ok & (mad < best) & ~flat
         L = torch.where(take[:, None], La, L)
         best, scale, mn = torch.where(take, mad, best), torch.where(take, ts, scale), torch.where(take, tm, mn)
@@ -157,13 +172,18 @@ def _qk_affine(x, nmax: int, rmin: float, nstep: int):
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
     # 1. per sub-block weights |x| + rms, scale and min by make_qkx2_quants
-    w = (sub.pow(2).sum(1, keepdim=True) / 32).sqrt() + sub.abs()
+    w = (_seqsum(sub * sub)[:, None] / 32).sqrt() + sub.abs()
     scales, mins, L = _make_qkx2(sub, w, nmax, rmin, 0.1, nstep)
     scales, mins, L = scales.reshape(n, 8), mins.reshape(n, 8), L.reshape(n, 8, 32)
     # 2. 6-bit scales and mins against the block's largest
     max_scale, max_min = scales.amax(1, keepdim=True), mins.amax(1, keepdim=True)
-    ls = torch.round(_inverse(max_scale / 63) * scales).clamp(max=63)
-    lm = torch.round(_inverse(max_min / 63) * mins).clamp(max=63)
+    # ggml starts both at +0 and only takes larger values: never a -0 (an all-zero block has mins of -0)
+    max_scale = torch.where(max_scale > 0, max_scale, torch.zeros_like(max_scale))
+    max_min = torch.where(max_min > 0, max_min, torch.zeros_like(max_min))
+    inv_s = torch.where(max_scale > 0, 63 / torch.where(max_scale > 0, max_scale, 1), 0)
+    inv_m = torch.where(max_min > 0, 63 / torch.where(max_min > 0, max_min, 1), 0)
+    ls = torch.round(inv_s * scales).clamp(max=63)
+    lm = torch.round(inv_m * mins).clamp(max=63)
     d = (max_scale / 63).to(torch.float16)
     dmin = (max_min / 63).to(torch.float16)
     # 3. re-round the values with the stored (quantized) scales; a zero scale keeps make_qkx2's levels
@@ -195,14 +215,14 @@ def _make_qx(x, nmax: int):
 
     def fit(iscale):
         l = torch.round(iscale[:, None] * x).clamp(-nmax, nmax - 1)
-        return l, (w * x * l).sum(1), (w * l * l).sum(1)
+        return l, _seqsum(w * x * l), _seqsum(w * l * l)
 
     l, sumlx, suml2 = fit(-nmax / mx)
     scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)),
                         torch.zeros_like(suml2))
     best = scale * sumlx
     for i in [*range(-9, 0), *range(1, 10)]:
-        la, slx, sl2 = fit(-(nmax + 0.1 * i) / mx)
+        la, slx, sl2 = fit(-(nmax + _float32(0.1) * i) / mx)
         take = (sl2 > 0) & (slx * slx > best * sl2)
         l = torch.where(take[:, None], la, l)
         scale = torch.where(take, slx / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), scale)
