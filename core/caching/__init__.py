@@ -1,0 +1,22 @@
+"""Less compute per step: one patch mechanism (which block, what to reuse, on which steps) for UNets and DiTs.
+
+- `BlockReuse`: feature inheritance (A-SDM, Hou et al. 2024, block / layer / unit granularity) -- on off-steps
+  a module returns the output it produced at the last full step. DeepCache (Ma et al. 2024) is the special case
+  that reuses everything below a shallow branch (`deepcache_paths`).
+- `FirstBlockCache`: DiTs; run the first block, and skip the rest while the accumulated relative change of its
+  residual stays under a threshold (ParaAttention's First Block Cache, TeaCache's accumulated-change rule).
+- `prune`: LAPTOP-Diff's one-shot layer-removal score, its additivity check and a config a loader applies.
+
+Surfaces (diffusers hooks in pipelines/caching.py, ComfyUI wrappers in nodes/caching.py) only translate the
+timestep and call these objects; the per-step state lives in `StepClock` and the caches here.
+"""
+
+from .first_block import FirstBlockCache
+from .layouts import deepcache_paths, detect_layout, dit_block_paths
+from .patch import ModelPatch, count_calls
+from .reuse import BlockReuse
+from .schedule import CacheSchedule
+from .state import StepClock
+
+__all__ = ["BlockReuse", "CacheSchedule", "FirstBlockCache", "ModelPatch", "StepClock", "count_calls",
+           "deepcache_paths", "detect_layout", "dit_block_paths"]

@@ -1,0 +1,122 @@
+"""First-block-residual caching for DiTs (ParaAttention's First Block Cache, as diffusers' FirstBlockCache; with
+TeaCache's accumulated change, Liu et al. 2024): every step runs the first block; the relative change of its
+residual since the previous step is added up, and while the sum stays under `threshold` the remaining blocks are
+skipped and the residual they added at the last full step is added instead. A full step resets the sum."""
+
+from __future__ import annotations
+
+import math
+
+from ...errors import InvalidParameterError
+from .layouts import dit_block_paths
+from .patch import ModelPatch, resolve
+from .state import StepClock
+
+
+def _io(args, kwargs):
+    """(hidden, encoder) of a transformer block call: diffusers' joint blocks take both as keywords."""
+    hid = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return hid, enc
+
+
+def _split(out):
+    """A block's output as (encoder, hidden); diffusers' SD3 / Flux blocks return (encoder, hidden)."""
+    return (out[0], out[1]) if isinstance(out, tuple) else (None, out)
+
+
+def _add(a, b):
+    return None if a is None or b is None else a + b
+
+
+def _sub(a, b):
+    return None if a is None or b is None else a - b
+
+
+class FirstBlockCache:
+    """cache(forward, t, *args, stream=..., **kwargs): one transformer call with first-block gating.
+
+    threshold in [0, 1]: 0 never skips; 0.05-0.2 is the range diffusers and TeaCache use. `warmup` first steps
+    always compute (the residual's change is meaningless before the layout forms)."""
+
+    def __init__(self, model, threshold: float, clock: StepClock | None = None, blocks=None, warmup: int = 1):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or not 0 <= threshold <= 1:
+            raise InvalidParameterError(f"threshold={threshold!r}: need a number in [0, 1] (accumulated relative "
+                                        "change of the first block's residual; 0 = never skip)")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise InvalidParameterError(f"warmup={warmup!r}: need an integer >= 1 (first steps always computed)")
+        paths = list(blocks) if blocks is not None else dit_block_paths(model)
+        if len(paths) < 2:
+            raise InvalidParameterError(f"{type(model).__name__} has {len(paths)} transformer block(s); first-block "
+                                        "caching needs at least 2")
+        resolve(model, paths)
+        self.model, self.paths, self.threshold, self.warmup = model, paths, float(threshold), warmup
+        self.clock = clock or StepClock()
+        self.states: dict = {}
+        self._run = None
+        self.full_calls = self.reused_calls = 0
+
+    def __call__(self, forward, t, *args, stream=None, step: int | None = None, **kwargs):
+        step = self.clock.observe(t) if step is None else self.clock.set(step)
+        if self._run != self.clock.run:
+            self.states.clear()
+            self._run = self.clock.run
+        x = args[0] if args else next(iter(kwargs.values()))
+        st = self.states.setdefault((stream, tuple(getattr(x, "shape", ()))), {"acc": 0.0})
+        call = {"skip": False}
+        head, *middle, tail = self.paths
+        wrappers = {head: self._head(st, call, step), tail: self._tail(st, call)}
+        wrappers.update({p: self._middle(call) for p in middle})
+        with ModelPatch(self.model, wrappers):
+            out = forward(*args, **kwargs)
+        if call["skip"]:
+            self.reused_calls += 1
+        else:
+            self.full_calls += 1
+        return out
+
+    def _head(self, st, call, step):
+        def run(original, *args, **kwargs):
+            hid_in, _ = _io(args, kwargs)
+            out = original(*args, **kwargs)
+            enc, hid = _split(out)
+            r = hid - hid_in                                     # (B, N, D) the first block's residual
+            prev = st.get("r")
+            if prev is not None and prev.shape == r.shape and step >= self.warmup and "tail_r" in st:
+                change = float((r - prev).abs().mean() / prev.abs().mean().clamp_min(1e-12))
+                st["acc"] += change
+                call["skip"] = st["acc"] < self.threshold
+            st["r"] = r
+            if not call["skip"]:
+                st["acc"] = 0.0
+            st["head"] = (enc, hid)
+            call["tuple"] = isinstance(out, tuple)
+            return out
+        return run
+
+    def _middle(self, call):
+        def run(original, *args, **kwargs):
+            if not call["skip"]:
+                return original(*args, **kwargs)
+            hid, enc = _io(args, kwargs)
+            return (enc, hid) if call["tuple"] else hid
+        return run
+
+    def _tail(self, st, call):
+        def run(original, *args, **kwargs):
+            enc_h, hid_h = st["head"]
+            if call["skip"]:
+                r_enc, r_hid, is_tuple = st["tail_r"]
+                hid = hid_h + r_hid
+                return (_add(enc_h, r_enc), hid) if is_tuple else hid
+            out = original(*args, **kwargs)
+            enc, hid = _split(out)
+            st["tail_r"] = (_sub(enc, enc_h), hid - hid_h, isinstance(out, tuple))
+            return out
+        return run
+
+    def reset(self) -> None:
+        self.clock.reset()
+        self.states.clear()
+
