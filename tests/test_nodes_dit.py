@@ -126,7 +126,7 @@ def lora_file(arch: str, layout: str, sd: dict, seed: int = 1, rank: int = 2) ->
                    if k.endswith(".weight") and v.ndim >= 2}
     for i, (name, shape) in enumerate(sorted(modules.items())):
         r = 1 + (i + seed) % rank
-        alpha = [None, 1.0, 4.0][i % 3]
+        alpha = [None, 1.0, 3.0][i % 3]
         down = torch.randn(r, *shape[1:], generator=gen) * 0.3
         up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
         if layout == "diffusers":

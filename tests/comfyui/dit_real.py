@@ -1,0 +1,160 @@
+"""Run under ComfyUI's interpreter: tiny Flux / SD3 / PixArt MODELs built in ComfyUI's own classes
+(comfy.supported_models -> comfy.model_base -> ModelPatcher), LoRA files in diffusers, BFL and kohya names, and our
+LoRA loader (nodes/adapters.load_lora) against ComfyUI's LoraLoader (comfy.sd.load_lora_for_models). Both patched
+MODELs are patched by ComfyUI itself (ModelPatcher.patch_model) and their weights compared; a Flux MODEL's flow
+schedule from our node is compared with diffusers' Flux grid.
+
+    python tests/comfyui/dit_real.py <comfyui checkout> <pack root> <scratch folder>   # prints one JSON line
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# ComfyUI's own sizes for tiny models: SD3's hidden size is 64 x depth; axes_dim sums to Flux's head width
+CONFIGS = {
+    "flux": {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 12,
+             "context_in_dim": 24, "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2,
+             "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000, "qkv_bias": True,
+             "guidance_embed": False},
+    "sd3": {"in_channels": 4, "patch_size": 2, "out_channels": 4, "depth": 2, "input_size": None,
+            "adm_in_channels": 24, "pos_embed_max_size": 8, "num_patches": 64, "pos_embed_scaling_factor": None,
+            "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 40,
+                                                                                 "out_features": 128}},
+            "x_block_self_attn_layers": []},
+    "pixart": {"image_model": "pixart_alpha", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 32,
+               "depth": 2, "num_heads": 2, "caption_channels": 24, "model_max_length": 8, "micro_condition": True,
+               "pred_sigma": True, "learn_sigma": True},
+}
+
+
+def build(arch: str):
+    import torch
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cls = {"flux": sm.Flux, "sd3": sm.SD3, "pixart": sm.PixArtAlpha}[arch]
+    config = cls(dict(CONFIGS[arch]))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in model.diffusion_model.state_dict().items()}
+    model.diffusion_model.load_state_dict(weights)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def lora_files(arch: str, patcher, folder: Path) -> dict:
+    """{layout: path}: one LoRA per layout on every linear / conv weight, ranks and alphas varying."""
+    import torch
+    import comfy.utils
+    from safetensors.torch import save_file
+
+    sd = patcher.model.state_dict()
+    weights = {k: v for k, v in sd.items() if k.startswith("diffusion_model.") and k.endswith(".weight")
+               and v.ndim in (2, 4)}
+    table = {"flux": comfy.utils.flux_to_diffusers, "sd3": comfy.utils.mmdit_to_diffusers,
+             "pixart": comfy.utils.pixart_to_diffusers}[arch](patcher.model.model_config.unet_config,
+                                                                 output_prefix="diffusion_model.")
+    out = {}
+    for layout in ("diffusers", "bfl", "kohya"):
+        modules = {}
+        if layout == "diffusers":
+            for name, target in table.items():
+                if not name.endswith(".weight"):
+                    continue
+                key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+                if key in weights:
+                    shape = weights[key].shape
+                    modules["transformer." + name[:-len(".weight")]] = (offset[2] if offset else shape[0],
+                                                                       *shape[1:])
+        else:
+            modules = {k[len("diffusion_model."):-len(".weight")]: tuple(v.shape) for k, v in weights.items()}
+        gen = torch.Generator().manual_seed(len(layout))
+        lora = {}
+        for i, (name, shape) in enumerate(sorted(modules.items())):
+            r, alpha = 1 + i % 2, [None, 1.0, 3.0][i % 3]   # alpha 3: not a power of 2, so rounding shows
+            down = torch.randn(r, *shape[1:], generator=gen) * 0.3
+            up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
+            n, d, u = {"diffusers": (name, "lora_A.weight", "lora_B.weight"),
+                       "bfl": (f"diffusion_model.{name}", "lora_down.weight", "lora_up.weight"),
+                       "kohya": ("lora_unet_" + name.replace(".", "_"), "lora_down.weight", "lora_up.weight")}[layout]
+            lora[f"{n}.{d}"], lora[f"{n}.{u}"] = down.contiguous(), up.contiguous()
+            if alpha is not None:
+                lora[f"{n}.alpha"] = torch.tensor(alpha)
+        path = folder / f"{arch}_{layout}.safetensors"
+        save_file(lora, str(path))
+        out[layout] = path
+    return out
+
+
+def patched(patcher) -> dict:
+    """The weights ComfyUI computes for a patched MODEL (its own patch_model), then unpatched."""
+    patcher.patch_model(force_patch_weights=True)
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+    finally:
+        patcher.unpatch_model()
+
+
+def compare(arch: str, folder: Path) -> dict:
+    import comfy.sd
+    import comfy.utils
+    from nimblediff.nodes.adapters import load_lora
+
+    base = build(arch)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    out = {}
+    for layout, path in lora_files(arch, base, folder).items():
+        lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+        theirs, _ = comfy.sd.load_lora_for_models(base, None, lora, 0.7, 0.0)
+        ours, _, report = load_lora(base, None, str(path), 0.7, 1.0)
+        a, b = patched(theirs), patched(ours)
+        changed = sum(not a[k].equal(before[k]) for k in a)
+        ours_changed = sum(not b[k].equal(before[k]) for k in b)
+        out[f"{arch}/{layout}"] = {"max_abs_diff": max(float((a[k] - b[k]).abs().max()) for k in a),
+                                   "weights_changed": changed, "ours_changed": ours_changed,
+                                   "largest_change": max(float((a[k] - before[k]).abs().max()) for k in a),
+                                   "unmatched": len(report.unmatched),
+                                   "input_untouched": all(v.equal(before[k]) for k, v in base.model.state_dict()
+                                                          .items()) and not base.patches}
+    return out
+
+
+def flux_schedule() -> dict:
+    """Our Flow Schedule node on a Flux MODEL after ComfyUI's ModelSamplingFlux(width, height) vs diffusers."""
+    import numpy as np
+    import torch
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from nimblediff.nodes.sampling import FlowSchedule
+
+    model = ModelSamplingFlux().patch(build("flux"), 1.15, 0.5, 768, 512)[0]
+    ours = FlowSchedule().build(model, "trailing", 4, "model", 1.0, 64, 64, 0.5, 1.15)[0]
+    stock = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    stock.set_timesteps(sigmas=np.linspace(1.0, 1 / 4, 4), mu=calculate_shift(48 * 32, 256, 4096, 0.5, 1.15))
+    return {"flux_schedule_max_abs_diff": float((ours - stock.sigmas).abs().max()),
+            "model_sampling": type(model.get_model_object("model_sampling")).__mro__[1].__name__,
+            "torch": torch.__version__}
+
+
+def main(comfy: str, pack: str, scratch: str) -> None:
+    sys.path.insert(0, str(Path(pack) / "tests"))
+    import comfy_harness
+
+    comfy_harness._import_pack(comfy, pack)
+    sys.path.insert(0, comfy)
+    folder = Path(scratch)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for arch in ("flux", "sd3", "pixart"):
+        result.update(compare(arch, folder))
+    result.update(flux_schedule())
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

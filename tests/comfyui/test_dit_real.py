@@ -1,0 +1,49 @@
+"""Our LoRA loader on DiT MODELs built in a real ComfyUI's own classes equals ComfyUI's LoraLoader (tiny Flux, SD3 and
+PixArt; LoRA files in diffusers, BFL and kohya names), and our flow schedule on a Flux MODEL patched by ComfyUI's
+ModelSamplingFlux equals diffusers' Flux grid. Runs tests/comfyui/dit_real.py under COMFYUI_PYTHON.
+
+    COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python python -m pytest tests/comfyui/test_dit_real.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import comfy_harness  # noqa: E402
+
+pytestmark = pytest.mark.comfyui
+
+COMFY = comfy_harness.comfyui_path()
+if COMFY is None or not (COMFY / "comfy").is_dir():
+    pytest.skip(f"real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout; got {COMFY}",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    script = Path(__file__).parent / "dit_real.py"
+    proc = subprocess.run([comfy_harness.comfyui_python(), str(script), str(COMFY), str(comfy_harness.PACK_DIR),
+                           str(tmp_path_factory.mktemp("dit_real"))], capture_output=True, text=True, timeout=900,
+                          cwd=str(comfy_harness.PACK_DIR), check=False)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", [f"{a}/{layout}" for a in ("flux", "sd3", "pixart")
+                                  for layout in ("diffusers", "bfl", "kohya")])
+def test_lora_loader_equals_comfyui_loraloader_on_comfy_models(result, case):
+    r = result[case]
+    assert r["max_abs_diff"] <= 1e-6, r
+    assert r["weights_changed"] == r["ours_changed"] > 20 and r["largest_change"] > 0.5, r
+    assert r["unmatched"] == 0 and r["input_untouched"], r
+
+
+def test_flux_schedule_on_comfy_model_sampling_flux(result):
+    assert result["model_sampling"] == "ModelSamplingFlux"
+    assert result["flux_schedule_max_abs_diff"] <= 1e-6
