@@ -16,10 +16,10 @@ class CacheSchedule:
     end of the list compute in full: a schedule made for 25 steps never reuses stale features at step 30."""
 
     compute: tuple[bool, ...] = ()
-    interval: int = 0      # > 0 instead of a list: compute every interval-th step, for any number of steps
+    interval: int | None = None   # instead of a list: compute every interval-th step, for any number of steps
 
     def __post_init__(self):
-        if self.interval:
+        if self.interval is not None:
             _check_int("interval", self.interval, 1)
             return
         if not self.compute or not all(isinstance(c, bool) for c in self.compute):
@@ -29,7 +29,7 @@ class CacheSchedule:
             raise InvalidParameterError("schedule[0] is false: the first step has nothing to reuse; it must compute")
 
     def __call__(self, step: int) -> bool:
-        if self.interval:
+        if self.interval is not None:
             return step % self.interval == 0
         return step >= len(self.compute) or self.compute[step]
 
@@ -66,7 +66,7 @@ class CacheSchedule:
         return cls(tuple(value))
 
     def to_json(self, path, model_type: str, **extra) -> None:
-        if self.interval:
+        if self.interval is not None:
             raise InvalidParameterError("an interval schedule has no step list to save; use CacheSchedule.uniform")
         data = {"model_type": model_type, "kind": "cache", "compute": list(self.compute), **extra}
         Path(path).write_text(json.dumps(data, indent=1))

@@ -1,0 +1,277 @@
+"""core/caching on tiny random diffusers models. References: the DeepCache package and diffusers' own
+FirstBlockCache on the same pipeline and noise (bit-identical), no-cache output, hand-constructed layers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nimblediff.core.caching import BlockReuse, CacheSchedule, FirstBlockCache, count_calls, deepcache_paths
+from nimblediff.core.caching import prune as laptop
+from nimblediff.errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
+from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
+
+sys.path.insert(0, str(Path(__file__).parent))
+from factories import _seeded, tiny_flux_components, tiny_sd15_pipeline, tiny_sd15_unet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sd15():
+    return tiny_sd15_pipeline(0, layout="sd15")       # the real 4-level SD1.5 block layout at tiny width
+
+
+def _latents(pipe, steps=5, cfg=5.0):
+    return pipe("a cat", num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(0),
+                output_type="latent").images
+
+
+def test_recompute_every_step_is_bit_identical_to_no_cache(sd15):
+    base = _latents(sd15)
+    for method, opts in [("deepcache", {"interval": 1}), ("reuse", {"paths": ["mid_block", "up_blocks.1"],
+                                                                    "schedule": [True] * 5})]:
+        cache = enable_nimble_cache(sd15, method, **opts)
+        out = _latents(sd15)
+        disable_nimble_cache(sd15)
+        assert torch.equal(out, base), method
+        assert cache.reused_calls == 0 and cache.full_calls == 5
+    assert torch.equal(_latents(sd15), base)                      # disabled: the model is as before
+
+
+@pytest.mark.parametrize("branch_id,branch", [(0, (0, 0)), (1, (0, 1)), (4, (1, 1))])
+def test_deepcache_branch_matches_the_deepcache_package(sd15, branch_id, branch):
+    deepcache = pytest.importorskip("DeepCache")
+    helper = deepcache.DeepCacheSDHelper(pipe=sd15)
+    helper.set_params(cache_interval=2, cache_branch_id=branch_id)
+    helper.enable()
+    try:
+        theirs = _latents(sd15)
+    finally:
+        helper.disable()
+    enable_nimble_cache(sd15, "deepcache", interval=2, branch=branch)
+    ours = _latents(sd15)
+    disable_nimble_cache(sd15)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, _latents(sd15))                   # reuse changed something
+
+
+def test_reuse_really_skips_the_deep_blocks(sd15):
+    probes = ["mid_block.resnets.0", "down_blocks.3.resnets.0", "up_blocks.3.resnets.1", "conv_in"]
+    enable_nimble_cache(sd15, "deepcache", schedule=[True, False, False, True, False, False])
+    with count_calls(sd15.unet, probes) as calls:
+        _latents(sd15, steps=6)
+    disable_nimble_cache(sd15)
+    assert calls["mid_block.resnets.0"] == calls["down_blocks.3.resnets.0"] == 2     # 2 full steps of 6
+    assert calls["up_blocks.3.resnets.1"] == calls["conv_in"] == 6                  # the shallow path every step
+
+
+def test_block_reuse_replays_recorded_outputs_by_hand():
+    """A module whose output is its call count: on off-steps the replayed value is the last full step's."""
+    class Counter(torch.nn.Module):
+        n = 0
+
+        def forward(self, x):
+            self.n += 1
+            return x * 0 + self.n
+
+    model = torch.nn.Sequential(Counter())
+    cache = BlockReuse(model, ["0"], CacheSchedule((True, False, True, False)))
+    outs = [float(cache(model, t, torch.zeros(1))) for t in (900, 600, 300, 100)]
+    assert outs == [1, 1, 2, 2]
+    assert float(cache(model, 950, torch.zeros(1))) == 3           # a higher timestep starts a new run
+
+
+def _flux(num_single_layers=2):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    c = tiny_flux_components(0)
+    c["transformer"] = _seeded(0, lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=num_single_layers, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=[4, 4, 8]))
+    pipe = FluxPipeline(**c)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return _flux()
+
+
+def _flux_latents(pipe, steps=2):
+    return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+                guidance_scale=3.5, max_sequence_length=16, height=32, width=32).images
+
+
+def test_first_block_cache_matches_diffusers_first_block_cache(flux):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe = flux
+    base = _flux_latents(pipe)
+    cache = enable_nimble_cache(pipe, "first_block", threshold=0.0)
+    assert torch.equal(_flux_latents(pipe), base) and cache.reused_calls == 0   # threshold 0 never skips
+    cache = enable_nimble_cache(pipe, "first_block", threshold=1.0)
+    with count_calls(pipe.transformer, ["single_transformer_blocks.0.attn"]) as calls:
+        ours = _flux_latents(pipe)
+    disable_nimble_cache(pipe)
+    assert cache.reused_calls == 1 and calls["single_transformer_blocks.0.attn"] == 1
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1.0))
+    theirs = _flux_latents(pipe)
+    pipe.transformer.disable_cache()
+    assert torch.equal(ours, theirs) and not torch.equal(ours, base)
+
+
+def test_first_block_cache_accumulates_change_by_hand():
+    """Blocks add constants; the head's residual changes by a known relative amount each step."""
+    class Block(torch.nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, hidden_states):
+            return hidden_states + self.k
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([Block(1.0), Block(2.0), Block(3.0)])
+
+        def forward(self, x):
+            for b in self.transformer_blocks:
+                x = b(hidden_states=x)
+            return x
+
+    net = Net()
+    cache = FirstBlockCache(net, 0.25, blocks=["transformer_blocks.0", "transformer_blocks.1",
+                                               "transformer_blocks.2"])
+    head = net.transformer_blocks[0]
+    for t, k in zip((900, 800, 700, 600), (1.0, 1.1, 1.2, 1.3)):   # change 0.1, then 0.091 (sum 0.191), 0.083
+        head.k = k
+        out = cache(net, t, torch.zeros(2))
+    # step 0 full, steps 1-2 skipped (sum 0.1, 0.191 < 0.25), step 3: sum 0.274 -> full
+    assert (cache.full_calls, cache.reused_calls) == (2, 2)
+    assert torch.allclose(out, torch.full((2,), 1.3 + 5.0))
+
+
+# ---------------------------------------------------------------------------------------------------- LAPTOP
+
+def _unet_batches(unet, n=2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, 16, 16, generator=g)
+    ctx = torch.randn(n, 4, 8, generator=g)
+    return [lambda t=t: unet(x, t, encoder_hidden_states=ctx).sample for t in (900, 500, 100)]
+
+
+def test_laptop_zero_contribution_layer_scores_zero():
+    unet = tiny_sd15_unet(0)
+    batches = _unet_batches(unet)
+    with torch.no_grad():
+        unet.down_blocks[1].attentions[0].proj_out.weight.zero_()   # output = input + proj_out(...) = input
+        unet.down_blocks[1].attentions[0].proj_out.bias.zero_()
+    cands = laptop.candidates(unet, batches[0])
+    assert "down_blocks.1.attentions.0" in cands and "up_blocks.1.resnets.0" not in cands   # 16 -> 4 channels
+    scores = laptop.score_layers(unet, batches, cands)
+    assert scores["down_blocks.1.attentions.0"] == 0.0
+    assert all(s > 0 for p, s in scores.items() if p != "down_blocks.1.attentions.0")
+
+
+def test_laptop_additivity_and_config_round_trip(tmp_path):
+    unet = tiny_sd15_unet(0)
+    batches = _unet_batches(unet)
+    cands = laptop.candidates(unet, batches[0])
+    scores = laptop.score_layers(unet, batches, cands)
+    pred, meas, r = laptop.additivity(unet, batches, scores, n_sets=4, size=2)
+    assert len(pred) == len(meas) == 4 and -1 <= r <= 1
+    skip = laptop.choose(scores, laptop.param_costs(unet, cands), 0.3)
+    path = tmp_path / "prune.json"
+    laptop.save_config(path, unet, skip, scores)
+    assert laptop.load_config(path, unet) == skip
+    with torch.no_grad():
+        base = batches[0]()
+    patch = laptop.apply_pruning(unet, skip)
+    with torch.no_grad():
+        pruned = batches[0]()
+    patch.remove()
+    with torch.no_grad():
+        assert torch.equal(batches[0](), base) and not torch.equal(pruned, base)
+    # the measured joint effect equals removal_effect of the same set (the applied patch is the scored one)
+    assert math.isclose(laptop.removal_effect(unet, batches[:1], skip),
+                        float(((pruned - base) ** 2).sum() / (base ** 2).sum()), rel_tol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def _forwards(model):
+    return {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, _forwards(model)
+
+
+def _same(model, before):
+    weights, forwards = before
+    return all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()) and _forwards(model) == forwards
+
+
+def test_unknown_model_type_is_named():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    with pytest.raises(InvalidParameterError, match="Sequential"):
+        deepcache_paths(model)
+    from diffusers import PixArtTransformer2DModel
+
+    pix = PixArtTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                   num_attention_heads=2, caption_channels=32, in_channels=4, out_channels=8,
+                                   cross_attention_dim=16, norm_type="ada_norm_single", num_embeds_ada_norm=1000)
+    with pytest.raises(InvalidParameterError, match="PixArtTransformer2DModel.*supported"):
+        enable_nimble_cache(pix, "first_block", threshold=0.1)
+    with pytest.raises(InvalidParameterError, match="UNet2DConditionModel"):
+        enable_nimble_cache(tiny_sd15_unet(0), "first_block", threshold=0.1)   # a UNet has no first block
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"method": "first_block", "threshold": 1.5}, "threshold=1.5"),
+    ({"method": "first_block", "threshold": float("nan")}, "threshold=nan"),
+    ({"method": "first_block", "threshold": -0.1}, "threshold=-0.1"),
+    ({"method": "deepcache", "interval": 0}, "interval=0"),
+    ({"method": "deepcache", "interval": 2, "steps": 1}, "interval=2"),
+    ({"method": "deepcache", "schedule": [False, True]}, "schedule\\[0\\]"),
+    ({"method": "deepcache", "schedule": ["yes"]}, "schedule="),
+    ({"method": "deepcache", "branch": (9, 0)}, "block=9"),
+    ({"method": "reuse", "paths": ["up_blocks.7"]}, "up_blocks.7"),
+    ({"method": "reuse", "paths": []}, "paths"),
+    ({"method": "warp"}, "method='warp'"),
+])
+def test_bad_options_raise_and_leave_the_model_unchanged(sd15, flux, opts, match):
+    model = flux.transformer if opts["method"] == "first_block" else sd15.unet
+    before = _state(model)
+    with pytest.raises(InvalidParameterError, match=match):
+        enable_nimble_cache(model, **opts)
+    assert _same(model, before)
+    registry = getattr(model, "_diffusers_hook", None)
+    assert registry is None or registry.get_hook("nimblediff_cache") is None
+
+
+def test_pruning_config_for_another_architecture_is_refused(tmp_path, sd15):
+    small = tiny_sd15_unet(0)
+    path = tmp_path / "prune.json"
+    laptop.save_config(path, small, ["down_blocks.1.attentions.0"])
+    before = _state(sd15.unet)
+    base = _latents(sd15, steps=2)
+    with pytest.raises(AdapterMismatchError, match="signature"):
+        enable_nimble_cache(sd15, "prune", config=path)
+    assert _same(sd15.unet, before) and torch.equal(_latents(sd15, steps=2), base)
+    path.write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(WeightsFormatError, match="nimblediff-layer-prune"):
+        enable_nimble_cache(sd15, "prune", config=path)
+
+
+def test_schedule_json_round_trip(tmp_path):
+    s = CacheSchedule.edges(10, 3, first=2, last=2)
+    assert s.compute == (True, True, True, False, False, True, False, False, True, True)
+    s.to_json(tmp_path / "s.json", "UNet2DConditionModel")
+    assert CacheSchedule.from_json(tmp_path / "s.json", "UNet2DConditionModel")[0] == s
+    with pytest.raises(WeightsFormatError, match="made for"):
+        CacheSchedule.from_json(tmp_path / "s.json", "FluxTransformer2DModel")
