@@ -44,6 +44,8 @@ class Activations:
     rows: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     amax: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     timesteps: list = field(default_factory=list)  # one entry per denoiser call
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of x^T x over ALL rows (GPTQ's H / 2)
+    count: dict[str, int] = field(default_factory=dict)
 
     def matrix(self, name: str) -> torch.Tensor:
         return torch.cat(self.rows[name], 0)
@@ -65,10 +67,12 @@ def _default_timestep(args, kwargs):
 
 
 def collect(model: torch.nn.Module, run: Callable[[], object], layers: Mapping[str, torch.nn.Module], *,
-            rows_per_call: int = 32, seed: int = 0, timestep_of=_default_timestep) -> Activations:
+            rows_per_call: int = 32, seed: int = 0, timestep_of=_default_timestep,
+            gram_max: int = 0) -> Activations:
     """Run ``run()`` (which must call ``model`` once per denoising step) and sample each layer's input rows.
 
-    Every call contributes ``rows_per_call`` rows per layer, so all timesteps of the trajectory weigh the same."""
+    Every call contributes ``rows_per_call`` rows per layer, so all timesteps of the trajectory weigh the same.
+    Layers with at most ``gram_max`` input features also accumulate X^T X over all their rows (for GPTQ)."""
     acts = Activations({n: [] for n in layers}, {n: [] for n in layers})
     gen = torch.Generator().manual_seed(seed)
 
@@ -81,6 +85,10 @@ def collect(model: torch.nn.Module, run: Callable[[], object], layers: Mapping[s
             cdim = 1 if isinstance(layer, torch.nn.Conv2d) else -1
             acts.amax[name].append(x.abs().float().movedim(cdim, 0).reshape(x.shape[cdim], -1).amax(1).cpu())
             r = _rows_of(layer, x)
+            if r.shape[1] <= gram_max:
+                rf = r.float()
+                acts.gram[name] = acts.gram.get(name, 0) + (rf.T @ rf).cpu()
+                acts.count[name] = acts.count.get(name, 0) + r.shape[0]
             idx = torch.randperm(r.shape[0], generator=gen)[:rows_per_call].to(r.device)
             acts.rows[name].append(r[idx].float().cpu())
         return hook
@@ -121,7 +129,7 @@ def _scheme_fn(scheme):
 
 
 def calibrate_layer(w: torch.Tensor, scheme, x: torch.Tensor, *, clip_grid=CLIP_GRID, adaround_iters: int = 0,
-                    seed: int = 0) -> tuple[QuantizedWeight, dict]:
+                    gram: torch.Tensor | None = None, seed: int = 0) -> tuple[QuantizedWeight, dict]:
     """Quantize float ``w`` (out, ...) minimising the output error on input rows ``x`` (N, K).
 
     Every 5th row is held out: a refinement is kept only if it also lowers the held-out error (with a few hundred
@@ -148,10 +156,48 @@ def calibrate_layer(w: torch.Tensor, scheme, x: torch.Tensor, *, clip_grid=CLIP_
         # 1. per-row clip search (rows quantize independently, so the per-row argmin is exact)
         errs = torch.stack([output_error(w, fn(w, clip=c).dequantize(), fit) for c in clip_grid])  # (C, out)
         consider(fn(w, clip=torch.tensor(clip_grid)[errs.argmin(0)]))
+    if gram is not None and hasattr(rtn, "affine_grid"):
+        # 2. GPTQ error feedback on the round-to-nearest grid, with H from every input row of the trajectory
+        consider(gptq(w, rtn, gram))
     if adaround_iters > 0 and hasattr(best, "affine_grid"):
-        # 2. learned rounding on the chosen grid
+        # 3. learned rounding on the chosen grid
         consider(adaround(w, best, fit, iters=adaround_iters, seed=seed))
     return best, {"rtn": math.sqrt(rtn_err / ref), "calibrated": math.sqrt(err.sum() / ref)}
+
+
+def gptq(w: torch.Tensor, qw, gram: torch.Tensor, *, block: int = 128, damp: float = 0.01):
+    """GPTQ (Frantar et al. 2023, Alg. 1) on qw's fixed grid ("static groups"), columns in descending H_ii order.
+
+    Each column is rounded, and its error (w - q) / [H^-1]_ii is spread over the not-yet-quantized columns through
+    the Cholesky factor of H^-1 (H = X^T X over the calibration rows), which minimises ||(W - Q) X^T||^2 far
+    better than rounding each weight alone."""
+    s, m, qmin, qmax = qw.affine_grid()
+    W = w.detach().float().reshape(w.shape[0], -1).clone()  # (out, K)
+    s, m = s.expand_as(W).contiguous(), m.expand_as(W).contiguous()
+    H = gram.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True)  # "act order": most active inputs first
+    W, s, m, H = W[:, perm], s[:, perm], m[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0])
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    K = W.shape[1]
+    Qc = torch.zeros_like(W)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1, E1, U1 = W[:, i1:i2].clone(), torch.zeros(W.shape[0], i2 - i1), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w_col, d = W1[:, i], U1[i, i]
+            c = torch.clamp(torch.round((w_col - m[:, i1 + i]) / s[:, i1 + i]), qmin, qmax)
+            Qc[:, i1 + i] = c
+            err = (w_col - (c * s[:, i1 + i] + m[:, i1 + i])) / d
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    codes = torch.empty_like(Qc)
+    codes[:, perm] = Qc
+    return qw.with_codes(codes)
 
 
 def adaround(w: torch.Tensor, qw, x: torch.Tensor, *, iters: int = 200, lr: float = 5e-2, lam: float = 0.01,
@@ -194,24 +240,26 @@ def adaround(w: torch.Tensor, qw, x: torch.Tensor, *, iters: int = 200, lr: floa
 
 def calibrate_model(model: torch.nn.Module, scheme, run: Callable[[], object], *,
                     per_layer: Mapping[str, object] | None = None, include=None, exclude=None, min_numel: int = 0,
-                    rows_per_call: int = 32, clip_grid=CLIP_GRID, adaround_iters: int = 0, w8a8: bool = False,
+                    rows_per_call: int = 32, clip_grid=CLIP_GRID, adaround_iters: int = 0, gptq_max: int = 4096,
+                    w8a8: bool = False,
                     skip_splits: Mapping[str, int] | None = None, seed: int = 0,
                     progress: Callable[[int, int, str], None] | None = None) -> dict[str, dict]:
     """Calibrate and quantize every eligible layer of ``model`` in place; return {name: errors and scheme}.
 
-    ``run()`` samples a few prompts with the float model (it calls ``model`` per step). ``per_layer`` overrides the
+    ``run()`` samples a few prompts with the float model (it calls ``model`` per step). Layers with at most
+    ``gptq_max`` input features (K x K statistics) also try GPTQ rounding. ``per_layer`` overrides the
     scheme per layer (None keeps a layer float). ``w8a8`` adds static int8 activation quantizers to int8 layers,
     with the skip-concatenation layers in ``skip_splits`` {name: channel where the skip half starts} split in two.
     Nothing is swapped until every layer is done."""
     per_layer = dict(per_layer or {})
     layers = {n: m for n, m in eligible_layers(model, include, exclude, min_numel).items()
               if per_layer.get(n, scheme) is not None}
-    acts = collect(model, run, layers, rows_per_call=rows_per_call, seed=seed)
+    acts = collect(model, run, layers, rows_per_call=rows_per_call, seed=seed, gram_max=gptq_max)
     new, report = {}, {}
     for i, (name, layer) in enumerate(layers.items()):
         sch = per_layer.get(name, scheme)
         x = acts.matrix(name)
-        qw, info = calibrate_layer(layer.weight.detach(), sch, x, clip_grid=clip_grid,
+        qw, info = calibrate_layer(layer.weight.detach(), sch, x, clip_grid=clip_grid, gram=acts.gram.get(name),
                                    adaround_iters=adaround_iters, seed=seed)
         q = wrap(layer, qw.to(layer.weight.device))
         if w8a8 and getattr(qw, "kind", "") == "int8":
