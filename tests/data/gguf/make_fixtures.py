@@ -8,8 +8,11 @@
    BFL ``double_blocks.*`` for Flux), saved as .safetensors under a temporary folder.
 2. ``tools/convert.py --src <that file> --dst <name>-F16.gguf`` (ComfyUI-GGUF's converter) writes the F16 files.
 3. With a llama-quantize built from llama.cpp tag b3962 + ComfyUI-GGUF's ``tools/lcpp.patch`` (their documented
-   route to quantized files), ``llama-quantize <name>-F16.gguf <name>-<TYPE>.gguf <TYPE>`` writes the quantized
-   ones. Nothing of either project is kept in this repository.
+   route to quantized files), ``llama-quantize <name>-F16.gguf <name>-<TYPE>.gguf <TYPE> 1`` writes the quantized
+   ones. Build: ``cmake -B build -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
+   -DCMAKE_C_FLAGS=-ffp-contract=off && cmake --build build --target llama-quantize``: without contraction off, the
+   compiler fuses ggml's ``a*b - c*d`` into FMA instructions and a few K-quant bytes depend on the build machine.
+   Nothing of either project is kept in this repository.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (model builder config, original layout, quantized types to make)
 FIXTURES = {
     "sd1_tiny": ("unet", dict(block_out_channels=(4, 8, 8, 8), attention_levels=3), ()),
-    "sd1_small": ("unet", dict(block_out_channels=(4, 8, 16, 16), attention_levels=3), ("Q4_K", "Q5_K")),
+    "sd1_small": ("unet", dict(block_out_channels=(4, 8, 16, 16), attention_levels=3), ("Q4_K_S", "Q6_K")),
     "flux_tiny": ("flux", {}, ("Q8_0", "Q4_0")),
 }
 
