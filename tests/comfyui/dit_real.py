@@ -141,6 +141,30 @@ def flux_schedule() -> dict:
             "torch": torch.__version__}
 
 
+def flux_sampling() -> dict:
+    """SamplerCustom on a tiny Flux MODEL with our euler SAMPLER and our Flow Schedule SIGMAS vs ComfyUI's own euler
+    sampler on the same sigmas (a deterministic ODE: the two must agree), with a LoRA of ours on the MODEL."""
+    import torch
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+    from nimblediff.nodes.sampling import FlowSchedule, make_sampler
+
+    model = ModelSamplingFlux().patch(build("flux"), 1.15, 0.5, 64, 64)[0]
+    sigmas = FlowSchedule().build(model, "trailing", 4, "model", 1.0, 64, 64, 0.5, 1.15)[0]
+    gen = torch.Generator().manual_seed(1)
+    cfg = CONFIGS["flux"]
+    cond = [[torch.randn(1, 5, cfg["context_in_dim"], generator=gen),
+             {"pooled_output": torch.randn(1, cfg["vec_in_dim"], generator=gen)}]]
+    latent = torch.zeros(1, 16, 8, 8)
+    noise = torch.randn(1, 16, 8, 8, generator=gen)
+    out = {}
+    for name, sampler in (("ours", make_sampler("euler")), ("comfy", comfy.samplers.ksampler("euler"))):
+        out[name] = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, latent, seed=0)
+    return {"flux_euler_max_abs_diff": float((out["ours"] - out["comfy"]).abs().max()),
+            "flux_euler_output_std": float(out["comfy"].std())}
+
+
 def main(comfy: str, pack: str, scratch: str) -> None:
     sys.path.insert(0, str(Path(pack) / "tests"))
     import comfy_harness
@@ -153,6 +177,7 @@ def main(comfy: str, pack: str, scratch: str) -> None:
     for arch in ("flux", "sd3", "pixart"):
         result.update(compare(arch, folder))
     result.update(flux_schedule())
+    result.update(flux_sampling())
     print(json.dumps(result))
 
 

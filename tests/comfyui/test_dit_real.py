@@ -1,6 +1,6 @@
 """Our LoRA loader on DiT MODELs built in a real ComfyUI's own classes equals ComfyUI's LoraLoader (tiny Flux, SD3 and
 PixArt; LoRA files in diffusers, BFL and kohya names), and our flow schedule on a Flux MODEL patched by ComfyUI's
-ModelSamplingFlux equals diffusers' Flux grid. Runs tests/comfyui/dit_real.py under COMFYUI_PYTHON.
+ModelSamplingFlux equals diffusers' Flux grid, and SamplerCustom with our euler SAMPLER on it equals ComfyUI's euler. Runs tests/comfyui/dit_real.py under COMFYUI_PYTHON.
 
     COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python python -m pytest tests/comfyui/test_dit_real.py
 """
@@ -47,3 +47,8 @@ def test_lora_loader_equals_comfyui_loraloader_on_comfy_models(result, case):
 def test_flux_schedule_on_comfy_model_sampling_flux(result):
     assert result["model_sampling"] == "ModelSamplingFlux"
     assert result["flux_schedule_max_abs_diff"] <= 1e-6
+
+
+def test_our_sampler_runs_a_flux_model_like_comfy_euler(result):
+    """SamplerCustom with our euler SAMPLER on our flow SIGMAS equals ComfyUI's euler on a real Flux MODEL."""
+    assert result["flux_euler_max_abs_diff"] <= 1e-5 and result["flux_euler_output_std"] > 0.1
