@@ -1,6 +1,7 @@
 """Our LoRA loader on DiT MODELs built in a real ComfyUI's own classes equals ComfyUI's LoraLoader (tiny Flux, SD3 and
 PixArt; LoRA files in diffusers, BFL and kohya names), and our flow schedule on a Flux MODEL patched by ComfyUI's
-ModelSamplingFlux equals diffusers' Flux grid, and SamplerCustom with our euler SAMPLER on it equals ComfyUI's euler. Runs tests/comfyui/dit_real.py under COMFYUI_PYTHON.
+ModelSamplingFlux equals diffusers' Flux grid, and SamplerCustom with our euler SAMPLER on it equals ComfyUI's euler.
+Runs tests/comfyui/dit_real.py under COMFYUI_PYTHON.
 
     COMFYUI_PATH=~/ComfyUI COMFYUI_PYTHON=~/ComfyUI/venv/bin/python python -m pytest tests/comfyui/test_dit_real.py
 """
