@@ -41,9 +41,11 @@ CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25
            ("Flash LoRA LCM", "lcm", 1, 1.0, True), ("Flash LoRA LCM", "lcm", 2, 1.0, True),
            ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
 # NimbleDiff-Tiny-DiT (rectified flow, StableDiffusion3Pipeline): (name, sampler, steps, guidance, weights)
-DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", 25, CFG, None),
-               ("DiT teacher flow Euler", "flow-euler", 4, CFG, None),
-               ("DiT teacher BOSS", "boss", 4, CFG, None)]
+# (weights: None = the teacher; else the student transformer folder weights/tiny/nimblediff-tiny-dit-<weights>)
+DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, CFG, None) for k in (25, 8, 4, 2, 1)] + [
+    ("DiT teacher BOSS", "boss", 4, CFG, None)] + [
+    ("DiT 2-rectified flow", "flow-euler", k, 1.0, "2rf") for k in (1, 2, 4)] + [
+    ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")]
 
 
 def scheduler(kind, config, schedule_file=None):
@@ -156,14 +158,21 @@ def dit_jobs(a):
     """The DiT rows: the stock StableDiffusion3Pipeline with its T5 absent (the tiny DiT has none) and its defaults."""
     from diffusers import StableDiffusion3Pipeline
 
+    from diffusers import SD3Transformer2DModel
+
     boss = os.path.join(a.dit, "..", "nimblediff-tiny-dit-boss4.json")
-    configs = [c for c in DIT_CONFIGS if _wanted(a, c) and (c[1] != "boss" or os.path.exists(boss))]
+    student = {w: f"{a.dit.rstrip(os.sep)}-{w}" for w in ("2rf", "instaflow")}
+    configs = [c for c in DIT_CONFIGS if _wanted(a, c) and (c[1] != "boss" or os.path.exists(boss))
+               and (c[4] is None or os.path.isdir(student[c[4]]))]
     if not configs or not os.path.isdir(a.dit):
         return
     pipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    teacher = pipe.transformer
     for config in configs:
-        _, kind, steps, guidance, _ = config
+        _, kind, steps, guidance, weights = config
+        pipe.transformer = teacher if weights is None else \
+            SD3Transformer2DModel.from_pretrained(student[weights], dtype=torch.float32).eval()
         extra = {}
         if kind == "boss":
             import json
@@ -216,7 +225,8 @@ def main():
     for label, (imgs, scs) in evaluate.baselines(real, scenes).items():      # chance levels, printed every run
         lines.append(_card_row(f"chance: {label}", "-", "-", "-", evaluate.evaluate_v2(imgs, scs, net), None, None,
                                a.n))
-    rows, labels, results = [real], ["real"], {}
+    head_lines = list(lines)
+    rows, labels, results, family_lines = [real], ["real"], {}, {"unet": [], "dit": []}
     for config, make in jobs(a):
         name, kind, steps, guidance, _ = config
         make(captions[:2], seeds[:2])  # warm-up
@@ -226,11 +236,11 @@ def main():
         r = evaluate.evaluate_v2(images, scenes, net)
         fd = evaluate.frechet(r["features"], real_feats) if len(r["features"]) > 2 else float("nan")
         lines.append(_card_row(name, kind, steps, guidance, r, fd, wall, a.n))
+        family_lines["dit" if config in DIT_CONFIGS else "unet"].append(lines[-1])
         print(lines[-1], flush=True)
         results[config] = dict(r, fd=fd, ms=1000 * wall / a.n)
         rows.append(images)
         labels.append(f"{name} {steps} steps")
-    table = "\n".join(lines)
     note = (f"\n\n{a.n} held-out prompts (`nimblediff.tiny.heldout`, seed {heldout.HELDOUT_SEED}, noise seeds from "
             f"{heldout.NOISE_BASE}), 64x64, {a.threads} CPU thread(s), batch of {a.n}; wall time is for the whole "
             "batch. Whole prompt: every stated word right (evaluator v2), Wilson 95% interval. Chance rows: what the "
@@ -238,15 +248,36 @@ def main():
             "penultimate features of generated and real shapes.\n")
     cond.finish()
     note += f"\n{cond} Whole run {time.perf_counter() - t_start:.0f} s.\n"
-    print("\n" + table + note)
+    print("\n" + "\n".join(lines) + note)
     save_grid(rows, labels, os.path.join(a.out, "tiny_quality_grid.png"))
     if a.no_write:
         return
     mode = "quick mode: 16 prompts, no 25-step row" if a.quick else f"full run, {a.n} held-out prompts"
-    write_result("quality", __file__, readme_table(results, a.n, a.threads) + "\n\n" + str(cond), mode=mode)
-    card = write_result("quality_card", __file__, table + note, mode=mode).read_text().strip()
-    with open(os.path.join(a.out, "tiny_quality.md"), "w") as f:   # for nimblediff.tiny.package's card template
-        f.write(f"<!-- bench:quality_card -->\n{card}\n<!-- /bench:quality_card -->\n")
+    # a family's tables are rewritten only by a run that made all of its rows (an --only run leaves the rest alone)
+    unet_done = [c for c in results if c in CONFIGS]
+    if unet_done and all(_wanted(a, c) for c in CONFIGS):
+        write_result("quality", __file__, readme_table({c: results[c] for c in unet_done}, a.n, a.threads)
+                     + "\n\n" + str(cond), mode=mode)
+        table = "\n".join(head_lines + family_lines["unet"])
+        card = write_result("quality_card", __file__, table + note, mode=mode).read_text().strip()
+        with open(os.path.join(a.out, "tiny_quality.md"), "w") as f:   # for nimblediff.tiny.package's card template
+            f.write(f"<!-- bench:quality_card -->\n{card}\n<!-- /bench:quality_card -->\n")
+    dit_done = [c for c in results if c in DIT_CONFIGS]
+    if dit_done and all(_wanted(a, c) for c in DIT_CONFIGS):
+        table = "\n".join(head_lines + family_lines["dit"])
+        write_result("quality_dit", __file__, table + "\n\n" + dit_comparisons(results) + note, mode=mode)
+
+
+def dit_comparisons(results):
+    """The DiT claims, each as a paired interval over the same prompts and noise."""
+    get = {(c[0], c[2]): r for c, r in results.items() if c in DIT_CONFIGS}
+    pairs = [("BOSS at 4 steps minus uniform flow Euler at 4 steps", ("DiT teacher BOSS", 4),
+              ("DiT teacher flow Euler", 4)),
+             ("One-step InstaFlow student minus the 25-step teacher", ("DiT InstaFlow student", 1),
+              ("DiT teacher flow Euler", 25)),
+             ("2-rectified flow at 2 steps minus the teacher's flow Euler at 2 steps", ("DiT 2-rectified flow", 2),
+              ("DiT teacher flow Euler", 2))]
+    return " ".join(_compare(label, get[x], get[y]) for label, x, y in pairs if x in get and y in get)
 
 
 if __name__ == "__main__":

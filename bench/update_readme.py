@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "README.md", ROOT / "weights" / "tiny" / "MODEL_CARD.md")
+DOCS = (ROOT / "README.md", ROOT / "weights" / "tiny" / "MODEL_CARD.md", ROOT / "weights" / "tiny" / "MODEL_CARD_DIT.md")
 RESULTS = ROOT / "bench" / "results"
 BLOCK = re.compile(r"<!-- bench:(?P<name>[\w-]+) -->\n(?P<body>.*?)<!-- /bench:(?P=name) -->", re.S)
 OPEN = re.compile(r"<!-- bench:([\w-]+) -->")

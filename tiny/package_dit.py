@@ -1,0 +1,167 @@
+"""Ship NimbleDiff-Tiny-DiT: the fp16 StableDiffusion3Pipeline folder, the student transformers that exist, the BOSS
+schedule, and the model card.
+
+    python -m nimblediff.tiny.package_dit [--runs runs/tiny-dit] [--dest weights/tiny]
+
+The card's quality table is the `<!-- bench:quality_dit -->` block that `python bench/update_readme.py` fills from
+bench/results/quality_dit.md (written by `python bench/quality.py --only DiT`).
+"""
+
+import argparse
+import os
+import shutil
+
+import torch
+
+from . import dit
+from .package import HERE, folder_mb, read_log
+
+PIPELINE_DIR = "nimblediff-tiny-dit"
+STUDENTS = {"2rf": ("reflow", "2-rectified flow (reflow on the teacher's couples)"),
+            "instaflow": ("distill", "InstaFlow one-step student (distilled from the 2-rectified flow)")}
+BOSS_FILE = "nimblediff-tiny-dit-boss4.json"
+MAX_MB = 25.0
+
+
+def _float32_configs(folder):
+    """fp16 on disk, but transformers 5 loads a text encoder in its config's dtype while diffusers loads the
+    transformer and VAE in float32: name float32 so the stock pipeline's components agree out of the box."""
+    for name in ("text_encoder", "text_encoder_2"):
+        path = os.path.join(folder, name, "config.json")
+        with open(path) as f:
+            text = f.read()
+        with open(path, "w") as f:
+            f.write(text.replace('"dtype": "float16"', '"dtype": "float32"'))
+
+
+def ship_pipeline(runs, dest):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(runs, "dit", "pipeline"), text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.to(torch.float16)
+    out = os.path.join(dest, PIPELINE_DIR)
+    pipe.save_pretrained(out, safe_serialization=True)
+    _float32_configs(out)
+    return pipe
+
+
+def ship_students(runs, dest):
+    """{name: MB} for each student whose training finished (its transformer folder exists)."""
+    from diffusers import SD3Transformer2DModel
+
+    shipped = {}
+    for name, (stage, _) in STUDENTS.items():
+        src = os.path.join(runs, stage, "transformer")
+        if os.path.isdir(src):
+            out = os.path.join(dest, f"{PIPELINE_DIR}-{name}")
+            SD3Transformer2DModel.from_pretrained(src).to(torch.float16).save_pretrained(out)
+            shipped[name] = folder_mb(out)
+    return shipped
+
+
+def write_card(runs, dest, pipe, students):
+    logs = {s: read_log(runs, s) for s in ("dit", "reflow", "distill")}
+    rows = "\n".join(f"| {s} | {d['steps']} | {d['minutes']} | {d['first_loss']} | {d['last_loss']:.4f} | {d['final']} |"
+                     for s, d in logs.items() if d["last_loss"] is not None)
+    couples = os.path.join(runs, "couples")
+    n_couples = len([f for f in os.listdir(couples) if f.endswith(".pt")]) if os.path.isdir(couples) else 0
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    student_lines = "\n".join(f"- `{PIPELINE_DIR}-{k}/`: {STUDENTS[k][1]}, {mb:.1f} MB" for k, mb in students.items()) \
+        or "- none shipped yet (see Training)"
+    card = CARD.format(transformer=n(pipe.transformer), te=n(pipe.text_encoder), vae=n(pipe.vae),
+                       layers=pipe.transformer.config.num_layers, size=folder_mb(os.path.join(dest, PIPELINE_DIR)),
+                       rows=rows, couples=n_couples, students=student_lines, shift=dit.SHIFT,
+                       rows_set=", ".join(map(str, dit.ZERO_ROWS)))
+    result = os.path.join(HERE, "bench", "results", "quality_dit.md")  # keep the card's table when re-packaging
+    if os.path.exists(result):
+        with open(result) as f:
+            table = f.read().strip()
+        card = card.replace("<!-- bench:quality_dit -->\n", f"<!-- bench:quality_dit -->\n{table}\n")
+    with open(os.path.join(dest, "MODEL_CARD_DIT.md"), "w") as f:
+        f.write(card)
+
+
+CARD = """# NimbleDiff-Tiny-DiT
+
+A small rectified-flow MM-DiT text-to-image model, trained from scratch on CPU for NimbleDiff's DiT samplers, LoRA
+loaders, quantizers, editing and caching, with an InstaFlow-style one-step student. Same procedural data and
+vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat shapes, 64x64.
+
+## Why SD3's MM-DiT (not Flux's)
+The stock `StableDiffusion3Pipeline` runs with its T5 encoder absent (`text_encoder_3=None`, as diffusers documents
+for dropping T5), so the text side is two small CLIP encoders on NimbleDiff-Tiny's in-memory 26-word tokenizer.
+`FluxPipeline` requires a T5 encoder and tokenizer, a third vocabulary for no gain on this grammar. Both families
+share the joint-attention block, the flow parameterization and the LoRA layouts NimbleDiff maps.
+
+## Architecture (diffusers `StableDiffusion3Pipeline`, fp16 on disk, {size:.1f} MB)
+| part | class | params |
+|---|---|---|
+| VAE | NimbleDiff-Tiny's `AutoencoderKL` (shift_factor 0 added for the SD3 pipeline), 64x64x3 -> 4x16x16 | {vae:,} |
+| text encoders | 2 x `CLIPTextModelWithProjection`, hidden 64, 3 layers, projection 64 (penultimate states side by side: 24 x 128; pooled: 128) | 2 x {te:,} |
+| transformer | `SD3Transformer2DModel`, {layers} joint blocks, hidden 128 (4 heads x 32), patch 2 (64 image tokens), RMS qk-norm | {transformer:,} |
+| scheduler | `FlowMatchEulerDiscreteScheduler`, shift {shift:g} (16x16 latents need no resolution shift) | - |
+
+The pipeline's T5 stand-in is `max_sequence_length` rows of zeros (256 by default); training drew that count from
+({rows_set}) so the default and short values (faster: `max_sequence_length=24`) both work.
+
+Students:
+{students}
+
+## Training (`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill`, each resumable)
+- dit: rectified flow, x_s = (1 - s) x0 + s eps, the transformer predicts eps - x0, s ~ logit-normal(0, 1) as in
+  SD3; both CLIP encoders trained jointly; 10% empty captions (CFG); AdamW 5e-4, 100-step warm-up, grad clip 1,
+  batch 48, EMA 0.999 (shipped); two-shape scenes over-sampled to half of each batch.
+- couples: {couples} shards of 48 (noise, the teacher's own sample from it by 16 flow-Euler steps at CFG 5).
+- reflow (2-rectified flow, InstaFlow's first stage): the teacher's transformer retrained on straight lines between
+  each couple; text encoders frozen; the guidance is baked in, so it runs at CFG 1.
+- distill: one step from the 2-RF model, z1 - v(z1, 1) regressed onto the teacher's sample (L2 in latent space;
+  InstaFlow uses LPIPS, which needs downloaded weights).
+
+| stage | steps | wall min | first logged loss | last loss (mean of 10 logs) | final |
+|---|---|---|---|---|---|
+{rows}
+
+Wall minutes are budgets of step time on a shared 2-core machine (other jobs ran alongside).
+
+## Quality (`python bench/quality.py --only DiT`; evaluator `nimblediff/tiny/evaluate.py`, held-out prompts)
+<!-- bench:quality_dit -->
+<!-- /bench:quality_dit -->
+
+## Use
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained("weights/tiny/nimblediff-tiny-dit", text_encoder_3=None,
+                                                tokenizer_3=None, dtype=torch.float32)
+img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=25, guidance_scale=5).images[0]
+```
+
+## Reproduce
+```
+python -m nimblediff.tiny.train_dit --stage dit --p-two 0.5 --threads 2     # resumable, 90 min budget
+python -m nimblediff.tiny.train_dit --stage couples --p-two 0.5             # then reflow, then distill
+python -m nimblediff.tiny.package_dit && python bench/quality.py --only DiT && python bench/update_readme.py
+```
+"""
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", default="runs/tiny-dit")
+    p.add_argument("--dest", default=os.path.join(HERE, "weights", "tiny"))
+    a = p.parse_args(argv)
+    pipe = ship_pipeline(a.runs, a.dest)
+    students = ship_students(a.runs, a.dest)
+    boss = os.path.join(a.runs, BOSS_FILE)
+    if os.path.exists(boss):
+        shutil.copy(boss, os.path.join(a.dest, BOSS_FILE))
+    size = folder_mb(os.path.join(a.dest, PIPELINE_DIR))
+    if size > MAX_MB:
+        raise SystemExit(f"{PIPELINE_DIR} is {size:.1f} MB, over the {MAX_MB:g} MB budget")
+    write_card(a.runs, a.dest, pipe, students)
+    print(f"wrote {a.dest}/{PIPELINE_DIR}: {size:.1f} MB; students: {students or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
