@@ -380,3 +380,26 @@ def test_flow_schedule_refuses_vp_model_and_unpatchifiable_size(comfy, flux_samp
     flux = comfy_model("flux", comfy_state_dict("flux"), flux_sampling(1.15))
     with pytest.raises(InvalidParameterError, match=r"width=1000.*multiple of 16.*992 or 1008"):
         FlowSchedule().build(flux, "trailing", 4, "flux", 3.0, 1000, 1024, 0.5, 1.15)
+
+
+def test_loha_on_fused_and_swapped_flux_weights_hand_math(comfy):
+    """A LyCORIS LoHa on Flux's fused qkv and on the final adaLN (BFL names): read onto the diffusers modules (split,
+    rows swapped), then one dense patch per ComfyUI weight, which must be the file's own difference on the original
+    rows: W + s * alpha / r * (w1a w1b) * (w2a w2b), worked by hand."""
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sd = comfy_state_dict("flux")
+    g = torch.Generator().manual_seed(9)
+    lora, expected = {}, {k: v.clone().float() for k, v in sd.items()}
+    for name in ("double_blocks.0.img_attn.qkv", "final_layer.adaLN_modulation.1", "single_blocks.1.linear1"):
+        w = sd[f"diffusion_model.{name}.weight"]
+        parts = {"hada_w1_a": torch.randn(w.shape[0], 2, generator=g),
+                 "hada_w1_b": torch.randn(2, w.shape[1], generator=g), "hada_w2_a": torch.randn(w.shape[0], 2, generator=g), "hada_w2_b": torch.randn(2, w.shape[1], generator=g)}
+        lora.update({f"diffusion_model.{name}.{k}": v * 0.3 for k, v in parts.items()})
+        lora[f"diffusion_model.{name}.alpha"] = torch.tensor(3.0)
+        p = {k: v * 0.3 for k, v in parts.items()}
+        dw = (p["hada_w1_a"] @ p["hada_w1_b"]) * (p["hada_w2_a"] @ p["hada_w2_b"]) * 1.5
+        expected[f"diffusion_model.{name}.weight"] += 0.6 * dw
+    name = comfy("loha.safetensors", lora)
+    new_model, _, report = LoRALoader().load(comfy_model("flux", sd), None, name, 0.6, 1.0)
+    assert "LoHa" in report and max_diff(new_model.patched_state_dict(), expected, sd) <= 1e-5
