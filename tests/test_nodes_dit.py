@@ -394,7 +394,9 @@ def test_loha_on_fused_and_swapped_flux_weights_hand_math(comfy):
     for name in ("double_blocks.0.img_attn.qkv", "final_layer.adaLN_modulation.1", "single_blocks.1.linear1"):
         w = sd[f"diffusion_model.{name}.weight"]
         parts = {"hada_w1_a": torch.randn(w.shape[0], 2, generator=g),
-                 "hada_w1_b": torch.randn(2, w.shape[1], generator=g), "hada_w2_a": torch.randn(w.shape[0], 2, generator=g), "hada_w2_b": torch.randn(2, w.shape[1], generator=g)}
+                 "hada_w1_b": torch.randn(2, w.shape[1], generator=g),
+                 "hada_w2_a": torch.randn(w.shape[0], 2, generator=g),
+                 "hada_w2_b": torch.randn(2, w.shape[1], generator=g)}
         lora.update({f"diffusion_model.{name}.{k}": v * 0.3 for k, v in parts.items()})
         lora[f"diffusion_model.{name}.alpha"] = torch.tensor(3.0)
         p = {k: v * 0.3 for k, v in parts.items()}
