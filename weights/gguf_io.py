@@ -36,7 +36,7 @@ from ..errors import InvalidParameterError, WeightsFormatError
 from .dit_keymaps import DIT_MAPS
 
 __all__ = ["GGUFFile", "read_gguf", "write_gguf", "to_diffusers", "to_original", "install", "GGUF_ARCHS",
-           "detect_layout"]
+           "detect_layout", "detect_arch"]
 
 # file architecture string -> NimbleDiff architecture (weights/arch.py names)
 GGUF_ARCHS = {"sd1": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux", "pixart": "pixart"}
@@ -109,7 +109,8 @@ def _field_ints(reader, name: str) -> tuple[int, ...] | None:
     return tuple(int(f.parts[i][0]) for i in f.data)
 
 
-def _detect_arch(keys) -> str | None:
+def detect_arch(keys) -> str | None:
+    """The file architecture string (sd1, sdxl, ...) ComfyUI-GGUF would detect from these keys, or None."""
     keys = set(keys)
     for arch, required in _DETECT:
         if all(k in keys for k in required):
@@ -156,7 +157,7 @@ def read_gguf(path) -> GGUFFile:
     prefix = next((p for p in _PREFIXES if any(n.startswith(p) for n in names)), "")
     file_arch = _field_str(reader, "general.architecture")
     keys = [n[len(prefix):] for n in names if n.startswith(prefix)]
-    arch_name = file_arch if file_arch is not None else _detect_arch(keys)
+    arch_name = file_arch if file_arch is not None else detect_arch(keys)
     if arch_name not in GGUF_ARCHS:
         why = f"general.architecture={file_arch!r}" if file_arch is not None else "no architecture recognised from keys"
         raise WeightsFormatError(f"{path}: unsupported architecture ({why}); supported: {sorted(GGUF_ARCHS)} "
@@ -428,12 +429,15 @@ def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=
 
 
 # ---------------------------------------------------------------------------------------------------- install
-def install(model: torch.nn.Module, tensors: dict, source: str = "GGUF") -> dict:
+def install(model: torch.nn.Module, tensors: dict, source: str = "GGUF", layer_classes=None) -> dict:
     """Load a {parameter key: tensor or QuantizedWeight} state dict into `model`: Linear / Conv2d layers whose weight
     is quantized become QuantLinear / QuantConv2d (dequantized per forward, never as a whole model), the rest is
     copied. Every key must be used and every parameter given; all checks run before the model changes.
+    layer_classes: (Linear class, Conv2d class) to build instead of QuantLinear / QuantConv2d (subclasses).
     Returns {module name: new quantized layer}."""
     from ..core.quant.modules import QuantConv2d, QuantLinear, replace
+
+    QuantLinear, QuantConv2d = layer_classes or (QuantLinear, QuantConv2d)  # noqa: N806
 
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
@@ -471,8 +475,7 @@ def install(model: torch.nn.Module, tensors: dict, source: str = "GGUF") -> dict
         if isinstance(m, torch.nn.Linear):
             new[name] = QuantLinear(qw, bias)
         else:
-            new[name] = QuantConv2d(qw, bias, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                                    groups=m.groups)
+            new[name] = QuantConv2d(qw, bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
     # all validated and built: now change the model (replace() checks names and shapes before it swaps)
     replace(model, new)
     with torch.no_grad():
