@@ -149,14 +149,20 @@ class FewStepDiTMixin(LoRAOpsMixin):
                 raise InvalidParameterError(f"{type(current).__name__} config {odd}: NimbleScheduler's flow schedule "
                                             "does not reproduce these options; use the stock pipeline class")
             config.update(model_type="flow", prediction_type="flow")
-        recipe = self.recipe
-        config["sampler"] = sampler or (recipe.sampler if recipe else config.get("sampler") if isinstance(
-            current, NimbleScheduler) else "euler" if flow else "lcm")
-        config["schedule"] = schedule or (recipe.schedule if recipe else config.get("schedule") if isinstance(
-            current, NimbleScheduler) else "flowmatch" if flow else "lcm")
-        if recipe is not None and "gamma" in recipe.options:
-            config["gamma"] = recipe.options["gamma"]
+        default_sampler, default_schedule = self._default_sampling(current, flow)
+        config["sampler"], config["schedule"] = sampler or default_sampler, schedule or default_schedule
+        if self.recipe is not None and "gamma" in self.recipe.options:
+            config["gamma"] = self.recipe.options["gamma"]
         return NimbleScheduler.from_config({k: v for k, v in config.items() if k in _SCHEDULER_KEYS})
+
+    def _default_sampling(self, current, flow: bool) -> tuple[str, str]:
+        """(sampler, schedule) when a call names none: the loaded recipe's, else those of a NimbleScheduler the user
+        set, else the stock grid (FlowMatchEuler's for flow models, LCM's for the others: few steps, no recipe)."""
+        if self.recipe is not None:
+            return self.recipe.sampler, self.recipe.schedule
+        if isinstance(current, NimbleScheduler):
+            return current.config.sampler, current.config.schedule
+        return ("euler", "flowmatch") if flow else ("lcm", "lcm")
 
     def _check_size(self, height, width) -> None:
         """Height and width must make whole latent patches (VAE factor x patch size), else the transformer cannot
