@@ -409,10 +409,10 @@ class LoRAExtract:
                 filename, layout, dtype, overwrite):
         out = _output(filename, overwrite)
         target = _target(base_model, None, "base_model")
-        tuned = _unet_weights(tuned_model, target, "tuned_model", copy=True)  # copied: a clone shares the weights
-        base = _unet_weights(base_model, target, "base_model", copy=False)
+        tuned = _denoiser_weights(tuned_model, target, "tuned_model", copy=True)  # copied: a clone shares weights
+        base = _denoiser_weights(base_model, target, "base_model", copy=False)
         deltas, report = extract_chunked(
-            base, tuned, component="unet", progress=_comfy_progress(len(base)),
+            base, tuned, component=target.denoiser, progress=_comfy_progress(len(base)),
             clamp_quantile=None if clamp_quantile >= 1 else clamp_quantile, min_diff=min_diff, dtype=torch.float32,
             **rank_selection(rank, dynamic_method, dynamic_param))
         if not deltas:
@@ -426,18 +426,27 @@ class LoRAExtract:
         return (f"{describe_file(path)}\n{report.summary()}",)
 
 
-def _unet_weights(model, target, label: str, copy: bool) -> dict[str, torch.Tensor]:
-    """{diffusers module.weight: tensor} of a MODEL's UNet with its patches applied, as ComfyUI's LoraSave reads it."""
+def _denoiser_weights(model, target, label: str, copy: bool) -> dict[str, torch.Tensor]:
+    """{diffusers module.weight: tensor} of a MODEL's UNet or DiT with its patches applied, as ComfyUI's LoraSave reads
+    it. A DiT's fused ComfyUI weights (qkv, Flux's linear1, adaLN in (shift, scale) order) are cut into the diffusers
+    modules (weights/comfy_keys.py), so the extracted LoRA has diffusers names like any other DiT LoRA."""
     import comfy.model_management
 
-    if target.unet_map is None:
-        raise InvalidParameterError(f"{label}: not a UNet model (no LDM layout in its unet_config); LoRA extraction "
-                                    "in ComfyUI supports SD1.x / SD2.x / SDXL UNets; use `nimblediff lora extract` "
-                                    "on diffusers folders for other models")
+    slots = getattr(target, "slots", None)
+    if target.unet_map is None and slots is None:
+        raise InvalidParameterError(f"{label}: neither a UNet with an LDM layout nor a DiT NimbleDiff knows; LoRA "
+                                    "extraction in ComfyUI supports SD1.x / SD2.x / SDXL UNets and Flux / SD3 / "
+                                    "PixArt; use `nimblediff lora extract` on diffusers folders for other models")
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     prefix = "diffusion_model."
+    state = model.model_state_dict(filter_prefix=prefix)
+    if slots is not None:
+        from ..weights.comfy_keys import slot_rows
+
+        return {f"{key.split('.', 1)[1]}.weight": slot_rows(state[f"{s.key}.weight"], s).detach().to("cpu", copy=copy)
+                for key, s in slots.items() if f"{s.key}.weight" in state}
     out, unnamed = {}, []
-    for key, value in model.model_state_dict(filter_prefix=prefix).items():
+    for key, value in state.items():
         if not key.endswith(".weight") or not isinstance(value, torch.Tensor) or value.ndim not in (2, 4):
             continue
         name = target.unet_map.to_a(key[len(prefix):-len(".weight")])

@@ -405,3 +405,36 @@ def test_loha_on_fused_and_swapped_flux_weights_hand_math(comfy):
     name = comfy("loha.safetensors", lora)
     new_model, _, report = LoRALoader().load(comfy_model("flux", sd), None, name, 0.6, 1.0)
     assert "LoHa" in report and max_diff(new_model.patched_state_dict(), expected, sd) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_extract_from_dit_models_round_trips_through_comfyui(comfy, tmp_path, arch):
+    """LoRA Extract on two DiT MODELs (base, base + a LoRA of rank <= 2): the file it writes (diffusers names, peft
+    layout), loaded by ComfyUI's LoraLoader (the reference) onto the base, gives the tuned weights back."""
+    from safetensors.torch import load_file
+
+    from nimblediff.nodes import adapter_ops as ops
+    from nimblediff.nodes.adapters import LoRALoader
+
+    class Extractable(Patcher):
+        def clone(self):
+            c = Extractable(self.model, self.model_sampling)
+            c.patches = {k: list(v) for k, v in self.patches.items()}
+            return c
+
+        def model_state_dict(self, filter_prefix=None):
+            return {k: v for k, v in self.patched_state_dict().items() if k.startswith(filter_prefix or "")}
+
+    sd = comfy_state_dict(arch)
+    lora = lora_file(arch, "bfl", sd)
+    base = Extractable(types.SimpleNamespace(state_dict=lambda: sd), None, dict(CONFIGS[arch]))
+    tuned, _, _ = LoRALoader().load(base, None, comfy("tuned.safetensors", lora), 1.0, 1.0)
+    mm = sys.modules["comfy.model_management"]
+    mm.load_models_gpu = lambda models, force_patch_weights=False: None
+    sys.modules["folder_paths"].get_folder_paths = lambda kind: [str(tmp_path)]
+    report, = ops.LoRAExtract().extract(tuned, base, 4, "none", 0.9, 1.0, 0.0, "extracted", "peft", "fp32", False)
+    extracted = load_file(str(tmp_path / "extracted.safetensors"))
+    assert all(k.startswith("transformer.") for k in extracted), list(extracted)[:3]
+    want = tuned.patched_state_dict()
+    got, _ = comfyui_result(arch, sd, extracted)
+    assert max_diff(got, want, sd) <= 1e-4

@@ -22,7 +22,8 @@ from .arch import ArchGuess
 from .dit_keymaps import DIT_MAPS
 from .lora_formats import Target, _kohya_table
 
-__all__ = ["Slot", "ComfyDiTTarget", "comfy_dit_arch", "comfy_dit_slots", "fuse_slots"]
+__all__ = ["Slot", "ComfyDiTTarget", "comfy_dit_arch", "comfy_dit_slots", "dit_target", "fuse_slots", "fuse_bias",
+           "slot_rows"]
 
 PREFIX = "diffusion_model."
 # (architecture, a state-dict key only that family's ComfyUI model has): as comfy/model_detection.py tells them apart
@@ -120,6 +121,11 @@ def _rows_swapped(t: torch.Tensor, swap: bool) -> torch.Tensor:
     return torch.cat([t[h:], t[:h]])
 
 
+def slot_rows(weight: torch.Tensor, slot: Slot) -> torch.Tensor:
+    """A diffusers module's weight out of the ComfyUI weight it lives in (its rows, in diffusers order)."""
+    return _rows_swapped(weight[slot.start:slot.start + slot.length], slot.swap)
+
+
 def _plain(delta) -> bool:
     return type(delta) is LoRA and delta.mid is None
 
@@ -148,8 +154,7 @@ def fuse_slots(pieces: list[tuple[Slot, object]], weight: torch.Tensor):
         return "lora", (up, torch.cat([x.float() for x in downs]), None)
     dense = torch.zeros(weight.shape, dtype=torch.float32)
     for slot, d in pieces:
-        part = weight[slot.start:slot.start + slot.length].float()
-        part = _rows_swapped(part, slot.swap)               # the delta sees the weight in diffusers row order
+        part = slot_rows(weight, slot).float()              # the delta sees the weight in diffusers row order
         if isinstance(d, Diff):
             dw = None if d.weight is None else d.weight.float().reshape(part.shape)
         elif getattr(d, "needs_weight", False):
