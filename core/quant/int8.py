@@ -1,11 +1,11 @@
 """Per-output-channel int8 weights, symmetric (W = s q) or asymmetric (W = s (q - z)).
 
-The symmetric form runs ``torch._weight_int8pack_mm`` where it exists. That kernel is fast only with bf16
-activations; with fp32 activations it takes a ~35x slower path (47 ms vs 1.4 ms on a 64x1280x1280 matmul,
-../shared/notes/perf-anchors.md #10), so fp32 inputs are cast to bf16 for the matmul and the result cast back.
-The bf16 rounding of x (relative 2^-9) is far below the int8 weight error (~1e-2). The kernel (torch 2.13 CPU)
-segfaults or returns garbage when the input width is not a multiple of 16 (K = 8, 24, 40 tried), so such
-layers dequantize instead.
+Forward (``Int8Weight.kernel``): by default a bf16 matmul of bf16 activations with the int8 codes (exact in bf16)
+and the per-row scale applied to the fp32 output. ``torch._weight_int8pack_mm`` ("aten") is the alternative; it is
+fast only with bf16 activations (fp32 takes a ~35x slower path, ../shared/notes/perf-anchors.md #10), and on this
+machine it is slower than fp32 even then. The bf16 rounding of x (relative 2^-9) is far below the int8 weight error
+(~1e-2). The aten kernel (torch 2.13 CPU) segfaults or returns garbage when the input width is not a multiple of
+16 (K = 8, 24, 40 tried), so such layers never use it.
 """
 
 from __future__ import annotations
@@ -49,13 +49,29 @@ class Int8Weight(QuantizedWeight):
             q = q - self.zero[:, None]
         return (q * self.scale[:, None]).reshape(self.shape).to(dtype)
 
+    # "bf16": x and q in bf16 (int8 values are exact in bf16), one bf16 matmul, per-row scale applied to the
+    # fp32 output; measured 0.43-0.49x of fp32 F.linear on a 64x1280x1280 matmul here, while aten's
+    # _weight_int8pack_mm ("aten") took 1.7-1.8x (bench/results/quant_bench.md). "dequant": fp32 reference path.
+    KERNELS = ("bf16", "aten", "dequant")
+    kernel = "bf16"
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.fast and self.symmetric and _HAS_INT8_MM and x.device.type == "cpu"
-                and x.dtype in (torch.float32, torch.bfloat16) and self.q.shape[1] % 16 == 0):
+        k = self.kernel if self.fast else "dequant"
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            k = "dequant"
+        if k == "aten" and not (self.symmetric and _HAS_INT8_MM and self.q.shape[1] % 16 == 0):
+            k = "bf16"
+        if k == "dequant":
             return F.linear(x, self.dequantize(x.dtype))
         lead = x.shape[:-1]
-        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations hit the slow kernel path
-        y = torch._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16))
+        xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations hit aten's slow kernel path
+        if k == "aten":
+            y = torch._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16)).float()
+        else:
+            y = F.linear(xb, self.q.reshape(self.q.shape[0], -1).to(torch.bfloat16)).float()
+            if self.zero is not None:  # x (q - z)^T = x q^T - z sum(x)
+                y = y - xb.float().sum(-1, keepdim=True) * self.zero.float()
+            y = y * self.scale.float()
         return y.to(x.dtype).reshape(*lead, -1)
 
     def config(self) -> dict:
