@@ -165,6 +165,50 @@ def flux_sampling() -> dict:
             "flux_euler_output_std": float(out["comfy"].std())}
 
 
+def nodes_on_real_models(folder: Path) -> dict:
+    """The Block Weights and Acceleration LoRA nodes through ComfyUI's folder_paths on real MODELs:
+    1. Flux block weights (double 0.5, double.1 = 2, single 0) vs ComfyUI's LoraLoader on a file whose up factors
+       were scaled per block by hand;
+    2. Flash SD3 recipe: our LCM SAMPLER and SIGMAS on the patched SD3 MODEL vs ComfyUI's own lcm sampler."""
+    import torch
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    from nimblediff.nodes.adapter_ops import LoRABlockWeights
+    from nimblediff.nodes.adapters import AccelerationLoRA
+
+    folder_paths.add_model_folder_path("loras", str(folder))
+    out = {}
+    flux = build("flux")
+    path = lora_files("flux", flux, folder)["bfl"]
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    scaled = {}
+    for k, v in lora.items():
+        w = 2.0 if ".double_blocks.1." in k else 0.5 if ".double_blocks." in k else 0.0 if ".single_blocks." in k \
+            else 1.0
+        scaled[k] = v * w if ".lora_up." in k else v
+    theirs, _ = comfy.sd.load_lora_for_models(flux, None, scaled, 0.8, 0.0)
+    ours, _, _ = LoRABlockWeights().apply(flux, None, path.name, 0.8, 1.0, dit_double=0.5, dit_single=0.0,
+                                          blocks="double.1=2")
+    a, b = patched(theirs), patched(ours)
+    out["flux_block_weights_max_abs_diff"] = max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    sd3 = build("sd3")
+    path = lora_files("sd3", sd3, folder)["diffusers"]
+    model, _, sampler, sigmas, cfg, _ = AccelerationLoRA().load(sd3, None, path.name, "flash-sd3", 1.0, 1.0, 4)
+    gen = torch.Generator().manual_seed(2)
+    cond = [[torch.randn(1, 5, 40, generator=gen), {"pooled_output": torch.randn(1, 24, generator=gen)}]]
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    latent = torch.zeros(1, 4, 8, 8)
+    runs = {name: comfy.sample.sample_custom(model, noise, cfg, s, sigmas, cond, cond, latent, seed=3)
+            for name, s in (("ours", sampler), ("comfy", comfy.samplers.ksampler("lcm")))}
+    out["sd3_flash_lcm_max_abs_diff"] = float((runs["ours"] - runs["comfy"]).abs().max())
+    out["sd3_flash_sigmas"] = [round(float(x), 6) for x in sigmas]
+    return out
+
+
 def main(comfy: str, pack: str, scratch: str) -> None:
     sys.path.insert(0, str(Path(pack) / "tests"))
     import comfy_harness
@@ -178,6 +222,7 @@ def main(comfy: str, pack: str, scratch: str) -> None:
         result.update(compare(arch, folder))
     result.update(flux_schedule())
     result.update(flux_sampling())
+    result.update(nodes_on_real_models(folder))
     print(json.dumps(result))
 
 

@@ -53,3 +53,11 @@ def test_flux_schedule_on_comfy_model_sampling_flux(result):
 def test_our_sampler_runs_a_flux_model_like_comfy_euler(result):
     """SamplerCustom with our euler SAMPLER on our flow SIGMAS equals ComfyUI's euler on a real Flux MODEL."""
     assert result["flux_euler_max_abs_diff"] <= 1e-5 and result["flux_euler_output_std"] > 0.1
+
+
+def test_block_weights_and_flash_sd3_nodes_on_comfy_models(result):
+    """Block weights on a real Flux MODEL equal ComfyUI's loader on a per-block scaled file; the Flash SD3 recipe's
+    SIGMAS are the shift-3 flow grid of ComfyUI's SD3 model_sampling and its LCM SAMPLER equals ComfyUI's lcm."""
+    assert result["flux_block_weights_max_abs_diff"] <= 1e-6
+    assert result["sd3_flash_sigmas"] == [1.0, 0.9, 0.75, 0.5, 0.0]
+    assert result["sd3_flash_lcm_max_abs_diff"] <= 1e-5

@@ -1,9 +1,11 @@
 """NimbleDiff-Tiny-DiT's layout in a real ComfyUI through NimbleDiff Diffusers DiT Loader, against the stock diffusers
-StableDiffusion3Pipeline on the same folder (random weights, 2 joint blocks; the trained folder when it ships):
+StableDiffusion3Pipeline on the same folder (random weights, 3 joint blocks of width 128 = ComfyUI depth 2, 4 heads of 32 as the trained model):
 
 - the CLIP's conditioning equals pipe.encode_prompt(max_sequence_length=24) and the MODEL's denoised prediction
   equals x - sigma * v of the pipeline's transformer (fp32, <= 1e-4);
-- ComfyUI's own mmdit_to_diffusers table maps the loaded MODEL's weights back onto the folder's exactly;
+- ComfyUI's own mmdit_to_diffusers table maps the loaded MODEL's weights back onto the folder's exactly, except the
+  pre-only adaLN swap, which that table puts on block depth - 1 while ComfyUI's MMDiT makes block num_blocks - 1
+  pre-only (they differ when num_blocks != depth, as in NimbleDiff-Tiny-DiT: 8 blocks, depth 2);
 - KSampler's path (comfy.sample.sample: euler, "normal" schedule) gives the pipeline's FlowMatchEuler latents at CFG 1
   and 5 (<= 1e-3), and the decoded images agree;
 - the shipped workflow runs end to end in a ComfyUI server; bad inputs fail with messages naming both sides.
@@ -31,7 +33,7 @@ STEPS, SIZE, ZERO_ROWS = 25, 64, 24
 
 
 # ------------------------------------------------------------------------------- script side (COMFYUI_PYTHON)
-def _build(folder: str, layers: int = 2) -> dict:
+def _build(folder: str, layers: int = 3) -> dict:
     """A random NimbleDiff-Tiny-DiT-shaped folder (tiny/dit.py's recipe with `layers` joint blocks), every weight
     perturbed so that no zero-initialised layer makes a comparison vacuous."""
     import torch
@@ -120,7 +122,10 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
         used.add(key)
     out["keys_not_reached"] = sorted(set(ref_sd) - set(back))[:8]
     out["comfy_keys_unmapped"] = sorted(set(comfy_sd) - used)[:8]
-    out["weights_back"] = max(_max(back[k], ref_sd[k]) for k in ref_sd if k in back)
+    differ = sorted(k for k in ref_sd if k in back and _max(back[k], ref_sd[k]) > 0)
+    out["weights_back_differ"] = differ
+    out["weights_back"] = max(_max(back[k], ref_sd[k]) for k in ref_sd if k in back and k not in differ)
+    out["depth_blocks"] = [mm.model_config.unet_config["depth"], mm.model_config.unet_config["num_blocks"]]
     detected = comfy.model_detection.detect_unet_config(comfy_sd, "")
     ours_cfg = mm.model_config.unet_config
     out["config_mismatch"] = {k: [ours_cfg.get(k), v] for k, v in detected.items() if ours_cfg.get(k) != v}
@@ -216,8 +221,11 @@ else:  # -----------------------------------------------------------------------
 
     def test_comfyuis_own_key_table_maps_the_model_back_onto_the_folder(parity):
         assert parity["keys_not_reached"] == [] and parity["comfy_keys_unmapped"] == [], parity
-        assert parity["weights_back"] == 0.0
-        # ComfyUI's detection cannot know the block count or the head count from shapes (hidden = 64 x depth)
+        assert parity["weights_back"] == 0.0 and parity["depth_blocks"] == [2, 3]
+        # ComfyUI's table swaps block depth - 1 = 1 (not pre-only) and not block 2 (pre-only): only those differ
+        assert parity["weights_back_differ"] == [f"transformer_blocks.{b}.norm1_context.linear.{e}"
+                                                 for b in (1, 2) for e in ("bias", "weight")], parity
+        # ComfyUI's detection reads everything but the block and head counts from shapes (hidden = 64 x depth)
         assert parity["config_mismatch"] == {}, parity
 
     @pytest.mark.parametrize("cfg", ["1", "5"])
