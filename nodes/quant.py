@@ -286,6 +286,10 @@ def _gguf_unfit(model: torch.nn.Module, qtype: str) -> dict:
             is None}
 
 
+def _is_quant_weight(model: torch.nn.Module, key: str) -> bool:
+    return _layer_of(model, key) is not None
+
+
 def model_arch(diffusion_model: torch.nn.Module) -> str:
     """sd15 / sdxl / sd3 / flux / pixart from a ComfyUI diffusion model's (original-layout) keys."""
     from ..weights.gguf_io import GGUF_ARCHS, detect_arch
@@ -344,8 +348,10 @@ def quantize(model, scheme: str, filename: str, calibrate: bool, positive=None, 
     else:
         report = {n: {"bits_per_weight": m.qweight.bits_per_weight}
                   for n, m in quantize_model(dm, fn, per_layer=per_layer, progress=progress).items()}
+    for m in quantized_modules(dm).values():   # the LoRA nodes read weight shapes from state_dict (see above)
+        m.__class__ = ComfyQuantLinear if isinstance(m, QuantLinear) else ComfyQuantConv2d
     if qtype:
-        tensors = {k: v for k, v in dm.state_dict().items() if ".qweight." not in k}
+        tensors = {k: v for k, v in dm.state_dict().items() if ".qweight." not in k and not _is_quant_weight(dm, k)}
         tensors.update({f"{n}.weight": m.qweight for n, m in quantized_modules(dm).items()})
         write_gguf(path, tensors, arch, qtype)
     else:

@@ -412,6 +412,7 @@ def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=
         if progress is not None:
             progress(n + 1, len(tensors))
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

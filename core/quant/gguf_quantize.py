@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .gguf_dequant import BLOCK_SIZES, QK_K, _planes
@@ -104,12 +105,11 @@ def _q5_1(x):
 
 # --------------------------------------------------------------------------------------------------- K-quants
 def _seqsum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over the last axis left to right in float32, as ggml's scalar loops add (torch.sum adds pairwise, which
-    rounds differently and can flip a near-tie between two candidate scales)."""
-    acc = t[..., 0]
-    for i in range(1, t.shape[-1]):
-        acc = acc + t[..., i]
-    return acc
+    """Sum over the last axis left to right in float32, as ggml's scalar loops add. torch.sum adds pairwise and
+    torch.cumsum in float64, either of which rounds differently and can flip a near-tie between two candidate
+    scales; numpy's add.accumulate is the sequential float32 loop."""
+    a = np.add.accumulate(t.detach().float().contiguous().numpy(), axis=-1, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a[..., -1]))
 
 
 def _float32(v: float) -> torch.Tensor:
