@@ -373,29 +373,42 @@ def load_dit_folder(folder, embedding_directory=None, clip_options=None):
 
 
 # ---------------------------------------------------------------------------------------------------------- node
+def _embedded_folder() -> Path | None:
+    """weights/tiny/nimblediff-tiny-dit, else models/diffusers/nimblediff-tiny-dit (a pack installed without it)."""
+    candidates = [EMBEDDED_DIR] + [Path(root) / EMBEDDED_NAME for root in loaders._diffusers_roots()]
+    return next((c for c in candidates if (c / "model_index.json").is_file()), None)
+
+
 def list_dit_models() -> list[str]:
     """The embedded tiny DiT, then every folder under models/diffusers with model_index.json and
-    transformer/config.json."""
+    transformer/config.json. Inside ComfyUI the embedded entry is offered only when its folder is there (a workflow
+    naming it is then refused by ComfyUI's validation, not half-run); outside ComfyUI (workflow validation) always."""
+    try:
+        import folder_paths  # noqa: F401
+        in_comfyui = True
+    except ImportError:
+        in_comfyui = False
     names = []
     for root in loaders._diffusers_roots():
         for path, dirs, files in os.walk(root, followlinks=True):
             if "model_index.json" in files and os.path.isfile(os.path.join(path, "transformer", "config.json")):
                 names.append(Path(os.path.relpath(path, root)).as_posix())
                 dirs.clear()  # a pipeline folder's sub-folders are its components
-    return [EMBEDDED_CHOICE] + sorted(set(names) - {EMBEDDED_CHOICE})
+    embedded = [EMBEDDED_CHOICE] if not in_comfyui or _embedded_folder() is not None else []
+    return embedded + sorted(set(names) - {EMBEDDED_CHOICE})
 
 
 def resolve_dit_model(name: str) -> Path:
     """Folder of a dropdown entry; the embedded entry falls back to models/diffusers/nimblediff-tiny-dit."""
     if name != EMBEDDED_CHOICE:
         return loaders.resolve_model(name)  # stays inside models/diffusers
-    candidates = [EMBEDDED_DIR] + [Path(root) / EMBEDDED_NAME for root in loaders._diffusers_roots()]
-    for path in candidates:
-        if (path / "model_index.json").is_file():
-            return path
-    raise WeightsFormatError(f"model {name!r}: no model_index.json in {[str(c) for c in candidates]}; the pack was "
-                             f"installed without NimbleDiff-Tiny-DiT: put its folder at models/diffusers/"
-                             f"{EMBEDDED_NAME} or choose another folder from the dropdown")
+    folder = _embedded_folder()
+    if folder is None:
+        raise WeightsFormatError(f"model {name!r}: no model_index.json in {EMBEDDED_DIR} or models/diffusers/"
+                                 f"{EMBEDDED_NAME}; the pack was installed without NimbleDiff-Tiny-DiT: put its "
+                                 f"folder at models/diffusers/{EMBEDDED_NAME} or choose another folder from the "
+                                 "dropdown")
+    return folder
 
 
 class NimbleDiffusersDiTLoader:
