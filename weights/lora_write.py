@@ -299,6 +299,7 @@ def save_lora(deltas: dict[str, Delta], path, layout: str = "peft", *, metadata:
         target = _target(target, deltas)  # resolved once for the write and the read-back
     sd, own = lora_state_dict(deltas, layout, target=target, dtype=dtype, uniform_alpha=uniform_alpha)
     # written beside the output, read back and compared, and only then renamed into place
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check.safetensors", dir=str(path.parent))
     os.close(fd)
     try:
