@@ -171,12 +171,10 @@ def _workflow_validate(args) -> int:
 def _workflow_to_ui(args) -> int:
     import json
 
+    from .weights.lora_ops import checked_output
     from .workflow_check import api_to_ui, read_workflow
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
+    out = checked_output(args.out, overwrite=args.overwrite, inputs=[args.api])   # never over the input workflow
     api = read_workflow(args.api, want="api")
     try:
         ui = api_to_ui(api)
@@ -185,6 +183,7 @@ def _workflow_to_ui(args) -> int:
 
         raise InvalidParameterError(f"{args.api}: refers to node or node type {e} that the workflow or the "
                                     "NimbleDiff/ComfyUI schemas do not define") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(ui, indent=1))
     print(f"wrote {out}")
     return 0
@@ -201,6 +200,10 @@ def _schedule_search(args) -> int:
     if out.exists() and not args.overwrite:
         print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    from .core.limits import check_latent_size
+
+    # absurd sizes before anything is loaded (SD's 4 channels at /8), the exact latent shape once the model is known
+    check_latent_size(args.batch, 4, args.size, args.size, 8, "schedule search --batch / --size")
     folder = _model_folder(args.model or EMBEDDED_MODEL)
     _set_threads(args.threads)
     pipe = _load_any_pipeline(folder, _dtype(args.dtype))
@@ -212,6 +215,7 @@ def _schedule_search(args) -> int:
     prompts = args.prompt or [""]
     denoiser, param, (channels, _, _) = guided_denoiser(pipe, prompts, args.cfg)
     size = args.size // pipe.vae_scale_factor
+    check_latent_size(args.batch, channels, args.size, args.size, pipe.vae_scale_factor, "schedule search")
     print(f"{args.method} on {folder.name} ({args.dtype}, batch {args.batch}, "
           + (f"grid {args.grid}" if args.method == "boss" else f"NFE {args.nfe}")
           + "): the bar estimates the time left; Ctrl-C stops without writing")
@@ -537,7 +541,8 @@ def _add_lora_commands(lora) -> None:
                        "ComfyUI block numbers follow its UNet config (default: the detected base's)")
 
     def rank_selection(p, rank_default=None):
-        p.add_argument("--rank", type=int, default=rank_default, help="new rank; the maximum with a threshold")
+        p.add_argument("--rank", type=_positive_int, default=rank_default,
+                       help="new rank; the maximum with a threshold")
         g = p.add_mutually_exclusive_group()
         g.add_argument("--sv-ratio", type=float, help="keep sigma_i >= sigma_0 / SV_RATIO")
         g.add_argument("--sv-fro", type=float, help="keep this share (0-1] of the Frobenius norm")
@@ -581,7 +586,8 @@ def _add_lora_commands(lora) -> None:
     merge.add_argument("--method", choices=[m for m in MERGE_METHODS if m != "darex_q"], default="linear")
     merge.add_argument("--density", type=float, default=1.0, help="share kept by ties / dare / magnitude_prune")
     merge.add_argument("--seed", type=int, default=0, help="DARE's random masks")
-    merge.add_argument("--rank", type=int, help="SVD the merged update to this rank (default: full differences)")
+    merge.add_argument("--rank", type=_positive_int,
+                       help="SVD the merged update to this rank (default: full differences)")
     output(merge, "default: kohya", "kohya")
     merge.set_defaults(run=_lora_merge)
 
@@ -638,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nfe", type=_positive_int, default=4)
     search.add_argument("--prompt", action="append", help="calibration prompt (repeat for several; default: empty)")
     search.add_argument("--cfg", type=float, default=1.0, help="search for the CFG-guided denoiser at this scale")
-    search.add_argument("--size", type=int, default=64, help="image size the calibration latents stand for")
+    search.add_argument("--size", type=_positive_int, default=64,
+                        help="image size the calibration latents stand for")
     search.add_argument("--batch", type=_positive_int, default=8, help="calibration noises")
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--grid", type=_positive_int, default=40,
