@@ -1,5 +1,8 @@
 """LoRA nodes: read any layout with nimblediff.weights, hand ComfyUI one patch per weight.
 
+UNet MODELs are named through their LDM key map; DiT MODELs (Flux, SD3, PixArt) through weights/comfy_keys.py: the
+deltas, read onto diffusers modules, are fused back into one patch per ComfyUI weight (qkv, linear1, adaLN rows).
+
 The model is cloned and patched with ModelPatcher.add_patches (ComfyUI computes the patched weights lazily, and
 unpatching is ComfyUI's). Every patch is validated first (names, shapes, finite values), so a bad file raises with a
 clear message and leaves the graph's model untouched.

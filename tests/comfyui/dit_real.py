@@ -209,6 +209,28 @@ def nodes_on_real_models(folder: Path) -> dict:
     return out
 
 
+def bad_input(folder: Path) -> dict:
+    """A UNet (SD1.5) LoRA on a real Flux MODEL and a Flux LoRA on a real SD3 MODEL: the error text, and whether the
+    input MODEL kept no patch."""
+    import torch
+    from safetensors.torch import save_file
+    from nimblediff.errors import AdapterMismatchError
+    from nimblediff.nodes.adapters import load_lora
+
+    unet = folder / "sd15_unet.safetensors"
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{k}.lora_down.weight": torch.randn(2, 768), f"{k}.lora_up.weight": torch.randn(640, 2)}, str(unet))
+    flux_lora = lora_files("flux", build("flux"), folder)["bfl"]
+    out = {}
+    for name, model, path in (("unet_on_flux", build("flux"), unet), ("flux_on_sd3", build("sd3"), flux_lora)):
+        try:
+            load_lora(model, None, str(path), 1.0, 1.0)
+            out[name] = {"error": None}
+        except AdapterMismatchError as exc:
+            out[name] = {"error": str(exc), "untouched": not model.patches}
+    return out
+
+
 def main(comfy: str, pack: str, scratch: str) -> None:
     sys.path.insert(0, str(Path(pack) / "tests"))
     import comfy_harness
@@ -223,6 +245,7 @@ def main(comfy: str, pack: str, scratch: str) -> None:
     result.update(flux_schedule())
     result.update(flux_sampling())
     result.update(nodes_on_real_models(folder))
+    result.update(bad_input(folder))
     print(json.dumps(result))
 
 

@@ -61,3 +61,11 @@ def test_block_weights_and_flash_sd3_nodes_on_comfy_models(result):
     assert result["flux_block_weights_max_abs_diff"] <= 1e-6
     assert result["sd3_flash_sigmas"] == [1.0, 0.9, 0.75, 0.5, 0.0]
     assert result["sd3_flash_lcm_max_abs_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("case,names", [("unet_on_flux", ("sd15", "flux")), ("flux_on_sd3", ("flux", "sd3"))])
+def test_wrong_base_lora_on_comfy_models_names_both(result, case, names):
+    r = result[case]
+    assert r["error"] is not None and r["untouched"], r
+    first, second = (r["error"].index(n) for n in names)
+    assert first < second, r["error"]
