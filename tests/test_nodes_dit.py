@@ -113,7 +113,7 @@ def lora_file(arch: str, layout: str, sd: dict, seed: int = 1, rank: int = 2) ->
     modules (each its rows of the fused ComfyUI weight, as ComfyUI's table sizes them), else on the original ones."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    if layout == "diffusers":
+    if layout in ("diffusers", "onetrainer"):
         table, _ = ref.diffusers_table(arch, CONFIGS[arch])
         modules = {}
         for name, (key, offset, _) in table.items():
@@ -131,6 +131,9 @@ def lora_file(arch: str, layout: str, sd: dict, seed: int = 1, rank: int = 2) ->
         up = torch.randn(shape[0], r, *([1, 1] if len(shape) == 4 else []), generator=gen) * 0.3
         if layout == "diffusers":
             n, d, u = name, "lora_A.weight", "lora_B.weight"
+        elif layout == "onetrainer":   # diffusers module names, kohya spelling (SD3 / Flux in ComfyUI's key map)
+            n, d, u = "lora_transformer_" + name[len("transformer."):].replace(".", "_"), "lora_down.weight", \
+                "lora_up.weight"
         elif layout == "bfl":
             n, d, u = f"diffusion_model.{name}", "lora_down.weight", "lora_up.weight"
         else:
@@ -182,6 +185,18 @@ def test_lora_loader_equals_comfyui_loraloader(comfy, arch, layout):
     assert n == len(modules) and len(changed) > 10, (n, len(modules), len(changed))   # ComfyUI applies every module
     assert max_diff(ours, expected, sd) <= 1e-5
     assert "unmatched" not in report or layout == "diffusers", report
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_onetrainer_names_equal_comfyui(comfy, arch):
+    from nimblediff.nodes.adapters import LoRALoader
+
+    sd = comfy_state_dict(arch)
+    lora = lora_file(arch, "onetrainer", sd)
+    new_model, _, _ = LoRALoader().load(comfy_model(arch, sd), None, comfy("ot.safetensors", lora), 1.0, 1.0)
+    expected, n = comfyui_result(arch, sd, lora)
+    assert n == len({k.rsplit(".", 2)[0] for k in lora if not k.endswith(".alpha")})
+    assert max_diff(new_model.patched_state_dict(), expected, sd) <= 1e-5
 
 
 def test_stack_and_block_weights_on_flux_double_and_single(comfy):
