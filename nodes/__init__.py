@@ -3,9 +3,9 @@
 Node ids, input names and widget order never change once shipped: saved workflows depend on them.
 """
 
-from . import adapter_ops, adapters, dit_loaders, editing, loaders, quant, sampling
+from . import adapter_ops, adapters, caching, dit_loaders, editing, loaders, quant, sampling
 
-_FAMILIES = (sampling, adapters, loaders, adapter_ops, quant, editing, dit_loaders)
+_FAMILIES = (sampling, adapters, loaders, adapter_ops, quant, editing, dit_loaders, caching)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

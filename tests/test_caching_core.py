@@ -270,7 +270,7 @@ def test_pruning_config_for_another_architecture_is_refused(tmp_path, sd15):
 
 def test_schedule_json_round_trip(tmp_path):
     s = CacheSchedule.edges(10, 3, first=2, last=2)
-    assert s.compute == (True, True, True, False, False, True, False, False, True, True)
+    assert s.compute == (True, True, False, False, True, False, False, True, True, True)
     s.to_json(tmp_path / "s.json", "UNet2DConditionModel")
     assert CacheSchedule.from_json(tmp_path / "s.json", "UNet2DConditionModel")[0] == s
     with pytest.raises(WeightsFormatError, match="made for"):

@@ -51,7 +51,8 @@ class CacheSchedule:
         _check_int("interval", interval, 1, high=steps)
         _check_int("first", first, 1, high=steps)
         _check_int("last", last, 0, high=steps)
-        return cls(tuple(i < first or i >= steps - last or (i - first) % interval == 0 for i in range(steps)))
+        # the last warm-up step counts as the first full one of the periodic part
+        return cls(tuple(i < first or i >= steps - last or (i - first + 1) % interval == 0 for i in range(steps)))
 
     @classmethod
     def parse(cls, value, steps: int | None = None) -> "CacheSchedule":

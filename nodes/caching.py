@@ -1,0 +1,118 @@
+"""Caching nodes: a MODEL in, a patched MODEL out (a clone; the input MODEL is untouched). The patch is a ComfyUI
+model function wrapper (ModelPatcher.set_model_unet_function_wrapper) that hands each model call, its step index
+(from transformer_options["sample_sigmas"]) and its cond/uncond stream to nimblediff.core.caching, which patches
+the diffusion model's blocks for that call only. Composes with LoRA patches and any sampler; a wrapper already on
+the MODEL is kept and called inside ours."""
+
+from __future__ import annotations
+
+from ..core.caching import BlockReuse, CacheSchedule, deepcache_paths, detect_layout
+from ..core.caching import prune as laptop
+from ..errors import InvalidParameterError
+
+
+def _step_of(timestep, options) -> int | None:
+    """The step index: where this call's sigma sits in the sampler's sigma list."""
+    sigmas = options.get("sample_sigmas")
+    if sigmas is None:
+        return None
+    t = float(timestep.reshape(-1)[0]) if hasattr(timestep, "reshape") else float(timestep)
+    return int((sigmas.float() - t).abs().argmin())
+
+
+def _wrap(model, run):
+    """Clone `model` and install a function wrapper calling run(apply, args) around any existing wrapper."""
+    m = model.clone()
+    previous = m.model_options.get("model_function_wrapper")
+
+    def inner(apply_model, args):
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m.set_model_unet_function_wrapper(lambda apply_model, args: run(lambda a: inner(apply_model, a), args))
+    return m
+
+
+def diffusion_model_of(model):
+    return model.get_model_object("diffusion_model")
+
+
+class DeepCacheModel:
+    """Feature inheritance / DeepCache: on off-steps the deep blocks return their features from the last full step
+    and only the shallow branch runs. Full steps: the first `full_first`, the last `full_last`, and every
+    `interval`-th step between (A-SDM's non-uniform mode; full_first 1 and full_last 0 = DeepCache's uniform)."""
+
+    CATEGORY = "NimbleDiff/caching"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "interval": ("INT", {"default": 3, "min": 1, "max": 50,
+                                 "tooltip": "compute the deep blocks every N-th step; 1 = no reuse"}),
+            "branch_block": ("INT", {"default": 0, "min": 0, "max": 8,
+                                     "tooltip": "shallow branch level kept live (0 = outermost, fastest)"}),
+            "branch_layer": ("INT", {"default": 0, "min": 0, "max": 8,
+                                     "tooltip": "layer inside the branch level (0 = fewest live layers)"}),
+            "full_first": ("INT", {"default": 1, "min": 1, "max": 50,
+                                   "tooltip": "first steps always computed in full (layout forms early)"}),
+            "full_last": ("INT", {"default": 0, "min": 0, "max": 50,
+                                  "tooltip": "last steps always computed in full (fine detail)"}),
+        }}
+
+    def patch(self, model, interval, branch_block, branch_layer, full_first=1, full_last=0):
+        unet = diffusion_model_of(model)
+        paths = deepcache_paths(unet, branch_block, branch_layer)          # raises for an unknown model type
+        CacheSchedule.edges(max(interval, full_first, full_last, 1), interval, full_first, full_last)  # validate
+        cache = BlockReuse(unet, paths, CacheSchedule(interval=1))
+
+        def run(call, args):
+            options = args["c"].get("transformer_options", {})
+            step = _step_of(args["timestep"], options)
+            sigmas = options.get("sample_sigmas")
+            if step == 0 and sigmas is not None:        # a new run: the schedule needs its step count
+                steps = max(len(sigmas) - 1, 1)
+                cache.schedule = CacheSchedule.edges(steps, min(interval, steps), min(full_first, steps),
+                                                     min(full_last, steps))
+            stream = tuple(args.get("cond_or_uncond") or ())
+            return cache(lambda x: call(dict(args, input=x)), args["timestep"], args["input"], stream=stream,
+                         step=step)
+        return (_wrap(model, run),)
+
+
+class SkipLayersModel:
+    """LAPTOP-Diff layer skipping: the layers named in a pruning config (`nimblediff` layer-prune JSON made for
+    this architecture) pass their input through. Training-free preview of a pruned model."""
+
+    CATEGORY = "NimbleDiff/caching"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL",),
+            "config_path": ("STRING", {"default": "", "tooltip": "layer-prune JSON (bench/compute.py or "
+                                                                 "nimblediff.core.caching.prune.save_config)"}),
+        }}
+
+    def patch(self, model, config_path):
+        if not config_path:
+            raise InvalidParameterError("config_path is empty: give a layer-prune JSON file")
+        unet = diffusion_model_of(model)
+        detect_layout(unet)
+        skip = laptop.load_config(config_path, unet)                      # refuses another architecture
+
+        def run(call, args):
+            with laptop.ModelPatch(unet, {p: laptop.identity for p in skip}):
+                return call(args)
+        return (_wrap(model, run),)
+
+
+NODES = {
+    "NimbleDiffDeepCache": (DeepCacheModel, "NimbleDiff DeepCache / Feature Inheritance"),
+    "NimbleDiffSkipLayers": (SkipLayersModel, "NimbleDiff Skip Layers (LAPTOP)"),
+}
