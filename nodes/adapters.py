@@ -276,6 +276,21 @@ class LoRALoader:
         return (model, clip, report.summary())
 
 
+_DITS = ("sd3", "flux", "pixart")
+
+
+def check_recipe_family(recipe, model) -> None:
+    """A DiT recipe on another model, or a UNet recipe on a DiT, samples with the wrong sampler / schedule / CFG: refuse
+    it naming both (UNet recipes among UNets are left to the LoRA's own architecture check)."""
+    if model is None:
+        return
+    arch = comfy_target(model, None).arch.arch
+    if (recipe.base in _DITS or arch in _DITS) and recipe.base != arch:
+        fits = [n for n, x in RECIPES.items() if x.base == arch]
+        raise AdapterMismatchError(f"recipe {recipe.name!r} is for {recipe.base} models but the model is {arch}; "
+                                   f"recipes for {arch}: {', '.join(fits) or 'none yet'}")
+
+
 class AccelerationLoRA:
     """A distillation LoRA (Flash Diffusion, LCM-LoRA, TCD, DMD2, Lightning, Hyper-SD) with its recipe: the patched
     model plus the recipe's SAMPLER, SIGMAS and CFG for SamplerCustom. Warns when the graph contradicts it."""
@@ -298,6 +313,7 @@ class AccelerationLoRA:
 
     def load(self, model, clip, lora_name, recipe, strength_model, strength_clip, steps):
         r = RECIPES[recipe]
+        check_recipe_family(r, model)
         model, clip, report = load_lora(model, clip, lora_path(lora_name), strength_model, strength_clip)
         sampler = make_sampler(r.sampler, recipe=r, **r.options)
         sigmas = make_sigmas_for_model(model, r.schedule, steps)

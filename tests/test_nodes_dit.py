@@ -453,3 +453,15 @@ def test_extract_from_dit_models_round_trips_through_comfyui(comfy, tmp_path, ar
     want = tuned.patched_state_dict()
     got, _ = comfyui_result(arch, sd, extracted)
     assert max_diff(got, want, sd) <= 1e-4
+
+
+def test_acceleration_recipe_for_another_family_is_refused(comfy):
+    from nimblediff.nodes.adapters import AccelerationLoRA
+
+    sd = comfy_state_dict("flux")
+    model = comfy_model("flux", sd, fake_comfy.CONST())
+    name = comfy("flux.safetensors", lora_file("flux", "bfl", sd))
+    for recipe in ("flash-sd3", "flash-sd15"):
+        with pytest.raises(AdapterMismatchError, match=rf"{recipe}.*flux"):
+            AccelerationLoRA().load(model, None, name, recipe, 1.0, 1.0, 4)
+    assert model.patches == {}
