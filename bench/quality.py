@@ -121,9 +121,10 @@ def _card_row(name, kind, steps, guidance, r, fd, wall, n):
     two = r["whole_by_count"].get(2, float("nan"))
     fd_s = "-" if fd is None else f"{fd:.2f}"
     time_s = "- | -" if wall is None else f"{wall:.2f} | {1000 * wall / n:.1f}"
+    sharp = "-" if r.get("sharpness") is None else f"{r['sharpness']:.2f}"
     return (f"| {name} | {kind} | {steps} | {guidance if isinstance(guidance, str) else f'{guidance:g}'} | {_cell(r)} | "
             f"{two:.3f} | {acc['shape']:.3f} | {acc['colour']:.3f} | {acc['size']:.3f} | {acc['position']:.3f} | "
-            f"{acc['background']:.3f} | {acc['count']:.3f} | {fd_s} | {time_s} |")
+            f"{acc['background']:.3f} | {acc['count']:.3f} | {fd_s} | {sharp} | {time_s} |")
 
 
 def _wanted(a, config):
@@ -220,8 +221,10 @@ def main():
     real_r = evaluate.evaluate_v2(real, scenes, net)
     real_feats = real_r["features"]
     header = ("| model | sampler | steps | CFG | whole prompt [95% CI] | two shapes | shape | colour | size | position "
-              "| background | count | feature dist | wall s | ms/img |")
-    lines = [header, "|" + "---|" * 15, _card_row("real renders (evaluator check)", "-", "-", "-", real_r, 0, None, a.n)]
+              "| background | count | feature dist | edge sharpness | wall s | ms/img |")
+    real_edges = np.median(evaluate.edge_sharpness(real))
+    lines = [header, "|" + "---|" * 16, _card_row("real renders (evaluator check)", "-", "-", "-",
+                                                  dict(real_r, sharpness=1.0), 0, None, a.n)]
     for label, (imgs, scs) in evaluate.baselines(real, scenes).items():      # chance levels, printed every run
         lines.append(_card_row(f"chance: {label}", "-", "-", "-", evaluate.evaluate_v2(imgs, scs, net), None, None,
                                a.n))
@@ -234,6 +237,7 @@ def main():
         images = make(captions, seeds)
         wall = time.perf_counter() - t0
         r = evaluate.evaluate_v2(images, scenes, net)
+        r["sharpness"] = np.median(evaluate.edge_sharpness(images)) / real_edges
         fd = evaluate.frechet(r["features"], real_feats) if len(r["features"]) > 2 else float("nan")
         lines.append(_card_row(name, kind, steps, guidance, r, fd, wall, a.n))
         family_lines["dit" if config in DIT_CONFIGS else "unet"].append(lines[-1])
@@ -245,7 +249,8 @@ def main():
             f"{heldout.NOISE_BASE}), 64x64, {a.threads} CPU thread(s), batch of {a.n}; wall time is for the whole "
             "batch. Whole prompt: every stated word right (evaluator v2), Wilson 95% interval. Chance rows: what the "
             "evaluator gives images that should fail. Feature distance: Frechet distance between the evaluator's "
-            "penultimate features of generated and real shapes.\n")
+            "penultimate features of generated and real shapes. Edge sharpness: median over images of the 99th "
+            "percentile of the luma gradient (the shapes' edges), relative to the real renders' (1.00 = as sharp).\n")
     cond.finish()
     note += f"\n{cond} Whole run {time.perf_counter() - t_start:.0f} s.\n"
     print("\n" + "\n".join(lines) + note)

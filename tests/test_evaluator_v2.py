@@ -163,3 +163,13 @@ def test_heldout_prompts_are_fixed_proportioned_and_unseen():
         for step in (0, 10**7 - 1):
             assert train.batch_seed(args, stage, step) not in (heldout.HELDOUT_SEED, *held.noise_seeds)
     assert (heldout.HELDOUT_SEED // 10**7) % 1000 not in (1, 2, 3)  # train.batch_seed's stage digits
+
+
+def test_edge_sharpness_hand_worked_step_edge_and_blur():
+    """A white/black vertical step: central differences give (255 - 0) / 2 on the two columns beside the edge (3% of
+    the interior pixels, above the top 1%), so the 99th percentile is 127.5; a blurred copy is lower."""
+    img = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    img[:, :, 32:] = 255
+    assert evaluate.edge_sharpness(img)[0] == pytest.approx(127.5)
+    assert evaluate.edge_sharpness(evaluate.blur(img, 1.5))[0] < 100
+    assert evaluate.edge_sharpness(np.full((1, 64, 64, 3), 90, np.uint8))[0] == 0
