@@ -125,7 +125,10 @@ def mixed_precision_plan(pipe, schemes, bits_per_weight: float, *, prompts=(), s
         return total / len(ts)
 
     layers = eligible_layers(model, exclude=exclude)
-    traces = cal.hutchinson_traces(loss, {n: m.weight for n, m in layers.items()}, probes=probes, seed=seed)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # Hessian-vector products need double backward; CPU flash SDPA has none
+        traces = cal.hutchinson_traces(loss, {n: m.weight for n, m in layers.items()}, probes=probes, seed=seed)
     options = cal.sensitivities(layers, traces, schemes)
     budget = bits_per_weight * sum(m.weight.numel() for m in layers.values())
     return cal.allocate(options, budget, method=method)

@@ -170,3 +170,23 @@ def test_collect_samples_every_call_of_every_layer(tiny_unet):
     assert acts.timesteps == [999, 749, 499, 249]
     name = "down_blocks.0.resnets.0.conv1"
     assert len(acts.rows[name]) == 4 and acts.matrix(name).shape == (32, layers[name].weight[0].numel())
+
+
+def test_mixed_precision_plan_meets_the_budget_on_a_pipeline():
+    from nimblediff.pipelines.quantized import KEEP_FLOAT, mixed_precision_plan, quantize_denoiser
+    from tests.factories import tiny_sd15_pipeline
+
+    pipe = tiny_sd15_pipeline()
+    layers = eligible_layers(pipe.unet, exclude=KEEP_FLOAT)
+    n = sum(m.weight.numel() for m in layers.values())
+    plan = mixed_precision_plan(pipe, ["int4_g32", "int8", None], 9.0, prompts=["a", "b"], steps=2, probes=2)
+    assert set(plan) == set(layers)
+    from nimblediff.core.quant import resolve_scheme
+
+    bits = sum(16 * m.weight.numel() if plan[k] is None else 8 * resolve_scheme(plan[k])(m.weight).nbytes
+               for k, m in layers.items())
+    assert bits <= 9.0 * n
+    assert len(set(plan.values())) > 1  # the budget forces a real mix
+    quantize_denoiser(pipe, "int8", prompts=["a"], steps=2, per_layer=plan)
+    kept = [k for k, s in plan.items() if s is None]
+    assert all(type(pipe.unet.get_submodule(k)) in (torch.nn.Linear, torch.nn.Conv2d) for k in kept)
