@@ -250,7 +250,38 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
     "exact": the full SVD of every dense merged update (slow: ~30 s for one 1280 x 11520 conv on 2 cores).
     progress: called as progress(done, total) after each key; raise from it to cancel (nothing is returned).
     """
-    # 1. validate every argument before any work
+    keys, weights = _check_merge_args(adapters, weights, method, space, density, majority_sign, svd, calibration)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    out, report = {}, MergeReport(method, rank=None if rank is None else RankReport())
+    svd_seeds = torch.Generator().manual_seed(seed if seed is not None else 0)  # apart from DARE's masks
+    # svd="fast" runs on one thread: merging is memory-bound elementwise work, and on 2 busy cores a second OpenMP
+    # thread made TIES 1.7x slower on a 1280 x 23040 conv and 7-10x slower on a 320 x 768 layer (barrier waits);
+    # "exact" keeps the threads the old path had (small kernels on one, the rest and the full SVDs on all)
+    with small_op_threads(0 if svd == "fast" else small_op_threads.SMALL):
+        for i, key in enumerate(keys):
+            present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
+            report.sources[key] = [t for t, _ in present]
+            ctx = _Ctx(density, majority_sign, generator)
+            merged = _merge_key(key, present, [float(weights[t]) for t, _ in present], method, space, rank, svd,
+                                ctx, calibration)
+            if ctx.rescale is not None:
+                report.rescale[key] = ctx.rescale
+            if rank is not None:  # back to a LoRA under the rank budget, key by key: no dense update is kept
+                merged = _to_rank(key, merged, rank, svd, int(torch.randint(1 << 62, (), generator=svd_seeds)),
+                                  report.rank)
+            if merged is not None:
+                out[key] = merged
+            if progress is not None:
+                progress(i + 1, len(keys))
+    if report.rank is not None and report.rank.dropped:
+        warnings.warn(f"merge: {len(report.rank.dropped)} keys carry a bias difference a LoRA cannot hold; it is "
+                      f"dropped, e.g. {list(report.rank.dropped)[:5]}", stacklevel=2)
+    return out, report
+
+
+def _check_merge_args(adapters, weights, method, space, density, majority_sign, svd, calibration):
+    """Every argument checked before any work; returns (the keys in merge order, one weight per adapter)."""
     if method not in MERGE_METHODS:
         raise InvalidParameterError(f"merge method={method!r}; valid: {', '.join(MERGE_METHODS)}")
     if space not in _SPACES:
@@ -283,61 +314,38 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
         if missing:
             raise InvalidParameterError(f"darex_q: calibration has no inputs for {len(missing)} keys, e.g. "
                                         f"{missing[:5]}; every merged key needs them")
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    # 2. merge key by key; with a rank, each merged update becomes a LoRA at once (no dense update is kept)
-    out, report = {}, MergeReport(method, rank=None if rank is None else RankReport())
-    svd_seeds = torch.Generator().manual_seed(seed if seed is not None else 0)  # apart from DARE's masks
+    return keys, weights
+
+
+def _merge_key(key, present, w, method, space, rank, svd, ctx, calibration) -> Delta:
+    """One key's merged update from the adapters that have it: [(adapter index, delta)] with weights w."""
+    shapes = {tuple(weight_shape(d)) for _, d in present}
+    if len(shapes) != 1:
+        raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} in adapters "
+                                   f"{[t for t, _ in present]}; they are not for the same model")
+    plain = all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present)
+    if method == "cat" or (method == "linear" and space == "delta" and rank is not None and svd == "fast" and plain):
+        return _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])  # [w_t s_t B_t] @ [A_t]: exact, no dense dW
     fn = _METHODS.get(method)
-    # svd="fast" runs on one thread: merging is memory-bound elementwise work, and on 2 busy cores a second OpenMP
-    # thread made TIES 1.7x slower on a 1280 x 23040 conv and 7-10x slower on a 320 x 768 layer (barrier waits);
-    # "exact" keeps the threads the old path had (small kernels on one, the rest and the full SVDs on all)
-    with small_op_threads(0 if svd == "fast" else small_op_threads.SMALL):
-        for i, key in enumerate(keys):
-            present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
-            w = [float(weights[t]) for t, _ in present]
-            report.sources[key] = [t for t, _ in present]
-            ctx = _Ctx(density, majority_sign, generator)
-            shapes = {tuple(weight_shape(d)) for _, d in present}
-            if len(shapes) != 1:
-                raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} "
-                                           f"in adapters {report.sources[key]}; they are not for the same model")
-            shape = weight_shape(present[0][1])
-            plain = all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present)
-            if method == "cat" or (method == "linear" and space == "delta" and rank is not None and svd == "fast"
-                                   and plain):  # sum_t w_t s_t B_t A_t = [w_t s_t B_t] @ [A_t]: exact, no dense dW
-                merged = _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])
-            elif space == "factors":
-                with small_op_threads(sum(d.numel() for _, d in present)):
-                    merged = _merge_factors(key, present, w, fn, ctx)
-            else:
-                if method == "darex_q":
-                    X = calibration[key]
-                    if X.ndim != 2 or X.shape[1] != math.prod(shape[1:]):
-                        raise InvalidParameterError(f"darex_q: calibration[{key!r}] has shape {tuple(X.shape)}; "
-                                                    f"expected (N, {math.prod(shape[1:])}) inputs of a layer with "
-                                                    f"weight {shape}")
-                    ctx.calibration = X
-                with small_op_threads(math.prod(shape) * len(present)):
-                    T = [d.delta_weight(shape) for _, d in present]
-                    dense = fn(T, torch.tensor(w), ctx)
-                if ctx.rescale is not None:
-                    report.rescale[key] = ctx.rescale
-                biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
-                bias = sum(wt * b for b, wt in biases if b is not None) \
-                    if any(b is not None for b, _ in biases) else None
-                merged = Diff(dense, bias)
-            if rank is not None:  # 3. back to a LoRA under the rank budget
-                merged = _to_rank(key, merged, rank, svd, int(torch.randint(1 << 62, (), generator=svd_seeds)),
-                                  report.rank)
-            if merged is not None:
-                out[key] = merged
-            if progress is not None:
-                progress(i + 1, len(keys))
-    if report.rank is not None and report.rank.dropped:
-        warnings.warn(f"merge: {len(report.rank.dropped)} keys carry a bias difference a LoRA cannot hold; it is "
-                      f"dropped, e.g. {list(report.rank.dropped)[:5]}", stacklevel=2)
-    return out, report
+    if space == "factors":
+        with small_op_threads(sum(d.numel() for _, d in present)):
+            return _merge_factors(key, present, w, fn, ctx)
+    return _merge_dense(key, present, w, fn, ctx, calibration if method == "darex_q" else None)
+
+
+def _merge_dense(key, present, w, fn, ctx, calibration) -> Diff:
+    shape = weight_shape(present[0][1])
+    if calibration is not None:
+        X = calibration[key]
+        if X.ndim != 2 or X.shape[1] != math.prod(shape[1:]):
+            raise InvalidParameterError(f"darex_q: calibration[{key!r}] has shape {tuple(X.shape)}; expected "
+                                        f"(N, {math.prod(shape[1:])}) inputs of a layer with weight {shape}")
+        ctx.calibration = X
+    with small_op_threads(math.prod(shape) * len(present)):
+        dense = fn([d.delta_weight(shape) for _, d in present], torch.tensor(w), ctx)
+    biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
+    bias = sum(wt * b for b, wt in biases if b is not None) if any(b is not None for b, _ in biases) else None
+    return Diff(dense, bias)
 
 
 def _to_rank(key: str, delta: Delta, rank: int, svd: str, seed: int, into: RankReport) -> LoRA | None:
