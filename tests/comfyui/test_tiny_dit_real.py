@@ -209,10 +209,13 @@ else:  # -----------------------------------------------------------------------
         comfy_harness.build_model_folder(root / "unet-sd", "spec")
         return base
 
-    @pytest.fixture(scope="module")
-    def parity(base) -> dict:
-        return _script("parity", str(COMFY), str(comfy_harness.PACK_DIR),
-                       str(base / "models" / "diffusers" / "random-tiny-dit"))
+    @pytest.fixture(scope="module", params=["random", "shipped"])
+    def parity(request, base) -> dict:
+        """The random 3-block folder, and the trained NimbleDiff-Tiny-DiT (8 blocks, fp16 on disk) once it ships."""
+        if request.param == "shipped" and not (EMBEDDED_DIR / "model_index.json").is_file():
+            pytest.skip(f"{EMBEDDED_DIR} is not in the pack yet")
+        folder = base / "models" / "diffusers" / "random-tiny-dit" if request.param == "random" else EMBEDDED_DIR
+        return _script("parity", str(COMFY), str(comfy_harness.PACK_DIR), str(folder))
 
     def test_clip_gives_the_pipelines_prompt_embeddings(parity):
         assert parity["cond_shape"] == [[1, 48, 128], [1, 48, 128]]
@@ -223,10 +226,11 @@ else:  # -----------------------------------------------------------------------
 
     def test_comfyuis_own_key_table_maps_the_model_back_onto_the_folder(parity):
         assert parity["keys_not_reached"] == [] and parity["comfy_keys_unmapped"] == [], parity
-        assert parity["weights_back"] == 0.0 and parity["depth_blocks"] == [2, 3]
-        # ComfyUI's table swaps block depth - 1 = 1 (not pre-only) and not block 2 (pre-only): only those differ
+        depth, blocks = parity["depth_blocks"]
+        assert parity["weights_back"] == 0.0 and depth == 2 and blocks in (3, 8)
+        # ComfyUI's table swaps block depth - 1 = 1 (not pre-only) and not the last block (pre-only): only those differ
         assert parity["weights_back_differ"] == [f"transformer_blocks.{b}.norm1_context.linear.{e}"
-                                                 for b in (1, 2) for e in ("bias", "weight")], parity
+                                                 for b in (1, blocks - 1) for e in ("bias", "weight")], parity
         # ComfyUI's detection reads everything but the block and head counts from shapes (hidden = 64 x depth)
         assert parity["config_mismatch"] == {}, parity
 
