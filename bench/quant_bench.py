@@ -12,7 +12,8 @@ cannot write K-quants) and optimum-quanto, in one process.
 3. NimbleDiff-Tiny (weights/tiny, Flash LoRA fused, 4 steps): every Linear/Conv2d except conv_in/conv_out
    quantized. Bits per weight over those layers (float layers a scheme cannot hold count 16), the file size, the
    denoiser's output error on held-out prompts' trajectories across all 4 timesteps (teacher-forced: the float
-   model's own inputs), and the decoded image error after a 4-step generation from the same noise.
+   model's own inputs), the decoded image error after a 4-step generation from the same noise, and evaluator v2's
+   shape and colour accuracy on --n-eval held-out scenes (tiny/evaluate.py), relative to the fp32 model.
 
 Usage: python bench/quant_bench.py [--quick] [--rounds 9] [--threads 1]
 """
@@ -105,7 +106,7 @@ def layer_rows(quick: bool):
             continue
         w = realistic_weight(shape, li)
         k = math.prod(shape[1:])
-        x_cal, x_test = realistic_inputs(k, 1024, li, 100), realistic_inputs(k, 1024, li, 200)  # disjoint draws
+        x_cal, x_test = realistic_inputs(k, 8192, li, 100), realistic_inputs(k, 2048, li, 200)  # disjoint draws
         w2 = w.reshape(shape[0], -1)
         ref = x_test @ w2.T
 
@@ -185,7 +186,17 @@ def latency(rounds: int):
 
 
 # ---- 3. NimbleDiff-Tiny ------------------------------------------------------------------------------------------
-def tiny_rows(quick: bool):
+def attribute_accuracy(p, held_eval, net):
+    """Evaluator v2 shape and colour accuracy of 4-step images for held-out scenes (their fixed noise seeds)."""
+    from nimblediff.tiny import evaluate
+
+    gens = [torch.Generator().manual_seed(int(s)) for s in held_eval.noise_seeds]
+    imgs = p(held_eval.captions, num_inference_steps=4, generator=gens, output_type="np").images
+    r = evaluate.evaluate_v2((imgs * 255).round().clip(0, 255).astype(np.uint8), held_eval.scenes, net)
+    return r["accuracy"]["shape"], r["accuracy"]["colour"]
+
+
+def tiny_rows(quick: bool, n_eval: int):
     from nimblediff import TINY_FLASH_LORA, TINY_MODEL
     from nimblediff.cli import DEMO_PROMPTS
     from nimblediff.pipelines import FewStepPipeline
@@ -198,6 +209,10 @@ def tiny_rows(quick: bool):
     pipe.set_progress_bar_config(disable=True)
     float_unet = pipe.unet
     held = heldout_scenes(4 if quick else 8).captions
+    from nimblediff.tiny import evaluate
+
+    held_eval = heldout_scenes(n_eval)  # the same scenes with their fixed seeds for every arm
+    net = evaluate.load_evaluator()
     calib = DEMO_PROMPTS[: 2 if quick else 4]
 
     def generate(p):
@@ -251,8 +266,9 @@ def tiny_rows(quick: bool):
         den = sum(float(r.pow(2).sum()) for r in ref_out)
         imgs = generate(p)
         mse = float((imgs - ref_images).pow(2).mean())
+        shape_acc, colour_acc = attribute_accuracy(p, held_eval, net)
         rows.append((label, bits, size, math.sqrt(num / den), float((imgs - ref_images).norm() / ref_images.norm()),
-                     10 * math.log10(1 / max(mse, 1e-12))))
+                     10 * math.log10(1 / max(mse, 1e-12)), shape_acc, colour_acc))
         print(f"  tiny {label} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     return rows, len(held), len(calib)
 
@@ -276,12 +292,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--n-eval", type=int, default=64, help="held-out scenes for the attribute evaluator")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cond = Conditions()
     lrows = layer_rows(args.quick)
     lat = latency(args.rounds if not args.quick else 6)
-    trows, n_held, n_cal = tiny_rows(args.quick)
+    trows, n_held, n_cal = tiny_rows(args.quick, args.n_eval)
     cond.finish()
 
     out = ["## 1. Layers with realistic statistics (relative errors; output error on held-out inputs)", "",
@@ -298,10 +315,13 @@ def main(argv=None):
     out += ["", f"## 3. NimbleDiff-Tiny (Flash LoRA fused, 4 steps; {n_held} held-out prompts, calibration on "
             f"{n_cal} other prompts)", "",
             "| scheme | bits/weight (quantized layers) | file MB | denoiser output error (4 timesteps) | "
-            "image rel. error | image PSNR dB |", "|---|---|---|---|---|---|"]
-    for label, bits, size, de, ie, psnr in trows:
+            f"image rel. error | image PSNR dB | shape acc. / fp32 ({args.n_eval} scenes) | colour acc. / fp32 |",
+            "|---|---|---|---|---|---|---|---|"]
+    base = trows[0]
+    for label, bits, size, de, ie, psnr, sa, ca in trows:
         out.append(f"| {label} | {bits:.2f} | {fmt(size, '.2f')} | {de:.4f} | {ie:.4f} | "
-                   f"{'inf' if psnr > 119 else format(psnr, '.1f')} |")
+                   f"{'inf' if psnr > 119 else format(psnr, '.1f')} | {sa:.3f} ({sa / base[6]:.1%}) | "
+                   f"{ca:.3f} ({ca / base[7]:.1%}) |")
     out += ["", str(cond)]
     text = "\n".join(out)
     print(text)

@@ -41,6 +41,7 @@ class Int4Weight(QuantizedWeight):
         self.register_buffer("minimum", minimum)
         self.register_buffer("super_scale", super_scale)
         self.group, self.pad, self.fast = group, pad, fast
+        self.search = False  # quantized with a per-group range search (requantize repeats it)
         self._kernel = None  # (packed int4pack, scales_and_zeros) built on first fast call; not stored
 
     @property
@@ -95,7 +96,8 @@ class Int4Weight(QuantizedWeight):
         return super()._apply(fn, recurse)
 
     def config(self) -> dict:
-        return {"group": self.group, "pad": self.pad, "symmetric": self.symmetric, "scales": self.scales}
+        return {"group": self.group, "pad": self.pad, "symmetric": self.symmetric, "scales": self.scales,
+                "search": self.search}
 
     @classmethod
     def from_tensors(cls, shape, config, tensors):
@@ -119,11 +121,14 @@ class Int4Weight(QuantizedWeight):
             if t is None or tuple(t.shape) != shp or t.dtype != dt:
                 got = None if t is None else (tuple(t.shape), str(t.dtype))
                 raise WeightsFormatError(f"int4 weight {tuple(shape)}: tensor {n!r} must be {shp} {dt}, got {got}")
-        return cls(shape, tensors["packed"], tensors["scale"], tensors.get("minimum"), tensors.get("super_scale"),
-                   group=group, pad=pad)
+        out = cls(shape, tensors["packed"], tensors["scale"], tensors.get("minimum"), tensors.get("super_scale"),
+                  group=group, pad=pad)
+        out.search = bool(config.get("search", False))
+        return out
 
     def requantize(self, weight: torch.Tensor) -> "Int4Weight":
-        return quantize_int4(weight, group=self.group, symmetric=self.symmetric, scales=self.scales)
+        return quantize_int4(weight, group=self.group, symmetric=self.symmetric, scales=self.scales,
+                             search=self.search)
 
     def affine_grid(self):
         """(s, m, 0, 15) with s, m (out, K): W = q s + m elementwise; the grid calibration rounds onto."""
@@ -134,13 +139,28 @@ class Int4Weight(QuantizedWeight):
     def with_codes(self, q: torch.Tensor) -> "Int4Weight":
         """The same scales with new codes q (out, K) in 0..15."""
         q = torch.nn.functional.pad(q.to(torch.uint8), (0, self.pad))
-        return type(self)(self.shape, pack4(q), self.scale, self.minimum, self.super_scale, group=self.group,
-                          pad=self.pad, fast=self.fast)
+        out = type(self)(self.shape, pack4(q), self.scale, self.minimum, self.super_scale, group=self.group,
+                         pad=self.pad, fast=self.fast)
+        out.search = self.search
+        return out
+
+
+SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def quantize_int4(w: torch.Tensor, *, group: int = 64, symmetric: bool = False, scales: str = "fp16",
-                  clip: torch.Tensor | float | None = None) -> Int4Weight:
-    """Round-to-nearest group-wise int4. ``clip`` (scalar, (out,) or (out, G)) shrinks the group range, for calibration."""
+                  clip: torch.Tensor | float | None = None, search: bool = False) -> Int4Weight:
+    """Round-to-nearest group-wise int4. ``clip`` (scalar, (out,) or (out, G)) shrinks the group range, for
+    calibration. ``search``: pick each group's range from SEARCH by its own squared weight error (data-free, in the
+    spirit of llama.cpp's make_qkx2_quants search for K-quants)."""
+    if search and clip is None:
+        g, _ = grouped(w, group)
+        errs = torch.stack([(grouped(quantize_int4(w, group=group, symmetric=symmetric, scales=scales, clip=c)
+                                     .dequantize(), group)[0] - g).pow(2).sum(-1) for c in SEARCH])  # (C, out, G)
+        clip = torch.tensor(SEARCH)[errs.argmin(0)]
+        out = quantize_int4(w, group=group, symmetric=symmetric, scales=scales, clip=clip)
+        out.search = True
+        return out
     if group not in GROUPS:
         raise InvalidParameterError(f"int4 group must be one of {GROUPS}, got {group}")
     if scales not in ("fp16", "q6") or (scales == "q6" and symmetric):
