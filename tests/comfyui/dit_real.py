@@ -231,6 +231,29 @@ def bad_input(folder: Path) -> dict:
     return out
 
 
+def reference_tables(pack: str) -> dict:
+    """The CI reference (tests/comfyui/comfy_lora_reference.py, ComfyUI's tables rewritten) against ComfyUI's own
+    flux/mmdit/pixart_to_diffusers: entries it lacks or maps elsewhere (target key and rows)."""
+    import comfy.utils
+
+    sys.path.insert(0, str(Path(pack) / "tests" / "comfyui"))
+    import comfy_lora_reference as ref
+
+    out = {}
+    for arch, config in (("flux", CONFIGS["flux"]), ("sd3", CONFIGS["sd3"]), ("pixart", CONFIGS["pixart"])):
+        fn = {"flux": comfy.utils.flux_to_diffusers, "sd3": comfy.utils.mmdit_to_diffusers,
+              "pixart": comfy.utils.pixart_to_diffusers}[arch]
+        theirs = {k[:-len(".weight")]: (v, None, None) if isinstance(v, str) else v
+                  for k, v in fn(config, output_prefix="diffusion_model.").items() if k.endswith(".weight")}
+        mine = ref.TABLES[arch](config)
+        out[f"reference_{arch}"] = {"missing": sorted(set(mine) - set(theirs)),
+                                    "different": sorted(k for k in mine if k in theirs and (
+                                        mine[k][0], mine[k][1], mine[k][2] is None) != (
+                                        theirs[k][0], theirs[k][1], len(theirs[k]) < 3 or theirs[k][2] is None)),
+                                    "entries": len(mine)}
+    return out
+
+
 def main(comfy: str, pack: str, scratch: str) -> None:
     sys.path.insert(0, str(Path(pack) / "tests"))
     import comfy_harness
@@ -246,6 +269,7 @@ def main(comfy: str, pack: str, scratch: str) -> None:
     result.update(flux_sampling())
     result.update(nodes_on_real_models(folder))
     result.update(bad_input(folder))
+    result.update(reference_tables(pack))
     print(json.dumps(result))
 
 

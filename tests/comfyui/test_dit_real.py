@@ -69,3 +69,10 @@ def test_wrong_base_lora_on_comfy_models_names_both(result, case, names):
     assert r["error"] is not None and r["untouched"], r
     first, second = (r["error"].index(n) for n in names)
     assert first < second, r["error"]
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3", "pixart"])
+def test_ci_reference_tables_agree_with_comfyui(result, arch):
+    """The CI test's rewrite of ComfyUI's diffusers tables maps every entry as ComfyUI's own functions do."""
+    r = result[f"reference_{arch}"]
+    assert r["missing"] == [] and r["different"] == [] and r["entries"] > 20, r

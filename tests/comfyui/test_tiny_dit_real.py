@@ -275,6 +275,7 @@ else:  # -----------------------------------------------------------------------
                                           "StableDiffusion3Pipeline"]),
         ("missing component", "dit-without-text-encoder-2", SIZE, ["text_encoder_2", "missing"]),
         ("size", EMBEDDED_CHOICE, 68, ["cannot be patchified", "patch_size 2", "68x68"]),
+        ("unknown word", EMBEDDED_CHOICE, SIZE, ["outside this model's vocabulary", "dragon", "valid words"]),
     ])
     def test_bad_input_fails_with_a_message_naming_both_sides(server, case, model, size, expected):
         wf = _workflow()
@@ -282,6 +283,9 @@ else:  # -----------------------------------------------------------------------
         latent = next(k for k, n in wf.items() if n["class_type"] == "NimbleEmptyLatent")
         wf[loader]["inputs"]["model"] = model
         wf[latent]["inputs"].update(width=size, height=size)
+        if case == "unknown word":  # the closed vocabulary: a word the encoders never saw is refused, not spelled out
+            text = next(k for k, n in wf.items() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
+            wf[text]["inputs"]["text"] = "a red dragon on the left"
         if case == "unet folder":  # not in the dropdown (no transformer/): ComfyUI's validation refuses it first
             with pytest.raises(RuntimeError, match="unet-sd"):
                 server.run_prompt(wf)
