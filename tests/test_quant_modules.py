@@ -153,3 +153,27 @@ def test_move_copy_and_dtype():
     x = torch.randn(2, 4, 4, 4)
     assert c(x.double()).dtype == torch.float64
     assert rel(c(x.double()).float(), m(x)) < 2e-2
+
+
+def test_attach_loras_from_canonical_deltas_is_all_or_nothing():
+    from nimblediff.core.adapters.delta import LoRA, LoHa
+    from nimblediff.core.quant.lora import attach_loras, detach_loras
+
+    m = net()
+    quantize_model(m, "int8")
+    g = torch.Generator().manual_seed(0)
+    good = {"unet.3": LoRA(torch.randn(4, 512, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1, alpha=2.0),
+            "unet.0": LoRA(torch.randn(2, 4, 3, 3, generator=g) * 0.1, torch.randn(32, 2, generator=g) * 0.1)}
+    x = torch.randn(2, 4, 4, 4)
+    before = m(x)
+    bad = dict(good, **{"unet.5": LoRA(torch.randn(4, 63), torch.randn(16, 4))})
+    with pytest.raises(AdapterMismatchError):
+        attach_loras(m, bad, prefix="unet.")
+    assert torch.equal(m(x), before) and not m[3].lora and not m[0].lora  # nothing attached
+    loha = {"unet.5": LoHa(*(torch.randn(16, 2), torch.randn(2, 64), torch.randn(16, 2), torch.randn(2, 64)))}
+    with pytest.raises(AdapterMismatchError, match="LoHa"):
+        attach_loras(m, loha, prefix="unet.")
+    assert sorted(attach_loras(m, good, 0.5, prefix="unet.", name="style")) == ["0", "3"]
+    assert m[3].lora[0].scale == pytest.approx(0.5 * 2.0 / 4)
+    assert not torch.equal(m(x), before)
+    assert detach_loras(m) == 2 and torch.equal(m(x), before)
