@@ -170,3 +170,16 @@ def apply_pruning(model, skip: Sequence[str]) -> ModelPatch:
     """Skip the layers at run time (until .remove()); weights stay in place, so removal is exact and undoable."""
     detect_layout(model)
     return ModelPatch(model, {p: identity for p in skip}).install()
+
+
+def flop_costs(model, probe: Callable[[], object], paths) -> dict[str, float]:
+    """FLOPs of each path on the probe call (torch's FlopCounterMode, keyed by module path): the cost that
+    matters for speed, where LAPTOP's paper counts parameters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    resolve(model, paths)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        probe()
+    counts = counter.get_flop_counts()
+    prefix = type(model).__name__ + "."
+    return {p: float(sum(counts.get(prefix + p, {}).values())) for p in paths}
