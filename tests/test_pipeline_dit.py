@@ -232,3 +232,15 @@ def test_defaults_are_the_stock_grid():
     assert (sched.config.sampler, sched.config.schedule, sched.config.model_type) == ("euler", "flowmatch", "flow")
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     copy.deepcopy(sched)
+
+
+def test_tcd_recipe_gamma_reaches_the_sampler(loras):
+    """tcd-sdxl: the recipe's gamma 0.3 replaces the stock call's eta=0 default; equals TCDScheduler at eta=0.3."""
+    from diffusers import TCDScheduler
+
+    reference = stock_with_loras(build("sdxl", scheduler=TCDScheduler.from_config), "sdxl", loras["sdxl"][:1], (1.0,))
+    ours = build("sdxl", dit.FewStepSDXLPipeline)
+    ours.load_acceleration_lora(loras["sdxl"][0], recipe="tcd-sdxl")
+    expected = run(reference, num_inference_steps=4, guidance_scale=1.0, eta=0.3)
+    assert np.abs(expected - run(ours)).max() <= 1e-4
+    assert np.abs(run(reference, num_inference_steps=4, guidance_scale=1.0, eta=0.0) - expected).max() > 1e-3
