@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
@@ -133,6 +135,78 @@ def _demo(args) -> int:
     _captioned_grid(images, prompts, scale=args.scale).save(out)
     print(f"{len(images)} images, {args.steps} steps, Flash LoRA on: "
           f"load {load_s:.2f} s, generate {gen_s:.2f} s ({gen_s / len(images):.3f} s/image) -> {out}")
+    return 0
+
+
+def _read_prompts(path) -> list[str]:
+    """The non-empty lines of a prompt file, one prompt per line."""
+    from .errors import InvalidParameterError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidParameterError(f"--prompts {path}: cannot read it ({e}); give a UTF-8 text file with one prompt "
+                                    "per line") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InvalidParameterError(f"--prompts {path}: no prompts in it; write one prompt per line")
+    return prompts
+
+
+def _generate(args) -> int:
+    """Image i of the prompt file -> OUT_DIR/<i>.png, data-parallel over the processes `accelerate launch` starts.
+
+    The batches are fixed by prompt index (0..B-1, B..2B-1, ...) and dealt whole to the processes, and image i uses
+    its own generator seeded seed + i, so 1 or N processes compute the same batches and write the same files."""
+    import torch
+    from accelerate import PartialState
+
+    from .core.limits import check_latent_size
+    from .weights.lora_ops import checked_output
+
+    prompts = _read_prompts(args.prompts)
+    out_dir = Path(args.out_dir)
+    paths = [out_dir / f"{i:05d}.png" for i in range(len(prompts))]
+    for path in paths:                    # every refusal before a model is loaded or a process group is formed
+        checked_output(path, overwrite=args.overwrite, inputs=[args.prompts])
+    if args.size is not None:
+        check_latent_size(args.batch_size, 4, args.size, args.size, 8, "generate --batch-size / --size")
+    folder = _model_folder(args.model) if args.model else EMBEDDED_MODEL
+    if args.model is None:
+        from .tiny.vocab import check_prompt
+
+        for prompt in prompts:            # the tiny model knows only its caption grammar: name unknown words
+            check_prompt(prompt)
+    accelerator = getattr(torch, "accelerator", None)
+    # without a GPU the processes meet over gloo on the CPU (accelerate's MULTI_CPU); PartialState only picks it
+    # when told the run is on the CPU
+    state = PartialState(cpu=accelerator is None or accelerator.current_accelerator() is None)
+    threads = args.threads
+    if threads == "auto" and state.num_processes > 1:   # the free cores shared by the processes of this machine
+        threads = max(1, _free_cores()[1] // state.num_processes)
+    with contextlib.redirect_stdout(sys.stdout if state.is_main_process else io.StringIO()):
+        _set_threads(threads)
+    pipe = _load_pipeline(folder, torch.float32).to(state.device)
+    if args.lora:
+        pipe.load_lora(args.lora)
+    elif args.model is None:
+        pipe.load_acceleration_lora(EMBEDDED_FLASH_LORA, recipe="nimblediff-tiny-flash")
+    batches = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts), args.batch_size)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0, done = time.perf_counter(), 0
+    with state.split_between_processes(batches) as mine:
+        for batch in mine:
+            generators = [torch.Generator().manual_seed(args.seed + i) for i in batch]
+            images = pipe([prompts[i] for i in batch], num_inference_steps=args.steps, generator=generators,
+                          height=args.size, width=args.size).images
+            for i, image in zip(batch, images):
+                image.save(paths[i])
+            done += len(batch)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"{len(prompts)} images ({args.steps} steps, batches of {args.batch_size}, {state.num_processes} "
+              f"process{'es' if state.num_processes > 1 else ''}; this one made {done} in "
+              f"{time.perf_counter() - t0:.2f} s) -> {out_dir}")
     return 0
 
 
@@ -618,6 +692,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", action="append",
                       help=f"a prompt (repeatable); default: {len(DEMO_PROMPTS)} demo prompts")
     demo.set_defaults(run=_demo)
+
+    generate = sub.add_parser("generate", help="one image per line of a prompt file; data-parallel under "
+                              "`accelerate launch` (same images for any number of processes)")
+    generate.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    generate.add_argument("--out-dir", default="out/generate", help="image i is written to OUT_DIR/<i>.png")
+    generate.add_argument("--model", help="diffusers SD folder (default: the embedded NimbleDiff-Tiny with its Flash "
+                          "LoRA)")
+    generate.add_argument("--lora", help="a LoRA to fuse first")
+    generate.add_argument("--steps", type=_positive_int, default=4)
+    generate.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    generate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per forward pass")
+    generate.add_argument("--size", type=_positive_int, help="image size in pixels (default: the model's)")
+    generate.add_argument("--threads", type=_threads_arg, default="auto",
+                          help="torch threads per process, or auto: the free cores shared by the processes")
+    generate.add_argument("--overwrite", action="store_true", help="replace existing images in OUT_DIR")
+    generate.set_defaults(run=_generate)
 
     workflow = sub.add_parser("workflow", help="workflow tools").add_subparsers(dest="action", required=True)
     validate = workflow.add_parser("validate", help="check workflow JSON against the node schemas")
