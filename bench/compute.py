@@ -123,6 +123,7 @@ def diffusers_arm(kind, **cfg):
             h.remove()
             raise RuntimeError("no module of UNet2DConditionModel matched: nothing was hooked")
         registry = HookRegistry.check_if_exists_or_initialize(unet)
+        registry.invalidate_child_registries_cache()    # else hooks added by apply_* stay invisible to the context
 
         def reset(_m, args, kwargs):
             t = clock.t
@@ -137,11 +138,15 @@ def diffusers_arm(kind, **cfg):
             h2.remove()
             for m, n in added:
                 m._diffusers_hook.remove_hook(n, recurse=False)
+            registry.invalidate_child_registries_cache()
         return undo
     return apply
 
 
-DEEP = ["down_blocks\\.[12]", "mid_block", "up_blocks\\.0"]     # TaylorSeer: the deep path, as DeepCache skips it
+# TaylorSeer on the deep path, as close to DeepCache's skip set as its hooks allow: its "skip" modules must return one
+# tensor (a down block returns (hidden, residuals), an attention block a 1-tuple), so the deep resnets, down/up
+# samplers, mid block and up_blocks.0 are skipped and up_blocks.1 (the input of the last up block) is predicted.
+DEEP = ["down_blocks\\.[12]\\.(resnets|downsamplers)\\.\\d+", "mid_block", "up_blocks\\.0"]
 
 
 def teacher_arms(prune_sets):
