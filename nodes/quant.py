@@ -286,15 +286,17 @@ def _gguf_unfit(model: torch.nn.Module, qtype: str) -> dict:
             is None}
 
 
-def _is_quant_weight(model: torch.nn.Module, key: str) -> bool:
-    return _layer_of(model, key) is not None
+def _float_tensors(model: torch.nn.Module) -> dict:
+    """Parameters and buffers outside the quantized weights (state_dict() would dequantize every layer)."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return {k: v.detach() for k, v in named if ".qweight." not in k}
 
 
 def model_arch(diffusion_model: torch.nn.Module) -> str:
-    """sd15 / sdxl / sd3 / flux / pixart from a ComfyUI diffusion model's (original-layout) keys."""
+    """sd15 / sdxl / sd3 / flux / pixart from a ComfyUI diffusion model's (original-layout) names."""
     from ..weights.gguf_io import GGUF_ARCHS, detect_arch
 
-    keys = [k for k in diffusion_model.state_dict() if not k.endswith(".weight") or ".qweight." not in k]
+    keys = set(_float_tensors(diffusion_model)) | {f"{n}.weight" for n in quantized_modules(diffusion_model)}
     found = detect_arch(keys)
     if found is None:
         raise InvalidParameterError("this MODEL is not a UNet or DiT NimbleDiff can save quantized (SD1.x, SDXL, "
@@ -351,7 +353,7 @@ def quantize(model, scheme: str, filename: str, calibrate: bool, positive=None, 
     for m in quantized_modules(dm).values():   # the LoRA nodes read weight shapes from state_dict (see above)
         m.__class__ = ComfyQuantLinear if isinstance(m, QuantLinear) else ComfyQuantConv2d
     if qtype:
-        tensors = {k: v for k, v in dm.state_dict().items() if ".qweight." not in k and not _is_quant_weight(dm, k)}
+        tensors = _float_tensors(dm)
         tensors.update({f"{n}.weight": m.qweight for n, m in quantized_modules(dm).items()})
         write_gguf(path, tensors, arch, qtype)
     else:

@@ -422,6 +422,9 @@ def write_gguf(path, tensors: dict, arch: str, qtype: str = "Q8_0", *, keep_f32=
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)   # mkstemp makes the file private; a model file gets the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
