@@ -207,9 +207,10 @@ def laptop_plan(pipe, log):
     costs = laptop.flop_costs(unet, batches[0], cands)
     pred, meas, r = laptop.additivity(unet, batches, scores, n_sets=8, size=2, seed=0)
     pred3, meas3, r3 = laptop.additivity(unet, batches, scores, n_sets=8, size=3, seed=1)
-    lines = ["| layer | removal score (rel. output change) | GFLOPs per call (batch 8) |", "|---|---|---|"]
+    batch = len(batches[0]())
+    lines = [f"| layer | removal score (rel. output change) | GFLOPs per call (batch {batch}) |", "|---|---|---|"]
     for p in sorted(cands, key=scores.get):
-        lines.append(f"| {p} | {scores[p]:.4f} | {costs[p] / 1e9:.3f} |")
+        lines.append(f"| {p} | {scores[p]:.2e} | {costs[p] / 1e9:.3f} |")
     lines.append("")
     lines.append(f"Additivity (LAPTOP-Diff's claim): over 8 random pairs, predicted (sum of single effects) vs "
                  f"measured joint effect: Pearson r = {r:.3f} (mean predicted {np.mean(pred):.4f}, measured "
