@@ -34,7 +34,7 @@ from timing import Conditions, interleave, ratio, write_result  # noqa: E402
 
 from nimblediff.core.caching import CacheSchedule  # noqa: E402
 from nimblediff.core.caching import prune as laptop  # noqa: E402
-from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache  # noqa: E402
+from nimblediff.pipelines.caching import denoiser_of, disable_nimble_cache, enable_nimble_cache  # noqa: E402
 from nimblediff.tiny import data, evaluate, heldout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def diffusers_arm(kind, **cfg):
         import diffusers.hooks as H
         from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
 
-        unet, clock = pipe.unet, _Clock()
+        unet, clock = denoiser_of(pipe), _Clock()
         before = set(_diffusers_hook_names(unet))
         h = unet.register_forward_pre_hook(clock.hook, with_kwargs=True)
         cb = {"current_timestep_callback": lambda: clock.t}
@@ -121,7 +121,7 @@ def diffusers_arm(kind, **cfg):
         added = [x for x in _diffusers_hook_names(unet) if x not in before]
         if not added:
             h.remove()
-            raise RuntimeError("no module of UNet2DConditionModel matched: nothing was hooked")
+            raise RuntimeError(f"no module of {type(unet).__name__} matched: nothing was hooked")
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         registry.invalidate_child_registries_cache()    # else hooks added by apply_* stay invisible to the context
 
@@ -180,6 +180,23 @@ def teacher_arms(prune_sets):
     return arms
 
 
+def dit_arms():
+    """NimbleDiff-Tiny-DiT (SD3 MM-DiT, flow Euler): first-block caching against diffusers' DiT caches."""
+    arms = [("uncached", "-", None)]
+    for thr in (0.05, 0.1, 0.2, 0.4):
+        arms.append((f"NimbleDiff first-block cache {thr:g}", "ours", ours_cache("first_block", threshold=thr)))
+    for thr in (0.05, 0.1, 0.2):
+        arms.append((f"diffusers FirstBlockCache {thr:g}", "peer", diffusers_arm("fbc", threshold=thr)))
+    for k in (2, 3):
+        arms.append((f"diffusers TaylorSeer default N={k}", "peer",
+                     diffusers_arm("taylorseer", cache_interval=k, taylor_factors_dtype=torch.float32)))
+    arms.append(("diffusers PAB self 2, t in (100, 800)", "peer",
+                 diffusers_arm("pab", spatial_attention_block_skip_range=2,
+                               spatial_attention_timestep_skip_range=(100, 800))))
+    arms.append(("diffusers FasterCache", "peer", diffusers_arm("faster", spatial_attention_block_skip_range=2)))
+    return arms
+
+
 # ---------------------------------------------------------------------------------------------------- LAPTOP
 
 def calibration_inputs(pipe, n=2, steps_kept=(0, 6, 12, 18, 24)):
@@ -229,11 +246,12 @@ def laptop_plan(pipe, log):
 def denoiser_flops(pipe, steps, cfg, caption):
     from torch.utils.flop_counter import FlopCounterMode
 
+    name = type(denoiser_of(pipe)).__name__
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         pipe([caption], height=64, width=64, num_inference_steps=steps, guidance_scale=cfg,
              generator=[torch.Generator().manual_seed(0)], output_type="latent")
     counts = counter.get_flop_counts()
-    return float(sum(counts.get("UNet2DConditionModel", {}).values()))
+    return float(sum(counts.get(name, {}).values()))
 
 
 def rmse(a, b):
@@ -345,6 +363,9 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--only-flash", action="store_true", help="skip the 25-step teacher block")
+    p.add_argument("--dit", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit"),
+                   help="NimbleDiff-Tiny-DiT folder (its block runs if the folder exists)")
+    p.add_argument("--only-dit", action="store_true", help="run only the DiT block")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
@@ -355,24 +376,36 @@ def main():
     log = lambda s: print(s, flush=True)  # noqa: E731
     held = heldout.heldout_scenes(a.n)
     net = evaluate.load_evaluator()
-    pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    base_config = pipe.scheduler.config
     out = []
-    if not a.only_flash:
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(base_config)
-        prune_sets, laptop_md = laptop_plan(pipe, log)
-        teacher = run_block(pipe, teacher_arms(prune_sets), a, held, net, log, STEPS, CFG, "teacher")
-        out += [f"### 25-step DPM++ teacher, CFG {CFG:g}\n", table(teacher, a.n), "",
-                "Matched speedup (lowest RMSE to the uncached images among arms at or above the target):\n",
-                matched(teacher), "", "LAPTOP-Diff scores on the calibration split:\n", laptop_md, ""]
-    pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora), adapter_name="flash")
-    pipe.scheduler = LCMScheduler.from_config(base_config)
-    flash_arms = [("uncached", "-", None),
-                  ("NimbleDiff DeepCache-branch (0,0) N=2", "ours", ours_cache("deepcache", interval=2)),
-                  ("DeepCache pkg branch 0 N=2", "peer", deepcache_pkg(2, 0))]
-    flash = run_block(pipe, flash_arms, a, held, net, log, 4, 1.0, "flash")
-    out += ["### Flash LoRA, LCM 4 steps, CFG 1 (what a cache still buys on a distilled model)\n", table(flash, a.n)]
+    if os.path.isdir(a.dit):
+        from diffusers import StableDiffusion3Pipeline
+
+        dpipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None,
+                                                         dtype=torch.float32)
+        dpipe.set_progress_bar_config(disable=True)
+        dit = run_block(dpipe, dit_arms(), a, held, net, log, STEPS, CFG, "dit")
+        out += [f"### NimbleDiff-Tiny-DiT, flow Euler {STEPS} steps, CFG {CFG:g}\n", table(dit, a.n), "",
+                "Matched speedup:\n", matched(dit), ""]
+    if not a.only_dit:
+        pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        base_config = pipe.scheduler.config
+        if not a.only_flash:
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(base_config)
+            prune_sets, laptop_md = laptop_plan(pipe, log)
+            teacher = run_block(pipe, teacher_arms(prune_sets), a, held, net, log, STEPS, CFG, "teacher")
+            out += [f"### 25-step DPM++ teacher, CFG {CFG:g}\n", table(teacher, a.n), "",
+                    "Matched speedup (lowest RMSE to the uncached images among arms at or above the target):\n",
+                    matched(teacher), "", "LAPTOP-Diff scores on the calibration split:\n", laptop_md, ""]
+        pipe.load_lora_weights(os.path.dirname(a.lora), weight_name=os.path.basename(a.lora),
+                               adapter_name="flash")
+        pipe.scheduler = LCMScheduler.from_config(base_config)
+        flash_arms = [("uncached", "-", None),
+                      ("NimbleDiff DeepCache-branch (0,0) N=2", "ours", ours_cache("deepcache", interval=2)),
+                      ("DeepCache pkg branch 0 N=2", "peer", deepcache_pkg(2, 0))]
+        flash = run_block(pipe, flash_arms, a, held, net, log, 4, 1.0, "flash")
+        out += ["### Flash LoRA, LCM 4 steps, CFG 1 (what a cache still buys on a distilled model)\n",
+                table(flash, a.n)]
     cond.finish()
     note = (f"\n{a.n} held-out prompts (`nimblediff.tiny.heldout`), one noise seed each, 64x64, {a.threads} thread(s). "
             f"Speedup: uncached / arm wall time for a {a.time_n}-prompt call (full pipeline incl. text encoder and VAE), "
@@ -385,7 +418,7 @@ def main():
     body = "\n".join(out) + "\n" + note
     print("\n" + body)
     if not a.no_write:
-        write_result("compute", __file__, body, mode=f"{a.n} held-out prompts")
+        write_result("compute_dit" if a.only_dit else "compute", __file__, body, mode=f"{a.n} held-out prompts")
 
 
 if __name__ == "__main__":
