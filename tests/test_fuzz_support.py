@@ -38,6 +38,10 @@ COUNTS: collections.Counter = collections.Counter()
 
 def count(kind: str) -> None:
     COUNTS[kind] += 1
+    path = os.environ.get("NIMBLEDIFF_FUZZ_REPORT")
+    if path and COUNTS[kind] % 100 == 0:      # a running tally: a long run that is stopped still has its counts
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"tally": kind, "cases": COUNTS[kind]}) + "\n")
 
 
 def report(module: str) -> None:
