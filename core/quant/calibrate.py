@@ -3,10 +3,12 @@
 Q-Diffusion (Li et al. 2023) §4: calibrate on the diffusion model's own sampling trajectory, sampling inputs
 uniformly over all timesteps (activation statistics drift with t), and split the quantizer of a UNet skip
 concatenation. Here: ``collect`` runs the caller's sampler (``run()``, e.g. a few prompts through the float model)
-with hooks that keep a few random input rows of every layer from every denoiser call; ``calibrate_model`` then
-chooses, per output row, the clipping ratio that minimises the layer's output error on those rows
-(||(W - Q(W)) X^T||^2 is separable over rows), optionally refines the rounding by AdaRound (Nagel et al. 2020; the
-layer-wise case of BRECQ's block reconstruction) for a bounded number of steps, and swaps all layers at once.
+with hooks that keep a few random input rows of every layer from every denoiser call (and X^T X over all rows);
+``calibrate_layer`` then tries, and keeps only where they lower the output error on held-out rows: a per-row
+clipping ratio (||(W - Q(W)) X^T||^2 is separable over rows), GPTQ error feedback (Frantar et al. 2023) on the
+round-to-nearest grid, and AdaRound (Nagel et al. 2020; the layer-wise case of BRECQ's block reconstruction) for a
+bounded number of steps. ``calibrate_model`` swaps all layers at once. On NimbleDiff-Tiny the clipping alone made
+the end-to-end error worse than round-to-nearest (its bias adds up over layers); GPTQ is what lowers it.
 
 HAWQ-V2 (Dong et al. 2020): layer sensitivity Omega = Tr(H)/n * ||Q(W) - W||^2 with Tr(H) by Hutchinson's
 estimator E[v^T H v] (Rademacher v) on the caller's denoising loss; ``allocate`` picks per-layer schemes under a
