@@ -291,7 +291,8 @@ def run_block(pipe, arms, a, held, net, log, steps, cfg, tag):
             continue
         res["skipped"] = 1 - res["flops"] / base["flops"]
         res["rmse"] = rmse(res["images"], base["images"])
-        res["fd"] = evaluate.frechet(res["eval"]["features"], base["eval"]["features"])
+        f, g = res["eval"]["features"], base["eval"]["features"]
+        res["fd"] = evaluate.frechet(f, g) if min(len(f), len(g)) > 2 else float("nan")
         res["diff"] = evaluate.paired_difference(res["eval"]["whole"], base["eval"]["whole"])
     # timing: every working arm against uncached, paired rotating rounds
     tc, ts = captions[:a.time_n], seeds[:a.time_n]
