@@ -204,6 +204,10 @@ def main(argv=None):
     p.add_argument("--flash-strengths", type=float, nargs="+", help="tiny, Flash LoRA: strengths")
     p.add_argument("--alpha", type=float, default=0.25, help="tiny: PTI interpolation weight of the tuned "
                                                              "embedding")
+    p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "img2img"],
+                   choices=["input", "swap", "pti", "img2img"])
+    p.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
+    p.add_argument("--models", nargs="+", default=["teacher", "Flash LoRA"], choices=["teacher", "Flash LoRA"])
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -338,7 +342,7 @@ def part_tiny(args) -> str:
     # (name, steps, CFG, LoRA, strengths tried on the calibration scenes; one value = fixed, no calibration)
     configs = [("teacher", 20, CFG, False, tuple(args.strengths or (0.8,))),
                ("Flash LoRA", 4, 1.0, True, tuple(args.flash_strengths or (0.75,)))]
-    configs = [c for c in configs if not c[3] or os.path.exists(LORA)]
+    configs = [c for c in configs if (not c[3] or os.path.exists(LORA)) and c[0] in args.models]
     alpha = args.alpha
     lines = [f"Sources: rendered one-shape held-out scenes (tiny/heldout.py), {n} per attribute; the target caption "
              "changes one attribute to another palette value. Judge: evaluator v2 reads the edited image against "
@@ -358,10 +362,10 @@ def part_tiny(args) -> str:
             peer.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         lines += [f"**{name}, {steps} steps, CFG {cfg:g}, strength {' / '.join(map(str, strengths))}**", "",
                   "| attribute | method | strength | changed | kept | both | goal met |", "|---|---|---|---|---|---|---|"]
-        for attribute in ATTRIBUTES:
+        for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
             cal = edit_set(calibration, attribute, n_cal, seed=2)
-            for method in ("input", "swap", "pti", "img2img"):
+            for method in args.methods:
                 best = strengths[0]
                 if method != "input" and len(strengths) > 1:
                     scores = {}
