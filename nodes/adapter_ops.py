@@ -23,7 +23,8 @@ from ..errors import AdapterMismatchError, InvalidParameterError, NimbleDiffErro
 from ..weights.lora_ops import (DYNAMIC_METHODS, LAYOUTS, carried_metadata, check_merge_keys, describe_file,
                                 extract_chunked, merge_chunked, merge_metadata, output_path, rank_selection,
                                 read_same_base, require_complete, save_deltas)
-from .adapters import comfy_patches, comfy_target, lora_choices, lora_path
+from .adapters import (CLIP_TIP, LORA_NAME_TIP, MODEL_TIP, STRENGTH, STRENGTH_CLIP_TIP, STRENGTH_MODEL_TIP,
+                       comfy_patches, comfy_target, lora_choices, lora_path)
 
 log = logging.getLogger("nimblediff")
 
@@ -137,19 +138,27 @@ def parse_block_spec(spec: str) -> dict[str, float]:
     return out
 
 
+DYNAMIC_TIP = ("rank per layer: none (the fixed rank) or a spectrum threshold with dynamic_param: sv_ratio (keep "
+               "sigma >= sigma_max / param), sv_fro / sv_cumulative / energy (keep that share, 0-1)")
+DYNAMIC_PARAM_TIP = "the threshold of dynamic_method (ignored with none)"
+
 def _strength(label: str) -> tuple:
-    return (label, ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}))
+    tip = STRENGTH_CLIP_TIP if label.startswith("strength_clip") else STRENGTH_MODEL_TIP
+    return (label, ("FLOAT", {**STRENGTH, "tooltip": tip}))
 
 
 def _block(label: str) -> tuple:
-    return (label, ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}))
+    part = label.replace("unet_", "UNet ").replace("dit_", "DiT ").replace("_", " ")
+    return (label, ("FLOAT", {**STRENGTH, "step": 0.05, "tooltip": f"strength multiplier of the {part} blocks "
+                              "(times strength_model; 0 leaves them out)"}))
 
 
 def _file_inputs(default_name: str) -> dict:
     return {
         "filename": ("STRING", {"default": default_name, "tooltip": "file name inside models/loras"}),
-        "layout": (list(LAYOUTS), {"default": "kohya"}),
-        "dtype": (list(DTYPES), {"default": "fp16"}),
+        "layout": (list(LAYOUTS), {"default": "kohya", "tooltip": "key layout of the written file: kohya "
+                                   "(A1111 / most tools), comfyui (LoraSave), peft (diffusers)"}),
+        "dtype": (list(DTYPES), {"default": "fp16", "tooltip": "dtype of the written tensors"}),
         "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing file of that name"}),
     }
 
@@ -159,17 +168,22 @@ class LoRAStack:
     """Up to four LoRAs (e.g. a distillation LoRA plus style LoRAs) validated together, then applied in one step."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Up to four LoRAs (e.g. an acceleration LoRA plus style LoRAs), each with model and clip "
+                   "strengths, read and validated together and applied to one copy of MODEL / CLIP; a bad slot is "
+                   "named and nothing is applied.")
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
-        required = {"model": ("MODEL",)}
+        required = {"model": ("MODEL", {"tooltip": MODEL_TIP})}
         for i in range(1, SLOTS + 1):
-            required[f"lora_{i}"] = ([NONE, *lora_choices()], {"default": NONE})
+            required[f"lora_{i}"] = ([NONE, *lora_choices()], {"default": NONE, "tooltip": (
+                f"LoRA slot {i}: a file in models/loras, or None for an empty slot")})
             required.update([_strength(f"strength_model_{i}"), _strength(f"strength_clip_{i}")])
-        return {"required": required, "optional": {"clip": ("CLIP",)}}
+        return {"required": required, "optional": {"clip": ("CLIP", {"tooltip": CLIP_TIP + "; leave unconnected for "
+                                                                       "model-only LoRAs"})}}
 
     def apply(self, model, clip=None, **slots):
         target = _target(model, clip)
@@ -193,6 +207,8 @@ class LoRABlockWeights:
     them ('input.1=0.5, output.0=0', numbered blocks or module-path prefixes). Weight 0 leaves a block out."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("One LoRA with a strength per block group (UNet input / middle / output, DiT double / single "
+                   "stream) and optional per-block specs such as 'input.1=0.5'; weight 0 leaves a block out.")
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     FUNCTION = "apply"
@@ -202,8 +218,8 @@ class LoRABlockWeights:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",), "clip": ("CLIP",),
-            "lora_name": (lora_choices(),),
+            "model": ("MODEL", {"tooltip": MODEL_TIP}), "clip": ("CLIP", {"tooltip": CLIP_TIP}),
+            "lora_name": (lora_choices(), {"tooltip": LORA_NAME_TIP}),
             **dict([_strength("strength_model"), _strength("strength_clip")]),
             **dict(_block(name) for name in cls.GROUPS),
             "blocks": ("STRING", {"default": "", "multiline": True,
@@ -246,6 +262,8 @@ class LoRAResize:
     """A LoRA file resized layer by layer (kohya resize_lora): a fixed rank, or a spectrum threshold capped by rank."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Writes a resized copy of a LoRA to models/loras: a fixed rank per layer, or a rank chosen per "
+                   "layer from its singular values (sv_ratio, sv_fro, sv_cumulative, energy).")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
     FUNCTION = "resize"
@@ -254,9 +272,9 @@ class LoRAResize:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "lora_name": (lora_choices(),),
+            "lora_name": (lora_choices(), {"tooltip": LORA_NAME_TIP}),
             "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "new rank (the maximum with a method)"}),
-            "dynamic_method": (list(DYNAMIC_METHODS), {"default": "none"}),
+            "dynamic_method": (list(DYNAMIC_METHODS), {"default": "none", "tooltip": DYNAMIC_TIP}),
             "dynamic_param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1000.0, "step": 0.01,
                                         "tooltip": "sv_ratio: >= 1; sv_fro / sv_cumulative / energy: in (0, 1]"}),
             **_file_inputs("resized_lora"),
@@ -283,6 +301,8 @@ class LoRAPrune:
     """A LoRA file pruned to one global budget: the best rank-1 components across all layers are kept."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Writes a pruned copy of a LoRA to models/loras: the best rank-1 components of all layers under "
+                   "one budget (fraction, parameter count or megabytes), so important layers keep more rank.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
     FUNCTION = "prune"
@@ -293,13 +313,17 @@ class LoRAPrune:
         from ..core.adapters.rank import SCORES
 
         return {"required": {
-            "lora_name": (lora_choices(),),
-            "budget": (list(BUDGETS), {"default": "fraction"}),
+            "lora_name": (lora_choices(), {"tooltip": LORA_NAME_TIP}),
+            "budget": (list(BUDGETS), {"default": "fraction", "tooltip": (
+                "what amount measures: a fraction of the parameters, a number of parameters, or megabytes")}),
             "amount": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1e12, "step": 0.01,
                                  "tooltip": "fraction of the parameters (0-1], a parameter count, or megabytes "
                                             "(10^6 bytes) of factors in the chosen dtype"}),
-            "score": (list(SCORES), {"default": "relative"}),
-            "min_rank": ("INT", {"default": 0, "min": 0, "max": 1024}),
+            "score": (list(SCORES), {"default": "relative", "tooltip": (
+                "how rank-1 components are ranked across layers: relative (share of its layer), "
+                "energy (squared singular value), sv (singular value)")}),
+            "min_rank": ("INT", {"default": 0, "min": 0, "max": 1024,
+                                 "tooltip": "components every layer keeps whatever the budget"}),
             **_file_inputs("pruned_lora"),
         }}
 
@@ -328,6 +352,8 @@ class LoRAMerge:
     the merged update back into a LoRA of at most that rank (SVD), rank 0 keeps the full differences."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Merges up to four LoRA files into a new file in models/loras: linear, TIES, DARE, magnitude "
+                   "pruning or concatenation; rank > 0 turns the merge back into a LoRA of at most that rank.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
     FUNCTION = "merge"
@@ -338,13 +364,17 @@ class LoRAMerge:
     def INPUT_TYPES(cls):
         required = {}
         for i in range(1, SLOTS + 1):
-            required[f"lora_{i}"] = ([NONE, *lora_choices()], {"default": NONE})
-            required[f"weight_{i}"] = ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
+            required[f"lora_{i}"] = ([NONE, *lora_choices()], {"default": NONE, "tooltip": (
+                f"LoRA {i} to merge: a file in models/loras, or None")})
+            required[f"weight_{i}"] = ("FLOAT", {**STRENGTH, "tooltip": f"weight of LoRA {i} in the merge"})
         required.update({
-            "method": (list(cls.METHODS), {"default": "linear"}),
+            "method": (list(cls.METHODS), {"default": "linear", "tooltip": (
+                "linear: weighted sum; ties / dare_*: resolve sign conflicts / drop and rescale "
+                "(density); magnitude_prune: keep the largest; cat: concatenate the factors")}),
             "density": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "fraction kept by ties / dare / magnitude_prune"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                             "tooltip": "seed of DARE's drop masks and of the randomized SVD"}),
             "rank": ("INT", {"default": 32, "min": 0, "max": 1024, "tooltip": "0: save full differences"}),
             **_file_inputs("merged_lora"),
         })
@@ -386,6 +416,8 @@ class LoRAExtract:
     """A LoRA file from a fine-tuned MODEL minus its base MODEL (both with their patches applied), SVD per layer."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Writes a LoRA to models/loras that turns base_model into tuned_model: the difference of each "
+                   "layer, reduced by SVD to a fixed rank or a spectrum threshold.")
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("report",)
     FUNCTION = "extract"
@@ -394,10 +426,12 @@ class LoRAExtract:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "tuned_model": ("MODEL",), "base_model": ("MODEL",),
+            "tuned_model": ("MODEL", {"tooltip": "the fine-tuned model (its patches applied)"}),
+            "base_model": ("MODEL", {"tooltip": "the model it was fine-tuned from"}),
             "rank": ("INT", {"default": 32, "min": 1, "max": 1024, "tooltip": "rank (the maximum with a method)"}),
-            "dynamic_method": (list(DYNAMIC_METHODS), {"default": "none"}),
-            "dynamic_param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1000.0, "step": 0.01}),
+            "dynamic_method": (list(DYNAMIC_METHODS), {"default": "none", "tooltip": DYNAMIC_TIP}),
+            "dynamic_param": ("FLOAT", {"default": 0.9, "min": 0.0, "max": 1000.0, "step": 0.01,
+                                         "tooltip": DYNAMIC_PARAM_TIP}),
             "clamp_quantile": ("FLOAT", {"default": 1.0, "min": 0.5, "max": 1.0, "step": 0.001,
                                          "tooltip": "1 = exact; kohya clamps outliers at 0.99"}),
             "min_diff": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,

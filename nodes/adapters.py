@@ -17,7 +17,7 @@ import torch
 
 from ..core.adapters.delta import Diff, LoRA
 from ..core.recipes import RECIPES
-from ..errors import AdapterMismatchError
+from ..errors import AdapterMismatchError, WeightsFormatError
 from .sampling import make_sampler, make_sigmas_for_model
 
 log = logging.getLogger("nimblediff")
@@ -25,6 +25,15 @@ log = logging.getLogger("nimblediff")
 EMBEDDED_LORAS = {"nimblediff-tiny-flash (embedded)":
                   Path(__file__).parents[1] / "weights" / "tiny" / "nimblediff-tiny-flash-lora.safetensors"}
 _TEXT_PREFIX = {"text_encoder": "clip_l.", "text_encoder_2": "clip_g."}
+
+# ComfyUI's own LoraLoader allows strengths in [-100, 100]: a workflow made with it must load here too
+STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
+MODEL_TIP = "the diffusion model to patch (a patched copy is returned; this one is not changed)"
+CLIP_TIP = "the text encoder to patch (a patched copy is returned; this one is not changed)"
+LORA_NAME_TIP = ("a LoRA file in models/loras (any layout: PEFT/diffusers, kohya, ComfyUI, LyCORIS), or the "
+                 "embedded NimbleDiff-Tiny Flash LoRA")
+STRENGTH_MODEL_TIP = "how strongly the LoRA changes the diffusion model (1 = as trained, 0 = off, negative inverts)"
+STRENGTH_CLIP_TIP = "how strongly the LoRA changes the text encoder (1 = as trained, 0 = off)"
 
 
 def lora_choices() -> list[str]:
@@ -37,11 +46,19 @@ def lora_choices() -> list[str]:
 
 
 def lora_path(name: str) -> str:
-    if name in EMBEDDED_LORAS:
+    """The file of a lora_name from a workflow: the embedded LoRA, or a file in models/loras (never outside it)."""
+    if isinstance(name, str) and name in EMBEDDED_LORAS:
         return str(EMBEDDED_LORAS[name])
     import folder_paths
 
-    return folder_paths.get_full_path_or_raise("loras", name)
+    from ..weights.paths import inside
+
+    inside("models/loras", name, "lora_name")  # refuse '..', absolute and drive names before ComfyUI joins them
+    try:
+        return folder_paths.get_full_path_or_raise("loras", name)
+    except (FileNotFoundError, KeyError, ValueError) as exc:  # ComfyUI: FileNotFoundError for an unknown name
+        raise WeightsFormatError(f"lora_name={name!r}: no such LoRA in models/loras ({exc}); choose a file listed "
+                                 "in the dropdown") from exc
 
 
 def _text_layers(clip) -> dict:
@@ -258,6 +275,9 @@ class LoRALoader:
     """Any LoRA layout (PEFT/diffusers, kohya, ComfyUI LoraSave, LyCORIS LoCon), auto-detected."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Applies a LoRA in any layout (PEFT/diffusers, kohya, ComfyUI LoraSave, LyCORIS LoCon / LoHa / "
+                   "LoKr, DoRA), detected from its keys, to a copy of MODEL and CLIP; the report says what "
+                   "matched. A file for another base model is refused and the inputs stay untouched.")
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
     RETURN_NAMES = ("model", "clip", "report")
     FUNCTION = "load"
@@ -265,10 +285,10 @@ class LoRALoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",), "clip": ("CLIP",),
-            "lora_name": (lora_choices(),),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
-            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
+            "model": ("MODEL", {"tooltip": MODEL_TIP}), "clip": ("CLIP", {"tooltip": CLIP_TIP}),
+            "lora_name": (lora_choices(), {"tooltip": LORA_NAME_TIP}),
+            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": STRENGTH_MODEL_TIP}),
+            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": STRENGTH_CLIP_TIP}),
         }}
 
     def load(self, model, clip, lora_name, strength_model, strength_clip):
@@ -296,6 +316,9 @@ class AccelerationLoRA:
     model plus the recipe's SAMPLER, SIGMAS and CFG for SamplerCustom. Warns when the graph contradicts it."""
 
     CATEGORY = "NimbleDiff/adapters"
+    DESCRIPTION = ("Loads a distillation LoRA (Flash, LCM-LoRA, TCD, DMD2, Lightning, Hyper-SD) with its recipe "
+                   "and outputs the patched MODEL / CLIP with the recipe's SAMPLER, SIGMAS and CFG for "
+                   "SamplerCustom; warns when the graph contradicts the recipe.")
     RETURN_TYPES = ("MODEL", "CLIP", "SAMPLER", "SIGMAS", "FLOAT", "STRING")
     RETURN_NAMES = ("model", "clip", "sampler", "sigmas", "cfg", "recipe")
     FUNCTION = "load"
@@ -303,12 +326,15 @@ class AccelerationLoRA:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",), "clip": ("CLIP",),
-            "lora_name": (lora_choices(),),
-            "recipe": (list(RECIPES), {"default": "flash-sd15"}),
-            "strength_model": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
-            "strength_clip": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}),
-            "steps": ("INT", {"default": 4, "min": 1, "max": 100}),
+            "model": ("MODEL", {"tooltip": MODEL_TIP}), "clip": ("CLIP", {"tooltip": CLIP_TIP}),
+            "lora_name": (lora_choices(), {"tooltip": LORA_NAME_TIP}),
+            "recipe": (list(RECIPES), {"default": "flash-sd15", "tooltip": (
+                "the distillation recipe the LoRA was trained with: it sets the sampler, schedule, steps and "
+                "CFG")}),
+            "strength_model": ("FLOAT", {**STRENGTH, "tooltip": STRENGTH_MODEL_TIP}),
+            "strength_clip": ("FLOAT", {**STRENGTH, "tooltip": STRENGTH_CLIP_TIP}),
+            "steps": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": (
+                "sampling steps of the SIGMAS output (a warning when outside the recipe's range)")}),
         }}
 
     def load(self, model, clip, lora_name, recipe, strength_model, strength_clip, steps):

@@ -44,13 +44,15 @@ class DeepCacheModel:
     `interval`-th step between (A-SDM's non-uniform mode; full_first 1 and full_last 0 = DeepCache's uniform)."""
 
     CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("DeepCache / feature inheritance: on off-steps the deep UNet blocks reuse their features from "
+                   "the last full step and only the shallow branch runs; fewer model FLOPs per image.")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "a UNet model (a patched copy is returned)"}),
             "interval": ("INT", {"default": 3, "min": 1, "max": 50,
                                  "tooltip": "compute the deep blocks every N-th step; 1 = no reuse"}),
             "branch_block": ("INT", {"default": 0, "min": 0, "max": 8,
@@ -88,13 +90,16 @@ class SkipLayersModel:
     this architecture) pass their input through. Training-free preview of a pruned model."""
 
     CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("LAPTOP-Diff layer skipping: the layers named in a layer-prune JSON pass their input through, a "
+                   "training-free preview of the pruned model.")
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "the model whose layers the config names (a patched copy "
+                                       "is returned)"}),
             "config_path": ("STRING", {"default": "", "tooltip": "layer-prune JSON (bench/compute.py or "
                                                                  "nimblediff.core.caching.prune.save_config)"}),
         }}

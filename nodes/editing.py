@@ -51,15 +51,18 @@ class InvertLatent:
     Regenerate or edit with SamplerCustom: add_noise off, the same SIGMAS, an euler sampler, this latent."""
 
     CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("Inverts a latent along the model's ODE (DDIM / rectified-flow inversion, optional fixed-point "
+                   "refinement) into the noise that regenerates it; edit by sampling that noise with a new prompt "
+                   "(SamplerCustom, add_noise off, the same SIGMAS).")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "invert"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL",),
+            "model": ("MODEL", {"tooltip": "the model that will regenerate or edit the image"}),
             "positive": ("CONDITIONING", {"tooltip": "what the image shows (the source prompt)"}),
-            "negative": ("CONDITIONING",),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (used only when cfg > 1)"}),
             "latent": ("LATENT", {"tooltip": "the image latent to invert (VAE Encode)"}),
             "sigmas": ("SIGMAS", {"tooltip": "the schedule the edit will sample; inverted back to front. "
                                              "Shorten it (denoise < 1) for an img2img-strength edit"}),
@@ -128,13 +131,18 @@ class RestoreSampler:
     a mask, downsampling (super-resolution: latent of the upscaled image) or blur operator in latent space."""
 
     CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("SAMPLER that inpaints or restores its latent_image: blend (the known region re-noised at every "
+                   "step) or DDS (data consistency by conjugate gradients) with a mask, downsampling or blur "
+                   "operator.")
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "build"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "method": (["dds", "blend"], {"default": "dds"}),
+            "method": (["dds", "blend"], {"default": "dds", "tooltip": (
+                "dds: data-consistency steps (conjugate gradients) for any operator; blend: re-noise the known "
+                "region at every step (inpainting)")}),
             "operator": (["mask", "downsample", "blur"], {"default": "mask", "tooltip": (
                 "dds only: what degraded the latent. blend always inpaints with the mask")}),
             "cg_steps": ("INT", {"default": 5, "min": 0, "max": 50, "tooltip": "conjugate-gradient steps per "
@@ -149,9 +157,12 @@ class RestoreSampler:
                                                                        "strength (differential diffusion)"}),
             "box_x": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
                                 "tooltip": "without a MASK: the region to repaint, as fractions of the image"}),
-            "box_y": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "box_width": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "box_height": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "box_y": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "without a MASK: the region's top edge, a fraction of the image"}),
+            "box_width": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": "without a MASK: the region's width, a fraction of the image"}),
+            "box_height": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                     "tooltip": "without a MASK: the region's height, a fraction of the image"}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "1 = repaint, 0 = keep, at the image's size; overrides the box"}),
         }}
@@ -173,13 +184,15 @@ class FilterPrompt:
     edges, grey (colour stripped) or colour (structure stripped)."""
 
     CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("FilterPrompt image filter in front of image conditioning (img2img, ControlNet, IP-Adapter): "
+                   "low or high pass, edges, grey (colour removed) or colour (structure removed).")
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "apply"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "image": ("IMAGE",),
+            "image": ("IMAGE", {"tooltip": "the image to filter before it conditions the sampling"}),
             "filter": (list(FILTERS), {"default": "low_pass", "tooltip": (
                 "low_pass: layout and colour; high_pass: texture and edges; edges: structure; grey: structure "
                 "without colour; colour: palette without structure")}),

@@ -396,17 +396,24 @@ class NimbleQuantizeModel:
 
         return {
             "required": {
-                "model": ("MODEL",),
-                "scheme": (sorted(SCHEMES) + list(GGUF_SCHEMES), {"default": "int8"}),
-                "filename": ("STRING", {"default": "quantized/model"}),
+                "model": ("MODEL", {"tooltip": "the model to quantize (it is copied; this one is not changed)"}),
+                "scheme": (sorted(SCHEMES) + list(GGUF_SCHEMES), {"default": "int8", "tooltip": (
+                    "weight format: NimbleDiff schemes (int8, int4, nf4, ...) or GGUF types (saved as .gguf)")}),
+                "filename": ("STRING", {"default": "quantized/model",
+                                        "tooltip": "file name inside ComfyUI's output folder"}),
                 "calibrate": ("BOOLEAN", {"default": True, "tooltip": "Q-Diffusion-style calibration on the "
                                                                       "model's own sampling trajectory"}),
-                "steps": ("INT", {"default": 8, "min": 1, "max": 100}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF}),
-                "overwrite": ("BOOLEAN", {"default": False}),
+                "steps": ("INT", {"default": 8, "min": 1, "max": 100,
+                                  "tooltip": "sampling steps of the calibration trajectory"}),
+                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "guidance of the calibration trajectory"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                                 "tooltip": "noise seed of the calibration trajectory"}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing file of that name"}),
             },
-            "optional": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "latent_image": ("LATENT",)},
+            "optional": {"positive": ("CONDITIONING", {"tooltip": "calibration prompt"}),
+                         "negative": ("CONDITIONING", {"tooltip": "calibration negative prompt"}),
+                         "latent_image": ("LATENT", {"tooltip": "calibration latent size"})},
         }
 
     RETURN_TYPES = ("MODEL", "STRING")

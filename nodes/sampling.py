@@ -243,6 +243,8 @@ class FewStepSchedule:
     """SIGMAS for few-step sampling: the LCM grid, trailing, Karras or exponential."""
 
     CATEGORY = "NimbleDiff/sampling"
+    DESCRIPTION = ("SIGMAS for few-step sampling on the model's own noise schedule: the LCM grid, trailing, "
+                   "Karras, exponential, sgm_uniform, flowmatch or logsnr spacing; denoise < 1 for img2img.")
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "build"
 
@@ -305,6 +307,8 @@ class FlowSchedule:
     shift, or Flux's resolution-dependent shift (mu from width x height), for SamplerCustom with any sampler."""
 
     CATEGORY = "NimbleDiff/sampling"
+    DESCRIPTION = ("SIGMAS on a rectified-flow DiT's schedule (SD3, Flux): the model's own shift, a constant "
+                   "SD3-type shift, or Flux's resolution-dependent shift from width x height.")
     RETURN_TYPES = ("SIGMAS",)
     FUNCTION = "build"
 
@@ -340,6 +344,8 @@ class RecipeSampler:
     """SAMPLER + SIGMAS + recommended CFG of a distillation recipe (Flash, LCM-LoRA, TCD, DMD2, Lightning...)."""
 
     CATEGORY = "NimbleDiff/sampling"
+    DESCRIPTION = ("The SAMPLER, SIGMAS and recommended CFG of a distillation recipe (Flash, LCM-LoRA, TCD, DMD2, "
+                   "Lightning, Hyper-SD) for a LoRA loaded by another node.")
     RETURN_TYPES = ("SAMPLER", "SIGMAS", "FLOAT", "STRING")
     RETURN_NAMES = ("sampler", "sigmas", "cfg", "recipe")
     FUNCTION = "build"
@@ -369,6 +375,9 @@ class ScheduleFile:
     takes precedence over `path`."""
 
     CATEGORY = "NimbleDiff/sampling"
+    DESCRIPTION = ("SIGMAS and the SAMPLER they were made for, from a schedule JSON written by `nimblediff "
+                   "schedule search` (BOSS, AutoDiffusion or a fitted solver), or pasted into the workflow; "
+                   "refuses a schedule made for another model type.")
     RETURN_TYPES = ("SIGMAS", "SAMPLER")
     FUNCTION = "load"
 
