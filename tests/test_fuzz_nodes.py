@@ -199,3 +199,30 @@ def test_embedded_schedules(comfy):
         fz.count("node: ScheduleFile embedded schedule_json")
 
     prop()
+
+
+def test_lora_names(comfy, roots):
+    """lora_name from a workflow (every LoRA node reads it through nodes/adapters.lora_path): a file in models/loras
+    or a NimbleDiffError, never the file outside, even with a folder_paths that joins names naively."""
+    from nimblediff.nodes.adapters import lora_path
+
+    (roots.loras / "style.safetensors").write_bytes(b"x")
+
+    def naive(kind, name):               # what an old ComfyUI did: join, check, no normalisation
+        path = os.path.join(comfy.get_folder_paths(kind)[0], name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Model in folder '{kind}' with filename '{name}' not found.")
+        return path
+
+    comfy.get_full_path_or_raise = naive
+
+    @given(name=names | st.sampled_from(["style.safetensors", "../outside/secret.safetensors",
+                                         "sub/../../outside/secret.safetensors"]))
+    def prop(name):
+        path, err = fz.only_ours(lora_path, name)
+        if err is None:
+            assert _within(path, roots.loras), f"{name!r} -> {path}"
+        fz.count("node input: lora_name (adapters.lora_path)")
+
+    prop()
+    assert lora_path("style.safetensors") == str(roots.loras / "style.safetensors")
