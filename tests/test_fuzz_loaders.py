@@ -414,3 +414,47 @@ def test_cases_found_by_fuzzing(model, case, monkeypatch):
     delta = _found_cases(key, tuple(weight.shape))[case]
     _, err = _check_load(model, fuse, mods, {key: delta})
     assert isinstance(err, NimbleDiffError), f"{case}: loaded without an error"
+
+
+# ------------------------------------------------------------------------------------------------------ GGUF
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory):
+    """A small real GGUF file: an SD1.5-layout UNet (tiny widths, LDM keys as ComfyUI-GGUF writes them), Q8_0 where
+    the rows allow it."""
+    from nimblediff.weights.gguf_io import to_original, write_gguf
+
+    unet = factories.tiny_sd15_layout_unet(0, block_out_channels=(32, 32, 32, 32))
+    path = tmp_path_factory.mktemp("gguf") / "unet.gguf"
+    write_gguf(path, to_original(unet.state_dict(), "sd15", unet.config), "sd15", "Q8_0")
+    return path.read_bytes()
+
+
+def test_corrupted_gguf_files(gguf_bytes, tmp_path_factory):
+    from nimblediff.weights.gguf_io import read_gguf
+
+    folder = tmp_path_factory.mktemp("gguf_corrupt")
+
+    @given(how=st.sampled_from(["truncate", "flip", "random"]), data=st.data())
+    def prop(how, data):
+        if how == "truncate":
+            raw = gguf_bytes[:data.draw(st.integers(0, len(gguf_bytes) - 1))]
+        elif how == "flip":
+            raw = bytearray(gguf_bytes)
+            for _ in range(data.draw(st.integers(1, 8))):
+                # the header and tensor table are the fragile part: aim most flips at the first 4 KiB
+                i = data.draw(st.integers(0, min(4096, len(raw) - 1)) | st.integers(0, len(raw) - 1))
+                raw[i] = data.draw(st.integers(0, 255))
+            raw = bytes(raw)
+        else:
+            raw = b"GGUF" + data.draw(st.binary(max_size=128))
+        path = folder / "unet.gguf"
+        path.write_bytes(raw)
+        before = fz.digest(path)
+        f, err = fz.only_ours(read_gguf, path)
+        if err is None:
+            for t in f.tensors.values():       # a file that reads must also dequantize, or say why not
+                fz.only_ours(t.dequantize) if hasattr(t, "dequantize") else None
+        assert fz.digest(path) == before
+        fz.count("loader: corrupted GGUF file (read_gguf)")
+
+    prop()
