@@ -12,11 +12,13 @@ _TINY = _Path(__file__).parent / "weights" / "tiny"
 TINY_MODEL = str(_TINY / "nimblediff-tiny")                                  # the embedded diffusers SD folder
 TINY_FLASH_LORA = str(_TINY / "nimblediff-tiny-flash-lora.safetensors")     # its 4-step Flash LoRA
 TINY_FIT4 = str(_TINY / "nimblediff-tiny-fit4.json")                        # a 4-step solver fitted to it at CFG 5
+TINY_DIT = str(_TINY / "nimblediff-tiny-dit")                               # the rectified-flow SD3 DiT folder
+TINY_DIT_BOSS4 = str(_TINY / "nimblediff-tiny-dit-boss4.json")              # BOSS 4-step schedule for it at CFG 5
 
 from .errors import NimbleDiffError  # noqa: E402
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = None
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NimbleDiffError", "TINY_FIT4", "TINY_FLASH_LORA",
-           "TINY_MODEL", "__version__"]
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NimbleDiffError", "TINY_DIT", "TINY_DIT_BOSS4",
+           "TINY_FIT4", "TINY_FLASH_LORA", "TINY_MODEL", "__version__"]

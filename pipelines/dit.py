@@ -40,7 +40,7 @@ from ..core.parameterization import Flow
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError, WeightsFormatError
 from .adapters import LoRAOpsMixin, pipeline_modules, read_for
-from .loading import agree_dtypes, check_pipeline_folder
+from .loading import agree_dtypes, check_pipeline_folder, missing_text_encoders
 from .schedulers import NimbleScheduler
 
 __all__ = ["FewStepDiTMixin", "FewStepSDXLPipeline", "FewStepPixArtPipeline", "FewStepSD3Pipeline",
@@ -82,6 +82,8 @@ class FewStepDiTMixin(LoRAOpsMixin):
         check_pipeline_folder(pretrained_model_name_or_path)
         if isinstance(pretrained_model_name_or_path, (str, Path)):
             check_folder_components(pretrained_model_name_or_path)
+            if Path(pretrained_model_name_or_path).is_dir():  # an SD3 folder saved without T5 (NimbleDiff-Tiny-DiT)
+                kwargs = {**missing_text_encoders(pretrained_model_name_or_path), **kwargs}
         pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         agree_dtypes(pipe)
         return pipe

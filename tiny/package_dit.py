@@ -85,8 +85,9 @@ def write_card(runs, dest, pipe, students):
 CARD = """# NimbleDiff-Tiny-DiT
 
 A small rectified-flow MM-DiT text-to-image model, trained from scratch on CPU for NimbleDiff's DiT samplers, LoRA
-loaders, quantizers, editing and caching, with an InstaFlow-style one-step student. Same procedural data and
-vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat shapes, 64x64.
+loaders, quantizers, editing and caching; an InstaFlow-style one-step student follows once the teacher is worth
+distilling. Same procedural data and vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat
+shapes, 64x64.
 
 ## Why SD3's MM-DiT (not Flux's)
 The stock `StableDiffusion3Pipeline` runs with its T5 encoder absent (`text_encoder_3=None`, as diffusers documents
@@ -123,6 +124,11 @@ Students:
 {rows}
 
 Wall minutes are budgets of step time on a shared 2-core machine (other jobs ran alongside).
+
+## Limitations
+The shipped teacher is its first 90-minute run on one core that other jobs shared for half of it: 1,928 steps,
+under-trained. It gets backgrounds and colours right far more often than shapes, which come out as blobs (table
+below); NimbleDiff-Tiny's UNet needed about 3,000 steps for recognisable shapes. Later runs resume the checkpoint.
 
 ## Quality (`python bench/quality.py --only DiT`; evaluator `nimblediff/tiny/evaluate.py`, held-out prompts)
 <!-- bench:quality_dit -->
