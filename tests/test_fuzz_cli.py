@@ -78,7 +78,7 @@ def command_lines(draw, work):
         return st.sampled_from(outs + list(inputs))
     num = st.sampled_from(NUMBERS) | st.integers(-3, 40).map(str) | st.floats(-2, 2).map(str)
     cmd = draw(st.sampled_from(["inspect", "convert", "resize", "prune", "merge", "validate", "to-ui", "search",
-                                "demo"]))
+                                "demo", "generate"]))
     flags = []
     if cmd == "inspect":
         argv = ["lora", "inspect", draw(lora_in)]
@@ -115,6 +115,11 @@ def command_lines(draw, work):
                                     ["--out", ins[0]]]))
         argv = ["schedule", "search", *bad, "--out", draw(st.sampled_from([ins[0], str(work / "out" / "s.json")])) if "--out" not in bad else
                 ins[1]]
+    elif cmd == "generate":
+        # prompt files that are missing, a folder, or words the tiny model does not know; absurd sizes
+        argv = ["generate", "--prompts", draw(st.sampled_from([ins[6], ins[7], ins[8], ins[4]])), "--out-dir",
+                draw(st.sampled_from([str(work / "out"), str(work / "out" / "g")])),
+                *draw(st.sampled_from([[], ["--size", "100000"], ["--batch-size", "0"], ["--steps", "-1"]]))]
     else:
         bad = draw(st.sampled_from([["--out", ins[0]], ["--prompt", "a zorblax in space"], ["--steps", "0"],
                                     ["--scale", "-1"], ["--threads", "x"]]))
@@ -124,7 +129,7 @@ def command_lines(draw, work):
                                                                                            "fp8"]))],
                                        ["--model", draw(st.sampled_from([TINY_MODEL, str(work / "in"), "nope"]))],
                                        ["-q"]]))
-    if cmd in ("search", "demo") and ("--overwrite" in flags or "--model" in flags):
+    if cmd in ("search", "demo", "generate") and ("--overwrite" in flags or "--model" in flags):
         flags = []                        # keep the refusal the line was built around (the search itself is slow)
     return argv + flags
 
