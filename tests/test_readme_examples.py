@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = {"README.md": ROOT / "README.md", "MODEL_CARD.md": ROOT / "weights" / "tiny" / "MODEL_CARD.md"}
+DOCS = {"README.md": ROOT / "README.md", "MODEL_CARD.md": ROOT / "weights" / "tiny" / "MODEL_CARD.md",
+        "MODEL_CARD_DIT.md": ROOT / "weights" / "tiny" / "MODEL_CARD_DIT.md"}
 # Lines the suite does not run, each with the reason a reader can check: training takes hours, make re-enters
 # this very suite (the demo line below stands for `make demo`, whose recipe test_make_demo_is_the_cli_demo checks).
 NOT_RUN = {
