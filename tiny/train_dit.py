@@ -35,17 +35,34 @@ def batch_seed(args, stage, step):
     return (args.seed * 1000 + STAGE_K[stage]) * 10**7 + step
 
 
+def warm_start(folder, transformer, te1, te2):
+    """Start from a shipped folder's weights (checkpoints do not outlive a session; the shipped EMA weights do).
+    The optimizer starts fresh, so the warm-up applies again."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict())
+    for name, te in (("text_encoder", te1), ("text_encoder_2", te2)):
+        te.load_state_dict(CLIPTextModelWithProjection.from_pretrained(folder, subfolder=name).state_dict())
+    for m in (transformer, te1, te2):
+        m.float()
+
+
 def train_dit(args):
     vae = AutoencoderKL.from_pretrained(args.vae or SHIPPED_VAE, dtype=torch.float32).eval().requires_grad_(False)
     tok = vocab.build_tokenizer()
     te1, te2 = dit.make_text_encoder(len(tok)), dit.make_text_encoder(len(tok))
     transformer = dit.make_transformer(args.layers)
+    if args.init:
+        warm_start(args.init, transformer, te1, te2)
     pipe = dit.make_pipeline(vae, te1, te2, transformer, tok)
     params = [p for m in (transformer, te1, te2) for p in m.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.99), weight_decay=0.01)
     loop = EmaLoop(args, "dit", {"transformer": transformer, "text_encoder": te1, "text_encoder_2": te2}, opt,
                    params, ema, defaults=DEFAULTS)
+    if args.init and loop.step == 0:  # data seeds go on where the shipped run stopped: no batch is seen twice
+        loop.step = args.init_steps
     p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
     gen = torch.Generator()
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
@@ -183,6 +200,9 @@ STAGES = {"dit": train_dit, "couples": make_couples,
 def parse_args(argv=None):
     p = build_parser(stages=STAGES, out="runs/tiny-dit", doc=__doc__)
     p.add_argument("--layers", type=int, default=8, help="joint transformer blocks")
+    p.add_argument("--init", help="stage dit: start from this pipeline folder's weights (e.g. the shipped one)")
+    p.add_argument("--init-steps", type=int, default=0,
+                   help="with --init: the steps those weights already had (the model card says), so data seeds go on")
     return p.parse_args(argv)
 
 
