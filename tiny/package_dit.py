@@ -69,7 +69,8 @@ def write_card(runs, dest, pipe, students):
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     student_lines = "\n".join(f"- `{PIPELINE_DIR}-{k}/`: {STUDENTS[k][1]}, {mb:.1f} MB" for k, mb in students.items()) \
         or "- none shipped yet (see Training)"
-    card = CARD.format(transformer=n(pipe.transformer), te=n(pipe.text_encoder), vae=n(pipe.vae),
+    card = CARD.format(dit_steps=logs["dit"]["steps"] or 0, dit_minutes=logs["dit"]["minutes"] or 0,
+                       transformer=n(pipe.transformer), te=n(pipe.text_encoder), vae=n(pipe.vae),
                        layers=pipe.transformer.config.num_layers, size=folder_mb(os.path.join(dest, PIPELINE_DIR)),
                        rows=rows, couples=n_couples, students=student_lines, shift=dit.SHIFT,
                        rows_set=", ".join(map(str, dit.ZERO_ROWS)))
@@ -126,9 +127,11 @@ Students:
 Wall minutes are budgets of step time on a shared 2-core machine (other jobs ran alongside).
 
 ## Limitations
-The shipped teacher is its first 90-minute run on one core that other jobs shared for half of it: 1,928 steps,
-under-trained. At 25 steps it gets colour, position and background right in 88-98% of shapes but the shape itself
-in only half, often a blob (table below); NimbleDiff-Tiny's UNet had 3,121 steps. Later runs resume the checkpoint.
+The shipped teacher had {dit_steps:,} steps ({dit_minutes:.0f} minutes of step time in two runs on one core, which
+other jobs shared for much of the first): under-trained. Shapes are its weakest attribute, often a blob (table
+below); NimbleDiff-Tiny's UNet had 3,121 steps. Later runs warm-start from the shipped weights
+(`--init weights/tiny/nimblediff-tiny-dit --init-steps {dit_steps}`). The BOSS schedule was searched on the first
+run's weights (1,928 steps); the table measures it on the shipped ones.
 
 ## Quality (`python bench/quality.py --only DiT`; evaluator `nimblediff/tiny/evaluate.py`, held-out prompts)
 <!-- bench:quality_dit -->
