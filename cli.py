@@ -723,8 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule = sub.add_parser("schedule", help="schedule tools").add_subparsers(dest="action", required=True)
     search = schedule.add_parser("search", help="search an NFE-step schedule (BOSS or AutoDiffusion) or fit a "
                                  "solver (step sizes + coefficients) for a model")
-    search.add_argument("--model", help="diffusers SD folder (default: the embedded NimbleDiff-Tiny)")
-    search.add_argument("--lora", help="LoRA to fuse first (e.g. an acceleration LoRA)")
+    search.add_argument("--model", help="diffusers SD folder, or an SD3-style flow DiT folder such as "
+                        "weights/tiny/nimblediff-tiny-dit (default: the embedded NimbleDiff-Tiny)")
+    search.add_argument("--lora", help="LoRA to fuse first (e.g. an acceleration LoRA; UNet folders)")
     search.add_argument("--method", choices=("boss", "autodiffusion", "fit"), default="boss",
                         help="fit: the 'fitted' sampler's sigmas and mixing weights by gradient through the model")
     search.add_argument("--sampler", default="euler", help="boss / autodiffusion: the sampler to search for")
@@ -784,7 +785,7 @@ def main(argv=None) -> int:
     _quiet_libraries()
     from .errors import NimbleDiffError
 
-    stdout = sys.stdout
+    stdout, tqdm_disable = sys.stdout, os.environ.get("TQDM_DISABLE")
     if args.quiet:            # errors still reach stderr; progress bars (tqdm) read TQDM_DISABLE
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")
@@ -800,6 +801,11 @@ def main(argv=None) -> int:
         if sys.stdout is not stdout:
             sys.stdout.close()
             sys.stdout = stdout
+        if args.quiet:        # an in-process caller (a test, a script) keeps its own progress bars
+            if tqdm_disable is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_disable
 
 
 def _leaf_parsers(parser):
