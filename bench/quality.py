@@ -137,9 +137,8 @@ def unet_jobs(a):
     """(config, make(captions, seeds) -> images) for the UNet rows; the pipeline loads only if a row is wanted."""
     from diffusers import StableDiffusionPipeline
 
-    configs = [c for c in CONFIGS if _wanted(a, c)]
-    has_lora = os.path.exists(a.lora)
-    configs = [c for c in configs if (has_lora or not c[4]) and (c[1] != "fitted" or os.path.exists(a.schedule))]
+    configs = [c for c in CONFIGS if _wanted(a, c) and (not c[4] or os.path.exists(a.lora))
+               and (c[1] != "fitted" or os.path.exists(a.schedule))]
     if not configs:
         return
     pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
@@ -157,7 +156,8 @@ def unet_jobs(a):
 
 
 def dit_jobs(a):
-    """The DiT rows: the stock StableDiffusion3Pipeline with its T5 absent (the tiny DiT has none) and its defaults."""
+    """The DiT rows: the stock StableDiffusion3Pipeline with its T5 absent (the tiny DiT has none), the T5 stand-in
+    DIT_ZERO_ROWS long; student rows swap in the student's transformer."""
     from diffusers import StableDiffusion3Pipeline
 
     from diffusers import SD3Transformer2DModel

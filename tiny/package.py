@@ -24,14 +24,19 @@ def ship_pipeline(runs, dest):
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(runs, "unet", "pipeline"))
     pipe.to(torch.float16)
     pipe.save_pretrained(os.path.join(dest, PIPELINE_DIR), safe_serialization=True)
-    # fp16 on disk, but transformers 5 would load the text encoder in the dtype its config names while diffusers
-    # loads the UNet and VAE in float32: name float32 so a stock pipeline's components agree out of the box
-    config = os.path.join(dest, PIPELINE_DIR, "text_encoder", "config.json")
-    with open(config) as f:
-        text = f.read()
-    with open(config, "w") as f:
-        f.write(text.replace('"dtype": "float16"', '"dtype": "float32"'))
+    name_float32(os.path.join(dest, PIPELINE_DIR), ("text_encoder",))
     return pipe
+
+
+def name_float32(folder, text_encoders):
+    """fp16 on disk, but transformers 5 loads a text encoder in the dtype its config names while diffusers loads the
+    denoiser and VAE in float32: name float32 so a stock pipeline's components agree out of the box."""
+    for name in text_encoders:
+        config = os.path.join(folder, name, "config.json")
+        with open(config) as f:
+            text = f.read()
+        with open(config, "w") as f:
+            f.write(text.replace('"dtype": "float16"', '"dtype": "float32"'))
 
 
 def ship_lora(runs, dest):

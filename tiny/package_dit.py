@@ -14,24 +14,13 @@ import shutil
 import torch
 
 from . import dit
-from .package import HERE, folder_mb, read_log
+from .package import HERE, folder_mb, name_float32, read_log
 
 PIPELINE_DIR = "nimblediff-tiny-dit"
 STUDENTS = {"2rf": ("reflow", "2-rectified flow (reflow on the teacher's couples)"),
             "instaflow": ("distill", "InstaFlow one-step student (distilled from the 2-rectified flow)")}
 BOSS_FILE = "nimblediff-tiny-dit-boss4.json"
 MAX_MB = 25.0
-
-
-def _float32_configs(folder):
-    """fp16 on disk, but transformers 5 loads a text encoder in its config's dtype while diffusers loads the
-    transformer and VAE in float32: name float32 so the stock pipeline's components agree out of the box."""
-    for name in ("text_encoder", "text_encoder_2"):
-        path = os.path.join(folder, name, "config.json")
-        with open(path) as f:
-            text = f.read()
-        with open(path, "w") as f:
-            f.write(text.replace('"dtype": "float16"', '"dtype": "float32"'))
 
 
 def ship_pipeline(runs, dest):
@@ -42,7 +31,7 @@ def ship_pipeline(runs, dest):
     pipe.to(torch.float16)
     out = os.path.join(dest, PIPELINE_DIR)
     pipe.save_pretrained(out, safe_serialization=True)
-    _float32_configs(out)
+    name_float32(out, ("text_encoder", "text_encoder_2"))
     return pipe
 
 
