@@ -9,7 +9,7 @@ and VAE built with ComfyUI's own classes, as nodes/loaders.py does for SD1.5-fam
     vae/                           -> loaders.build_vae; latent format: the folder's scaling_factor and shift_factor
 
 Transformer weights are renamed diffusers -> ComfyUI MMDiT keys by the table of weights/dit_keymaps.py (through
-weights.gguf_io.to_original, the one converter); every key must be consumed. Folder checks, configs and the
+weights.dit_convert.convert_dit, the one converter, which GGUF files use too); every key must be consumed. Folder checks, configs and the
 renaming are host-free; comfy is imported only inside the functions that build ComfyUI objects.
 """
 
@@ -161,10 +161,10 @@ def check_patchify(height: int, width: int, patch: int, max_size: int, source: s
 def transformer_to_comfy(sd: dict) -> dict:
     """diffusers SD3Transformer2DModel weights -> ComfyUI MMDiT keys (joint_blocks.{i}.x_block.attn.qkv, ...):
     q/k/v fused by rows, adaLN (scale, shift) halves swapped where ComfyUI keeps (shift, scale); every key consumed."""
-    from ..weights.gguf_io import to_original
+    from ..weights.dit_convert import convert_dit
 
     try:
-        return to_original(sd, "sd3")
+        return convert_dit(sd, "sd3", "original", None)
     except WeightsFormatError as exc:
         raise WeightsFormatError(f"transformer weights -> ComfyUI MMDiT: {exc}") from exc
 

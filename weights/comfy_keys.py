@@ -20,7 +20,7 @@ from ..core.adapters.delta import Diff, LoRA
 from ..errors import AdapterMismatchError
 from .arch import ArchGuess
 from .dit_keymaps import DIT_MAPS
-from .lora_formats import Target, _kohya_table
+from .lora_formats import Target, kohya_table
 
 __all__ = ["Slot", "ComfyDiTTarget", "comfy_dit_arch", "comfy_dit_slots", "dit_target", "fuse_slots", "fuse_bias",
            "slot_rows"]
@@ -104,7 +104,7 @@ def dit_target(arch: str, shapes: Mapping[str, tuple[int, ...]], text: Target) -
     for key, s in slots.items():
         shape = shapes[f"{s.key}.weight"]
         sizes[key] = (s.length, *shape[1:])
-    kohya = _kohya_table([(k.split(".", 1)[1], None) for k in slots], {}, "transformer")
+    kohya = kohya_table([(k.split(".", 1)[1], None) for k in slots], {}, "transformer")
     kohya.update(text.kohya)
     known |= set(text.kohya.values())
     return ComfyDiTTarget(ArchGuess(arch, "ComfyUI model with " + {"flux": "double/single blocks",

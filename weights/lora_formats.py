@@ -58,7 +58,7 @@ from .dit_keymaps import DIT_MAPS, dit_route
 from .keymaps import PrefixMap, UNetLayout, clip_module_names, unet_keymap
 from .safetensors_io import load_with_metadata
 
-__all__ = ["BiasedLoRA", "LoRAReport", "Target", "read_lora", "apply_lora", "split_key"]
+__all__ = ["BiasedLoRA", "LoRAReport", "Target", "read_lora", "apply_lora", "split_key", "kohya_table"]
 
 # trailing key components -> role. PEFT adapter names (".lora_A.<name>.weight") are normalized first.
 _ROLES = {
@@ -176,7 +176,7 @@ class Target:
         unet = unet_keymap(layout).modules if layout is not None else []
         text = {c: clip_module_names(n, projection=c == "text_encoder_2") for c, n in (text_layers or {}).items()}
         return cls(arch or arch_mod.ArchGuess("unknown", "no model given"), unet_keymap(layout) if layout else None,
-                   _kohya_table(unet, text))
+                   kohya_table(unet, text))
 
     @classmethod
     def for_arch(cls, arch: arch_mod.ArchGuess) -> "Target":
@@ -221,12 +221,15 @@ class Target:
             unet = [(d, l) for d, l in unet_keymap(layout).modules if d in have]
         if den is not None and not unet:
             unet = [(n, None) for n in names[denoiser]]
-        table = _kohya_table(unet, {c: names[c] for c in _TEXT if c in names}, denoiser)
+        table = kohya_table(unet, {c: names[c] for c in _TEXT if c in names}, denoiser)
         return cls(arch_mod.detect_model_arch(dict(index.modules)), unet_keymap(layout) if layout else None, table,
                    known, denoiser, shapes)
 
 
-def _kohya_table(unet: list[tuple[str, str | None]], text: dict[str, list[str]], denoiser: str = "unet") -> dict:
+def kohya_table(unet: list[tuple[str, str | None]], text: dict[str, list[str]], denoiser: str = "unet") -> dict:
+    """{kohya / LyCORIS module name: canonical target} for the given modules: `unet` is (diffusers path, LDM path or
+    None) pairs of the denoiser, `text` {component: module paths}. The reader, the writer and the ComfyUI key map
+    all name kohya modules through this one table."""
     table = {}
     prefix = "lora_unet_" if denoiser == "unet" else "lora_transformer_"
     for d, l in unet:

@@ -37,7 +37,7 @@ from ..core.adapters.rank import lora_factors, weight_shape
 from ..errors import InvalidParameterError, WeightsFormatError
 from . import arch as arch_mod
 from .keymaps import UNetLayout, read_unet_config, unet_fit_problems
-from .lora_formats import Target, _kohya_table, read_lora
+from .lora_formats import Target, kohya_table, read_lora
 from .safetensors_io import save_state_dict
 
 __all__ = ["LAYOUTS", "lora_state_dict", "save_lora", "model_target", "check_unet_fit"]
@@ -322,7 +322,7 @@ def _read_back_target(deltas: dict, layout: str, target) -> Target:
         comp, path = key.split(".", 1)
         comps.setdefault(comp, []).append(path)
     denoiser = "transformer" if "transformer" in comps else "unet"
-    table = _kohya_table([(p, None) for p in comps.get(denoiser, [])],
+    table = kohya_table([(p, None) for p in comps.get(denoiser, [])],
                          {c: comps[c] for c in _TEXT if c in comps}, denoiser)
     unet_map = _target(target, deltas)[0].unet_map if layout == "comfyui" else None
     return Target(arch_mod.ArchGuess("unknown", "read back after writing"), unet_map, table, set(deltas), denoiser)
