@@ -1,0 +1,186 @@
+"""DiT semantic editing (EIM) on a StableDiffusion3Pipeline: invert an image under its source prompt along the flow
+ODE, move the joint text embedding along (target - source) by a strength, regenerate, decode.
+
+    >>> pipe = DiTEditPipeline.from_pretrained(folder)       # an SD3 folder; without T5 as NimbleDiff-Tiny-DiT
+    >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", strength=1.5)
+
+The math is `nimblediff.core.editing.eim`; this file turns images, prompts and the transformer into its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..core import schedules
+from ..core.editing.eim import check_joint_model, direction, edit_conds
+from ..core.editing.inversion import invert, latent_psnr, truncate
+from ..core.editing.pti import run_per_step
+from ..core.parameterization import Flow
+from ..core.sampling import run
+from ..errors import InvalidParameterError
+from .dit import FewStepSD3Pipeline
+from .editing import EditOutput, InversionOutput
+
+_ARCHITECTURES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def architecture_of(denoiser) -> str:
+    """'sd3' / 'flux' for an MM-DiT transformer, else the class name (a UNet: 'UNet2DConditionModel')."""
+    name = type(denoiser).__name__
+    return _ARCHITECTURES.get(name, name)
+
+
+class DiTEditPipeline(FewStepSD3Pipeline):
+    """EIM editing (encode, identify, manipulate) for SD3-type MM-DiTs; `invert()` gives the joint embedding's
+    noise half and the trajectory, calling the pipeline edits. The stock text-to-image call stays as `generate`."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        index = Path(str(pretrained_model_name_or_path)) / "model_index.json"
+        if index.is_file():
+            config = json.loads(index.read_text())
+            if "unet" in config:                          # EIM on a UNet: refuse before diffusers tries to build it
+                check_joint_model(f"UNet ({config.get('_class_name')}, {index.parent})")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Text to image: FewStepSD3Pipeline's call."""
+        return super().__call__(*args, **kwargs)
+
+    # --- translation ------------------------------------------------------------------------------------------
+
+    def editing_param(self) -> Flow:
+        cfg = self.scheduler.config
+        if cfg.get("use_dynamic_shifting", False):
+            raise InvalidParameterError("the scheduler uses dynamic (resolution-dependent) shifting; EIM needs a "
+                                        "fixed shift (SD3's FlowMatchEulerDiscreteScheduler config)")
+        return Flow(cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0))
+
+    def denoiser(self, param, uncond=None, guidance_scale: float = 1.0):
+        """model(x, sigma, c) -> x0 with c = (prompt_embeds (B, L, D), pooled (B, P)); classifier-free guided with
+        uncond (same structure) when guidance_scale > 1."""
+        check_joint_model(architecture_of(self.transformer))
+        transformer = self.transformer
+
+        def model(x, sigma, c, **_):
+            s = float(sigma.reshape(-1)[0]) if isinstance(sigma, torch.Tensor) else float(sigma)
+            t = param.sigma_to_t(s).to(x.device).expand(len(x))
+            x_in = x.to(transformer.dtype)
+            embeds, pooled = c
+            if guidance_scale > 1.0:
+                out_u, out_c = transformer(
+                    hidden_states=torch.cat([x_in, x_in]), timestep=torch.cat([t, t]),
+                    encoder_hidden_states=torch.cat([uncond[0], embeds]),
+                    pooled_projections=torch.cat([uncond[1], pooled]), return_dict=False)[0].chunk(2)
+                out = out_u + guidance_scale * (out_c - out_u)
+            else:
+                out = transformer(hidden_states=x_in, timestep=t, encoder_hidden_states=embeds,
+                                  pooled_projections=pooled, return_dict=False)[0]
+            return param.denoised(x, s, out.to(x.dtype))
+
+        return model
+
+    def embeds(self, prompt, n: int, negative_prompt=None, guidance_scale: float = 1.0,
+               max_sequence_length: int = 256):
+        """((prompt_embeds, pooled), (negative_embeds, negative_pooled) or None), expanded to n images."""
+        with torch.no_grad():
+            pe, npe, pooled, npooled = self.encode_prompt(
+                prompt=prompt, prompt_2=None, prompt_3=None, device=self._execution_device,
+                do_classifier_free_guidance=guidance_scale > 1.0, negative_prompt=negative_prompt,
+                max_sequence_length=max_sequence_length)
+        if len(pe) == 1 and n > 1:
+            pe, pooled = pe.expand(n, -1, -1), pooled.expand(n, -1)
+            npe = None if npe is None else npe.expand(n, -1, -1)
+            npooled = None if npooled is None else npooled.expand(n, -1)
+        cond = (pe.float(), pooled.float())
+        return cond, (None if npe is None else (npe.float(), npooled.float()))
+
+    def check_image_size(self, height: int, width: int) -> None:
+        patch = self.transformer.config.patch_size
+        step = self.vae_scale_factor * patch
+        limit = self.transformer.config.pos_embed_max_size * step
+        if height > limit or width > limit:
+            raise InvalidParameterError(f"image is {width}x{height} but this transformer supports up to "
+                                        f"{limit}x{limit} (pos_embed_max_size); resize the image")
+        if height % step or width % step:
+            raise InvalidParameterError(f"image is {width}x{height}; both sides must be multiples of {step} (VAE "
+                                        f"factor {self.vae_scale_factor} x patch {patch})")
+
+    def encode_image(self, image) -> torch.Tensor:
+        """Image (PIL / numpy / tensor in [0, 1]) -> SD3-scaled latents (the distribution's mode: deterministic)."""
+        pixels = self.image_processor.preprocess(image)
+        self.check_image_size(*pixels.shape[-2:])
+        with torch.no_grad():
+            latents = self.vae.encode(pixels.to(self._execution_device, self.vae.dtype)).latent_dist.mode()
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents.float() - shift) * self.vae.config.scaling_factor
+
+    def decode(self, latents, output_type: str = "pil"):
+        if output_type == "latent":
+            return latents
+        shift = self.vae.config.get("shift_factor") or 0.0
+        with torch.no_grad():
+            images = self.vae.decode((latents / self.vae.config.scaling_factor + shift).to(self.vae.dtype),
+                                     return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    def _sigmas(self, param, steps, depth: float):
+        if not isinstance(steps, int) or steps < 1:
+            raise InvalidParameterError(f"num_inference_steps={steps!r}: need an integer >= 1")
+        return truncate(schedules.make_sigmas("trailing", steps, param).tolist(), depth)
+
+    # --- the operator -----------------------------------------------------------------------------------------
+
+    def invert(self, image=None, prompt="", *, latents=None, num_inference_steps: int = 28, depth: float = 1.0,
+               fixed_point: int = 0, max_sequence_length: int = 256, report_psnr: bool = False) -> InversionOutput:
+        """Encode: the image (or its `latents`) inverted under `prompt` along the flow ODE (CFG 1), up to `depth`
+        of the schedule (1 = pure noise)."""
+        param = self.editing_param()
+        x0 = self.encode_image(image) if latents is None else latents.float()
+        cond, _ = self.embeds(prompt, len(x0), max_sequence_length=max_sequence_length)
+        model = self.denoiser(param)
+        sigmas = self._sigmas(param, num_inference_steps, depth)
+        with torch.no_grad():
+            trajectory = run(invert, lambda x, s, **_: model(x, s, cond), x0, sigmas, param=param,
+                             fixed_point=fixed_point)
+            psnr = None
+            if report_psnr:
+                out = run_per_step(model, trajectory[-1], sigmas, [cond] * (len(sigmas) - 1), param=param)
+                psnr = latent_psnr(out, x0)
+        return InversionOutput(latents=trajectory[-1], trajectory=trajectory, sigmas=sigmas,
+                               reconstruction_psnr=psnr)
+
+    def __call__(self, image=None, prompt=None, source_prompt="", *, strength: float = 1.0, latents=None,
+                 num_inference_steps: int = 28, guidance_scale: float = 1.0, negative_prompt=None,
+                 depth: float = 1.0, window: float = 1.0, fixed_point: int = 0, max_sequence_length: int = 256,
+                 output_type: str = "pil", return_dict: bool = True, **_unused):
+        """Edit `image` (described by `source_prompt`) along the direction source -> `prompt` by `strength`.
+
+        strength 0 regenerates the inversion under the source prompt (the reconstruction); 1 is the target prompt;
+        larger values move further along the direction. depth: share of the schedule inverted (1 = to pure
+        noise); window: share of the regeneration steps (from the noisy end) that see the edited embedding;
+        guidance_scale applies while regenerating (inversion runs unguided).
+        """
+        if prompt is None:
+            raise InvalidParameterError("pass prompt= (the target description; the direction is prompt minus "
+                                        "source_prompt)")
+        param = self.editing_param()
+        inv = self.invert(image, source_prompt, latents=latents, num_inference_steps=num_inference_steps,
+                          depth=depth, fixed_point=fixed_point, max_sequence_length=max_sequence_length)
+        n, sigmas = len(inv.latents), inv.sigmas
+        source, uncond = self.embeds(source_prompt, n, negative_prompt, guidance_scale, max_sequence_length)
+        target, _ = self.embeds(prompt, n, max_sequence_length=max_sequence_length)
+        conds = edit_conds(source, direction(source, target), strength, len(sigmas) - 1, window)
+        model = self.denoiser(param, uncond, guidance_scale)
+        out = run_per_step(model, inv.latents, sigmas, conds, param=param)
+        images = self.decode(out, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return EditOutput(images=images, source_latents=inv.trajectory[0])
+
+
+__all__ = ["DiTEditPipeline", "architecture_of"]
