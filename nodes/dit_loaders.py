@@ -44,8 +44,10 @@ _LAYOUT = ("a StableDiffusion3Pipeline folder for this loader has model_index.js
 
 
 # ------------------------------------------------------------------------------------------------ folder reading
-def _weights_path(folder: Path, part: str) -> Path | None:
-    return next((folder / part / n for n in _WEIGHTS[part] if (folder / part / n).is_file()), None)
+def _weights_path(folder: Path, part: str, part_dir: Path | None = None) -> Path | None:
+    """The weights file of component `part`, in folder/part or in `part_dir` (a replacement folder)."""
+    where = part_dir if part_dir is not None else folder / part
+    return next((where / n for n in _WEIGHTS[part] if (where / n).is_file()), None)
 
 
 def _tokenizer_ok(path: Path) -> bool:
@@ -86,10 +88,29 @@ def check_dit_folder(folder) -> dict:
     return index
 
 
-def _load(folder: Path, part: str) -> dict:
+def _load(folder: Path, part: str, part_dir: Path | None = None) -> dict:
     from ..weights.safetensors_io import load_state_dict
 
-    return load_state_dict(_weights_path(folder, part))
+    return load_state_dict(_weights_path(folder, part, part_dir))
+
+
+def check_transformer_folder(tdir: Path, folder: Path) -> None:
+    """A transformer-only folder (SD3Transformer2DModel.save_pretrained: config.json + weights) that replaces the
+    pipeline folder's transformer/: same class and the same sizes, so the text encoders and VAE still fit it."""
+    tdir = Path(tdir)
+    if not (tdir / "config.json").is_file() or _weights_path(folder, "transformer", tdir) is None:
+        raise WeightsFormatError(f"{tdir}: a transformer folder has config.json and {_WEIGHTS['transformer'][0]} "
+                                 "(SD3Transformer2DModel.save_pretrained)")
+    own, base = loaders._read_json(tdir / "config.json"), loaders._read_json(folder / "transformer" / "config.json")
+    if own.get("_class_name", _TRANSFORMER) != _TRANSFORMER:
+        raise InvalidParameterError(f"{tdir / 'config.json'}: _class_name={own['_class_name']!r}; the DiT loader "
+                                    f"needs {_TRANSFORMER}")
+    sizes = ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+             "pooled_projection_dim", "in_channels", "patch_size", "pos_embed_max_size")
+    differ = {k: (own.get(k), base.get(k)) for k in sizes if own.get(k) != base.get(k)}
+    if differ:
+        raise InvalidParameterError(f"transformer {tdir} does not fit the pipeline {folder}: "
+                                    + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
 
 
 # --------------------------------------------------------------------------------- diffusers config -> comfy config
@@ -217,18 +238,20 @@ def _model_class():
     return NimbleSD3
 
 
-def build_dit_model(folder: Path):
-    """MODEL (ModelPatcher) from transformer/ + scheduler/ (+ vae/config.json for the latent format)."""
+def build_dit_model(folder: Path, transformer: Path | None = None):
+    """MODEL (ModelPatcher) from transformer/ (or the `transformer` folder replacing it, e.g. a distilled student)
+    + scheduler/ (+ vae/config.json for the latent format)."""
     import comfy.latent_formats
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
 
-    unet_config = mmdit_config_from_diffusers(loaders._read_json(folder / "transformer" / "config.json"))
+    tdir = Path(transformer) if transformer is not None else folder / "transformer"
+    unet_config = mmdit_config_from_diffusers(loaders._read_json(tdir / "config.json"))
     settings = flow_sampling_from_scheduler(loaders._read_json(folder / "scheduler" / "scheduler_config.json"))
     vae_cfg = loaders._read_json(folder / "vae" / "config.json")
-    sd = transformer_to_comfy(_load(folder, "transformer"))
+    sd = transformer_to_comfy(_load(folder, "transformer", tdir))
 
     config = comfy.supported_models.SD3(unet_config)
     config.sampling_settings = settings
@@ -244,7 +267,7 @@ def build_dit_model(folder: Path):
                           supported_dtypes=config.supported_inference_dtypes)
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     model = _model_class()(config)
-    loaders._load_checked(model.diffusion_model, sd, f"{folder / 'transformer'}")
+    loaders._load_checked(model.diffusion_model, sd, f"{tdir}")
     model.diffusion_model.source = str(folder)
     model.diffusion_model.image_ratio = 2 ** (len(vae_cfg.get("block_out_channels", [64])) - 1)
     model = model.to(offload_device)
@@ -364,11 +387,14 @@ def build_dit_clip(folder: Path, embedding_directory=None, model_options=None):
     return clip
 
 
-def load_dit_folder(folder, embedding_directory=None, clip_options=None):
-    """(MODEL, CLIP, VAE) from a diffusers StableDiffusion3Pipeline folder without T5 (NimbleDiff-Tiny-DiT)."""
+def load_dit_folder(folder, embedding_directory=None, clip_options=None, transformer=None):
+    """(MODEL, CLIP, VAE) from a diffusers StableDiffusion3Pipeline folder without T5 (NimbleDiff-Tiny-DiT);
+    `transformer`: a transformer-only folder used instead of the pipeline's own (a student of it)."""
     folder = Path(folder)
     check_dit_folder(folder)
-    return (build_dit_model(folder), build_dit_clip(folder, embedding_directory, clip_options),
+    if transformer is not None:
+        check_transformer_folder(transformer, folder)
+    return (build_dit_model(folder, transformer), build_dit_clip(folder, embedding_directory, clip_options),
             loaders.build_vae(folder))
 
 
@@ -411,6 +437,55 @@ def resolve_dit_model(name: str) -> Path:
     return folder
 
 
+OWN_TRANSFORMER = "(the folder's own)"
+EMBEDDED_STUDENTS = ("instaflow", "2rf")  # tiny/package_dit.STUDENTS: transformer-only folders beside the teacher
+
+
+def _transformer_only(path: str, files) -> bool:
+    return "config.json" in files and "model_index.json" not in files and \
+        loaders._read_json(Path(path) / "config.json").get("_class_name") == _TRANSFORMER
+
+
+def list_dit_transformers() -> list[str]:
+    """The folder's own transformer, the shipped students of the tiny DiT that are present, then transformer-only
+    folders (SD3Transformer2DModel.save_pretrained) under models/diffusers."""
+    embedded = [f"{EMBEDDED_NAME}-{s} (embedded)" for s in EMBEDDED_STUDENTS
+                if (EMBEDDED_DIR.parent / f"{EMBEDDED_NAME}-{s}" / "config.json").is_file()]
+    names = []
+    for root in loaders._diffusers_roots():
+        for path, dirs, files in os.walk(root, followlinks=True):
+            if "model_index.json" in files:
+                dirs.clear()
+            elif _transformer_only(path, files):
+                names.append(Path(os.path.relpath(path, root)).as_posix())
+                dirs.clear()
+    return [OWN_TRANSFORMER] + embedded + sorted(names)
+
+
+def resolve_dit_transformer(name: str) -> Path | None:
+    """None for the folder's own transformer, else the replacement folder (inside models/diffusers or shipped)."""
+    if name in ("", OWN_TRANSFORMER):
+        return None
+    if name.endswith(" (embedded)"):
+        stem = name[: -len(" (embedded)")]
+        if stem not in {f"{EMBEDDED_NAME}-{s}" for s in EMBEDDED_STUDENTS}:
+            raise InvalidParameterError(f"transformer {name!r}: the shipped students are "
+                                        f"{[f'{EMBEDDED_NAME}-{s} (embedded)' for s in EMBEDDED_STUDENTS]}")
+        folder = EMBEDDED_DIR.parent / stem
+        if not (folder / "config.json").is_file():
+            raise WeightsFormatError(f"transformer {name!r}: {folder} is not there (this copy of NimbleDiff was "
+                                     "installed without it)")
+        return folder
+    from ..weights.paths import inside
+
+    candidates = [inside(root, name, "transformer") for root in loaders._diffusers_roots()]  # never outside
+    found = next((c for c in candidates if (c / "config.json").is_file()), None)
+    if found is None:
+        raise WeightsFormatError(f"transformer {name!r}: no config.json in {[str(c) for c in candidates]}; choose an "
+                                 "entry of the dropdown (transformer-only folders under models/diffusers)")
+    return found
+
+
 class NimbleDiffusersDiTLoader:
     """Loads a diffusers StableDiffusion3Pipeline folder without T5 (NimbleDiff-Tiny-DiT) as MODEL, CLIP and VAE."""
 
@@ -418,7 +493,13 @@ class NimbleDiffusersDiTLoader:
     def INPUT_TYPES(cls):
         return {"required": {"model": (list_dit_models(), {
             "tooltip": "A diffusers StableDiffusion3Pipeline folder (two CLIP encoders, no T5) under "
-                       "models/diffusers, or NimbleDiff-Tiny-DiT shipped with NimbleDiff."})}}
+                       "models/diffusers, or NimbleDiff-Tiny-DiT shipped with NimbleDiff."})},
+                "optional": {"transformer": (list_dit_transformers(), {
+                    "default": OWN_TRANSFORMER,
+                    "tooltip": "Use another transformer of the same size with the folder's text encoders and VAE: "
+                               "a distilled student (the shipped InstaFlow one-step or 2-rectified-flow student of "
+                               "NimbleDiff-Tiny-DiT; they bake guidance in: sample them at CFG 1) or a "
+                               "transformer-only folder under models/diffusers."})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
@@ -427,10 +508,11 @@ class NimbleDiffusersDiTLoader:
                    "giving SD3-style conditioning and the VAE from a diffusers folder's configs, for sizes ComfyUI's "
                    "checkpoint detection does not recognise.")
 
-    def load(self, model):
+    def load(self, model, transformer=OWN_TRANSFORMER):
         import folder_paths
 
-        return load_dit_folder(resolve_dit_model(model), folder_paths.get_folder_paths("embeddings"))
+        return load_dit_folder(resolve_dit_model(model), folder_paths.get_folder_paths("embeddings"),
+                               transformer=resolve_dit_transformer(transformer))
 
 
 NODES = {"NimbleDiffusersDiTLoader": (NimbleDiffusersDiTLoader, "NimbleDiff Diffusers DiT Loader")}

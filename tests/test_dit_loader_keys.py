@@ -265,3 +265,61 @@ def test_other_dit_pipelines_are_refused(tmp_path, change, match):
 def test_the_node_lists_the_embedded_model_outside_comfyui():
     spec = dit_loaders.NimbleDiffusersDiTLoader.INPUT_TYPES()["required"]["model"]
     assert spec[0] == [dit_loaders.EMBEDDED_CHOICE] and spec[1]["tooltip"]
+
+
+# ----------------------------------------------------------------------------------- a student's transformer
+_TCFG = {"_class_name": "SD3Transformer2DModel", "num_layers": 8, "num_attention_heads": 2, "attention_head_dim": 64,
+         "joint_attention_dim": 128, "pooled_projection_dim": 128, "in_channels": 4, "patch_size": 2,
+         "pos_embed_max_size": 16}
+
+
+def transformer_like(path, **change):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**_TCFG, **change}))
+    (path / "diffusion_pytorch_model.safetensors").write_text("{}")
+    return path
+
+
+def pipeline_with_transformer_config(path):
+    folder = folder_like(path)
+    (folder / "transformer" / "config.json").write_text(json.dumps(_TCFG))
+    return folder
+
+
+def test_a_same_size_transformer_fits(tmp_path):
+    dit_loaders.check_transformer_folder(transformer_like(tmp_path / "student"),
+                                         pipeline_with_transformer_config(tmp_path / "teacher"))
+
+
+def test_a_transformer_of_another_size_names_both_sides(tmp_path):
+    teacher = pipeline_with_transformer_config(tmp_path / "teacher")
+    with pytest.raises(InvalidParameterError) as exc:
+        dit_loaders.check_transformer_folder(transformer_like(tmp_path / "student", num_layers=12), teacher)
+    msg = str(exc.value)
+    assert "num_layers 12 vs 8" in msg and "student" in msg and "teacher" in msg
+
+
+def test_a_transformer_folder_without_weights_or_of_another_class(tmp_path):
+    teacher = pipeline_with_transformer_config(tmp_path / "teacher")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(WeightsFormatError, match="config.json"):
+        dit_loaders.check_transformer_folder(empty, teacher)
+    with pytest.raises(InvalidParameterError, match="FluxTransformer2DModel"):
+        dit_loaders.check_transformer_folder(transformer_like(tmp_path / "flux", _class_name="FluxTransformer2DModel"),
+                                             teacher)
+
+
+def test_transformer_choices_list_only_transformer_folders_and_stay_inside(tmp_path, monkeypatch):
+    root = tmp_path / "diffusers"
+    transformer_like(root / "students" / "one")
+    folder_like(root / "pipe")  # a pipeline's own transformer/ is not offered on its own
+    monkeypatch.setattr(loaders, "_diffusers_roots", lambda: [str(root)])
+    choices = dit_loaders.list_dit_transformers()
+    assert choices[0] == dit_loaders.OWN_TRANSFORMER and "students/one" in choices
+    assert not any(c.startswith("pipe") for c in choices)
+    assert dit_loaders.resolve_dit_transformer("students/one") == root / "students" / "one"
+    assert dit_loaders.resolve_dit_transformer(dit_loaders.OWN_TRANSFORMER) is None
+    for bad in ("../outside", "/etc", "nimblediff-tiny-dit-other (embedded)"):
+        with pytest.raises(InvalidParameterError):
+            dit_loaders.resolve_dit_transformer(bad)
