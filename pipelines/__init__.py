@@ -7,6 +7,7 @@ components only from modules that are already imported.
 from pathlib import Path
 
 from .caching import NimbleCacheMixin, disable_nimble_cache, enable_nimble_cache
+from .compose import ComposePipeline
 from .dit import FewStepFluxPipeline, FewStepPixArtPipeline, FewStepSD3Pipeline, FewStepSDXLPipeline
 from .editing import EditPipeline, RestorePipeline
 from .fewstep import FewStepPipeline
@@ -29,4 +30,4 @@ def custom_pipeline_path(name: str) -> str:
 
 __all__ = ["FewStepPipeline", "FewStepSDXLPipeline", "FewStepPixArtPipeline", "FewStepSD3Pipeline",
            "FewStepFluxPipeline", "NimbleScheduler", "custom_pipeline_path", "EditPipeline", "RestorePipeline",
-           "enable_nimble_cache", "disable_nimble_cache", "NimbleCacheMixin"]
+           "enable_nimble_cache", "disable_nimble_cache", "NimbleCacheMixin", "ComposePipeline"]
