@@ -284,9 +284,21 @@ def dit_comparisons(results):
               ("DiT teacher flow Euler", 4)),
              ("One-step InstaFlow student minus the 25-step teacher", ("DiT InstaFlow student", 1),
               ("DiT teacher flow Euler", 25)),
+             ("One-step InstaFlow student minus the teacher's flow Euler at 1 step", ("DiT InstaFlow student", 1),
+              ("DiT teacher flow Euler", 1)),
              ("2-rectified flow at 2 steps minus the teacher's flow Euler at 2 steps", ("DiT 2-rectified flow", 2),
-              ("DiT teacher flow Euler", 2))]
-    return " ".join(_compare(label, get[x], get[y]) for label, x, y in pairs if x in get and y in get)
+              ("DiT teacher flow Euler", 2)),
+             ("2-rectified flow at 4 steps minus the teacher's flow Euler at 4 steps", ("DiT 2-rectified flow", 4),
+              ("DiT teacher flow Euler", 4))]
+    said = [_compare(label, get[x], get[y]) for label, x, y in pairs if x in get and y in get]
+    teacher = get.get(("DiT teacher flow Euler", 25))
+    for name, steps in (("DiT InstaFlow student", 1), ("DiT 2-rectified flow", 1), ("DiT 2-rectified flow", 2)):
+        if teacher is not None and (name, steps) in get:  # the goal is stated as a share of the teacher
+            acc, ref = get[(name, steps)]["accuracy"], teacher["accuracy"]
+            share = ", ".join(f"{k} {100 * acc[k] / ref[k]:.0f}%" for k in ("shape", "colour", "whole") if ref[k])
+            said.append(f"{name} at {steps} step{'s' if steps > 1 else ''} as a share of the 25-step teacher: "
+                        f"{share}.")
+    return " ".join(said)
 
 
 if __name__ == "__main__":
