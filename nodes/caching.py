@@ -9,6 +9,8 @@ from __future__ import annotations
 from ..core.caching import BlockReuse, CacheSchedule, deepcache_paths, detect_layout
 from ..core.caching import prune as laptop
 from ..errors import InvalidParameterError
+from ..weights.paths import find_inside
+from .sampling import comfy_user_folders
 
 
 def _step_of(timestep, options) -> int | None:
@@ -100,8 +102,9 @@ class SkipLayersModel:
         return {"required": {
             "model": ("MODEL", {"tooltip": "the model whose layers the config names (a patched copy "
                                        "is returned)"}),
-            "config_path": ("STRING", {"default": "", "tooltip": "layer-prune JSON (bench/compute.py or "
-                                                                 "nimblediff.core.caching.prune.save_config)"}),
+            "config_path": ("STRING", {"default": "", "tooltip": (
+                "a layer-prune JSON (bench/compute.py or nimblediff.core.caching.prune.save_config), by name inside "
+                "ComfyUI's input or output folder, e.g. 'prune/tiny-skip.json'")}),
         }}
 
     def patch(self, model, config_path):
@@ -109,7 +112,9 @@ class SkipLayersModel:
             raise InvalidParameterError("config_path is empty: give a layer-prune JSON file")
         unet = diffusion_model_of(model)
         detect_layout(unet)
-        skip = laptop.load_config(config_path, unet)                      # refuses another architecture
+        path = find_inside(comfy_user_folders(), config_path, "config_path",
+                           hint="put the layer-prune JSON in ComfyUI's input folder and give its name there")
+        skip = laptop.load_config(path, unet)                             # refuses another architecture
 
         def run(call, args):
             with laptop.ModelPatch(unet, {p: laptop.identity for p in skip}):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,9 @@ from ..core import schedules
 from ..core.parameterization import VP, Flow
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..core.sampling import SAMPLER_OPTIONS, SAMPLERS, k_diffusion_sampler
+from ..core.sampling.smc import MODES as FKC_MODES
 from ..errors import InvalidParameterError, NimbleDiffError
+from ..weights.paths import find_inside
 
 log = logging.getLogger("nimblediff")
 
@@ -84,6 +87,53 @@ FITTED_HINT = ("the fitted sampler needs the coefficients fitted for its sigmas:
                "both the SIGMAS and this SAMPLER")
 
 
+def _readers(name: str) -> str:
+    return " / ".join(s for s, opts in SAMPLER_OPTIONS.items() if name in opts)
+
+
+def _typed_options() -> dict:
+    """The typed widget of every sampler option a widget can hold (all but the fitted solver's lists), in widget
+    order. An option one sampler takes defaults to that sampler's default; `order` and `beta`, which several samplers
+    take with different defaults, default to 0 = "the sampler's own" (see AUTO_OPTIONS)."""
+    def default(name):
+        return next(opts[name] for opts in SAMPLER_OPTIONS.values() if name in opts)
+
+    return {
+        "order": ("INT", {"default": 0, "min": 0, "max": 4, "tooltip": (
+            f"{_readers('order')}: multistep order (deis 1-3, plms / ghvb 1-4); 0 = the sampler's default (deis "
+            f"{SAMPLER_OPTIONS['deis']['order']}, plms / ghvb {SAMPLER_OPTIONS['plms']['order']})")}),
+        "beta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": (
+            "dpmpp_2m / dpmpp_2m_unic / plms / ghvb: momentum in (0, 1], 1 = none; fkc: annealing exponent (> 1 "
+            f"sharper, < 1 flatter); 0 = the sampler's default (ghvb {SAMPLER_OPTIONS['ghvb']['beta']}, the others "
+            "1.0)")}),
+        "lower_order_final": ("BOOLEAN", {"default": default("lower_order_final"), "tooltip": (
+            f"{_readers('lower_order_final')}: drop to a lower order on the last steps (stabler with few steps)")}),
+        "momentum": (["hb", "ghvb"], {"default": default("momentum"), "tooltip": (
+            f"{_readers('momentum')}: hb = heavy ball, ghvb = generalized heavy ball (Wizadwongsa et al. 2023)")}),
+        "eta": ("FLOAT", {"default": default("eta"), "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip": (
+            f"{_readers('eta')}: noise injected per step; 0 = DDIM, 1 = ancestral, large = LCM-like")}),
+        "substeps": ("INT", {"default": default("substeps"), "min": 0, "max": 64, "tooltip": (
+            f"{_readers('substeps')}: extra stochastic substeps between two sigmas (0 = none)")}),
+        "snr": ("FLOAT", {"default": default("snr"), "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": (
+            f"{_readers('snr')}: Langevin corrector signal-to-noise ratio (Score SDE: 0.16 VE, 0.01 VP)")}),
+        "corrector_steps": ("INT", {"default": default("corrector_steps"), "min": 0, "max": 64, "tooltip": (
+            f"{_readers('corrector_steps')}: Langevin corrector steps per sigma (each costs one model call)")}),
+        "mode": (list(FKC_MODES), {"default": default("mode"), "tooltip": (
+            f"{_readers('mode')}: anneal = sample p^beta; cfg = guidance as a product of conditional and "
+            "unconditional; product = two prompts' product")}),
+        "guidance": ("FLOAT", {"default": default("guidance"), "min": -100.0, "max": 100.0, "step": 0.1,
+                               "tooltip": f"{_readers('guidance')} cfg mode: the guidance weight w"}),
+        "ess_threshold": ("FLOAT", {"default": default("ess_threshold"), "min": 0.0, "max": 1.0, "step": 0.01,
+                                    "tooltip": (f"{_readers('ess_threshold')}: resample the particles when the "
+                                                "effective sample size falls below this fraction")}),
+    }
+
+
+TYPED_OPTIONS = _typed_options()
+
+AUTO_OPTIONS = {"order", "beta"}     # 0 = the chosen sampler's own default
+
+
 class FewStepSampler:
     """SAMPLER for SamplerCustom / SamplerCustomAdvanced: LCM, TCD (gamma) or Euler, from nimblediff.core."""
 
@@ -91,12 +141,14 @@ class FewStepSampler:
     RETURN_TYPES = ("SAMPLER",)
     FUNCTION = "build"
     DESCRIPTION = ("Few-step sampler for distilled models. lcm: predict x0 and re-noise (LCM-LoRA, Flash "
-                   "Diffusion). tcd: trajectory consistency with stochastic gamma in [0, 1]. euler: ODE.")
+                   "Diffusion). tcd: trajectory consistency with stochastic gamma in [0, 1]. euler: ODE. Each "
+                   "sampler reads only its own option widgets (named in their tooltips).")
 
     @classmethod
     def INPUT_TYPES(cls):
-        # ComfyUI cannot hide a widget per combo value without a JS extension, so gamma stays a widget for every
-        # sampler (saved workflows keep their widget order) and says in its tooltip that only tcd reads it
+        # ComfyUI cannot hide a widget per combo value without a JS extension, so every option is a widget for every
+        # sampler and its tooltip names the samplers that read it. Widget order is frozen (saved workflows store
+        # widget values by position): sampler_name, gamma, options, then the typed options added after it.
         return {"required": {
             "sampler_name": (list(SAMPLERS), {"default": "lcm", "tooltip": (
                 "lcm / tcd: consistency-distilled models (LCM-LoRA, Flash, TCD). euler, dpmpp_2m, deis, plms, ghvb, "
@@ -106,19 +158,38 @@ class FewStepSampler:
                                 "tooltip": "tcd only (other samplers ignore it): stochasticity, 0 = deterministic "
                                            "(DDIM-like), 1 = LCM"}),
         }, "optional": {
-            "options": ("STRING", {"default": "", "tooltip": "other sampler options as name=value, comma-separated, "
-                                   "e.g. 'beta=0.8' (dpmpp_2m / dpmpp_2m_unic / plms / ghvb, in (0, 1]), "
-                                   "'order=3' (deis 1-3, plms / ghvb 1-4), 'snr=0.16' (pc), 'eta=1, substeps=2' "
-                                   "(scott), 'mode=cfg, guidance=3' (fkc); lists in JSON: coeffs=[[], [0.5]]"}),
+            "options": ("STRING", {"default": "", "tooltip": (
+                "optional free text, kept for saved workflows and the fitted solver's lists: name=value, "
+                "comma-separated, e.g. 'order=3' or coeffs=[[], [0.5]] (JSON lists); the typed widgets below "
+                "cover every other option, and a widget changed from its default must agree with the text")}),
+            **TYPED_OPTIONS,
         }}
 
-    def build(self, sampler_name, gamma, options=""):
+    def build(self, sampler_name, gamma, options="", **typed):
         parsed = parse_sampler_options(sampler_name, options)
-        if "gamma" in SAMPLER_OPTIONS[sampler_name]:
+        takes = SAMPLER_OPTIONS[sampler_name]
+        ignored = []
+        for name, value in typed.items():
+            if name not in TYPED_OPTIONS:
+                raise InvalidParameterError(f"unknown input {name!r}; the sampler options are "
+                                            f"{', '.join(TYPED_OPTIONS)}")
+            default = TYPED_OPTIONS[name][1]["default"]
+            changed = value != default
+            if name not in takes:
+                if changed:
+                    ignored.append(f"{name}={value} (read by {_readers(name)})")
+            elif name in parsed:
+                if changed and parsed[name] != value:
+                    raise InvalidParameterError(f"sampler option {name} is given twice: {value} in its widget and "
+                                                f"{parsed[name]} in the options text; keep one")
+            elif not (name in AUTO_OPTIONS and value == 0):
+                parsed[name] = value
+        if "gamma" in takes:
             parsed.setdefault("gamma", gamma)
         elif gamma != TCD_GAMMA:
-            log.warning("NimbleDiff Few-Step Sampler: gamma=%s is ignored: only tcd uses it, not %s", gamma,
-                        sampler_name)
+            ignored.append(f"gamma={gamma} (read by {_readers('gamma')})")
+        if ignored:
+            log.warning("NimbleDiff Few-Step Sampler: %s ignores %s", sampler_name, ", ".join(ignored))
         return (make_sampler(sampler_name, **parsed),)
 
 
@@ -387,7 +458,9 @@ class ScheduleFile:
                                                            "is checked)"}),
                              "path": ("STRING", {"default": "schedule.json", "tooltip": (
                                  "a schedule JSON written by `nimblediff schedule search` (BOSS, AutoDiffusion or "
-                                 "--method fit)")})},
+                                 "--method fit), by name inside ComfyUI's input or output folder (e.g. "
+                                 "'schedules/boss4.json'), or a shipped one: "
+                                 f"{', '.join(embedded_schedules()) or 'none'}")})},
                 "optional": {"schedule_json": ("STRING", {"default": "", "multiline": True,
                                                            "tooltip": "a schedule file's JSON, embedded in the "
                                                                       "workflow; overrides path"})}}
@@ -396,10 +469,46 @@ class ScheduleFile:
         from ..core.schedule_search import load_schedule, parse_schedule, sampler_of, warn_if_fitted_elsewhere
 
         param = param_from_model_sampling(model.get_model_object("model_sampling"))
-        data = parse_schedule(schedule_json, param.kind) if schedule_json.strip() else load_schedule(path, param.kind)
+        if schedule_json.strip():
+            data = parse_schedule(schedule_json, param.kind)
+        else:
+            data = load_schedule(schedule_path(path), param.kind)
         warn_if_fitted_elsewhere(data, param)
         name, options = sampler_of(data)
         return torch.as_tensor(data["sigmas"], dtype=torch.float32), make_sampler(name, **options)
+
+
+EMBEDDED_SUFFIX = " (embedded)"
+SHIPPED_SCHEDULES = Path(__file__).resolve().parents[1] / "weights" / "tiny"
+
+
+def embedded_schedules() -> list[str]:
+    """The schedules shipped beside the small models (weights/tiny/*.json), as `path` names them."""
+    return [p.stem + EMBEDDED_SUFFIX for p in sorted(SHIPPED_SCHEDULES.glob("*.json"))]
+
+
+def comfy_user_folders() -> list[str]:
+    """ComfyUI's input and output folders: where a workflow's file names may point (never outside them)."""
+    try:
+        import folder_paths
+    except ImportError:       # outside ComfyUI: no folder a workflow may read from
+        return []
+    return [f() for f in (getattr(folder_paths, "get_input_directory", None),
+                          getattr(folder_paths, "get_output_directory", None)) if f is not None]
+
+
+def schedule_path(name: str) -> Path:
+    """The file a ScheduleFile `path` names: a shipped schedule ('<stem> (embedded)') or a relative name inside
+    ComfyUI's input or output folder; '..', absolute and drive paths are refused before the disk is touched."""
+    if isinstance(name, str) and name.strip().endswith(EMBEDDED_SUFFIX):
+        stem = name.strip()[: -len(EMBEDDED_SUFFIX)]
+        if stem + EMBEDDED_SUFFIX not in embedded_schedules():
+            raise InvalidParameterError(f"path={name!r}: no such shipped schedule; shipped: "
+                                        f"{', '.join(embedded_schedules()) or 'none'}")
+        return SHIPPED_SCHEDULES / f"{stem}.json"
+    return find_inside(comfy_user_folders(), name, "path", hint=(
+        "put the schedule file in ComfyUI's input folder and give its name there, or paste its JSON into "
+        "schedule_json"))
 
 
 NODES = {

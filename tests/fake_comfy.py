@@ -85,8 +85,9 @@ class FakeCLIP:
         return self.patcher.add_patches(patches, strength_patch, strength_model)
 
 
-def install(loras: dict | None = None):
-    """Register stub comfy modules in sys.modules (undo with uninstall())."""
+def install(loras: dict | None = None, input_dir=None, output_dir=None):
+    """Register stub comfy modules in sys.modules (undo with uninstall()). input_dir / output_dir: ComfyUI's input
+    and output folders (absent when not given: a node reading a file name finds no folder to look in)."""
     loras = loras or {}
     comfy = types.ModuleType("comfy")
     samplers = types.ModuleType("comfy.samplers")
@@ -98,6 +99,10 @@ def install(loras: dict | None = None):
     folder_paths.get_filename_list = lambda kind: sorted(loras) if kind == "loras" else []
     folder_paths.get_full_path_or_raise = lambda kind, name: loras[name]
     folder_paths.get_folder_paths = lambda kind: []
+    if input_dir is not None:
+        folder_paths.get_input_directory = lambda: str(input_dir)
+    if output_dir is not None:
+        folder_paths.get_output_directory = lambda: str(output_dir)
     model_management = types.ModuleType("comfy.model_management")
     model_management.intermediate_device = lambda: torch.device("cpu")
     comfy.samplers, comfy.model_sampling, comfy.model_management = samplers, model_sampling, model_management

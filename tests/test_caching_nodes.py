@@ -88,8 +88,8 @@ def sample(patcher, sigmas, x, streams=((0, 1),)):
 
 
 @pytest.fixture
-def comfy():
-    fake_comfy.install()
+def comfy(tmp_path):
+    fake_comfy.install(input_dir=tmp_path)       # layer-prune configs are read by name inside ComfyUI's input folder
     from nimblediff.nodes import caching
 
     yield caching
@@ -171,7 +171,7 @@ def test_bad_input_names_the_model_type_and_leaves_it_unchanged(comfy, tmp_path)
     path = tmp_path / "p.json"
     laptop.save_config(path, other, ["0"])
     with pytest.raises(AdapterMismatchError, match="Sequential"):
-        comfy.SkipLayersModel().patch(model, str(path))
+        comfy.SkipLayersModel().patch(model, path.name)
     assert "model_function_wrapper" not in model.model_options
 
 
@@ -180,7 +180,7 @@ def test_skip_layers_node_passes_the_layer_input_through(comfy, tmp_path):
     unet = model.model.diffusion_model
     path = tmp_path / "p.json"
     laptop.save_config(path, unet, ["middle_block"])
-    (patched,) = comfy.SkipLayersModel().patch(model, str(path))
+    (patched,) = comfy.SkipLayersModel().patch(model, path.name)
     out = sample(patched, SIGMAS[:2], X)[0]
     with torch.no_grad():
         hs, h = [], X
@@ -191,3 +191,21 @@ def test_skip_layers_node_passes_the_layer_input_through(comfy, tmp_path):
             h = m(torch.cat([h, hs.pop()], 1))
         assert torch.equal(out, unet.out(h))
     assert torch.equal(sample(model, SIGMAS[:2], X)[0], sample(Patcher(model.model), SIGMAS[:2], X)[0])
+
+
+@pytest.mark.parametrize("name", ["../p.json", "/abs/p.json", "..\\p.json", "sub/../../p.json", "missing.json"])
+def test_skip_layers_config_path_stays_inside_comfyuis_folders(tmp_path, name):
+    """config_path is a name inside ComfyUI's input / output folder: '../p.json' is refused although it exists."""
+    inner = tmp_path / "input"
+    inner.mkdir()
+    fake_comfy.install(input_dir=inner)
+    try:
+        from nimblediff.nodes import caching
+
+        model = Patcher(BaseModel())
+        laptop.save_config(tmp_path / "p.json", model.model.diffusion_model, ["middle_block"])
+        with pytest.raises(InvalidParameterError, match="config_path="):
+            caching.SkipLayersModel().patch(model, name.replace("/abs/p.json", str(tmp_path / "p.json")))
+        assert "model_function_wrapper" not in model.model_options
+    finally:
+        fake_comfy.uninstall()

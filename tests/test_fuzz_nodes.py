@@ -162,6 +162,90 @@ def test_sampler_options(comfy):
     prop()
 
 
+widget_values = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-2**63, 2**63) | st.booleans() \
+    | st.sampled_from(["hb", "ghvb", "anneal", "cfg", "product", "", "x", None, [], {}])
+
+
+def test_sampler_typed_options(comfy):
+    """The typed option widgets: ComfyUI checks min / max, but an API prompt carries any JSON (NaN, huge integers,
+    strings where numbers go); each value reaches the sampler's own checks or is refused by ours."""
+    from nimblediff.core.sampling import SAMPLERS
+    from nimblediff.nodes.sampling import TYPED_OPTIONS, FewStepSampler
+
+    @given(name=st.sampled_from(sorted(SAMPLERS)), typed=st.dictionaries(st.sampled_from(sorted(TYPED_OPTIONS)),
+                                                                          widget_values, max_size=4),
+           options=st.sampled_from(["", "order=3", "beta=0.8", "coeffs=[[], [0.5]]", "eta=2"]))
+    def prop(name, typed, options):
+        fz.only_ours(FewStepSampler().build, name, 0.3, options, **typed)
+        fz.count("node: FewStepSampler typed option widgets")
+
+    prop()
+
+
+def _write_schedule(path, sigma):
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"model_type": "vp", "sampler": "euler", "nfe": 2, "sigmas": [14.6, sigma, 0.0],
+                                "created_by": "test"}))
+
+
+def test_schedule_file_paths(comfy, roots):
+    """ScheduleFile's `path` from a workflow: a schedule inside ComfyUI's input / output folder, a shipped one, or a
+    NimbleDiffError; the schedule placed outside them (sigma 2.0) is never read, whatever the spelling."""
+    from nimblediff.nodes.sampling import ScheduleFile
+
+    comfy.get_input_directory = lambda: str(roots.base / "input")
+    comfy.get_output_directory = lambda: str(roots.base / "output")
+    _write_schedule(roots.base / "input" / "model", 1.0)                 # `names` spells these
+    _write_schedule(roots.base / "output" / "sub" / "model", 1.0)
+    _write_schedule(roots.outside / "outside", 2.0)
+    _write_schedule(roots.base / "outside", 2.0)                          # ../outside from input/ and output/
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), fake_comfy.EPS(torch.linspace(0.03, 14.6, 1000)))
+
+    @given(name=names | st.sampled_from(["model", "sub/model", "../outside", str(roots.base / "outside"),
+                                         "nimblediff-tiny-fit4 (embedded)", "../x (embedded)", " (embedded)"]))
+    def prop(name):
+        out, err = fz.only_ours(ScheduleFile().load, patcher, name)
+        if err is None:
+            assert float(out[0][1]) != 2.0, f"{name!r} read the schedule outside the input / output folders"
+        fz.count("node input: ScheduleFile path")
+
+    prop()
+    assert float(ScheduleFile().load(patcher, "model")[0][1]) == 1.0
+
+
+def test_skip_layers_config_paths(comfy, roots, monkeypatch):
+    """SkipLayers' `config_path`: the config it opens is inside ComfyUI's input / output folder, or the node raises
+    a NimbleDiffError first."""
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes import caching
+
+    comfy.get_input_directory = lambda: str(roots.base / "input")
+    comfy.get_output_directory = lambda: str(roots.base / "output")
+    (roots.base / "input").mkdir(exist_ok=True)
+    (roots.base / "input" / "model").write_text("{}")
+    (roots.base / "outside").write_text("{}")
+    opened = []
+
+    def spy(path, unet):
+        opened.append(path)
+        assert _within(path, roots.base / "input") or _within(path, roots.base / "output"), path
+        raise InvalidParameterError("spy: not a real config")
+
+    monkeypatch.setattr(caching.laptop, "load_config", spy)
+    monkeypatch.setattr(caching, "detect_layout", lambda unet: None)
+    model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(diffusion_model=torch.nn.Identity()))
+
+    @given(name=names | st.sampled_from(["model", "../outside", str(roots.base / "outside")]))
+    def prop(name):
+        fz.only_ours(caching.SkipLayersModel().patch, model, name)
+        fz.count("node input: SkipLayers config_path")
+
+    prop()
+    assert opened, "no case reached the config reader: the property checked nothing"
+
+
 def test_block_weight_specs():
     from nimblediff.nodes.adapter_ops import parse_block_spec
 

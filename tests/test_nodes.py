@@ -20,7 +20,7 @@ from nimblediff.core.sampling import SAMPLERS, noise_from_seed, run  # noqa: E40
 
 @pytest.fixture
 def comfy(tmp_path):
-    fake_comfy.install()
+    fake_comfy.install(input_dir=tmp_path)       # schedule files are read by name inside ComfyUI's input folder
     yield
     fake_comfy.uninstall()
 
@@ -217,7 +217,7 @@ def test_schedule_file_node_checks_model_type(comfy, tmp_path):
                                         "sigmas": [1.0, 0.5, 0.0], "created_by": "test"})
     model = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
     with pytest.raises(InvalidParameterError, match="flow"):
-        ScheduleFile().load(model, str(tmp_path / "s.json"))
+        ScheduleFile().load(model, "s.json")
 
 
 def test_schedule_file_node_gives_the_fitted_sampler(comfy, tmp_path):
@@ -234,7 +234,7 @@ def test_schedule_file_node_gives_the_fitted_sampler(comfy, tmp_path):
     fit = fit_solver(den, param, 3, x=cal, iterations=5, prior_shift=True)
     save_schedule(tmp_path / "fit.json", fit)
     patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), ms)
-    sigmas, sampler = ScheduleFile().load(patcher, str(tmp_path / "fit.json"))
+    sigmas, sampler = ScheduleFile().load(patcher, "fit.json")
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * sigmas[0]
     model = fake_comfy.GuidedModel(lambda x, s, **_: den(x.reshape(len(x), -1), s).reshape(x.shape), ms)
     out = sampler.sampler_function(model, x, sigmas, extra_args={})
@@ -320,7 +320,7 @@ def test_fitted_sampler_without_coefficients_names_the_schedule_file_node(comfy,
                                         "sigmas": [14.6, 1.5, 0.0], "created_by": "test"})
     patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
     with pytest.raises(InvalidParameterError, match="coeffs"):
-        ScheduleFile().load(patcher, str(tmp_path / "s.json"))
+        ScheduleFile().load(patcher, "s.json")
 
 
 def test_fitted_coefficients_in_the_options_string_reach_the_sampler(comfy):
@@ -399,3 +399,112 @@ def test_empty_latent_node_names_a_size_the_vae_cannot_make(comfy):
     vae = types.SimpleNamespace(downscale_ratio=8, latent_channels=4)
     with pytest.raises(InvalidParameterError, match="height=100.*96 or 104"):
         NimbleEmptyLatent().generate(vae, 64, 100, 1)
+
+
+# ---------------------------------------------------------------- typed option widgets (the options text is legacy)
+@pytest.mark.parametrize("sampler, typed, text", [
+    ("deis", {"order": 3, "lower_order_final": False}, "order=3, lower_order_final=false"),
+    ("ghvb", {"order": 2, "beta": 0.5}, "order=2, beta=0.5"),
+    ("plms", {"momentum": "ghvb", "beta": 0.7}, "momentum=ghvb, beta=0.7"),
+    ("scott", {"eta": 0.5, "substeps": 1}, "eta=0.5, substeps=1"),
+    ("pc", {"snr": 0.05, "corrector_steps": 2}, "snr=0.05, corrector_steps=2"),
+    ("dpmpp_2m", {"beta": 0.9}, "beta=0.9"),
+])
+def test_typed_option_widgets_equal_the_same_options_given_to_run(comfy, sampler, typed, text):
+    """Each typed widget reaches the sampler as the option of the same name (reference: run() with the options)."""
+    from nimblediff.nodes.sampling import FewStepSampler, parse_sampler_options
+
+    ms = _vp_model_sampling()
+    data = GaussianData()
+    sigmas = schedules.make_sigmas("trailing", 5, VP()).float()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
+    extra = {"seed": 3} if sampler in ("scott", "pc") else {}
+    out = FewStepSampler().build(sampler, 0.3, "", **typed)[0].sampler_function(model, x, sigmas, extra_args=extra)
+    noise = noise_from_seed(x, 3) if extra else None
+    ref = run(SAMPLERS[sampler], data.denoiser(VP()), x, sigmas, param=VP(), **({"noise": noise} if noise else {}),
+              **typed)
+    torch.testing.assert_close(out, ref)
+    assert parse_sampler_options(sampler, text) == typed                 # the legacy text says the same
+    legacy = FewStepSampler().build(sampler, 0.3, text)[0].sampler_function(model, x, sigmas, extra_args=extra)
+    torch.testing.assert_close(legacy, ref)
+
+
+def test_typed_widgets_default_to_each_samplers_own_defaults(comfy):
+    """order / beta at 0 mean the chosen sampler's default (deis order 2, ghvb beta 0.8); every other widget's default
+    is the default of the one sampler that reads it."""
+    from nimblediff.core.sampling import SAMPLER_OPTIONS
+    from nimblediff.nodes.sampling import AUTO_OPTIONS, TYPED_OPTIONS, FewStepSampler
+
+    names = {n for opts in SAMPLER_OPTIONS.values() for n in opts} - {"gamma", "coeffs", "gains", "prior_shift"}
+    assert set(TYPED_OPTIONS) == names
+    for name, (_, spec) in TYPED_OPTIONS.items():
+        owners = [s for s, opts in SAMPLER_OPTIONS.items() if name in opts]
+        if name in AUTO_OPTIONS:
+            assert spec["default"] == 0 and len({SAMPLER_OPTIONS[s][name] for s in owners}) > 1
+        else:
+            assert {SAMPLER_OPTIONS[s][name] for s in owners} == {spec["default"]}, name
+    ms = _vp_model_sampling()
+    sigmas = schedules.make_sigmas("trailing", 4, VP()).float()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    data = GaussianData()
+    model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
+    defaults = {name: spec["default"] for name, (_, spec) in TYPED_OPTIONS.items()}
+    for sampler in ("deis", "ghvb", "plms"):
+        out = FewStepSampler().build(sampler, 0.3, "", **defaults)[0].sampler_function(model, x, sigmas,
+                                                                                       extra_args={})
+        torch.testing.assert_close(out, run(SAMPLERS[sampler], data.denoiser(VP()), x, sigmas, param=VP()))
+
+
+def test_typed_widget_and_options_text_must_agree(comfy, caplog):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import FewStepSampler
+
+    FewStepSampler().build("deis", 0.3, "order=3", order=3)                 # the same value twice is fine
+    FewStepSampler().build("deis", 0.3, "order=3", order=0)                 # an untouched widget defers to the text
+    with pytest.raises(InvalidParameterError, match="order is given twice"):
+        FewStepSampler().build("deis", 0.3, "order=3", order=1)
+    with pytest.raises(InvalidParameterError, match="order"):
+        FewStepSampler().build("deis", 0.3, "", order=4)                      # deis takes 1-3: the sampler says so
+    with caplog.at_level("WARNING", logger="nimblediff"):
+        FewStepSampler().build("lcm", 0.3, "", eta=0.2)
+    assert "lcm ignores eta=0.2 (read by scott)" in caplog.text
+
+
+def test_saved_workflow_widget_values_still_map_to_the_same_inputs():
+    """UI workflows store widget values by position: the first three stay sampler_name, gamma, options, and the
+    typed options come after them, so a workflow saved before they existed loads unchanged."""
+    from nimblediff.nodes.sampling import TYPED_OPTIONS, FewStepSampler
+
+    spec = FewStepSampler.INPUT_TYPES()
+    assert [*spec["required"], *spec["optional"]] == ["sampler_name", "gamma", "options", *TYPED_OPTIONS]
+
+
+@pytest.mark.parametrize("name", ["../s.json", "/etc/passwd", "..\\s.json", "C:\\s.json", "a/../../s.json", ""])
+def test_schedule_file_path_stays_inside_comfyuis_folders(comfy, tmp_path, name):
+    """A workflow's `path` is a name inside ComfyUI's input / output folder: traversal and absolute paths are refused
+    even when the file they name exists (it does: s.json beside the input folder)."""
+    from nimblediff.core.schedule_search import save_schedule
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import ScheduleFile
+
+    inner = tmp_path / "input"
+    inner.mkdir()
+    fake_comfy.install(input_dir=inner)
+    save_schedule(tmp_path / "s.json", {"model_type": "vp", "sampler": "euler", "nfe": 2,
+                                        "sigmas": [14.6, 1.5, 0.0], "created_by": "test"})
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    with pytest.raises(InvalidParameterError, match="path="):
+        ScheduleFile().load(patcher, name.replace("/etc/passwd", str(tmp_path / "s.json")))
+
+
+def test_schedule_file_reads_the_shipped_schedules_by_name(comfy):
+    from nimblediff.errors import InvalidParameterError
+    from nimblediff.nodes.sampling import ScheduleFile, embedded_schedules
+
+    assert "nimblediff-tiny-fit4 (embedded)" in embedded_schedules()
+    patcher = fake_comfy.FakeModelPatcher(types.SimpleNamespace(), _vp_model_sampling())
+    sigmas, _ = ScheduleFile().load(patcher, "nimblediff-tiny-fit4 (embedded)")
+    assert sigmas[-1] == 0 and len(sigmas) >= 2
+    with pytest.raises(InvalidParameterError, match="no such shipped schedule"):
+        ScheduleFile().load(patcher, "../nimblediff-tiny-fit4 (embedded)")

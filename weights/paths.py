@@ -11,7 +11,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import InvalidParameterError
 
-__all__ = ["inside"]
+__all__ = ["inside", "find_inside"]
 
 
 def inside(folder, name, what: str = "file name") -> Path:
@@ -29,3 +29,18 @@ def inside(folder, name, what: str = "file name") -> Path:
         raise InvalidParameterError(f"{what}={name[:40]!r}...: a file name part is limited to 255 bytes and the name "
                                     "to 1024 characters (the operating system's limits)")
     return Path(folder) / posix
+
+
+def find_inside(folders, name, what: str = "file name", hint: str = "") -> Path:
+    """The first existing file ``folder / name`` among `folders` (in order), every candidate checked by `inside`
+    before anything touches the disk. Raises naming the input, the folders searched and `hint` (what to do instead)
+    when none has it."""
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise InvalidParameterError(f"{what}={name!r}: no folder to look in{'; ' + hint if hint else ''}")
+    candidates = [inside(folder, name, what) for folder in folders]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise InvalidParameterError(f"{what}={name!r}: no such file in {' or '.join(str(f) for f in folders)}"
+                                + (f"; {hint}" if hint else ""))
