@@ -81,18 +81,20 @@ def edit_conds(source, delta, strength: float, steps: int, window: float = 1.0) 
 
 
 def edit(model, x0, sigmas, source, target, strength: float, *, param, fixed_point: int = 0, window: float = 1.0,
-         delta=None, callback=None):
+         delta=None, invert_model=None, callback=None):
     """EIM edit of the latent x0 (B, C, H, W): invert under `source`, regenerate under source + strength * delta.
 
     sigmas: the sampling schedule (decreasing to 0; truncate it for a partial inversion); delta defaults to
-    direction(source, target). Returns (edited latent, inverted noise x_T).
+    direction(source, target); invert_model: the denoiser for the inversion when it differs from the regenerating
+    one (unguided inversion, guided regeneration). Returns (edited latent, inverted noise x_T).
     """
     if param.kind != "flow":
         raise InvalidParameterError(f"EIM follows a rectified-flow ODE (SD3 / Flux); got a model of kind "
                                     f"{param.kind!r}")
     delta = direction(source, target) if delta is None else delta
     with torch.no_grad():
-        trajectory = run(invert, lambda x, s, **_: model(x, s, source), x0, sigmas, param=param,
+        inverse = model if invert_model is None else invert_model
+        trajectory = run(invert, lambda x, s, **_: inverse(x, s, source), x0, sigmas, param=param,
                          fixed_point=fixed_point, callback=callback)
         conds = edit_conds(source, delta, strength, len(as_floats(sigmas)) - 1, window)
         out = run_per_step(model, trajectory[-1], sigmas, conds, param=param)

@@ -1,0 +1,265 @@
+"""Prompt-space editing nodes: EIM semantic editing for MM-DiTs (SD3 / Flux type) and Prompt Tuning Inversion.
+
+- NimbleDiTSemanticEdit: LATENT + source / target CONDITIONING -> edited LATENT (core/editing/eim.py).
+- NimblePromptTuningInversion: LATENT + source CONDITIONING -> the noise LATENT and tuned CONDITIONING, one entry per
+  sampling step, each limited to its step's sigma (core/editing/pti.py stage 1).
+- NimbleInterpolateConditioning: alpha * tuned + (1 - alpha) * target per entry (PTI stage 2), for SamplerCustom
+  with add_noise off, an euler sampler and the same SIGMAS.
+
+The denoiser these nodes hand to core is the MODEL's own BaseModel.apply_model (k-space x0, ComfyUI's convention),
+classifier-free guided here; the math is nimblediff.core.editing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.editing.eim import check_joint_model, direction, edit
+from ..core.editing.inversion import invert
+from ..core.editing.pti import interpolate, tune_prompt
+from ..core.sampling import run
+from ..core.sampling.driver import as_floats
+from ..errors import InvalidParameterError
+from .editing import param_of
+
+# ComfyUI diffusion_model classes with joint text-image attention (comfy.ldm ... mmdit.py, flux/model.py)
+_JOINT = {"OpenAISignatureMMDITWrapper": "sd3", "MMDiT": "sd3", "Flux": "flux"}
+
+
+def architecture(model) -> str:
+    """'sd3' / 'flux' for an MM-DiT MODEL, else '<diffusion_model class> (<BaseModel class>)', e.g. a UNet."""
+    base = model.model
+    net = getattr(base, "diffusion_model", None)
+    name = type(net).__name__
+    return _JOINT.get(name, f"{name} ({type(base).__name__})")
+
+
+def _entry(conditioning, name: str):
+    """(tokens (B, L, D), pooled (B, P) or None, the entry's dict) of a one-entry CONDITIONING."""
+    if not conditioning:
+        raise InvalidParameterError(f"{name}: empty CONDITIONING; connect a CLIPTextEncode")
+    if len(conditioning) != 1:
+        raise InvalidParameterError(f"{name}: {len(conditioning)} conditioning entries; this node edits one text "
+                                    "conditioning (do not combine or concat before it)")
+    tokens, extras = conditioning[0]
+    return tokens, extras.get("pooled_output"), extras
+
+
+def _streams(tokens, pooled):
+    return (tokens,) if pooled is None else (tokens, pooled)
+
+
+def comfy_denoiser(model, negative, cfg: float, x_shape, cond_extras: dict):
+    """model(x, sigma, c) -> x0 with c = (tokens,) or (tokens, pooled), CFG against `negative` when cfg > 1, on the
+    MODEL's BaseModel (its patches applied by load_models_gpu, as a sampler would); cond_extras: the positive
+    entry's dict (Flux guidance)."""
+    import comfy.model_management as mm
+
+    if hasattr(mm, "load_models_gpu"):
+        mm.load_models_gpu([model])
+    base = model.model
+    size = {"height": x_shape[-2] * 8, "width": x_shape[-1] * 8}
+    u_tokens, u_pooled, u_extras = _entry(negative, "negative")
+
+    def extra(pooled, extras):
+        kw = {}
+        adm = base.encode_adm(pooled_output=pooled, **size) if pooled is not None else None
+        if adm is not None:
+            kw["y"] = adm
+        if "guidance" in extras:                      # Flux guidance embedding (FluxGuidance node)
+            kw["guidance"] = torch.full((x_shape[0],), float(extras["guidance"]))
+        return kw
+
+    def one(x, s, tokens, pooled, extras):
+        b = len(x)
+        tokens = tokens.expand(b, -1, -1) if len(tokens) == 1 else tokens
+        pooled = None if pooled is None else (pooled.expand(b, -1) if len(pooled) == 1 else pooled)
+        return base.apply_model(x, s, c_crossattn=tokens.to(x.device), **extra(pooled, extras))
+
+    def denoise(x, sigma, c, **_):
+        s = sigma if isinstance(sigma, torch.Tensor) else torch.full((len(x),), float(sigma))
+        s = s.to(x.device, torch.float32).reshape(-1).expand(len(x))
+        tokens, pooled = c[0], (c[1] if len(c) > 1 else None)
+        cond = one(x, s, tokens, pooled, cond_extras)
+        if cfg == 1.0:
+            return cond.to(x.dtype)
+        uncond = one(x, s, u_tokens, u_pooled, u_extras)
+        return (uncond + cfg * (cond - uncond)).to(x.dtype)
+
+    return denoise
+
+
+def _progress(steps: int):
+    try:
+        import comfy.utils
+
+        bar = comfy.utils.ProgressBar(steps)
+        return lambda info: bar.update(1)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _latent_in(model, latent):
+    base = model.model
+    samples = latent["samples"].float()
+    return base.process_latent_in(samples) if hasattr(base, "process_latent_in") else samples
+
+
+def _latent_out(model, latent, x):
+    import comfy.model_management as mm
+
+    base = model.model
+    x = base.process_latent_out(x) if hasattr(base, "process_latent_out") else x
+    out = {k: v for k, v in latent.items() if k != "noise_mask"}
+    out["samples"] = x.to(mm.intermediate_device())
+    return out
+
+
+class DiTSemanticEdit:
+    """EIM: invert the latent under the source prompt, move the joint text embedding along target - source by a
+    strength, regenerate. Mask-free; MM-DiT models only (SD3 / Flux type)."""
+
+    CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("DiT semantic edit (EIM): inverts the latent under the source prompt, moves the joint text "
+                   "embedding along (target - source) by strength and regenerates; strength 0 is the reconstruction. "
+                   "SD3 / Flux-type MM-DiT models only.")
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "edit"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "an MM-DiT (SD3 / Flux type); a UNet has no joint text-image space"}),
+            "source": ("CONDITIONING", {"tooltip": "what the image shows (the source prompt)"}),
+            "target": ("CONDITIONING", {"tooltip": "the same prompt with the attribute changed; the edit direction "
+                                                   "is target minus source"}),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (used only when cfg > 1)"}),
+            "latent": ("LATENT", {"tooltip": "the image latent to edit (VAE Encode)"}),
+            "sigmas": ("SIGMAS", {"tooltip": "the sampling schedule, inverted back to front (shorten it with "
+                                             "denoise < 1 to invert only part of the way)"}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip": (
+                "how far along the direction: 0 = reconstruction, 1 = the target prompt, more = stronger")}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "guidance while regenerating (inversion is unguided)"}),
+            "window": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
+                "share of the steps (from the noisy end) that see the edited embedding; the rest keep the source's "
+                "details")}),
+            "fixed_point": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": (
+                "extra model calls per inversion step that make it the exact inverse of euler sampling")}),
+        }}
+
+    def edit(self, model, source, target, negative, latent, sigmas, strength, cfg, window, fixed_point):
+        check_joint_model(architecture(model))
+        param = param_of(model.get_model_object("model_sampling"))
+        s_tokens, s_pooled, s_extras = _entry(source, "source")
+        t_tokens, t_pooled, _ = _entry(target, "target")
+        x0 = _latent_in(model, latent)
+        src, tgt = _streams(s_tokens, s_pooled), _streams(t_tokens, t_pooled)
+        delta = direction(src, tgt)                       # checks the shapes before any model call
+        plain = comfy_denoiser(model, negative, 1.0, x0.shape, s_extras)
+        guided = comfy_denoiser(model, negative, cfg, x0.shape, s_extras)
+        out, _ = edit(guided, x0, sigmas, src, tgt, strength, param=param, fixed_point=fixed_point, window=window,
+                      delta=delta, invert_model=plain,
+                      callback=_progress((len(as_floats(sigmas)) - 1) * (fixed_point + 1)))
+        return (_latent_out(model, latent, out),)
+
+
+def _step_windows(sigmas) -> list[tuple[float, float]]:
+    """(timestep_start, timestep_end) per sampling step: midpoints between neighbouring sigmas, so step i's entry is
+    the only one active at sigmas[i] (ComfyUI skips an entry when sigma > start or sigma < end)."""
+    s = as_floats(sigmas)
+    n = len(s) - 1
+    return [((s[i - 1] + s[i]) / 2 if i > 0 else float("inf"), (s[i] + s[i + 1]) / 2 if i < n - 1 else -1.0)
+            for i in range(n)]
+
+
+class PromptTuningInversion:
+    """PTI stage 1: invert the latent (unguided), then tune one text embedding per sampling step so that guided
+    euler sampling from the noise retraces the inversion. Outputs the noise and the tuned CONDITIONING (each entry
+    active at its own step's sigma only: sample with the same SIGMAS)."""
+
+    CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("Prompt Tuning Inversion: inverts the latent and optimises the source prompt's embedding per "
+                   "sampling step so that guided sampling reconstructs the image. Interpolate the result with a "
+                   "target prompt (NimbleDiff PTI Interpolate Conditioning) and sample the noise with the same SIGMAS, "
+                   "add_noise off, euler.")
+    RETURN_TYPES = ("LATENT", "CONDITIONING")
+    RETURN_NAMES = ("noise", "tuned")
+    FUNCTION = "tune"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "the model that will sample the edit"}),
+            "positive": ("CONDITIONING", {"tooltip": "what the image shows (the source prompt)"}),
+            "negative": ("CONDITIONING", {"tooltip": "the negative prompt of the edit's sampling"}),
+            "latent": ("LATENT", {"tooltip": "the image latent to invert (VAE Encode)"}),
+            "sigmas": ("SIGMAS", {"tooltip": "the schedule the edit will sample (the same SIGMAS go to "
+                                             "SamplerCustom)"}),
+            "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": (
+                "the guidance the edit will sample with; the tuned embeddings compensate for it")}),
+            "iters": ("INT", {"default": 10, "min": 0, "max": 200, "tooltip": "Adam steps per sampling step"}),
+            "lr": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
+                             "tooltip": "Adam learning rate on the embedding"}),
+            "fixed_point": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": (
+                "extra model calls per inversion step (exact inverse of euler sampling)")}),
+        }}
+
+    def tune(self, model, positive, negative, latent, sigmas, cfg, iters, lr, fixed_point):
+        param = param_of(model.get_model_object("model_sampling"))
+        tokens, pooled, extras = _entry(positive, "positive")
+        if len(as_floats(sigmas)) < 2:
+            raise InvalidParameterError("sigmas has no step; connect a schedule with at least one step")
+        # ComfyUI runs nodes under inference_mode; the embedding's gradient needs ordinary tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            x0 = _latent_in(model, latent).clone()
+            tokens = tokens.clone().float()
+            pooled = None if pooled is None else pooled.clone()
+            plain = comfy_denoiser(model, negative, 1.0, x0.shape, extras)
+            guided = comfy_denoiser(model, negative, cfg, x0.shape, extras)
+            with torch.no_grad():
+                trajectory = run(invert, lambda x, s, **_: plain(x, s, _streams(tokens, pooled)), x0, sigmas,
+                                 param=param, fixed_point=fixed_point)
+            tuned = tune_prompt(lambda x, s, c: guided(x, s, _streams(c, pooled)), trajectory, sigmas, tokens,
+                                iters=iters, lr=lr, callback=_progress(len(as_floats(sigmas)) - 1))
+        entries = [[c.detach(), {**extras, "timestep_start": start, "timestep_end": end}]
+                   for c, (start, end) in zip(tuned, _step_windows(sigmas))]
+        return (_latent_out(model, latent, trajectory[-1].detach()), entries)
+
+
+class InterpolateConditioning:
+    """PTI stage 2: alpha * tuned + (1 - alpha) * target, entry by entry (each keeps its step window)."""
+
+    CATEGORY = "NimbleDiff/editing"
+    DESCRIPTION = ("Interpolates Prompt Tuning Inversion's tuned conditioning with a target prompt: alpha = 1 "
+                   "reconstructs the image, 0 is the target prompt alone; in between trades fidelity for the edit.")
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "interpolate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "tuned": ("CONDITIONING", {"tooltip": "NimbleDiff Prompt Tuning Inversion's tuned output"}),
+            "target": ("CONDITIONING", {"tooltip": "the target prompt"}),
+            "alpha": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01,
+                                "tooltip": "weight of the tuned embedding: 1 = reconstruction, 0 = target"}),
+        }}
+
+    def interpolate(self, tuned, target, alpha):
+        t_tokens, _, _ = _entry(target, "target")
+        if not tuned:
+            raise InvalidParameterError("tuned: empty CONDITIONING; connect NimbleDiff Prompt Tuning Inversion")
+        for i, (c, _) in enumerate(tuned):
+            if c.shape[1:] != t_tokens.shape[1:]:
+                raise InvalidParameterError(f"tuned entry {i} is {tuple(c.shape)} but target is "
+                                            f"{tuple(t_tokens.shape)}: encode the target with the same text "
+                                            "encoder and length as the source")
+        mixed = interpolate([c for c, _ in tuned], t_tokens, alpha)
+        return ([[m, dict(extras)] for m, (_, extras) in zip(mixed, tuned)],)
+
+
+NODES = {
+    "NimbleDiTSemanticEdit": (DiTSemanticEdit, "NimbleDiff DiT Semantic Edit (EIM)"),
+    "NimblePromptTuningInversion": (PromptTuningInversion, "NimbleDiff Prompt Tuning Inversion"),
+    "NimbleInterpolateConditioning": (InterpolateConditioning, "NimbleDiff PTI Interpolate Conditioning"),
+}
