@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from ..core.editing import truncate
 from ..core.editing.attention_patch import AttentionCall, AttentionPatch
 from ..core.editing.composition import CompositionPatch, place, sample_compose
 from ..core.sampling import run
 from ..errors import InvalidParameterError
-from .editing import EditOutput, RestorePipeline, _Editing, _seed
+from .editing import EditOutput, _Editing, _seed
 from .fewstep import FewStepPipeline
 
 
@@ -81,6 +82,22 @@ class ComposePipeline(_Editing, FewStepPipeline):
     ...            object_image=obj, object_mask=mask, object_prompt="a green star", box=(0.5, 0.25, 0.5, 0.5))
     """
 
+    def _object_mask(self, mask, obj: torch.Tensor) -> torch.Tensor:
+        """object_mask (PIL / numpy / tensor, 1 = object) at the object image's size, or a tensor at its latent
+        size -> latent mask (area average: a latent cell is as much object as the share of its pixels)."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        if not isinstance(mask, torch.Tensor):          # grey in [0, 1], not binarised
+            mask = VaeImageProcessor(do_normalize=False, do_convert_grayscale=True).preprocess(mask)
+        mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+        latent, image = tuple(obj.shape[-2:]), tuple(s * self.vae_scale_factor for s in obj.shape[-2:])
+        if tuple(mask.shape[-2:]) == latent:
+            return mask.to(obj.device)
+        if tuple(mask.shape[-2:]) != image:
+            raise InvalidParameterError(f"object_mask is {mask.shape[-1]}x{mask.shape[-2]} but the object image is "
+                                        f"{image[1]}x{image[0]}; give a mask of the object image's size")
+        return F.interpolate(mask.to(obj.device), size=latent, mode="area")
+
     def __call__(self, prompt=None, image=None, object_image=None, object_mask=None, *, object_prompt=None,
                  box=None, strength: float = 1.0, num_inference_steps: int = 20, guidance_scale: float = 1.0,
                  negative_prompt=None, injection: float = 1.0, injection_end: float = 0.5,
@@ -98,11 +115,7 @@ class ComposePipeline(_Editing, FewStepPipeline):
         param = self.editing_param()
         bg = self.encode_image(image) if background_latents is None else background_latents.float()
         obj = self.encode_image(object_image) if object_latents is None else object_latents.float()
-        size = (obj.shape[-2] * self.vae_scale_factor, obj.shape[-1] * self.vae_scale_factor)
-        mask = object_mask if object_latents is not None and isinstance(object_mask, torch.Tensor) \
-            and tuple(object_mask.shape[-2:]) == tuple(obj.shape[-2:]) \
-            else RestorePipeline._mask_latent(self, object_mask, *size, obj)
-        collage, region = place(bg, obj, mask, box)
+        collage, region = place(bg, obj, self._object_mask(object_mask, obj), box)
 
         cond, uncond = self._embeds(prompt, len(bg), guidance_scale, negative_prompt)
         tokens = None
