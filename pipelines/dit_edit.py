@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..core import schedules
-from ..core.editing.eim import check_joint_model, direction, edit_conds
+from ..core.editing.eim import check_joint_model, edit
 from ..core.editing.inversion import invert, latent_psnr, truncate
 from ..core.editing.pti import run_per_step
 from ..core.parameterization import Flow
@@ -168,19 +168,18 @@ class DiTEditPipeline(FewStepSD3Pipeline):
             raise InvalidParameterError("pass prompt= (the target description; the direction is prompt minus "
                                         "source_prompt)")
         param = self.editing_param()
-        inv = self.invert(image, source_prompt, latents=latents, num_inference_steps=num_inference_steps,
-                          depth=depth, fixed_point=fixed_point, max_sequence_length=max_sequence_length)
-        n, sigmas = len(inv.latents), inv.sigmas
+        x0 = self.encode_image(image) if latents is None else latents.float()
+        n = len(x0)
         source, uncond = self.embeds(source_prompt, n, negative_prompt, guidance_scale, max_sequence_length)
         target, _ = self.embeds(prompt, n, max_sequence_length=max_sequence_length)
-        conds = edit_conds(source, direction(source, target), strength, len(sigmas) - 1, window)
-        model = self.denoiser(param, uncond, guidance_scale)
-        out = run_per_step(model, inv.latents, sigmas, conds, param=param)
+        sigmas = self._sigmas(param, num_inference_steps, depth)
+        out, _ = edit(self.denoiser(param, uncond, guidance_scale), x0, sigmas, source, target, strength,
+                      param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param))
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return EditOutput(images=images, source_latents=inv.trajectory[0])
+        return EditOutput(images=images, source_latents=x0)
 
 
 __all__ = ["DiTEditPipeline", "architecture_of"]
