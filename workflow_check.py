@@ -1,9 +1,17 @@
 """Validate ComfyUI workflow JSON (API format and UI format) against node schemas.
 
 Schemas: NimbleDiff's own from the node classes; the few core ComfyUI nodes the shipped workflows use from
-`workflow_core_nodes.json` beside this file (a subset of a real server's /object_info, checked in; not under
-workflows/, where ComfyUI offers every JSON file as a workflow template). Used by the tests and by
-`nimblediff workflow validate`.
+`workflow_core_nodes.json` beside this file (a subset of a real server's /object_info, checked in; not in a folder
+where ComfyUI offers every JSON file as a workflow template). Used by the tests and by `nimblediff workflow validate`.
+
+The shipped workflows: `workflows/api/<name>.json` (API format, the source) and `example_workflows/<name>.json`
+(the same graph in the UI format, written from it) with `example_workflows/<name>.jpg`, its preview: ComfyUI's
+template browser lists `example_workflows/*.json` of a custom node and shows the .jpg of the same name as the
+thumbnail. Regenerate the UI files after editing or adding an API workflow:
+
+    python -m nimblediff.workflow_check templates
+
+and the previews (every graph run on the small models in a real ComfyUI) with bench/workflow_previews.py.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from pathlib import Path
 from .errors import NimbleDiffError
 
 WORKFLOWS = Path(__file__).parent / "workflows"
+TEMPLATES = Path(__file__).parent / "example_workflows"
 CORE_NODES = Path(__file__).parent / "workflow_core_nodes.json"
 
 
@@ -252,3 +261,81 @@ def api_to_ui(api: dict, schemas: dict | None = None, titles: dict | None = None
 def _is_widget(spec) -> bool:
     kind = spec[0]
     return isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+# ------------------------------------------------------------------------------------------------------ templates
+def template_of(api: dict, schemas: dict | None = None) -> dict:
+    """The UI-format template of an API workflow: api_to_ui with each node's `_meta.title` as its title."""
+    titles = {k: n["_meta"]["title"] for k, n in api.items()
+              if isinstance(n, dict) and isinstance(n.get("_meta"), dict) and isinstance(n["_meta"].get("title"), str)}
+    return api_to_ui(api, schemas, titles)
+
+
+def same_graph(ui: dict, api: dict) -> list[str]:
+    """Differences between a UI workflow and an API one in what a template must keep: the node types (with counts)
+    and the number of links. Empty when they describe the same graph."""
+    from collections import Counter
+
+    ui_types = Counter(n.get("type") for n in ui.get("nodes", []) if isinstance(n, dict))
+    api_types = Counter(n.get("class_type") for n in api.values() if isinstance(n, dict))
+    errors = []
+    if ui_types != api_types:
+        errors.append(f"node types differ: UI {dict(ui_types)} vs API {dict(api_types)}")
+    links = sum(_is_link(v) for n in api.values() if isinstance(n, dict) for v in n.get("inputs", {}).values())
+    if len(ui.get("links", [])) != links:
+        errors.append(f"{len(ui.get('links', []))} links in the UI workflow, {links} in the API one")
+    return errors
+
+
+def sync_templates(workflows: Path = WORKFLOWS, templates: Path = TEMPLATES) -> list[str]:
+    """Write templates/<name>.json (UI format) from every workflows/api/<name>.json, the source; remove templates
+    whose API workflow is gone. A UI workflow left at workflows/<name>.json (ComfyUI would list it as a second
+    template) is removed when it describes the same graph as its API file, else refused with the differences.
+    Returns what was done, one line each."""
+    schemas = node_schemas()
+    templates.mkdir(exist_ok=True)
+    done, names = [], set()
+    for path in sorted((workflows / "api").glob("*.json")):
+        names.add(path.stem)
+        api = read_workflow(path, want="api")
+        stray = workflows / path.name
+        if stray.is_file():
+            ui = read_workflow(stray)
+            problems = validate_ui(ui, schemas) + same_graph(ui, api) if _is_ui(ui) else ["not a UI workflow"]
+            if problems:
+                raise WorkflowError(f"{stray}: a UI workflow beside workflows/api/{path.name} that is not the same "
+                                    f"graph ({'; '.join(problems)}): make the API file say what it should, then "
+                                    "delete it; the template is written from the API file")
+            stray.unlink()
+            done.append(f"removed workflows/{stray.name} (the template is {templates.name}/{path.name})")
+        target = templates / path.name
+        text = json.dumps(template_of(api, schemas), indent=1) + "\n"
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
+            done.append(f"wrote {templates.name}/{path.name}")
+    for old in sorted(templates.glob("*.json")):
+        if old.stem not in names:
+            old.unlink()
+            done.append(f"removed {templates.name}/{old.name} (no workflows/api/{old.name})")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nimblediff.workflow_check", description=(
+        "validate the shipped workflows, or write example_workflows/ (the ComfyUI templates) from workflows/api/"))
+    parser.add_argument("action", choices=["validate", "templates"])
+    args = parser.parse_args(argv)
+    if args.action == "templates":
+        for line in sync_templates():
+            print(line)
+        return 0
+    errors = [e for p in sorted((WORKFLOWS / "api").glob("*.json")) + sorted(TEMPLATES.glob("*.json"))
+              for e in validate_file(p)]
+    print("\n".join(errors) or "all shipped workflows are valid")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -152,7 +152,7 @@ def test_workflow_commands_name_bad_files(tmp_path):
     assert done.returncode == 2 and "not JSON" in done.stderr and "Traceback" not in done.stderr
     done = _cli("workflow", "validate", str(other))
     assert done.returncode == 1 and "not a ComfyUI workflow" in done.stdout and "Traceback" not in done.stderr
-    ui = Path(nimblediff.__file__).parent / "workflows" / "nimblediff_flash_t2i.json"
+    ui = Path(nimblediff.__file__).parent / "example_workflows" / "nimblediff_flash_t2i.json"
     done = _cli("workflow", "to-ui", str(ui), str(tmp_path / "ui.json"))
     assert done.returncode == 2 and "already in the UI format" in done.stderr
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").i
 
 PACK = comfy_harness.PACK_DIR
 WORKFLOWS = sorted((PACK / "workflows" / "api").glob("*.json"))
-UI_WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
+UI_WORKFLOWS = sorted((PACK / "example_workflows").glob("*.json"))
 EMBEDDED = "nimblediff-tiny (embedded)"
 EMBEDDED_DIR = PACK / "weights" / "tiny" / "nimblediff-tiny"
 SPEC = "tiny-sd-spec"  # UNet 32/64 GroupNorm 8, VAE 32/64 (/2), CLIP width 32, 77 tokens
@@ -219,13 +220,17 @@ def test_shipped_api_workflow_runs(server, base, path):
 
 
 def test_templates_the_server_offers_are_valid_ui_workflows(server):
-    """ComfyUI offers every workflows/*.json of a pack as a template: each must be a UI workflow whose nodes and
-    links match the live server's schemas."""
+    """ComfyUI offers every example_workflows/*.json of a pack as a template (listed once: no other example folder
+    holds JSON) with the .jpg of the same name as its thumbnail: each must be a UI workflow whose nodes and links
+    match the live server's schemas, and each thumbnail must be served."""
     templates = server.get("/workflow_templates").get("nimblediff", [])
     assert sorted(templates) == sorted(p.stem for p in UI_WORKFLOWS)
     served = {name: server.get(f"/api/workflow_templates/nimblediff/{name}.json") for name in templates}
     for name, workflow in served.items():
         assert isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list), name
+    for name in templates:          # the frontend asks for /api/workflow_templates/<pack>/<name>.jpg
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/nimblediff/{name}.jpg", timeout=30) as r:
+            assert r.headers.get("Content-Type") == "image/jpeg" and r.read(3) == b"\xff\xd8\xff", name
 
     from nimblediff.workflow_check import schemas_from_object_info, validate_ui
 

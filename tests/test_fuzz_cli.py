@@ -26,7 +26,7 @@ import test_fuzz_support as fz  # noqa: E402
 
 from nimblediff import TINY_FLASH_LORA, TINY_MODEL  # noqa: E402
 from nimblediff.cli import main  # noqa: E402
-from nimblediff.workflow_check import WORKFLOWS  # noqa: E402
+from nimblediff.workflow_check import TEMPLATES, WORKFLOWS  # noqa: E402
 
 NUMBERS = ["0", "1", "2", "-1", "0.5", "1e9", "999999999999", "nan", "inf", "-0", "abc", ""]
 
@@ -56,7 +56,7 @@ def work(tmp_path_factory):
     (inputs / "corrupt.safetensors").write_bytes(data[:8] + b"{" + data[9:])
     (inputs / "truncated.safetensors").write_bytes(data[:len(data) // 2])
     shutil.copy(sorted((WORKFLOWS / "api").glob("*.json"))[0], inputs / "api.json")
-    shutil.copy(sorted(WORKFLOWS.glob("*.json"))[0], inputs / "ui.json")
+    shutil.copy(sorted(TEMPLATES.glob("*.json"))[0], inputs / "ui.json")
     (inputs / "notes.txt").write_text("not json")
     (root / "out").mkdir()
     return root

@@ -19,11 +19,11 @@ from hypothesis import strategies as st  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import test_fuzz_support as fz  # noqa: E402
 
-from nimblediff.workflow_check import (WORKFLOWS, api_to_ui, node_schemas, read_workflow, validate_api,  # noqa: E402
+from nimblediff.workflow_check import (TEMPLATES, WORKFLOWS, api_to_ui, node_schemas, read_workflow, validate_api,  # noqa: E402
                                        validate_file, validate_ui)
 
 API = {p.name: json.loads(p.read_text()) for p in sorted((WORKFLOWS / "api").glob("*.json"))}
-UI = {p.name: json.loads(p.read_text()) for p in sorted(WORKFLOWS.glob("*.json"))}
+UI = {p.name: json.loads(p.read_text()) for p in sorted(TEMPLATES.glob("*.json"))}
 
 scalars = st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats() | st.text(max_size=10)
 json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)

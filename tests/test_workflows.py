@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from nimblediff.workflow_check import WORKFLOWS, api_to_ui, validate_api, validate_file, validate_ui
+from nimblediff.workflow_check import (TEMPLATES, WORKFLOWS, api_to_ui, same_graph, template_of, validate_api,
+                                       validate_file, validate_ui)
 
 API = sorted((WORKFLOWS / "api").glob("*.json"))
-UI = sorted(WORKFLOWS.glob("*.json"))    # ComfyUI offers each of these as a template: all must be UI workflows
+UI = sorted(TEMPLATES.glob("*.json"))    # ComfyUI offers each of these as a template: all must be UI workflows
 TINY_VAE = json.loads((WORKFLOWS.parent / "weights" / "tiny" / "nimblediff-tiny" / "vae" / "config.json").read_text())
 
 
@@ -44,8 +45,9 @@ def test_ui_conversion_keeps_every_link_typed():
 
 
 def test_every_template_comfyui_offers_is_a_ui_workflow():
-    """ComfyUI serves every workflows/*.json as a template (custom_node_manager: `*/workflows/*.json`); a schema
-    list there fails to load in the browser."""
+    """ComfyUI serves every example_workflows/*.json as a template (app/custom_node_manager.py globs
+    `*/example_workflows/*.json`, and `workflows`, `examples`, ... the same way); a schema list there fails to load in
+    the browser."""
     for path in UI:
         workflow = json.loads(path.read_text())
         assert isinstance(workflow.get("nodes"), list) and isinstance(workflow.get("links"), list), path.name
@@ -68,3 +70,39 @@ def test_shipped_workflow_asks_for_the_size_it_makes(path):
     for node_id in latents:
         node = api[node_id]["inputs"]
         assert _decoded_size(api, node_id) == (node["width"], node["height"]), (path.name, node)
+
+
+SYNC = "run `python -m nimblediff.workflow_check templates` (the API workflow is the source)"
+
+
+@pytest.mark.parametrize("path", API, ids=lambda p: p.name)
+def test_template_is_written_from_its_api_workflow(path):
+    """example_workflows/<name>.json is the API workflow in the UI format, exactly as sync_templates writes it."""
+    template = TEMPLATES / path.name
+    assert template.is_file(), f"no template {template.name}: {SYNC}"
+    api, ui = json.loads(path.read_text()), json.loads(template.read_text())
+    assert same_graph(ui, api) == [], SYNC
+    assert ui == template_of(api), f"{template.name} differs from its API workflow: {SYNC}"
+
+
+def test_only_one_folder_holds_templates():
+    """ComfyUI lists the JSON files of every example-workflow folder it knows (example_workflows, workflows, examples,
+    example, workflow), so a UI file left in workflows/ would be listed twice, and its URL would be served from
+    example_workflows/ (the first static route) and fail."""
+    root = WORKFLOWS.parent
+    stray = [str(p.relative_to(root)) for folder in ("workflows", "workflow", "examples", "example")
+             for p in (root / folder).glob("*.json")]
+    assert stray == [], f"{stray}: {SYNC}, which removes them"
+
+
+@pytest.mark.parametrize("path", UI, ids=lambda p: p.name)
+def test_every_template_has_a_small_preview_of_its_own_output(path):
+    """ComfyUI's template browser shows <name>.jpg beside <name>.json as the thumbnail (frontend: mediaSubtype "jpg"
+    for custom-node templates). bench/workflow_previews.py writes them by running the graph."""
+    from PIL import Image
+
+    preview = path.with_suffix(".jpg")
+    assert preview.is_file(), f"no preview {preview.name}: run bench/workflow_previews.py {path.stem}"
+    assert preview.stat().st_size <= 30 * 1024, f"{preview.name}: {preview.stat().st_size} bytes, over 30 KB"
+    with Image.open(preview) as im:
+        assert im.format == "JPEG" and min(im.size) >= 32, (im.format, im.size)
