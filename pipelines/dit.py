@@ -36,6 +36,7 @@ from pathlib import Path
 from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from ..core import schedules
+from ..core.limits import check_latent_size, prompt_batch
 from ..core.parameterization import Flow
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError, WeightsFormatError
@@ -178,6 +179,15 @@ class FewStepDiTMixin(LoRAOpsMixin):
                     f"{self.vae_scale_factor} x {self._patch_multiple} latent pixels per patch) to patchify the "
                     f"latent; use {lo or multiple} or {hi}")
 
+    def _check_limits(self, call: dict) -> None:
+        """Refuse an absurd height, width or batch (core/limits) before the stock call encodes or allocates."""
+        native = (getattr(self, "default_sample_size", None) or 128) * self.vae_scale_factor
+        name = type(self).__name__
+        batch = prompt_batch(call.get("prompt"), call.get("num_images_per_prompt") or 1, call.get("prompt_embeds"),
+                             name)
+        check_latent_size(batch, self.vae.config.latent_channels, call.get("height") or native,
+                          call.get("width") or native, self.vae_scale_factor, name)
+
     def _explicit_sigmas(self, scheduler: NimbleScheduler, steps: int) -> list[float]:
         """The scheduler's named schedule as the `sigmas` a pipeline that always passes its own (Flux) forwards;
         with dynamic shifting they are made unshifted, the scheduler shifts them by the pipeline's mu."""
@@ -200,8 +210,14 @@ class FewStepDiTMixin(LoRAOpsMixin):
             for warning in check_recipe_usage(recipe, steps=steps, cfg=kwargs["guidance_scale"]):
                 warnings.warn(warning, stacklevel=2)
         self._check_size(kwargs.get("height"), kwargs.get("width"))
+        signature = inspect.signature(super().__call__)
+        accepted = signature.parameters
+        try:
+            call = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:                   # a wrong argument: the stock call below names it
+            call = kwargs
+        self._check_limits(call)
         scheduler = self._nimble_scheduler(sampler, schedule)
-        accepted = inspect.signature(super().__call__).parameters
         if kwargs.get("eta") is None and "eta" in accepted and "gamma" in scheduler._options():
             kwargs["eta"] = scheduler._options()["gamma"]     # the stock default eta=0 would set TCD's gamma to 0
         if (self.family == "flux" and kwargs.get("sigmas") is None and kwargs.get("timesteps") is None

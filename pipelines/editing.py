@@ -19,6 +19,7 @@ from diffusers.utils import BaseOutput
 from ..core import schedules
 from ..core.editing import (Blur, Downsample, Mask, check_mask, interpolate, invert, latent_psnr, run_per_step,
                             sample_dds, sample_inpaint, truncate, tune_prompt)
+from ..core.limits import check_latent_size, image_size
 from ..core.parameterization import VP, Flow, sd_alphas_cumprod
 from ..core.sampling import run
 from ..core.sampling.ode import sample_euler
@@ -91,6 +92,10 @@ class _Editing:
     def encode_image(self, image, height=None, width=None) -> torch.Tensor:
         """An image (PIL, numpy or tensor in the diffusers image-processor conventions) -> scaled VAE latents
         (the distribution's mode: deterministic, so inversion of the same image is repeatable)."""
+        size = image_size(image)
+        if size is not None:      # absurd sizes are refused from the image's header, before its pixels are converted
+            check_latent_size(size[0], self.vae.config.latent_channels, height or size[1], width or size[2],
+                              self.vae_scale_factor, f"{type(self).__name__} image")
         pixels = self.image_processor.preprocess(image, height=height, width=width)
         self.check_image_size(*pixels.shape[-2:])
         pixels = pixels.to(self._execution_device, self.vae.dtype)
@@ -233,6 +238,12 @@ class RestorePipeline(_Editing, FewStepPipeline):
             raise InvalidParameterError("pass prompt= and image= (the degraded or masked image)")
         param = self.editing_param()
         if task == "super_resolution":                  # the low-resolution image, upsampled to the output size
+            size = image_size(image)
+            if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+                raise InvalidParameterError(f"factor={factor!r}; valid: an integer >= 1 (the upsampling factor)")
+            if size is not None:
+                check_latent_size(size[0], self.vae.config.latent_channels, size[1] * factor, size[2] * factor,
+                                  self.vae_scale_factor, f"{type(self).__name__} super_resolution x{factor}")
             low = self.image_processor.preprocess(image)
             image = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
         known = self.encode_image(image)

@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 
+from ..core.limits import check_latent_size, prompt_batch
 from ..core.recipes import RECIPES, check_recipe_usage
 from ..errors import InvalidParameterError
 from ..tiny.vocab import CLOSED_VOCAB_SIZE, check_words
@@ -158,6 +159,9 @@ class FewStepPipeline(StableDiffusionPipeline):
                 warnings.warn(warning, stacklevel=2)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # refuse an absurd size or batch here, before the text encoder or torch allocates anything
+        check_latent_size(prompt_batch(prompt, num_images_per_prompt, prompt_embeds, type(self).__name__),
+                          self.unet.config.in_channels, height, width, self.vae_scale_factor, type(self).__name__)
         device = self._execution_device
         use_cfg = cfg > 1.0
 
