@@ -95,7 +95,6 @@ class Compose:
                 "the object's prompt: appended to the scene prompt's tokens and allowed only inside the box")}),
             "background": ("LATENT", {"tooltip": "the background image latent (VAE Encode)"}),
             "object": ("LATENT", {"tooltip": "the object image latent (VAE Encode)"}),
-            "object_mask": ("MASK", {"tooltip": "1 on the object's pixels, at the object image's size"}),
             "sigmas": ("SIGMAS", {"tooltip": "the schedule; a shortened one (denoise < 1) starts from the collage "
                                              "part way, as img2img"}),
             "noise_seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
@@ -113,16 +112,19 @@ class Compose:
                 "the box's width as a fraction; width or height 0 keeps the object where it is (then the object "
                 "must be the background's size)")}),
             "box_height": ("FLOAT", {"default": 0.5, **box, "tooltip": "the box's height, a fraction"}),
+        }, "optional": {
+            "object_mask": ("MASK", {"tooltip": "1 on the object's pixels, at the object image's size; without it "
+                                                "the whole object image is the object"}),
         }}
 
-    def compose(self, model, positive, negative, object_positive, background, object, object_mask, sigmas,
-                noise_seed, cfg, injection, injection_end, box_x, box_y, box_width, box_height):
+    def compose(self, model, positive, negative, object_positive, background, object, sigmas, noise_seed, cfg,
+                injection, injection_end, box_x, box_y, box_width, box_height, object_mask=None):
         import comfy.sample
         import comfy.samplers
 
         param_of(model.get_model_object("model_sampling"))          # refuse an unsupported model up front
         bg, obj = background["samples"], object["samples"]
-        mask = _latent_mask(object_mask, obj, None)
+        mask = torch.ones(obj.shape[-2:]) if object_mask is None else _latent_mask(object_mask, obj, None)
         box = None if box_width <= 0 or box_height <= 0 else (box_x, box_y, box_width, box_height)
         collage, region = place(bg.float(), obj.float(), mask, box)
         cond, tokens = _concat_tokens(positive, object_positive)

@@ -468,8 +468,8 @@ def test_node_runs_the_core_sampler_with_patches_and_concatenated_tokens(comfy_s
     sigmas = schedules.make_sigmas("karras", 6, PARAM)
     # box width 0: the object stays where it is (object latent of the background's size)
     composite, collage = Compose().compose(model, [[scene, {"pooled_output": None}]], [], [[thing, {}]],
-                                           {"samples": bg}, {"samples": obj}, pixel_mask, sigmas, 7, 1.0, 1.0, 0.5,
-                                           0.5, 0.25, 0.0, 0.5)
+                                           {"samples": bg}, {"samples": obj}, sigmas, 7, 1.0, 1.0, 0.5,
+                                           0.5, 0.25, 0.0, 0.5, object_mask=pixel_mask)
     assert model.replace == {}                                     # the caller's MODEL is untouched
     call = comfy_stub[0]
     assert len(call["model"].replace) == 12
@@ -492,11 +492,11 @@ def test_node_errors_name_both_sizes(comfy_stub):
     args = ([[torch.randn(1, 7, 16), {}]], [], [[torch.randn(1, 5, 16), {}]], {"samples": bg}, {"samples": obj})
     sigmas = schedules.make_sigmas("karras", 4, PARAM)
     with pytest.raises(InvalidParameterError, match="mask is 24x32 but the latent is 8x8"):
-        Compose().compose(model, *args, torch.ones(1, 32, 24), sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5)
+        Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.ones(1, 32, 24))
     with pytest.raises(InvalidParameterError, match="object mask is empty"):
-        Compose().compose(model, *args, torch.zeros(1, 32, 32), sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5)
+        Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.zeros(1, 32, 32))
     with pytest.raises(InvalidParameterError, match="covers the whole background"):
-        Compose().compose(model, *args, torch.ones(1, 32, 32), sigmas, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0)
+        Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, torch.ones(1, 32, 32))
     flux = _NodePatcher(mix, type("Flux", (), {})())
     with pytest.raises(InvalidParameterError, match="diffusion model is Flux"):
-        Compose().compose(flux, *args, torch.ones(1, 32, 32).tril(), sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5)
+        Compose().compose(flux, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.ones(1, 32, 32).tril())
