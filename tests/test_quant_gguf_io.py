@@ -370,3 +370,21 @@ def test_writer_never_leaves_a_partial_file(tmp_path, monkeypatch):
         write_gguf(path, to_original(model.state_dict(), "flux"), "flux", "Q4_0")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.gguf"]
+
+
+def test_the_tiny_unet_in_comfyuis_layout_is_detected_as_sd1():
+    """NimbleDiff-Tiny has one layer per level, so its first downsampler is input_blocks.2 (SD1.5: 3): the quantize
+    node refused it ("not a UNet ... NimbleDiff can save quantized") before the generic LDM-UNet rule."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from nimblediff.weights.gguf_io import detect_arch
+    from nimblediff.weights.keymaps import UNetLayout, read_unet_config, unet_diffusers_to_ldm
+
+    tiny = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "nimblediff-tiny"
+    unet = UNet2DConditionModel.from_config(json.loads((tiny / "unet" / "config.json").read_text()))
+    keys = unet_diffusers_to_ldm(unet.state_dict(), UNetLayout.from_diffusers_config(read_unet_config(tiny)),
+                                 prefix="")
+    assert "input_blocks.3.0.op.weight" not in keys and detect_arch(keys) == "sd1"
+    assert detect_arch({**keys, "label_emb.0.0.weight": None}) == "sdxl"

@@ -56,6 +56,9 @@ _DETECT = [
     ("pixart", ("blocks.0.cross_attn.q_linear.weight",)), ("pixart", ("adaln_single.linear.weight",)),
     ("sdxl", ("label_emb.0.0.weight",)), ("sdxl", ("add_embedding.linear_1.weight",)),
     ("sd1", ("input_blocks.3.0.op.weight",)), ("sd1", ("down_blocks.0.downsamplers.0.conv.weight",)),
+    # any other LDM UNet without SDXL's label_emb is SD1-type: NimbleDiff-Tiny (one layer per level) has its first
+    # downsampler at input_blocks.2, not 3
+    ("sd1", ("input_blocks.0.0.weight", "middle_block.0.in_layers.0.weight", "out.2.weight")),
 ]
 
 @dataclass
