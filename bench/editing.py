@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import Conditions, command  # noqa: E402
+from timing import Conditions, command, write_result  # noqa: E402
 
 from nimblediff.core import schedules  # noqa: E402
 from nimblediff.core.editing import Downsample, Mask, sample_dds, sample_replace  # noqa: E402
@@ -230,6 +230,8 @@ def main(argv=None):
     print(body)
     if not args.no_write:
         write_part(args.part, body, argv if argv is not None else sys.argv[1:])
+        if args.part == "dit":              # also on its own, for README's bench:editing_dit block
+            write_result("editing_dit", "editing.py", body, argv if argv is not None else sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------------ part tiny

@@ -49,15 +49,35 @@ def _streams(tokens, pooled):
     return (tokens,) if pooled is None else (tokens, pooled)
 
 
-def comfy_denoiser(model, negative, cfg: float, x_shape, cond_extras: dict):
+class _Apply(torch.nn.Module):
+    """BaseModel.apply_model as a forward, so torch.func.functional_call can stand other weights in."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, *args, **kwargs):
+        return self.base.apply_model(*args, **kwargs)
+
+
+def _autograd_weights(base) -> dict:
+    """Ordinary clones of the weights ComfyUI created under inference_mode (loaders run inside it): autograd cannot
+    save inference tensors for backward, so PTI's gradient through the model needs these stand-ins. Call it
+    outside inference mode; the MODEL itself is not touched."""
+    tensors = [*base.named_parameters(), *base.named_buffers()]
+    return {f"base.{name}": t.clone() for name, t in tensors if t.is_inference()}
+
+
+def comfy_denoiser(model, negative, cfg: float, x_shape, cond_extras: dict, differentiable: bool = False):
     """model(x, sigma, c) -> x0 with c = (tokens,) or (tokens, pooled), CFG against `negative` when cfg > 1, on the
     MODEL's BaseModel (its patches applied by load_models_gpu, as a sampler would); cond_extras: the positive
-    entry's dict (Flux guidance)."""
+    entry's dict (Flux guidance); differentiable: gradients may flow to c (see _autograd_weights)."""
     import comfy.model_management as mm
 
     if hasattr(mm, "load_models_gpu"):
         mm.load_models_gpu([model])
     base = model.model
+    apply, weights = _Apply(base), (_autograd_weights(base) if differentiable else {})
     size = {"height": x_shape[-2] * 8, "width": x_shape[-1] * 8}
     u_tokens, u_pooled, u_extras = _entry(negative, "negative")
 
@@ -74,7 +94,10 @@ def comfy_denoiser(model, negative, cfg: float, x_shape, cond_extras: dict):
         b = len(x)
         tokens = tokens.expand(b, -1, -1) if len(tokens) == 1 else tokens
         pooled = None if pooled is None else (pooled.expand(b, -1) if len(pooled) == 1 else pooled)
-        return base.apply_model(x, s, c_crossattn=tokens.to(x.device), **extra(pooled, extras))
+        kwargs = {"c_crossattn": tokens.to(x.device), **extra(pooled, extras)}
+        if weights:
+            return torch.func.functional_call(apply, weights, (x, s), kwargs)
+        return base.apply_model(x, s, **kwargs)
 
     def denoise(x, sigma, c, **_):
         s = sigma if isinstance(sigma, torch.Tensor) else torch.full((len(x),), float(sigma))
@@ -216,7 +239,7 @@ class PromptTuningInversion:
             tokens = tokens.clone().float()
             pooled = None if pooled is None else pooled.clone()
             plain = comfy_denoiser(model, negative, 1.0, x0.shape, extras)
-            guided = comfy_denoiser(model, negative, cfg, x0.shape, extras)
+            guided = comfy_denoiser(model, negative, cfg, x0.shape, extras, differentiable=True)
             with torch.no_grad():
                 trajectory = run(invert, lambda x, s, **_: plain(x, s, _streams(tokens, pooled)), x0, sigmas,
                                  param=param, fixed_point=fixed_point)

@@ -218,11 +218,11 @@ class FakeBase(torch.nn.Module):
     def __init__(self, net):
         super().__init__()
         self.diffusion_model = net
-        self.calls = 0
+        with torch.inference_mode():              # as ComfyUI's loaders create weights
+            self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
 
     def apply_model(self, x, t, c_crossattn=None, y=None, **_):
-        self.calls += 1
-        return gaussian_x0(x.double(), t, c_crossattn.double(), y.double()).to(x.dtype)
+        return (gaussian_x0(x.double(), t, c_crossattn.double(), y.double()) * self.gain).to(x.dtype)
 
     def encode_adm(self, pooled_output=None, **_):
         return pooled_output
@@ -303,8 +303,9 @@ def test_pti_node_tunes_per_step_conditioning_that_reconstructs_under_guidance(c
     src, x0, sigmas = _cond(2), _x0(), _sigmas(6)
     neg = (_cond(9)[0], src[1])          # same pooled vector: guidance is then exactly compensable by the tokens
     cfg = 4.0
-    noise, tuned = PromptTuningInversion().tune(_model(), _conditioning(src), _conditioning(neg), {"samples": x0},
-                                                sigmas, cfg, 60, 0.1, 2)
+    with torch.inference_mode():                 # ComfyUI runs every node inside it
+        noise, tuned = PromptTuningInversion().tune(_model(), _conditioning(src), _conditioning(neg),
+                                                    {"samples": x0}, sigmas, cfg, 60, 0.1, 2)
     assert len(tuned) == 6
     for i, s in enumerate(sigmas[:-1].tolist()):
         assert _active(tuned, s) == [i]                      # exactly its own step's entry
