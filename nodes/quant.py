@@ -292,6 +292,17 @@ def _float_tensors(model: torch.nn.Module) -> dict:
     return {k: v.detach() for k, v in named if ".qweight." not in k}
 
 
+def _plain_layers(module: torch.nn.Module) -> None:
+    """ComfyUI builds its models from comfy.ops subclasses of nn.Linear / nn.Conv2d (weight casting, low-VRAM
+    offload), and core.quant replaces exact nn.Linear / nn.Conv2d only (a LoRA-wrapped or exotic subclass must stay
+    float), so in a real ComfyUI nothing was quantized. On the copy being quantized, comfy's own op layers become the
+    plain class they extend: the same parameters, and the quantized layer replaces each of them anyway."""
+    for m in module.modules():
+        for plain in (torch.nn.Linear, torch.nn.Conv2d):
+            if type(m) is not plain and isinstance(m, plain) and type(m).__module__ == "comfy.ops":
+                m.__class__ = plain
+
+
 def model_arch(diffusion_model: torch.nn.Module) -> str:
     """sd15 / sdxl / sd3 / flux / pixart from a ComfyUI diffusion model's (original-layout) names."""
     from ..weights.gguf_io import GGUF_ARCHS, detect_arch
@@ -341,6 +352,7 @@ def quantize(model, scheme: str, filename: str, calibrate: bool, positive=None, 
     arch = model_arch(model.model.diffusion_model)
     base = copy.deepcopy(model.model)   # the graph's model stays float
     dm = base.diffusion_model
+    _plain_layers(dm)
     per_layer = _gguf_unfit(dm, qtype) if qtype else None
     if calibrate:
         copy_patcher = comfy.model_patcher.ModelPatcher(base, load_device=model.load_device,

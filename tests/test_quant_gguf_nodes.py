@@ -335,6 +335,33 @@ def test_quantize_node_nimblediff_format_round_trip(comfy):
         qn.NimbleQuantizeModel().quantize(model, "int8", "q/sd1_int8", False, 8, 5.0, 0, False)
 
 
+class _OpsLinear(torch.nn.Linear):      # what ComfyUI builds its models from: comfy.ops.disable_weight_init.Linear
+    pass
+
+
+class _OpsConv2d(torch.nn.Conv2d):
+    pass
+
+
+_OpsLinear.__module__ = _OpsConv2d.__module__ = "comfy.ops"
+
+
+def test_quantize_node_quantizes_comfyuis_op_layers(comfy):
+    """A real ComfyUI model is made of comfy.ops subclasses, not nn.Linear / nn.Conv2d: they are quantized too (the
+    node saved "no quantized layers" in a real server), and the input MODEL keeps its classes."""
+    model, _ = _float_model(comfy)
+    plain = {n for n, m in model.model.diffusion_model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)}
+    for m in model.model.diffusion_model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = _OpsLinear
+        elif type(m) is torch.nn.Conv2d:
+            m.__class__ = _OpsConv2d
+    qmodel, _ = qn.NimbleQuantizeModel().quantize(model, "int8", "q/ops", False, 8, 5.0, 0, False)
+    assert set(quantized_modules(qmodel.model.diffusion_model)) == plain
+    assert all(type(m) in (_OpsLinear, _OpsConv2d) for n, m in model.model.diffusion_model.named_modules()
+               if n in plain)
+
+
 def test_quantize_node_calibrates_on_the_sampling_trajectory(comfy):
     model, src = _float_model(comfy)
     calls = []
