@@ -12,6 +12,8 @@ Seeds and why they are disjoint (checked against the code, December 2026):
 - noise: prompt i is generated from torch.Generator().manual_seed(NOISE_BASE + i), NOISE_BASE = 12 * 10**12.
   Training seeds its noise with the same batch_seed values (reaching 12 * 10**12 needs k = 0: never), and
   bench/quality.py uses 0..n-1.
+- calibration split (calibration_scenes): CALIBRATION_SEED = 10**9 + 13 and CALIBRATION_NOISE_BASE = 13 * 10**12,
+  disjoint from both the training seeds and the held-out ones by the same argument.
 """
 
 from dataclasses import dataclass
@@ -22,6 +24,9 @@ from . import data
 
 HELDOUT_SEED = 10**9 + 12
 NOISE_BASE = 12 * 10**12
+# the calibration split: settings (CFG, sampling shift, schedules) are chosen on it, never on the held-out prompts
+CALIBRATION_SEED = 10**9 + 13
+CALIBRATION_NOISE_BASE = 13 * 10**12
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,10 @@ class Heldout:
     noise_seeds: list  # of int, one torch generator seed per prompt
 
 
-def heldout_scenes(n=512):
+def heldout_scenes(n=512, seed=HELDOUT_SEED, noise_base=NOISE_BASE):
     """n held-out scenes with exactly round(P_TWO_SHAPES * n) two-shape scenes (the data's proportion, without
     the sampling wobble of a free draw), in draw order, plus a fixed noise seed per prompt."""
-    rng = np.random.default_rng(HELDOUT_SEED)
+    rng = np.random.default_rng(seed)
     want_two = round(data.P_TWO_SHAPES * n)
     want = {1: n - want_two, 2: want_two}
     scenes = []
@@ -44,7 +49,13 @@ def heldout_scenes(n=512):
         if want[k] > 0:
             want[k] -= 1
             scenes.append(scene)
-    return Heldout(scenes, [s.caption for s in scenes], [NOISE_BASE + i for i in range(n)])
+    return Heldout(scenes, [s.caption for s in scenes], [noise_base + i for i in range(n)])
+
+
+def calibration_scenes(n=256):
+    """The calibration split: drawn like the held-out set from other seeds (scenes and noise), for choosing
+    settings; a setting chosen here is then reported on heldout_scenes."""
+    return heldout_scenes(n, CALIBRATION_SEED, CALIBRATION_NOISE_BASE)
 
 
 def render(held):
