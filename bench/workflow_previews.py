@@ -23,6 +23,7 @@ import math
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -107,11 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             if sorted(listed) != expected:
                 failed.append("/workflow_templates")
                 print(f"/workflow_templates lists {sorted(listed)}, expected {expected}")
-            for name in listed:
-                with urllib.request.urlopen(f"{server.url}/api/workflow_templates/nimblediff/{name}.jpg",
-                                            timeout=30) as r:
-                    if r.read(3) != b"\xff\xd8\xff":
-                        failed.append(f"{name}.jpg")
+            for name in listed:               # the thumbnail URL the frontend asks for
+                try:
+                    with urllib.request.urlopen(f"{server.url}/api/workflow_templates/nimblediff/{name}.jpg",
+                                                timeout=30) as r:
+                        if r.read(3) != b"\xff\xd8\xff":
+                            failed.append(f"{name}.jpg (not a JPEG)")
+                except urllib.error.HTTPError as e:
+                    failed.append(f"{name}.jpg ({e.code})")
             print(f"the server lists {len(listed)} templates of the pack")
         finally:
             server.stop()
