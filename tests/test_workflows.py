@@ -106,3 +106,9 @@ def test_every_template_has_a_small_preview_of_its_own_output(path):
     assert preview.stat().st_size <= 30 * 1024, f"{preview.name}: {preview.stat().st_size} bytes, over 30 KB"
     with Image.open(preview) as im:
         assert im.format == "JPEG" and min(im.size) >= 32, (im.format, im.size)
+
+
+def test_readme_lists_every_shipped_workflow():
+    readme = (WORKFLOWS.parent / "README.md").read_text()
+    missing = [p.stem for p in API if f"| `{p.stem}` |" not in readme]
+    assert missing == [], f"add a row for {missing} to README's workflow table (under 'Shipped workflows')"
