@@ -229,9 +229,9 @@ def _captioned_grid(images, captions, scale: int = 3):
 
 
 def _workflow_validate(args) -> int:
-    from .workflow_check import WORKFLOWS, validate_file
+    from .workflow_check import TEMPLATES, WORKFLOWS, validate_file
 
-    paths = args.paths or sorted(WORKFLOWS.glob("*.json")) + sorted((WORKFLOWS / "api").glob("*.json"))
+    paths = args.paths or sorted(TEMPLATES.glob("*.json")) + sorted((WORKFLOWS / "api").glob("*.json"))
     failures = 0
     for path in paths:
         errors = validate_file(path)
