@@ -8,8 +8,8 @@ pipe.transformer) hands each call and its timestep to the core cache, which patc
     disable_nimble_cache(pipe)
 
 Methods: "deepcache" (branch=(block, layer), interval or schedule), "reuse" (paths=[module paths], interval or
-schedule: A-SDM feature inheritance at any granularity), "first_block" (threshold, warmup), "prune" (config file
-or skip=[paths]). A failed enable leaves the pipeline as it was.
+schedule: A-SDM feature inheritance at any granularity), "first_block" (threshold, warmup, rule, max_skip, order:
+see core/caching/first_block.py), "prune" (config file or skip=[paths]). A failed enable leaves the pipeline as it was.
 """
 
 from __future__ import annotations
@@ -60,13 +60,14 @@ def denoiser_of(pipe):
 
 
 def build_cache(model, method: str, *, steps: int | None = None, interval: int | None = None, schedule=None,
-                branch=(0, 0), paths=None, threshold: float = 0.1, warmup: int = 1):
+                branch=(0, 0), paths=None, threshold: float = 0.1, warmup: int = 1, rule: str = "accumulated",
+                max_skip: int | None = None, order: int = 0):
     """The core cache object for a method (validates everything; touches nothing)."""
     if method not in METHODS:
         raise InvalidParameterError(f"method={method!r} is unknown; valid: {', '.join(METHODS)}")
     if method == "first_block":
         detect_layout(model, ("dit",))
-        return FirstBlockCache(model, threshold, warmup=warmup)
+        return FirstBlockCache(model, threshold, warmup=warmup, rule=rule, max_skip=max_skip, order=order)
     if schedule is None:
         schedule = CacheSchedule.parse(interval if interval is not None else 3, steps)
     if method == "deepcache":

@@ -155,6 +155,80 @@ def test_first_block_cache_accumulates_change_by_hand():
     assert torch.allclose(out, torch.full((2,), 1.3 + 5.0))
 
 
+def _flux_steps(pipe, steps):
+    return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+                guidance_scale=3.5, max_sequence_length=16, height=32, width=32).images
+
+
+def test_reference_rule_matches_diffusers_first_block_cache_when_it_skips(flux):
+    """rule='reference' is diffusers' decision (vs the last full step's residual, no sum): same latents at a
+    threshold where both full and skipped steps occur; the default accumulated rule skips less there."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    cache = enable_nimble_cache(flux, "first_block", threshold=0.4, rule="reference")
+    ours = _flux_steps(flux, 8)
+    disable_nimble_cache(flux)
+    flux.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.4))
+    theirs = _flux_steps(flux, 8)
+    flux.transformer.disable_cache()
+    assert cache.full_calls >= 2 and cache.reused_calls >= 2
+    assert torch.equal(ours, theirs)
+    summed = enable_nimble_cache(flux, "first_block", threshold=0.4)
+    _flux_steps(flux, 8)
+    disable_nimble_cache(flux)
+    assert summed.reused_calls < cache.reused_calls
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def forward(self, hidden_states):
+        return hidden_states + self.k
+
+
+class _Net(torch.nn.Module):
+    """Three blocks adding constants: block 0's residual is its constant, blocks 1-2 add their sum."""
+
+    def __init__(self, ks=(1.0, 2.0, 3.0)):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([_Block(k) for k in ks])
+
+    def forward(self, x):
+        for b in self.transformer_blocks:
+            x = b(hidden_states=x)
+        return x
+
+
+_PATHS = ["transformer_blocks.0", "transformer_blocks.1", "transformer_blocks.2"]
+
+
+def test_max_skip_caps_consecutive_skips_by_hand():
+    net = _Net()
+    cache = FirstBlockCache(net, 1.0, blocks=_PATHS, max_skip=2)        # the change never reaches 1.0
+    full = []
+    for t in range(900, 0, -100):                                      # 9 steps
+        before = cache.full_calls
+        cache(net, t, torch.zeros(2))
+        full.append(cache.full_calls > before)
+    assert full == [True, False, False, True, False, False, True, False, False]
+
+
+def test_order_one_extrapolates_the_skipped_residual_by_hand():
+    """Blocks 1-2 add 5 + 0.5 s at step s. Full steps 0 and 1 (warmup 2) record residuals 5 and 5.5; the skipped
+    steps 2, 3 get the line through them: 6 and 6.5, exact. Order 0 reuses 5.5."""
+    for order, want in ((0, [5.5, 5.5]), (1, [6.0, 6.5])):
+        net = _Net()
+        cache = FirstBlockCache(net, 1.0, blocks=_PATHS, warmup=2, order=order)
+        outs = []
+        for s, t in enumerate((900, 800, 700, 600)):
+            net.transformer_blocks[1].k = 2.0 + 0.5 * s
+            outs.append(float(cache(net, t, torch.zeros(1))))
+        assert (cache.full_calls, cache.reused_calls) == (2, 2)
+        assert outs[:2] == [6.0, 6.5] and [o - 1.0 for o in outs[2:]] == want, order
+
+
 # ---------------------------------------------------------------------------------------------------- LAPTOP
 
 def _unet_batches(unet, n=2):
@@ -235,6 +309,9 @@ def test_unknown_model_type_is_named():
     ({"method": "first_block", "threshold": 1.5}, "threshold=1.5"),
     ({"method": "first_block", "threshold": float("nan")}, "threshold=nan"),
     ({"method": "first_block", "threshold": -0.1}, "threshold=-0.1"),
+    ({"method": "first_block", "rule": "teacache"}, "rule='teacache'"),
+    ({"method": "first_block", "max_skip": 0}, "max_skip=0"),
+    ({"method": "first_block", "order": 2}, "order=2"),
     ({"method": "deepcache", "interval": 0}, "interval=0"),
     ({"method": "deepcache", "interval": 2, "steps": 1}, "interval=2"),
     ({"method": "deepcache", "schedule": [False, True]}, "schedule\\[0\\]"),
