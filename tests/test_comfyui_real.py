@@ -271,6 +271,8 @@ def test_empty_latent_decodes_to_the_asked_size(server, base, model):
     ({"sampler_name": "fitted"}, "Schedule from File"),
     ({"sampler_name": "fitted", "options": "coeffs=0.5"}, "coeffs"),
     ({"sampler_name": "tcd", "gamma": float("nan")}, "gamma"),
+    ({"sampler_name": "deis", "order": 4}, "order"),                  # in the widget's 0-4, past deis' 1-3
+    ({"sampler_name": "deis", "options": "order=3", "order": 2}, "given twice"),
 ])
 def test_bad_sampler_options_fail_at_our_node(server, sampler, expected):
     """The error names our node and the option, not SamplerCustom (the prompt JSON carries NaN as ComfyUI's does)."""
