@@ -112,3 +112,48 @@ def test_readme_lists_every_shipped_workflow():
     readme = (WORKFLOWS.parent / "README.md").read_text()
     missing = [p.stem for p in API if f"| `{p.stem}` |" not in readme]
     assert missing == [], f"add a row for {missing} to README's workflow table (under 'Shipped workflows')"
+
+
+@pytest.mark.parametrize("path", API, ids=lambda p: p.name)
+def test_every_nimblediff_node_call_binds_to_its_function(path):
+    """Without ComfyUI: each of our nodes in the workflow gets exactly the arguments its Python function takes (what
+    ComfyUI passes: every input given, linked or widget), so a renamed parameter or a missing default fails here."""
+    import inspect
+
+    from nimblediff.nodes import NODE_CLASS_MAPPINGS
+
+    for node_id, node in json.loads(path.read_text()).items():
+        cls = NODE_CLASS_MAPPINGS.get(node["class_type"])
+        if cls is None:
+            continue                                            # a core ComfyUI node
+        fn = getattr(cls(), cls.FUNCTION)
+        try:
+            inspect.signature(fn).bind(**node["inputs"])
+        except TypeError as e:
+            pytest.fail(f"{path.name} node {node_id} ({node['class_type']}): {e}")
+
+
+def test_sync_templates_writes_removes_and_refuses(tmp_path):
+    """sync_templates on a copy: a missing template is written, an orphan removed, a stray UI file in workflows/
+    removed when it is the same graph and refused (kept) when it is not."""
+    import shutil
+
+    from nimblediff.workflow_check import WorkflowError, sync_templates
+
+    wf, tpl = tmp_path / "workflows", tmp_path / "example_workflows"
+    (wf / "api").mkdir(parents=True)
+    tpl.mkdir()
+    shutil.copy(API[0], wf / "api" / API[0].name)
+    (tpl / "gone.json").write_text("{}")
+    (wf / API[0].name).write_text(json.dumps(api_to_ui(json.loads(API[0].read_text()))))
+    done = sync_templates(wf, tpl)
+    assert sorted(p.name for p in tpl.iterdir()) == [API[0].name] and not (wf / API[0].name).exists(), done
+    assert json.loads((tpl / API[0].name).read_text()) == template_of(json.loads(API[0].read_text()))
+    assert sync_templates(wf, tpl) == []                                  # idempotent
+    other = api_to_ui(json.loads(API[1].read_text()))
+    (wf / API[0].name).write_text(json.dumps(other))
+    if not same_graph(other, json.loads(API[0].read_text())):
+        pytest.skip("the first two shipped workflows have the same graph")
+    with pytest.raises(WorkflowError, match="not the same graph"):
+        sync_templates(wf, tpl)
+    assert (wf / API[0].name).exists()
