@@ -206,19 +206,77 @@ def from_peft(pipe, adapter_name: str) -> dict[str, LoRA]:
 
 # ----------------------------------------------------------------------------------------------------------- mixin
 class LoRAOpsMixin:
-    """LoRA operations as pipeline methods. stack_loras() adds its undo (the handle's unfuse) to `self._adapters`,
-    which unload_loras() calls newest first (FewStepPipeline keeps the same list)."""
+    """LoRA loading and operations as pipeline methods, one implementation for every NimbleDiff pipeline class.
+
+    Each load (load_lora, load_acceleration_lora, stack_loras) adds its undo (unfuse or detach) to `_adapters`, which
+    unload_loras() calls newest first. `family` names the recipe base the pipeline runs (sd3, flux, ...; None: any
+    UNet recipe); `default_recipe` is the acceleration recipe used when a call names none."""
+
+    family: str | None = None
+    default_recipe: str | None = None
+
+    # diffusers' DiffusionPipeline.__setattr__ registers config entries: keep LoRA state in the instance dict
+    @property
+    def recipe(self):
+        return self.__dict__.get("_recipe")
+
+    @recipe.setter
+    def recipe(self, value) -> None:
+        self.__dict__["_recipe"] = value
+
+    def _push_undo(self, undo) -> None:
+        self.__dict__.setdefault("_adapters", []).append(undo)
+
+    def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None, fuse: bool = True):
+        """Fuse (or, fuse=False, attach as forward hooks: instant to add and remove, a few percent slower per
+        forward) a LoRA file or state dict of any layout we read, on the denoiser and text encoders; stack by calling
+        again. Returns a load report. Every key of every component is validated before the first change, so a LoRA
+        for another model raises naming both and leaves the pipeline's outputs as they were."""
+        from ..core.adapters.attach import attach_many
+
+        modules = pipeline_modules(self)
+        deltas, report = read_for(lora, Target.from_modules(modules))
+        te_weight = weight if text_encoder_weight is None else text_encoder_weight
+        den = {k: d for k, d in deltas.items() if k.split(".", 1)[0] in _DENOISERS}
+        text = {k: d for k, d in deltas.items() if k not in den}
+        pairs = [(den, weight), (text, te_weight)]
+        source = f"{report.source} ({report.layout} layout)"
+        if fuse:
+            undo = fuse_many(modules, pairs, source=source, unresolved=report.unmatched).unfuse
+        else:
+            undo = attach_many(modules, pairs, source=source, unresolved=report.unmatched).detach
+        self._push_undo(undo)
+        return report
+
+    def load_acceleration_lora(self, lora, recipe: str | None = None, strength: float = 1.0):
+        """Load a distillation LoRA (Flash, LCM-LoRA, TCD, ...) and adopt its recipe: sampler, schedule, steps and
+        CFG become the defaults of every call. Returns the recipe."""
+        from ..core.recipes import RECIPES
+
+        recipe = recipe or self.default_recipe
+        if recipe not in RECIPES:
+            raise InvalidParameterError(f"recipe={recipe!r} is unknown; valid: {', '.join(RECIPES)}")
+        r = RECIPES[recipe]
+        if self.family is not None and r.base != self.family:
+            fits = [n for n, x in RECIPES.items() if x.base == self.family]
+            raise InvalidParameterError(f"recipe {recipe!r} is for {r.base} models but {type(self).__name__} runs "
+                                        f"{self.family}; recipes for {self.family}: {', '.join(fits) or 'none yet'}")
+        self.load_lora(lora, weight=strength)
+        self.recipe = r
+        return r
 
     def stack_loras(self, loras, weights=None, **kwargs) -> FusedAdapters:
         handle = stack_loras(self, loras, weights, **kwargs)
-        if getattr(self, "_adapters", None) is None:
-            self._adapters = []
-        self._adapters.append(handle.unfuse)
+        self._push_undo(handle.unfuse)
         return handle
 
     def unload_loras(self) -> None:
-        while getattr(self, "_adapters", None):
-            self._adapters.pop()()
+        """Undo every LoRA loaded with load_lora / load_acceleration_lora / stack_loras, newest first, and forget
+        the acceleration recipe."""
+        undos = self.__dict__.get("_adapters", [])
+        while undos:
+            undos.pop()()
+        self.recipe = None
 
     def to_peft(self, deltas, adapter_name: str, **load_kwargs) -> list[str]:
         return to_peft(self, deltas, adapter_name, **load_kwargs)

@@ -38,9 +38,10 @@ from diffusers import FluxPipeline, PixArtAlphaPipeline, StableDiffusion3Pipelin
 from ..core import schedules
 from ..core.limits import check_latent_size, prompt_batch
 from ..core.parameterization import Flow
-from ..core.recipes import RECIPES, check_recipe_usage
+from ..core.recipes import check_recipe_usage
 from ..errors import InvalidParameterError, WeightsFormatError
-from .adapters import LoRAOpsMixin, pipeline_modules, read_for
+from .adapters import LoRAOpsMixin
+from .caching import NimbleCacheMixin
 from .loading import agree_dtypes, check_pipeline_folder, missing_text_encoders
 from .schedulers import NimbleScheduler
 
@@ -69,10 +70,10 @@ def check_folder_components(path) -> None:
                                  "missing component folders or set them to [null, null] in model_index.json")
 
 
-class FewStepDiTMixin(LoRAOpsMixin):
+class FewStepDiTMixin(LoRAOpsMixin, NimbleCacheMixin):
     """Few-step sampling and LoRA stacking for a stock diffusers text-to-image pipeline (put it first in the bases)."""
 
-    family: str = ""              # the recipe base this pipeline runs: sdxl, pixart, sd3, flux
+    family: str = ""              # the recipe base this pipeline runs: sdxl, pixart, sd3, flux (LoRAOpsMixin)
     _patch_multiple: int = 1      # latent pixels per transformer token side (patch size; Flux packs 2x2)
 
     # --- loading ----------------------------------------------------------------------------------------------
@@ -88,53 +89,6 @@ class FewStepDiTMixin(LoRAOpsMixin):
         pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         agree_dtypes(pipe)
         return pipe
-
-    @property
-    def recipe(self):
-        return self.__dict__.get("_recipe")
-
-    # --- adapters ---------------------------------------------------------------------------------------------
-
-    def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None, fuse: bool = True):
-        """Fuse (or, fuse=False, attach as forward hooks) a LoRA file or state dict of any layout we read, on the
-        denoiser and text encoders; stack by calling again. Every key of every component is validated before the
-        first change, so a LoRA for another model raises naming both and leaves the pipeline as it was."""
-        from ..core.adapters.apply import fuse_many
-        from ..core.adapters.attach import attach_many
-        from ..weights.lora_formats import Target
-
-        modules = pipeline_modules(self)
-        deltas, report = read_for(lora, Target.from_modules(modules))
-        te_weight = weight if text_encoder_weight is None else text_encoder_weight
-        den = {k: d for k, d in deltas.items() if k.split(".", 1)[0] in ("unet", "transformer")}
-        text = {k: d for k, d in deltas.items() if k not in den}
-        pairs = [(den, weight), (text, te_weight)]
-        source = f"{report.source} ({report.layout} layout)"
-        if fuse:
-            undo = fuse_many(modules, pairs, source=source, unresolved=report.unmatched).unfuse
-        else:
-            undo = attach_many(modules, pairs, source=source, unresolved=report.unmatched).detach
-        self.__dict__.setdefault("_adapters", []).append(undo)
-        return report
-
-    def load_acceleration_lora(self, lora, recipe: str, strength: float = 1.0):
-        """Load a distillation LoRA (Flash PixArt / SD3 / SDXL, LCM-LoRA, ...) and adopt its recipe: sampler,
-        schedule, steps and CFG become the defaults of every call."""
-        if recipe not in RECIPES:
-            raise InvalidParameterError(f"recipe={recipe!r} is unknown; valid: {', '.join(RECIPES)}")
-        r = RECIPES[recipe]
-        if r.base != self.family:
-            fits = [n for n, x in RECIPES.items() if x.base == self.family]
-            raise InvalidParameterError(f"recipe {recipe!r} is for {r.base} models but {type(self).__name__} runs "
-                                        f"{self.family}; recipes for {self.family}: {', '.join(fits) or 'none yet'}")
-        report = self.load_lora(lora, weight=strength)
-        self.__dict__["_recipe"] = r
-        return report
-
-    def unload_loras(self) -> None:
-        """Undo every LoRA loaded with load_lora / load_acceleration_lora / stack_loras, newest first."""
-        super().unload_loras()
-        self.__dict__["_recipe"] = None
 
     # --- sampling ---------------------------------------------------------------------------------------------
 

@@ -12,9 +12,11 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 
 from ..core.limits import check_latent_size, prompt_batch
-from ..core.recipes import RECIPES, check_recipe_usage
+from ..core.recipes import check_recipe_usage
 from ..errors import InvalidParameterError
 from ..tiny.vocab import CLOSED_VOCAB_SIZE, check_words
+from .adapters import LoRAOpsMixin
+from .caching import NimbleCacheMixin
 from .loading import agree_dtypes, check_pipeline_folder
 from .schedulers import NimbleScheduler
 
@@ -23,7 +25,7 @@ def _as_list(texts) -> list:
     return [] if texts is None else [texts] if isinstance(texts, str) else list(texts)
 
 
-class FewStepPipeline(StableDiffusionPipeline):
+class FewStepPipeline(LoRAOpsMixin, NimbleCacheMixin, StableDiffusionPipeline):
     """`StableDiffusionPipeline` components, NimbleDiff sampling, LoRA stacking.
 
     >>> pipe = FewStepPipeline.from_pretrained(folder)
@@ -32,11 +34,12 @@ class FewStepPipeline(StableDiffusionPipeline):
     >>> image = pipe("a red circle", num_inference_steps=4).images[0]
     """
 
+    default_recipe = "flash-sd15"  # family None: any UNet recipe (SD1.5, SD2.x, TCD, LCM-LoRA) fits
+
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  image_encoder=None, requires_safety_checker: bool = False):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          image_encoder, requires_safety_checker)
-        self._adapters = []          # callables that undo each loaded LoRA (unfuse / detach), newest last
         self.recipe = None
         agree_dtypes(self)
 
@@ -93,48 +96,6 @@ class FewStepPipeline(StableDiffusionPipeline):
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(dtype).repeat_interleave(num_images_per_prompt, 0)
         return prompt_embeds, negative_prompt_embeds
-
-    # --- adapters -------------------------------------------------------------------------------------------------
-
-    def load_acceleration_lora(self, lora, recipe: str = "flash-sd15", strength: float = 1.0):
-        """Fuse a distillation LoRA (Flash, LCM-LoRA, TCD, ...) and adopt its recipe (sampler, schedule, steps, CFG)."""
-        if recipe not in RECIPES:
-            raise InvalidParameterError(f"recipe={recipe!r} is unknown; valid: {', '.join(RECIPES)}")
-        self.load_lora(lora, weight=strength)
-        self.recipe = RECIPES[recipe]
-        return self.recipe
-
-    def load_lora(self, lora, weight: float = 1.0, text_encoder_weight: float | None = None, fuse: bool = True):
-        """Fuse a LoRA file or state dict of any supported layout; stack by calling again. Returns a load report.
-
-        fuse=False attaches plain LoRAs as forward hooks instead: instant to add and remove (no pass over the
-        weights), a few percent slower per forward. Both modes validate every key of every component (UNet and
-        text encoder) before changing anything, so a load that raises leaves the pipeline's outputs as they were."""
-        from ..core.adapters.apply import fuse_many
-        from ..core.adapters.attach import attach_many
-        from ..weights.lora_formats import Target
-        from .adapters import read_for
-
-        modules = {"unet": self.unet, "text_encoder": self.text_encoder}
-        deltas, report = read_for(lora, Target.from_modules(modules))
-        te_weight = weight if text_encoder_weight is None else text_encoder_weight
-        unet_deltas = {k: d for k, d in deltas.items() if k.startswith("unet.")}
-        te_deltas = {k: d for k, d in deltas.items() if not k.startswith("unet.")}
-        pairs = [(unet_deltas, weight), (te_deltas, te_weight)]
-        source = f"{report.source} ({report.layout} layout)"
-        if fuse:
-            handle = fuse_many(modules, pairs, source=source, unresolved=report.unmatched)
-            self._adapters.append(handle.unfuse)
-        else:
-            handle = attach_many(modules, pairs, source=source, unresolved=report.unmatched)
-            self._adapters.append(handle.detach)
-        return report
-
-    def unload_loras(self):
-        """Unfuse every LoRA loaded with load_lora / load_acceleration_lora, newest first."""
-        while self._adapters:
-            self._adapters.pop()()          # each entry undoes one load: unfuse or detach
-        self.recipe = None
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
