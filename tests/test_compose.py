@@ -298,12 +298,13 @@ def pipe():
 @pytest.fixture(scope="module")
 def latents(pipe):
     import numpy as np
+    from PIL import Image
 
     from nimblediff.tiny import data
 
     rng = np.random.default_rng(11)
     scenes = [data.sample_scene(rng, p_two=0.0) for _ in range(2)]
-    bg, obj = (pipe.encode_image(data.render(s)) for s in scenes)
+    bg, obj = (pipe.encode_image(Image.fromarray(data.render(s))) for s in scenes)
     mask = torch.zeros(bg.shape[-2:])
     mask[4:12, 8:16] = 1.0
     return bg, obj, mask
