@@ -498,6 +498,22 @@ def test_node_errors_name_both_sizes(comfy_stub):
         Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.zeros(1, 32, 32))
     with pytest.raises(InvalidParameterError, match="covers the whole background"):
         Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, torch.ones(1, 32, 32))
+    with pytest.raises(InvalidParameterError, match="give an object_mask, or a box"):
+        Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.0, 0.5)
     flux = _NodePatcher(mix, type("Flux", (), {})())
     with pytest.raises(InvalidParameterError, match="diffusion model is Flux"):
         Compose().compose(flux, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.ones(1, 32, 32).tril())
+
+
+def test_node_without_a_mask_copies_the_box_of_the_object_image(comfy_stub):
+    from nimblediff.nodes.compose import Compose
+
+    mix, bg, obj, _ = _case(3)
+    bg, obj = bg.float(), obj.float()
+    model = _NodePatcher(mix, _comfy_unet())
+    _, collage = Compose().compose(model, [[torch.randn(1, 7, 16), {}]], [], [[torch.randn(1, 5, 16), {}]],
+                                   {"samples": bg}, {"samples": obj}, schedules.make_sigmas("karras", 3, PARAM), 0,
+                                   1.0, 0.0, 0.5, 0.25, 0.5, 0.5, 0.25)       # box: cols 2:6, rows 4:6
+    expected = bg.clone()
+    expected[..., 4:6, 2:6] = obj[..., 4:6, 2:6]
+    assert torch.equal(collage["samples"], expected)
