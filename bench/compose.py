@@ -21,7 +21,6 @@ from PIL import Image
 
 from nimblediff import TINY_MODEL
 from nimblediff.core.editing.composition import place
-from nimblediff.nodes.editing import box_mask
 from nimblediff.tiny import data
 from nimblediff.tiny.evaluate import evaluate_v2, load_evaluator, wilson
 
@@ -87,8 +86,7 @@ def main(argv=None):
         for it in items:
             bg, obj = (pipe.encode_image(Image.fromarray(data.render(it[k]))) for k in ("background", "object"))
             it["latents"] = (bg, obj)
-            mask = box_mask(*bg.shape[-2:], *it["box"])
-            collage, _ = place(bg, obj, mask, it["box"])
+            collage, _ = place(bg, obj, None, it["box"])         # the box of the object image, copied
             collages.append(pipe.decode(collage, "np")[0])
         rows.append(("collage (copy-paste, no sampling)", "-", collages, 0.0))
         for strength in args.strength:
@@ -97,7 +95,7 @@ def main(argv=None):
                 for i, it in enumerate(items):
                     bg, obj = it["latents"]
                     out = pipe(it[args.prompt].caption, background_latents=bg, object_latents=obj,
-                               object_mask=box_mask(*bg.shape[-2:], *it["box"]), box=it["box"],
+                               box=it["box"],
                                object_prompt=it["object_prompt"] if opts["object_prompt"] else None,
                                injection=opts["injection"], injection_end=args.injection_end, strength=strength,
                                num_inference_steps=args.steps, guidance_scale=args.cfg,

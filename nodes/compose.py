@@ -11,7 +11,7 @@ from ..core.editing.attention_patch import AttentionCall, AttentionPatch
 from ..core.editing.composition import CompositionPatch, place, sample_compose
 from ..core.sampling import k_diffusion_sampler
 from ..errors import InvalidParameterError
-from .editing import _guided_param, _latent_mask, _source_latent, box_mask, param_of
+from .editing import _guided_param, _latent_mask, _source_latent, param_of
 
 
 def attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
@@ -125,11 +125,7 @@ class Compose:
         param_of(model.get_model_object("model_sampling"))          # refuse an unsupported model up front
         bg, obj = background["samples"], object["samples"]
         box = None if box_width <= 0 or box_height <= 0 else (box_x, box_y, box_width, box_height)
-        if object_mask is None and box is None:
-            raise InvalidParameterError("give an object_mask, or a box (width and height > 0) that says where the "
-                                        "object is")
-        # without a mask the object is what the box holds in the object image, copied to the same box
-        mask = box_mask(*obj.shape[-2:], *box) if object_mask is None else _latent_mask(object_mask, obj, None)
+        mask = None if object_mask is None else _latent_mask(object_mask, obj, None)
         collage, region = place(bg.float(), obj.float(), mask, box)
         cond, tokens = _concat_tokens(positive, object_positive)
         patch = CompositionPatch(region, tokens, injection)

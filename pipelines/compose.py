@@ -104,18 +104,21 @@ class ComposePipeline(_Editing, FewStepPipeline):
                  schedule: str = "trailing", generator=None, background_latents=None, object_latents=None,
                  output_type: str = "pil", return_dict: bool = True, **_unused):
         """prompt: the scene; image / background_latents: the background; object_image / object_latents and
-        object_mask (1 = object, at the object image's size); box (x, y, width, height) as fractions of the
-        background, or None when the object image is already where it goes (background's size).
+        object_mask (1 = object, at the object image's size; None: the object is what the box holds in the object
+        image); box (x, y, width, height) as fractions of the background, or None when the object image is already
+        where it goes (background's size).
         object_prompt: its tokens are appended to the scene prompt's and allowed only inside the region.
         injection (0..1) and injection_end (fraction of steps): self-attention injection from the reference pass.
         strength < 1 starts from the collage re-noised part way (img2img), 1 from noise."""
         if prompt is None or (image is None and background_latents is None) \
-                or (object_image is None and object_latents is None) or object_mask is None:
-            raise InvalidParameterError("pass prompt=, image= (background), object_image= and object_mask=")
+                or (object_image is None and object_latents is None):
+            raise InvalidParameterError("pass prompt=, image= (background) and object_image= (with object_mask= "
+                                        "or a box)")
         param = self.editing_param()
         bg = self.encode_image(image) if background_latents is None else background_latents.float()
         obj = self.encode_image(object_image) if object_latents is None else object_latents.float()
-        collage, region = place(bg, obj, self._object_mask(object_mask, obj), box)
+        mask = None if object_mask is None else self._object_mask(object_mask, obj)
+        collage, region = place(bg, obj, mask, box)
 
         cond, uncond = self._embeds(prompt, len(bg), guidance_scale, negative_prompt)
         tokens = None

@@ -498,7 +498,7 @@ def test_node_errors_name_both_sizes(comfy_stub):
         Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.5, 0.5, torch.zeros(1, 32, 32))
     with pytest.raises(InvalidParameterError, match="covers the whole background"):
         Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, torch.ones(1, 32, 32))
-    with pytest.raises(InvalidParameterError, match="give an object_mask, or a box"):
+    with pytest.raises(InvalidParameterError, match="give an object mask, or a box"):
         Compose().compose(model, *args, sigmas, 0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.0, 0.5)
     flux = _NodePatcher(mix, type("Flux", (), {})())
     with pytest.raises(InvalidParameterError, match="diffusion model is Flux"):

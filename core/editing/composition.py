@@ -41,12 +41,17 @@ def place(background: torch.Tensor, obj: torch.Tensor, obj_mask: torch.Tensor, b
 
     background, obj: latents (B, C, H, W) and (B|1, C, h, w); obj_mask: (h, w), (B, h, w) or (B, 1, h, w) in [0, 1]
     at the object latent's size. box None: the object is already where it goes (same size as the background) and
-    the region is its mask. box (x, y, width, height) as fractions of the background: the mask's bounding box
+    the region is its mask. obj_mask None: the object is what `box` holds in the object image (same fractions).
+    box (x, y, width, height) as fractions of the background: the mask's bounding box
     (mask > 0.5) is cut from the object and its mask, resized into the box (bilinear) and pasted there.
     """
     if background.ndim != 4 or obj.ndim != 4 or obj.shape[1] != background.shape[1]:
         raise InvalidParameterError(f"object latent {tuple(obj.shape)} and background latent "
                                     f"{tuple(background.shape)} must both be (B, C, H, W) with the same C")
+    if obj_mask is None:                        # the object is what the box holds in the object image
+        if box is None:
+            raise InvalidParameterError("give an object mask, or a box that says where the object is")
+        obj_mask = _box_cells(obj.shape[-2], obj.shape[-1], box).to(obj)
     m = torch.as_tensor(obj_mask).to(obj)
     m = m[None, None] if m.ndim == 2 else m[:, None] if m.ndim == 3 else m
     if m.ndim != 4 or tuple(m.shape[-2:]) != tuple(obj.shape[-2:]):
@@ -64,13 +69,8 @@ def place(background: torch.Tensor, obj: torch.Tensor, obj_mask: torch.Tensor, b
                                         "background's size")
         region = m
     else:
-        x, y, bw, bh = (float(v) for v in box)
         H, W = background.shape[-2:]
-        x0, y0 = round(x * W), round(y * H)
-        x1, y1 = min(round((x + bw) * W), W), min(round((y + bh) * H), H)
-        if not (0 <= x0 < x1 and 0 <= y0 < y1):
-            raise InvalidParameterError(f"box {tuple(box)} covers no latent cell of the {W}x{H} background latent; "
-                                        "x, y, width, height are fractions of the image in [0, 1]")
+        y0, y1, x0, x1 = _box_span(H, W, box)
         rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
         r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
         size = (y1 - y0, x1 - x0)
@@ -87,6 +87,24 @@ def place(background: torch.Tensor, obj: torch.Tensor, obj_mask: torch.Tensor, b
         raise InvalidParameterError("the object's region is empty at the latent's resolution; use a larger box")
     collage = region * obj + (1 - region) * background
     return collage, region
+
+
+def _box_span(height: int, width: int, box) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) latent cells of a box (x, y, width, height) given as fractions of the image."""
+    x, y, bw, bh = (float(v) for v in box)
+    x0, y0 = max(round(x * width), 0), max(round(y * height), 0)
+    x1, y1 = min(round((x + bw) * width), width), min(round((y + bh) * height), height)
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidParameterError(f"box {tuple(box)} covers no latent cell of a {width}x{height} latent; x, y, "
+                                    "width, height are fractions of the image in [0, 1]")
+    return y0, y1, x0, x1
+
+
+def _box_cells(height: int, width: int, box) -> torch.Tensor:
+    y0, y1, x0, x1 = _box_span(height, width, box)
+    mask = torch.zeros(height, width)
+    mask[y0:y1, x0:x1] = 1.0
+    return mask
 
 
 class CompositionPatch(AttentionPatch):
