@@ -157,3 +157,75 @@ def test_randomized_path_is_taken_and_faster_than_the_exact_one_on_a_conv_sized_
         torch.linalg.svd = original
     assert all(math.prod(s) <= 16 * 576 for s in fast_calls)    # only small (q, n) cores
     assert (96, 576) in calls                                     # the exact path decomposes the whole update
+
+
+# ------------------------------------------------------------------ streamed TIES / DARE into a LoRA (issue 11)
+def _capture_merged(monkeypatch):
+    """The dense merged update the streamed path hands to randomized_svd."""
+    seen = {}
+    original = M.randomized_svd
+
+    def spy(mat, k, **kwargs):
+        seen["M"] = mat.clone()
+        return original(mat, k, **kwargs)
+
+    monkeypatch.setattr(M, "randomized_svd", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "magnitude_prune"])
+@pytest.mark.parametrize("shape", [(300, 900), (96, 64, 3, 3)])
+def test_streamed_merge_builds_the_update_peft_merge_utils_builds(method, shape, monkeypatch):
+    """300 x 900 takes the sampled bracket and several row blocks; the conv one the small-tensor threshold. The
+    update is formed block by block from the factors, so it is compared with PEFT's merge of the dense task tensors
+    (to float rounding of the products: an entry at the trim threshold may flip when its product differs in the
+    last bit)."""
+    from peft.utils import merge_utils
+
+    seen = _capture_merged(monkeypatch)
+    adapters = [{"unet.x": lora(shape, r, s, alpha)} for r, s, alpha in ((4, 1, 2.0), (8, 2, None), (6, 3, 6.0))]
+    weights = [0.8, -0.6, 1.1]
+    monkeypatch.setattr(M, "_BLOCK", 1 << 14)                     # several blocks at test sizes
+    low, report = M.merge(adapters, weights, method, density=0.3, seed=5, rank=12)
+    fn = {"ties": merge_utils.ties, "magnitude_prune": merge_utils.magnitude_prune,
+          "dare_linear": merge_utils.dare_linear, "dare_ties": merge_utils.dare_ties}[method]
+    torch.manual_seed(5)
+    ref = fn([dense(a["unet.x"]).float() for a in adapters], torch.tensor(weights), density=0.3)
+    got = seen["M"]
+    assert int((got != ref).sum()) <= max(3, ref.numel() // 10_000)
+    assert float((got - ref).norm() / ref.norm()) < 1e-3
+    # the LoRA is the randomized SVD of that update: its reported error is its real one, within 5 % of the optimum
+    W = ref.double()
+    actual = float((W - dense(low["unet.x"])).norm() / W.norm())
+    optimum = float(torch.linalg.svdvals(W)[12:].norm() / W.norm())
+    assert report.rank.rel_error["unet.x"] == pytest.approx(actual, rel=1e-3)
+    assert optimum <= actual * (1 + 1e-6) and actual <= 1.05 * optimum
+
+
+def test_streamed_kth_largest_equals_a_full_sort_also_when_the_bracket_misses():
+    g = torch.Generator().manual_seed(4)
+    B, A = torch.randn(700, 5, generator=g), torch.randn(5, 800, generator=g)
+    B[::2] = 0                                                 # half the entries exactly zero: k > N / 2 has tau = 0
+    ws = M._Workspace()
+    for rows in (1, 37, 700):
+        blocks = [(i, min(i + rows, 700)) for i in range(0, 700, rows)]
+        full = ((B @ A) * 0.3).abs().flatten().sort(descending=True).values
+        for k in (1, 1000, 200_000, 279_999, 280_000, 300_000, 560_000):
+            assert M._kth_largest_abs(B, A, 0.3, k, blocks, ws) == float(full[k - 1]), (rows, k)
+            for wrong in ((0.0, 1e-9), (float(full[0]) * 2, math.inf), (float(full[k - 1]) * 1.001, math.inf)):
+                assert M._kth_largest_abs(B, A, 0.3, k, blocks, ws, bracket=wrong) == float(full[k - 1])
+
+
+def test_streamed_merge_keeps_per_layer_progress_the_rank_cap_and_leaves_the_inputs_alone():
+    adapters = [{"unet.a": lora((400, 700), 4, 1), "unet.conv_out": lora((4, 320, 3, 3), 4, 2)},
+                {"unet.a": lora((400, 700), 8, 3), "unet.conv_out": lora((4, 320, 3, 3), 4, 4)}]
+    before = [{k: (d.down.clone(), d.up.clone()) for k, d in a.items()} for a in adapters]
+    calls = []
+    merged, report = M.merge(adapters, [1, 1], "dare_ties", density=0.5, rank=16,
+                             progress=lambda done, total: calls.append(done))
+    assert calls == [1, 2] and merged["unet.conv_out"].rank == 4 and merged["unet.a"].rank == 16
+    for a, b in zip(adapters, before):
+        assert all(torch.equal(a[k].down, b[k][0]) and torch.equal(a[k].up, b[k][1]) for k in a)
+    # the same seed gives the same LoRA; the DARE masks are drawn from `seed` as without a rank
+    again, _ = M.merge(adapters, [1, 1], "dare_ties", density=0.5, rank=16)
+    assert torch.equal(merged["unet.a"].up, again["unet.a"].up)

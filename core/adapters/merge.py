@@ -13,7 +13,8 @@ DARE with the rescale fitted on calibration inputs (Deng et al., ICLR 2025). ``s
 A and B factors separately with sqrt-split weights, as PEFT's ``add_weighted_adapter`` does for
 "linear"/"ties"/"dare_*"/"magnitude_prune" (an approximation of the merged update; only for equal ranks).
 With `rank`, each merged update becomes a LoRA as soon as it is merged: a linear merge of LoRAs exactly through its
-stacked factors, the others (which change every entry) by a seeded randomized SVD (svd="exact": the full SVD).
+stacked factors, the others (which change every entry) by a seeded randomized SVD of the dense update, which for
+LoRAs is streamed row block by row block from their factors (svd="exact": the full SVD of the dense update).
 
 Blocks: `block_of(key)` names the part of the network a canonical key belongs to (UNet input / middle / output,
 DiT double / single, a text encoder); `scale_blocks` (aTLAS-style anisotropic scaling), `compose` (content/style
@@ -35,7 +36,8 @@ from ...errors import AdapterMismatchError, InvalidParameterError
 from .apply import small_op_threads
 from .delta import Delta, Diff, LoRA
 from .extract import to_lora
-from .rank import RankReport, check_finite, lora_factors, lora_from_svd, randomized_svd, weight_shape
+from .rank import (RankReport, check_finite, gaussian_test_matrix, lora_factors, lora_from_svd,
+                   randomized_svd, sketch_width, weight_shape)
 
 __all__ = ["MERGE_METHODS", "BLOCK_GROUPS", "CONTENT_STYLE_UNET", "MergeReport", "BlockFit", "merge", "block_of",
            "scale_delta", "scale_blocks", "compose", "fit_block_weights"]
@@ -246,8 +248,12 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
     svd: how a merged update becomes a rank-`rank` LoRA. "fast": a linear merge of LoRAs is exactly one LoRA of the
     summed rank ([w_t s_t B_t] stacked @ [A_t] stacked), reduced by QR of both factors and the SVD of the small core
     (exact); the other methods change every entry, so their dense update is reduced by a seeded randomized SVD
-    (rank.randomized_svd: 2 power iterations, 8 extra directions; report.rank.rel_error is its actual error).
-    "exact": the full SVD of every dense merged update (slow: ~30 s for one 1280 x 11520 conv on 2 cores).
+    (rank.randomized_svd: 8 extra directions, 1 power iteration for LoRAs (_NITER), 2 for Diffs;
+    report.rank.rel_error is its actual error, <= 1.04x the optimum's in bench/merge_bench.py). For LoRAs, TIES /
+    DARE / magnitude pruning stream the dense update block by block from the factors (_merge_streamed): the same
+    update as without a rank (same masks and thresholds; products may differ in the last bit), never a new
+    full-size tensor. "exact": the full SVD of every dense merged update (slow: ~30 s for one 1280 x 11520 conv on
+    2 cores).
     progress: called as progress(done, total) after each key; raise from it to cancel (nothing is returned).
     """
     keys, weights = _check_merge_args(adapters, weights, method, space, density, majority_sign, svd, calibration)
@@ -255,6 +261,7 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out, report = {}, MergeReport(method, rank=None if rank is None else RankReport())
     svd_seeds = torch.Generator().manual_seed(seed if seed is not None else 0)  # apart from DARE's masks
+    workspace = _Workspace()
     # svd="fast" runs on one thread: merging is memory-bound elementwise work, and on 2 busy cores a second OpenMP
     # thread made TIES 1.7x slower on a 1280 x 23040 conv and 7-10x slower on a 320 x 768 layer (barrier waits);
     # "exact" keeps the threads the old path had (small kernels on one, the rest and the full SVDs on all)
@@ -263,13 +270,17 @@ def merge(adapters: Sequence[Mapping[str, Delta]], weights: Sequence[float] | No
             present = [(t, a[key]) for t, a in enumerate(adapters) if key in a]
             report.sources[key] = [t for t, _ in present]
             ctx = _Ctx(density, majority_sign, generator)
-            merged = _merge_key(key, present, [float(weights[t]) for t, _ in present], method, space, rank, svd,
-                                ctx, calibration)
+            w = [float(weights[t]) for t, _ in present]
+            svd_seed = None if rank is None else int(torch.randint(1 << 62, (), generator=svd_seeds))
+            if _streamable(present, method, space, rank, svd):
+                _check_shapes(key, present)
+                merged = _merge_streamed(key, present, w, method, ctx, rank, svd_seed, workspace, report.rank)
+            else:
+                merged = _merge_key(key, present, w, method, space, rank, svd, ctx, calibration)
+                if rank is not None:  # back to a LoRA under the rank budget, key by key: no dense update is kept
+                    merged = _to_rank(key, merged, rank, svd, svd_seed, report.rank)
             if ctx.rescale is not None:
                 report.rescale[key] = ctx.rescale
-            if rank is not None:  # back to a LoRA under the rank budget, key by key: no dense update is kept
-                merged = _to_rank(key, merged, rank, svd, int(torch.randint(1 << 62, (), generator=svd_seeds)),
-                                  report.rank)
             if merged is not None:
                 out[key] = merged
             if progress is not None:
@@ -317,12 +328,16 @@ def _check_merge_args(adapters, weights, method, space, density, majority_sign, 
     return keys, weights
 
 
-def _merge_key(key, present, w, method, space, rank, svd, ctx, calibration) -> Delta:
-    """One key's merged update from the adapters that have it: [(adapter index, delta)] with weights w."""
+def _check_shapes(key, present) -> None:
     shapes = {tuple(weight_shape(d)) for _, d in present}
     if len(shapes) != 1:
         raise AdapterMismatchError(f"merge: key {key!r} has updates of different shapes {sorted(shapes)} in adapters "
                                    f"{[t for t, _ in present]}; they are not for the same model")
+
+
+def _merge_key(key, present, w, method, space, rank, svd, ctx, calibration) -> Delta:
+    """One key's merged update from the adapters that have it: [(adapter index, delta)] with weights w."""
+    _check_shapes(key, present)
     plain = all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present)
     if method == "cat" or (method == "linear" and space == "delta" and rank is not None and svd == "fast" and plain):
         return _sum_exact([(d, wt) for (_, d), wt in zip(present, w)])  # [w_t s_t B_t] @ [A_t]: exact, no dense dW
@@ -346,6 +361,210 @@ def _merge_dense(key, present, w, fn, ctx, calibration) -> Diff:
     biases = [(d.delta_bias(), wt) for (_, d), wt in zip(present, w)]
     bias = sum(wt * b for b, wt in biases if b is not None) if any(b is not None for b, _ in biases) else None
     return Diff(dense, bias)
+
+
+# ------------------------------------------------------------------------------- streamed merges into a LoRA
+# TIES / DARE / magnitude pruning change every entry of the merged update, so a LoRA merge under a rank budget needs
+# the dense update of each layer. It is formed here row block by row block: the task tensors of a block are
+# recomputed from the factors (r multiply-adds per entry) and sparsified, elected and merged while they sit in the
+# L2 cache, with elementwise float ops only (comparisons into bool tensors and torch.where cost 5-50x a float op on
+# CPU), and the block of the merged update goes into a buffer reused from layer to layer (a fresh 50 MB tensor per
+# layer costs ~2 ns per entry in page faults) and into the sketch Y = M Omega of the randomized SVD. The dense
+# update and its DARE masks are the dense path's (same generator draws, same float operations); only the product
+# B A, taken per block, may differ from the whole product in the last bit.
+_BLOCK = 1 << 16   # entries per row block: its task tensors and temporaries (~8 x 256 KB) stay in the 2 MB L2 cache
+_NITER = 1         # power iterations: error <= 1.04x the optimum on SD1.5 shapes (bench/merge_bench.py)
+_STREAMED = {      # method -> (how each task tensor is sparsified, how the sparsified tensors are merged)
+    "ties": ("trim", "elect"), "magnitude_prune": ("trim", "sum"),
+    "dare_linear": ("drop", "sum"), "dare_ties": ("drop", "elect"),
+}
+
+
+class _Workspace:
+    """Named flat float32 buffers, grown on demand and reused from layer to layer."""
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[name] = torch.empty(numel)
+        return buf[:numel]
+
+
+def _streamable(present, method: str, space: str, rank, svd: str) -> bool:
+    return (rank is not None and svd == "fast" and space == "delta" and method in _STREAMED
+            and all(isinstance(d, LoRA) and getattr(d, "bias", None) is None for _, d in present))
+
+
+def _product(B: torch.Tensor, A: torch.Tensor, s: float, out: torch.Tensor) -> torch.Tensor:
+    """out = (B @ A) * s, as LoRA.delta_weight computes it (for a row block of B)."""
+    return torch.mm(B, A, out=out).mul_(s)
+
+
+def _kth_largest_abs(B, A, s: float, k: int, blocks, ws: _Workspace, bracket: tuple | None = None) -> float:
+    """The k-th largest |entry| of (B @ A) * s without keeping the product: a sample of entries taken from the
+    factors brackets it, one blocked pass counts the entries above the bracket and collects the few inside it, and
+    kthvalue runs on those (as _kth_largest, which needs the whole tensor)."""
+    m, n = B.shape[0], A.shape[1]
+    N = m * n
+    if N <= 4 * _SELECT_SAMPLE:   # small: all of it, block by block as the merge will compute it
+        a = ws.get("small", N).view(m, n)
+        for i0, i1 in blocks:
+            _product(B[i0:i1], A, s, a[i0:i1])
+        return float(torch.kthvalue(a.view(-1).abs_(), N - k + 1).values)
+    # 1. bracket (lo, hi): quantiles of a sample of entries, 4 standard errors on each side (or given, by tests)
+    lo, hi = bracket or _sampled_bracket(B, A, s, k)
+    # 2. one pass: count above hi, collect [lo, hi]
+    above, inside = 0, []
+    for i0, i1 in blocks:
+        h = (i1 - i0) * n
+        x = _product(B[i0:i1], A, s, ws.get("block", h).view(i1 - i0, n)).abs_()
+        gt = torch.gt(x, hi, out=ws.get("gt", h).view_as(x))                      # 1.0 / 0.0
+        above += int(gt.sum())
+        mid = torch.ge(x, lo, out=ws.get("in", h).view_as(x)).sub_(gt)             # 1.0 inside [lo, hi]
+        inside.append(_masked(x.view(-1), mid.view(-1).bool()))
+    inside = torch.cat(inside)
+    if above < k <= above + inside.numel():
+        return float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    full = torch.cat([_product(B[i0:i1], A, s, torch.empty(i1 - i0, n)).abs_().view(-1) for i0, i1 in blocks])
+    return float(torch.kthvalue(full, N - k + 1).values)   # the bracket missed (probability ~1e-4)
+
+
+def _sampled_bracket(B, A, s: float, k: int) -> tuple[float, float]:
+    m, n = B.shape[0], A.shape[1]
+    N = m * n
+    size = min(_SELECT_SAMPLE, N // 16)
+    g = torch.Generator().manual_seed(N)
+    i, j = torch.randint(m, (size,), generator=g), torch.randint(n, (size,), generator=g)
+    sample = (B.index_select(0, i) * A.T.contiguous().index_select(0, j)).sum(1).mul_(s).abs_()   # (size,)
+    q, d = 1 - k / N, 4 / math.sqrt(size)
+    lo = float(torch.kthvalue(sample, int((q - d) * size) + 1).values) if q - d > 0 else -math.inf
+    hi = float(torch.kthvalue(sample, int((q + d) * size) + 1).values) if q + d < 1 else math.inf
+    return lo, hi
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x[mask] for a sparse mask, in two steps: the 8-entry words of the mask that hold a True (one nonzero over an
+    int64 view, 1/8 of the entries), then the entries inside those words. nonzero is the cost of x[mask] (~2 ns per
+    entry on one thread); this halves it at the ~3 % density of a bracket."""
+    if mask.numel() % 8:
+        return x[mask]
+    words = mask.view(torch.int64).nonzero().squeeze(1)                            # (w,)
+    return x.view(-1, 8).index_select(0, words)[mask.view(-1, 8).index_select(0, words)]
+
+
+def _elect_block(X: list, w: list, how: str, out: torch.Tensor, tmp: list) -> torch.Tensor:
+    """TIES 'elect sign' + 'disjoint merge' of one block, with float ops only. S = sum of X_t (or of sign X_t);
+    sigma = +1 where S >= 0 else -1 (sign(sign(S) + 1/2)); X_t agrees where X_t sigma > 0, so
+    X_t [agrees] = sigma relu(X_t sigma) and the count of agreeing tensors is sum_t sign(relu(X_t sigma)). The result
+    sigma (sum_t w_t relu(X_t sigma)) / max(count, 1) is PEFT's sum_t (w_t X_t)[agrees] / max(count, 1) to the bit:
+    multiplying by +-1 and rounding commute. Overwrites X."""
+    S, sig, cnt, t = tmp
+    if how == "total":
+        S.copy_(X[0])
+        for x in X[1:]:
+            S.add_(x)
+    else:
+        torch.sign(X[0], out=S)
+        for x in X[1:]:
+            S.add_(torch.sign(x, out=t))
+    torch.sign(S, out=sig).add_(0.5).sign_()                 # (rows, n) elected sign, ties to +
+    for x in X:
+        x.mul_(sig).relu_()                                  # |X_t| where it agrees, else 0
+    torch.sign(X[0], out=cnt)
+    for x in X[1:]:
+        cnt.add_(torch.sign(x, out=t))
+    torch.mul(X[0], w[0], out=out)
+    for x, wt in zip(X[1:], w[1:]):
+        out.add_(torch.mul(x, wt, out=t))
+    return out.mul_(sig).div_(cnt.clamp_min_(1.0))
+
+
+def _sum_block(X: list, w: list, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t X_t in adapter order (PEFT's weighted stack summed over dim 0)."""
+    torch.mul(X[0], w[0], out=out)
+    for x, wt in zip(X[1:], w[1:]):
+        out.add_(torch.mul(x, wt, out=t))
+    return out
+
+
+def _merge_streamed(key: str, present, w: list[float], method: str, ctx: _Ctx, rank: int, seed: int,
+                    ws: _Workspace, into: RankReport) -> LoRA:
+    """TIES / DARE / magnitude pruning of plain LoRAs straight into a LoRA of rank <= `rank` (see the section
+    comment): the dense merged update equals _merge_dense's, its rank reduction is rank.randomized_svd with the
+    sketch formed on the way (or the full SVD where 2 (rank + 8) >= min(out, in))."""
+    shape = weight_shape(present[0][1])
+    m, n = shape[0], math.prod(shape[1:])
+    rank = min(rank, m, n)
+    factors = [lora_factors(d) for _, d in present]                          # [(B (m, r), A (r, n))]
+    B, A = [f[0].contiguous() for f in factors], [f[1].contiguous() for f in factors]
+    s = [d.scale for _, d in present]
+    T, p = len(present), ctx.density
+    select, combine = _STREAMED[method]
+    rows = max(1, _BLOCK // n)
+    blocks = [(i, min(i + rows, m)) for i in range(0, m, rows)]
+    h = min(rows, m) * n                                                     # entries of the largest block
+    # 1. TIES / magnitude pruning: the threshold of each task tensor (|entries| > lam are the top k)
+    lam = [-math.inf] * T
+    if select == "trim" and p < 1:
+        k = int(p * m * n)
+        for t in range(T):
+            tau = torch.tensor(_kth_largest_abs(B[t], A[t], s[t], k, blocks, ws)) if k else None
+            # the next float32 below tau: hardshrink compares in float32, so |x| > lam <=> |x| >= tau
+            lam[t] = math.inf if k == 0 else float(torch.nextafter(tau, torch.tensor(-math.inf)))
+    # 2. DARE: masks drawn task tensor by task tensor, as the dense path and PEFT draw them; all but the last tensor
+    #    are kept (dropped and rescaled) in buffers, the last is drawn block by block in step 3
+    drop = select == "drop" and p < 1
+    kept = [ws.get(f"task{t}", m * n).view(m, n) for t in range(T - 1)] if drop else []
+    rnd = ws.get("rand", h)
+
+    def task(t, i0, i1, out):
+        x = _product(B[t][i0:i1], A[t], s[t], out)
+        if drop:
+            x.mul_(torch.rand(x.shape, generator=ctx.generator, out=rnd[:x.numel()].view_as(x)).lt_(p)).div_(p)
+        elif lam[t] > -math.inf:
+            torch.ops.aten.hardshrink.out(x, lam[t], out=x)               # keeps |x| > lam
+        return x
+
+    for t, buf in enumerate(kept):
+        for i0, i1 in blocks:
+            task(t, i0, i1, buf[i0:i1])
+    # 3. block by block: the last (or every) task tensor, the merge, the sketch Y = M Omega
+    M = ws.get("merged", m * n).view(m, n)
+    q = sketch_width(m, n, rank)
+    exact = 2 * (rank + 8) >= min(m, n)
+    omega = None if exact else gaussian_test_matrix(n, q, seed)               # (n, q)
+    Y = None if exact else torch.empty(m, q)
+    total = 0.0
+    tmp = [ws.get(f"tmp{i}", h) for i in range(4)]
+    fresh = [ws.get(f"x{t}", h) for t in range(T)]
+    for i0, i1 in blocks:
+        view = lambda b: b[:(i1 - i0) * n].view(i1 - i0, n)  # noqa: E731
+        X = [kept[t][i0:i1] if t < len(kept) else task(t, i0, i1, view(fresh[t])) for t in range(T)]
+        out = M[i0:i1]
+        if combine == "elect":
+            _elect_block(X, w, ctx.sign, out, [view(b) for b in tmp])
+        else:
+            _sum_block(X, w, out, view(tmp[0]))
+        total += float(torch.dot(out.view(-1), out.view(-1)))
+        if Y is not None:
+            torch.mm(out, omega, out=Y[i0:i1])
+    # 4. the rank reduction
+    if exact:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lora, part = to_lora({key: Diff(M.view(shape))}, rank=rank, dtype=torch.float32)
+        into.add(part)
+        return lora[key]
+    U, S, Vh = randomized_svd(M, rank, niter=_NITER, sketch=Y)
+    into.ranks[key] = rank
+    into.rel_error[key] = 0.0 if total == 0 else math.sqrt(max(total - float(S.double().square().sum()), 0) / total)
+    into.params_before += m * n
+    lora = lora_from_svd(U, S, Vh, rank, shape, dtype=torch.float32)
+    into.params += lora.numel()
+    return lora
 
 
 def _to_rank(key: str, delta: Delta, rank: int, svd: str, seed: int, into: RankReport) -> LoRA | None:

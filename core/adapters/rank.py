@@ -28,8 +28,8 @@ from ...errors import InvalidParameterError
 from .apply import small_op_threads  # small kernels on one thread: with busy cores an OpenMP wake-up costs ~30 ms per op
 from .delta import Delta, LoRA
 
-__all__ = ["RankReport", "weight_shape", "lora_factors", "lora_svd", "randomized_svd", "select_rank",
-           "lora_from_svd", "check_finite", "resize_lora", "prune_to_budget", "SCORES"]
+__all__ = ["RankReport", "weight_shape", "lora_factors", "lora_svd", "randomized_svd", "gaussian_test_matrix",
+           "sketch_width", "select_rank", "lora_from_svd", "check_finite", "resize_lora", "prune_to_budget", "SCORES"]
 
 SCORES = ("relative", "energy", "sv")
 """Importance of a rank-1 component, per parameter it costs: its share of its layer's ||dW||_F^2 ("relative", which
@@ -131,19 +131,35 @@ def lora_svd(lora: LoRA, dtype: torch.dtype = torch.float32) -> tuple[torch.Tens
         return Qb @ Uc, S, Vhc @ Qa.T
 
 
-def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 8, niter: int = 2, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The k leading singular triplets of a dense (m, n) matrix, U (m, k), S (k,), Vh (k, n), by torch.svd_lowrank:
-    randomized range finding on q = k + oversample Gaussian directions with `niter` re-orthonormalised power
-    iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4), drawn from torch.manual_seed(seed) inside fork_rng (the
-    global RNG is left as it was). Costs 2 niter + 2 products of M with (n, q) / (m, q) blocks instead of a full
-    SVD's O(m n min(m, n)). ||M - U diag(S) Vh||_F^2 = ||M||_F^2 - ||S||^2 exactly (it is a projection of M).
-    (Our own Halko loop with one-thread QRs measured 1.5-3x slower: switching the thread count rebuilds the pool.)"""
+def gaussian_test_matrix(n: int, q: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (n, q) Gaussian test matrix Omega of randomized_svd, from its own seeded generator (the global RNG is not
+    touched). A caller that forms the sketch M @ Omega itself (block by block while it writes M) draws it here."""
+    return torch.randn(n, q, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def sketch_width(m: int, n: int, k: int, oversample: int = 8) -> int:
+    """q = k + oversample directions, at most min(m, n)."""
+    return min(k + oversample, m, n)
+
+
+def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 8, niter: int = 2, seed: int = 0,
+                   sketch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k leading singular triplets of a dense (m, n) matrix, U (m, k), S (k,), Vh (k, n), by randomized range
+    finding (Halko, Martinsson & Tropp 2011, Alg. 4.4): q = sketch_width(m, n, k, oversample) Gaussian directions
+    Omega = gaussian_test_matrix(n, q, seed), Y = M Omega, `niter` re-orthonormalised power iterations, then the SVD
+    of the small (q, n) matrix Q^T M. `sketch`: Y already formed by the caller with that Omega.
+    Costs 2 niter + 2 products of M with thin (n, q) / (m, q) blocks (2 niter + 1 with `sketch`) instead of a full
+    SVD's O(m n min(m, n)); the products Q^T M are taken as (q, m) @ (m, n), twice as fast on CPU as M^T Q.
+    ||M - U diag(S) Vh||_F^2 = ||M||_F^2 - ||S||^2 exactly (U diag(S) Vh is a projection of M)."""
     m, n = M.shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(M, q=min(k + oversample, m, n), niter=niter)   # (m, q), (q,), (n, q)
-    return U[:, :k], S[:k], V[:, :k].T
+    q = sketch_width(m, n, k, oversample)
+    Y = M @ gaussian_test_matrix(n, q, seed, M.dtype) if sketch is None else sketch     # (m, q)
+    Q = torch.linalg.qr(Y).Q                                                            # (m, q)
+    for _ in range(niter):
+        Q = torch.linalg.qr((Q.T @ M).T).Q                                              # (n, q): row space
+        Q = torch.linalg.qr(M @ Q).Q                                                    # (m, q)
+    Uc, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)                         # (q, q), (q,), (q, n)
+    return (Q @ Uc)[:, :k], S[:k], Vh[:k]
 
 
 def _check_selector(rank, thresholds: dict) -> None:
