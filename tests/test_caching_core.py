@@ -229,6 +229,50 @@ def test_order_one_extrapolates_the_skipped_residual_by_hand():
         assert outs[:2] == [6.0, 6.5] and [o - 1.0 for o in outs[2:]] == want, order
 
 
+@pytest.fixture(scope="module")
+def sd3():
+    """A 3-block SD3 MM-DiT (the last block context_pre_only, as in NimbleDiff-Tiny-DiT)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from factories import tiny_sd3_components
+
+    c = tiny_sd3_components(0)
+    c["transformer"] = _seeded(0, lambda: SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+        caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, out_channels=4,
+        pos_embed_max_size=32))
+    pipe = StableDiffusion3Pipeline(**{k: v for k, v in c.items() if k not in ("image_encoder", "feature_extractor")})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd3_latents(pipe, steps=4):
+    return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+                guidance_scale=5.0, max_sequence_length=8, height=32, width=32).images
+
+
+@pytest.mark.parametrize("method,off,on", [
+    ("first_block", {"threshold": 0.0}, {"threshold": 1.0, "warmup": 2}),
+    ("reuse", {"paths": ["transformer_blocks.1.attn", "transformer_blocks.2.ff"], "interval": 1},
+     {"paths": ["transformer_blocks.1.attn", "transformer_blocks.2.ff"], "interval": 2}),
+])
+def test_sd3_caches_skip_work_and_are_exact_when_off(sd3, method, off, on):
+    """Both caches run on an SD3 transformer (CFG batched: one decision for cond and uncond): never reusing is
+    bit-identical to no cache; reusing skips the named work (counted inside it) and changes the latents."""
+    base = _sd3_latents(sd3)
+    enable_nimble_cache(sd3, method, **off)
+    assert torch.equal(_sd3_latents(sd3), base)
+    cache = enable_nimble_cache(sd3, method, **on)
+    probes = ["transformer_blocks.1.attn.to_q", "transformer_blocks.2.ff.net.2"]
+    with count_calls(sd3.transformer, probes) as calls:
+        out = _sd3_latents(sd3)
+    disable_nimble_cache(sd3)
+    assert cache.reused_calls >= 1 and cache.full_calls + cache.reused_calls == 4
+    assert calls[probes[0]] == calls[probes[1]] == cache.full_calls < 4
+    assert not torch.equal(out, base) and torch.isfinite(out).all()
+    assert torch.equal(_sd3_latents(sd3), base)
+
+
 # ---------------------------------------------------------------------------------------------------- LAPTOP
 
 def _unet_batches(unet, n=2):
