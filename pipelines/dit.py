@@ -137,7 +137,8 @@ class FewStepDiTMixin(LoRAOpsMixin, NimbleCacheMixin):
         """Refuse an absurd height, width or batch (core/limits) before the stock call encodes or allocates."""
         native = (getattr(self, "default_sample_size", None) or 128) * self.vae_scale_factor
         name = type(self).__name__
-        batch = prompt_batch(call.get("prompt"), call.get("num_images_per_prompt") or 1, call.get("prompt_embeds"),
+        per_prompt = call.get("num_images_per_prompt")
+        batch = prompt_batch(call.get("prompt"), 1 if per_prompt is None else per_prompt, call.get("prompt_embeds"),
                              name)
         check_latent_size(batch, self.vae.config.latent_channels, call.get("height") or native,
                           call.get("width") or native, self.vae_scale_factor, name)

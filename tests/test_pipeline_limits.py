@@ -100,6 +100,7 @@ def test_super_resolution_factor_is_checked_before_upsampling(pipes, factor, mat
     (dict(height=2 ** 20, width=32), "height="),
     (dict(num_images_per_prompt=MAX_BATCH * 2), "batch="),
     (dict(height=MAX_SIDE, width=MAX_SIDE, num_images_per_prompt=256), "GiB"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt="),
 ])
 def test_dit_pipeline_refuses_absurd_sizes_before_any_model_call(call, match):
     import inspect
