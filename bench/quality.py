@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nimblediff.tiny import evaluate, heldout
+from nimblediff.tiny import dit, evaluate, heldout
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import Conditions, write_result  # noqa: E402
@@ -43,8 +43,9 @@ CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25
 # NimbleDiff-Tiny-DiT (rectified flow, StableDiffusion3Pipeline): (name, sampler, steps, guidance, weights)
 DIT_ZERO_ROWS = 24  # the T5 stand-in's length: the card's recommended value (3x faster than the default 256)
 # (weights: None = the teacher; else the student transformer folder weights/tiny/nimblediff-tiny-dit-<weights>)
-DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, CFG, None) for k in (25, 8, 4, 2, 1)] + [
-    ("DiT teacher BOSS", "boss", 4, CFG, None)] + [
+DIT_CFG = dit.CFG  # chosen on the calibration split (bench/dit_calibrate.py), never on these held-out prompts
+DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, DIT_CFG, None) for k in (25, 8, 4, 2, 1)] + [
+    ("DiT teacher BOSS", "boss", 4, DIT_CFG, None)] + [
     ("DiT 2-rectified flow", "flow-euler", k, 1.0, "2rf") for k in (1, 2, 4)] + [
     ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")]
 

@@ -22,6 +22,9 @@ HIDDEN_HEADS = 4      # x 32 = 128 hidden
 ZERO_ROWS = (8, 24, 77, 256)  # T5 stand-in lengths seen in training (24 = the tokenizer length, 256 = the default)
 ZERO_ROWS_P = (0.4, 0.35, 0.15, 0.1)
 SHIFT = 1.0           # 16x16 latents need no resolution shift (SD3's 3.0 is for 128x128)
+# the teacher's CFG, chosen on the calibration split (bench/dit_calibrate.py: 2-5 within noise of each other, 7
+# worse); its InstaFlow couples are sampled with it, and bench/quality.py reports the teacher at it
+CFG = 3.0
 
 
 def make_text_encoder(vocab_size):

@@ -14,6 +14,7 @@ import shutil
 import torch
 
 from . import dit
+from .train_dit import COUPLE_CFG, COUPLE_STEPS
 from .package import HERE, folder_mb, name_float32, read_log
 
 PIPELINE_DIR = "nimblediff-tiny-dit"
@@ -62,7 +63,8 @@ def write_card(runs, dest, pipe, students):
                        transformer=n(pipe.transformer), te=n(pipe.text_encoder), vae=n(pipe.vae),
                        layers=pipe.transformer.config.num_layers, size=folder_mb(os.path.join(dest, PIPELINE_DIR)),
                        rows=rows, couples=n_couples, students=student_lines, shift=dit.SHIFT,
-                       rows_set=", ".join(map(str, dit.ZERO_ROWS)))
+                       rows_set=", ".join(map(str, dit.ZERO_ROWS)), couple_steps=COUPLE_STEPS,
+                       couple_cfg=COUPLE_CFG, cfg=dit.CFG)
     result = os.path.join(HERE, "bench", "results", "quality_dit.md")  # keep the card's table when re-packaging
     if os.path.exists(result):
         with open(result) as f:
@@ -75,8 +77,8 @@ def write_card(runs, dest, pipe, students):
 CARD = """# NimbleDiff-Tiny-DiT
 
 A small rectified-flow MM-DiT text-to-image model, trained from scratch on CPU for NimbleDiff's DiT samplers, LoRA
-loaders, quantizers, editing and caching; an InstaFlow-style one-step student follows once the teacher is worth
-distilling. Same procedural data and vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat
+loaders, quantizers, editing and caching, with InstaFlow's students: a 2-rectified flow and a one-step model
+distilled from it. Same procedural data and vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat
 shapes, 64x64.
 
 ## Why SD3's MM-DiT (not Flux's)
@@ -101,9 +103,11 @@ Students:
 
 ## Training (`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill`, each resumable)
 - dit: rectified flow, x_s = (1 - s) x0 + s eps, the transformer predicts eps - x0, s ~ logit-normal(0, 1) as in
-  SD3; both CLIP encoders trained jointly; 10% empty captions (CFG); AdamW 5e-4, 100-step warm-up, grad clip 1,
-  batch 48, EMA 0.999 (shipped); two-shape scenes over-sampled to half of each batch.
-- couples: {couples} shards of 48 (noise, the teacher's own sample from it by 16 flow-Euler steps at CFG 5).
+  SD3; both CLIP encoders trained jointly; 10% empty captions (CFG); AdamW 5e-4 (3e-4 in the third run),
+  100-step warm-up, grad clip 1, batch 48, EMA 0.999 (shipped); two-shape scenes over-sampled (half of each batch in
+  the second run, 40% in the third; the data has 20%).
+- couples: {couples} shards of 48 (noise, the teacher's own sample from it by {couple_steps} flow-Euler steps at CFG
+  {couple_cfg:g}, the CFG chosen on the calibration split by `bench/dit_calibrate.py`).
 - reflow (2-rectified flow, InstaFlow's first stage): the teacher's transformer retrained on straight lines between
   each couple; text encoders frozen; the guidance is baked in, so it runs at CFG 1.
 - distill: one step from the 2-RF model, z1 - v(z1, 1) regressed onto the teacher's sample (L2 in latent space;
@@ -115,12 +119,16 @@ Students:
 
 Wall minutes are budgets of step time on a shared 2-core machine (other jobs ran alongside).
 
+## Sampling settings
+CFG {cfg:g} for the teacher, chosen on the calibration split (`python bench/dit_calibrate.py`: 128 prompts and noises
+disjoint from the held-out ones; CFG 2 to 5 were within noise of each other, 7 was worse); flow shift 1. The
+students bake the guidance in and run at CFG 1. The BOSS 4-step schedule was searched on the shipped teacher at the
+same CFG, with 8 calibration-split prompts.
+
 ## Limitations
-The shipped teacher had {dit_steps:,} steps ({dit_minutes:.0f} minutes of step time in two runs on one core, which
-other jobs shared for much of the first): under-trained. Shapes are its weakest attribute, often a blob (table
-below); NimbleDiff-Tiny's UNet had 3,121 steps. Later runs warm-start from the shipped weights
-(`--init weights/tiny/nimblediff-tiny-dit --init-steps {dit_steps}`). The BOSS schedule was searched on the first
-run's weights (1,928 steps); the table measures it on the shipped ones.
+The shipped teacher had {dit_steps:,} steps ({dit_minutes:.0f} minutes of step time in three runs on one core):
+still under-trained, shapes being its weakest attribute (table below). Later runs warm-start from the shipped weights
+(`--init weights/tiny/nimblediff-tiny-dit --init-steps {dit_steps}`); students must then be distilled again.
 
 ## Quality (`python bench/quality.py --only DiT`; evaluator `nimblediff/tiny/evaluate.py`, held-out prompts)
 <!-- bench:quality_dit -->
@@ -132,13 +140,20 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 pipe = StableDiffusion3Pipeline.from_pretrained("weights/tiny/nimblediff-tiny-dit", text_encoder_3=None,
                                                 tokenizer_3=None, dtype=torch.float32)
-img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=25, guidance_scale=5).images[0]
+img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=25, guidance_scale={cfg:g},
+           max_sequence_length=24).images[0]
+
+# the one-step InstaFlow student: its transformer in the same pipeline, CFG 1
+from diffusers import SD3Transformer2DModel
+pipe.transformer = SD3Transformer2DModel.from_pretrained("weights/tiny/nimblediff-tiny-dit-instaflow")
+img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=1, guidance_scale=1,
+           max_sequence_length=24).images[0]
 ```
 
 ## Reproduce
 ```
-python -m nimblediff.tiny.train_dit --stage dit --p-two 0.5 --threads 2     # resumable, 90 min budget
-python -m nimblediff.tiny.train_dit --stage couples --p-two 0.5             # then reflow, then distill
+python -m nimblediff.tiny.train_dit --stage dit --p-two 0.4 --threads 2     # resumable, 90 min budget
+python -m nimblediff.tiny.train_dit --stage couples --minutes 25            # then reflow, then distill
 python -m nimblediff.tiny.package_dit && python bench/quality.py --only DiT && python bench/update_readme.py
 ```
 """

@@ -27,7 +27,7 @@ from .train import EmaLoop, build_parser, product_dir
 STAGE_K = {"dit": 4, "reflow": 5, "distill": 6}
 DEFAULTS = {"dit": (48, 5e-4, 90.0), "couples": (48, 0.0, 30.0), "reflow": (48, 2e-4, 45.0),
             "distill": (48, 1e-4, 30.0)}
-COUPLE_STEPS, COUPLE_CFG = 16, 5.0
+COUPLE_STEPS, COUPLE_CFG = 16, dit.CFG
 SHIPPED_VAE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "tiny", "nimblediff-tiny", "vae")
 
 
