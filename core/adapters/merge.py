@@ -63,6 +63,7 @@ def _sum(T: list) -> torch.Tensor:
 
 
 _SELECT_SAMPLE = 1 << 16   # entries sampled to bracket the k-th largest |entry| of a large task tensor
+_SAMPLE_EVERY = 64         # streamed threshold: one sampled entry per this many (at most _SELECT_SAMPLE)
 
 
 def _kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -380,6 +381,9 @@ _STREAMED = {      # method -> (how each task tensor is sparsified, how the spar
 }
 
 
+_ONE = torch.ones(())
+
+
 class _Workspace:
     """Named flat float32 buffers, grown on demand and reused from layer to layer."""
 
@@ -435,7 +439,7 @@ def _kth_largest_abs(B, A, s: float, k: int, blocks, ws: _Workspace, bracket: tu
 def _sampled_bracket(B, A, s: float, k: int) -> tuple[float, float]:
     m, n = B.shape[0], A.shape[1]
     N = m * n
-    size = min(_SELECT_SAMPLE, N // 16)
+    size = min(_SELECT_SAMPLE, N // _SAMPLE_EVERY)
     g = torch.Generator().manual_seed(N)
     i, j = torch.randint(m, (size,), generator=g), torch.randint(n, (size,), generator=g)
     sample = (B.index_select(0, i) * A.T.contiguous().index_select(0, j)).sum(1).mul_(s).abs_()   # (size,)
@@ -457,20 +461,21 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def _elect_block(X: list, w: list, how: str, out: torch.Tensor, tmp: list) -> torch.Tensor:
     """TIES 'elect sign' + 'disjoint merge' of one block, with float ops only. S = sum of X_t (or of sign X_t);
-    sigma = +1 where S >= 0 else -1 (sign(sign(S) + 1/2)); X_t agrees where X_t sigma > 0, so
-    X_t [agrees] = sigma relu(X_t sigma) and the count of agreeing tensors is sum_t sign(relu(X_t sigma)). The result
-    sigma (sum_t w_t relu(X_t sigma)) / max(count, 1) is PEFT's sum_t (w_t X_t)[agrees] / max(count, 1) to the bit:
-    multiplying by +-1 and rounding commute. Overwrites X."""
+    sigma = copysign(1, S); X_t agrees where X_t sigma > 0, so X_t [agrees] = sigma relu(X_t sigma) and the count of
+    agreeing tensors is sum_t sign(relu(X_t sigma)). The result sigma (sum_t w_t relu(X_t sigma)) / max(count, 1)
+    equals PEFT's sum_t (w_t X_t)[agrees] / max(count, 1) to the bit: multiplying by +-1 and rounding commute.
+    (PEFT elects +1 where S = 0; copysign gives -1 only at S = -0.0, where every X_t is +-0 and the result is 0
+    either way.) Overwrites X."""
     S, sig, cnt, t = tmp
     if how == "total":
-        S.copy_(X[0])
-        for x in X[1:]:
+        torch.add(X[0], X[1], out=S) if len(X) > 1 else S.copy_(X[0])
+        for x in X[2:]:
             S.add_(x)
     else:
         torch.sign(X[0], out=S)
         for x in X[1:]:
             S.add_(torch.sign(x, out=t))
-    torch.sign(S, out=sig).add_(0.5).sign_()                 # (rows, n) elected sign, ties to +
+    torch.copysign(_ONE, S, out=sig)                         # (rows, n) the elected sign
     for x in X:
         x.mul_(sig).relu_()                                  # |X_t| where it agrees, else 0
     torch.sign(X[0], out=cnt)
