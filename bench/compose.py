@@ -103,8 +103,9 @@ def main(argv=None):
                     images.append(out.images[0])
                 rows.append((name, strength, images, time.monotonic() - start))
     print(f"composition on NimbleDiff-Tiny: n={args.n} problems (seed {args.seed}), {args.steps} steps, "
-          f"cfg {args.cfg}, injection_end {args.injection_end}, scene prompt: {args.prompt} caption; evaluator v2 against the two-shape target scene\n")
-    print("| method | strength | whole prompt [95% CI] | object shape | colour | position | s/image |")
+          f"cfg {args.cfg}, injection_end {args.injection_end}, scene prompt: {args.prompt} caption; evaluator v2 "
+          "against the two-shape target scene (shape / colour / position: per object, both objects)\n")
+    print("| method | strength | whole prompt [95% CI] | shape | colour | position | s/image |")
     print("|---|---|---|---|---|---|---|")
     for name, strength, images, seconds in rows:
         images = (np.clip(np.stack(images), 0, 1) * 255).round().astype(np.uint8) \
