@@ -517,3 +517,80 @@ def test_node_without_a_mask_copies_the_box_of_the_object_image(comfy_stub):
     expected = bg.clone()
     expected[..., 4:6, 2:6] = obj[..., 4:6, 2:6]
     assert torch.equal(collage["samples"], expected)
+
+
+# --- real ComfyUI: the node's adapter on ComfyUI's own UNet vs the pipeline's on diffusers' UNet ---------------
+
+PARITY = r'''
+import json, sys
+comfy_dir, pack, folder = sys.argv[1:4]
+sys.path.insert(0, pack + "/tests")
+import comfy_harness
+loaders = comfy_harness._import_pack(comfy_dir, pack)
+import torch
+from diffusers import UNet2DConditionModel
+from nimblediff.core.editing.composition import CompositionPatch
+from nimblediff.nodes.compose import patch_model
+from nimblediff.pipelines.compose import attention_patched
+
+torch.manual_seed(0)
+model, clip, vae = loaders.load_sd15_folder(folder)
+unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+ms = model.model.model_sampling
+region = torch.zeros(1, 1, 16, 16); region[..., 4:12, 8:16] = 1.0
+ctx = torch.randn(2, 48, unet.config.cross_attention_dim)
+out = {}
+for name, tokens, injection in (("cross", (24, 48), 0.0), ("self", None, 1.0), ("both", (24, 48), 1.0)):
+    t = 500
+    sigma = ms.sigmas[t].float()
+    x, x_ref = (torch.randn(2, 4, 16, 16) * (1 + sigma**2).sqrt() for _ in range(2))
+    results = []
+    for side in ("comfy", "diffusers"):
+        patch = CompositionPatch(region, tokens, injection)
+        outs = []
+        for mode, xin in (("record", x_ref), ("inject", x)):
+            patch.mode = mode
+            with torch.no_grad():
+                if side == "comfy":
+                    patched = patch_model(model, patch)
+                    opts = dict(patched.model_options["transformer_options"])
+                    y = patched.model.apply_model(xin, sigma.expand(2), c_crossattn=ctx, transformer_options=opts)
+                else:
+                    with attention_patched(unet, patch):
+                        eps = unet(xin / (1 + sigma**2).sqrt(), torch.tensor([t, t]), encoder_hidden_states=ctx).sample
+                    y = xin - sigma * eps
+            outs.append(y.float())
+        results.append(outs)
+        if side == "diffusers":
+            with torch.no_grad():
+                plain = xin - sigma * unet(xin / (1 + sigma**2).sqrt(), torch.tensor([t, t]), encoder_hidden_states=ctx).sample
+    out[name] = {"record": float((results[0][0] - results[1][0]).abs().max()),
+                 "inject": float((results[0][1] - results[1][1]).abs().max()),
+                 "patch_effect": float((results[1][1] - plain).abs().max()),
+                 "scale": float(plain.abs().max())}
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.comfyui
+def test_real_comfyui_unet_with_our_patches_matches_diffusers():
+    """The shipped tiny model in ComfyUI's UNet (attn1 / attn2 replace patches, the node's adapter) and in diffusers'
+    (attention processors, the pipeline's adapter): a reference pass recorded, then the composite pass injected, with
+    cross-attention masking, self-attention injection and both. With every attention call ours the outputs agree to
+    float rounding; the patch itself moves the output."""
+    import json
+    import os
+    import subprocess
+
+    import comfy_harness
+
+    comfy = comfy_harness.comfyui_path()
+    if comfy is None or not (comfy / "main.py").is_file():
+        pytest.skip("needs COMFYUI_PATH (and COMFYUI_PYTHON with diffusers)")
+    proc = subprocess.run([comfy_harness.comfyui_python(), "-c", PARITY, str(comfy), str(comfy_harness.PACK_DIR),
+                           str(TINY)], capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, r in result.items():
+        assert r["record"] < 1e-4 * r["scale"] and r["inject"] < 1e-4 * r["scale"], (name, r)
+        assert r["patch_effect"] > 1e-2, (name, r)
