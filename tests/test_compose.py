@@ -561,9 +561,8 @@ for name, tokens, injection in (("cross", (24, 48), 0.0), ("self", None, 1.0), (
                     y = xin - sigma * eps
             outs.append(y.float())
         results.append(outs)
-        if side == "diffusers":
-            with torch.no_grad():
-                plain = xin - sigma * unet(xin / (1 + sigma**2).sqrt(), torch.tensor([t, t]), encoder_hidden_states=ctx).sample
+    with torch.no_grad():                               # the composite pass without any patch
+        plain = x - sigma * unet(x / (1 + sigma**2).sqrt(), torch.tensor([t, t]), encoder_hidden_states=ctx).sample
     out[name] = {"record": float((results[0][0] - results[1][0]).abs().max()),
                  "inject": float((results[0][1] - results[1][1]).abs().max()),
                  "patch_effect": float((results[1][1] - plain).abs().max()),
