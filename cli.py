@@ -448,8 +448,8 @@ def _lora_prune(args) -> int:
 
 def _lora_merge(args) -> int:
     from .errors import InvalidParameterError
-    from .weights.lora_ops import (check_merge_keys, checked_output, merge_chunked, merge_metadata, read_same_base,
-                                   require_complete)
+    from .weights.lora_ops import (check_merge_keys, checked_output, merge_metadata, merge_with_progress,
+                                   read_same_base, require_complete)
     from .weights.lora_formats import Target
 
     if args.weights is not None and len(args.weights) != len(args.loras):
@@ -467,7 +467,7 @@ def _lora_merge(args) -> int:
     weights = args.weights or [1.0] * len(args.loras)
     progress = _Progress(f"merge ({args.method})")
     try:
-        merged, report = merge_chunked(adapters, weights, args.method, density=args.density, seed=args.seed,
+        merged, report = merge_with_progress(adapters, weights, args.method, density=args.density, seed=args.seed,
                                        rank=args.rank, progress=progress)
     finally:
         progress.close()

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import AdapterMismatchError, InvalidParameterError, NimbleDiffError, WeightsFormatError
 from ..weights.lora_ops import (DYNAMIC_METHODS, LAYOUTS, carried_metadata, check_merge_keys, describe_file,
-                                extract_chunked, merge_chunked, merge_metadata, output_path, rank_selection,
+                                extract_chunked, merge_metadata, merge_with_progress, output_path, rank_selection,
                                 read_same_base, require_complete, save_deltas)
 from .adapters import (CLIP_TIP, LORA_NAME_TIP, MODEL_TIP, STRENGTH, STRENGTH_CLIP_TIP, STRENGTH_MODEL_TIP,
                        comfy_patches, comfy_target, lora_choices, lora_path)
@@ -400,7 +400,7 @@ class LoRAMerge:
         check_merge_keys(adapters, reports)
         weights = [w for *_, w in chosen]
         total = len(dict.fromkeys(k for a in adapters for k in a))
-        merged, report = merge_chunked(adapters, weights, method, density=density, seed=seed,
+        merged, report = merge_with_progress(adapters, weights, method, density=density, seed=seed,
                                        rank=rank or None, progress=_comfy_progress(total))
         meta = merge_metadata(reports, " + ".join(f"{w:g} x {Path(p).name}" for _, p, w in chosen), merged,
                               method=method, density=density, seed=seed, rank=rank or None)

@@ -108,10 +108,11 @@ def read_same_base(paths: Sequence) -> tuple[list[dict], list]:
     return deltas, reports
 
 
-def merge_chunked(adapters: Sequence[dict], weights: Sequence[float], method: str, *, density: float, seed: int,
-                  rank: int | None, progress=None, svd: str = "fast"):
+def merge_with_progress(adapters: Sequence[dict], weights: Sequence[float], method: str, *, density: float,
+                        seed: int, rank: int | None, progress=None, svd: str = "fast"):
     """core merge() with a progress callback after every layer (progress(done, total); raise from it to cancel);
-    without one, a tqdm bar on a terminal. The rank reduction is the fast one (see core merge's `svd`)."""
+    without one, a tqdm bar on a terminal. The rank reduction is the fast one (see core merge's `svd`).
+    (Was merge_chunked: the merge works layer by layer, and within a layer in row blocks, on its own.)"""
     from ..core.adapters.merge import merge
 
     bar = None
