@@ -30,8 +30,10 @@ def architecture(model) -> str:
     """'sd3' / 'flux' for an MM-DiT MODEL, else '<diffusion_model class> (<BaseModel class>)', e.g. a UNet."""
     base = model.model
     net = getattr(base, "diffusion_model", None)
-    name = type(net).__name__
-    return _JOINT.get(name, f"{name} ({type(base).__name__})")
+    for cls in type(net).__mro__:                 # subclasses count (the DiT loader's NimbleMMDiT is an MMDiT)
+        if cls.__name__ in _JOINT:
+            return _JOINT[cls.__name__]
+    return f"{type(net).__name__} ({type(base).__name__})"
 
 
 def _entry(conditioning, name: str):
@@ -65,7 +67,9 @@ def _autograd_weights(base) -> dict:
     save inference tensors for backward, so PTI's gradient through the model needs these stand-ins. Call it
     outside inference mode; the MODEL itself is not touched."""
     tensors = [*base.named_parameters(), *base.named_buffers()]
-    return {f"base.{name}": t.clone() for name, t in tensors if t.is_inference()}
+    # detached: a clone of a requires_grad parameter would make every forward (the unconditional one too, whose
+    # inputs are inference tensors) record a graph
+    return {f"base.{name}": t.detach().clone() for name, t in tensors if t.is_inference()}
 
 
 def comfy_denoiser(model, negative, cfg: float, x_shape, cond_extras: dict, differentiable: bool = False):

@@ -208,6 +208,10 @@ class OpenAISignatureMMDITWrapper(torch.nn.Module):     # named as ComfyUI's SD3
     pass
 
 
+class NimbleMMDiT(OpenAISignatureMMDITWrapper):          # the DiT loader's subclass (nodes/dit_loaders.py)
+    pass
+
+
 class UNetModel(torch.nn.Module):
     pass
 
@@ -219,10 +223,14 @@ class FakeBase(torch.nn.Module):
         super().__init__()
         self.diffusion_model = net
         with torch.inference_mode():              # as ComfyUI's loaders create weights
-            self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64), requires_grad=False)
+            self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.shift = torch.nn.Linear(1, 1, dtype=torch.float64)
+            self.shift.weight.zero_()
+            self.shift.bias.zero_()
 
     def apply_model(self, x, t, c_crossattn=None, y=None, **_):
-        return (gaussian_x0(x.double(), t, c_crossattn.double(), y.double()) * self.gain).to(x.dtype)
+        shift = self.shift(c_crossattn.double()[..., :1]).mean()          # 0, but on autograd's path via the tokens
+        return (gaussian_x0(x.double(), t, c_crossattn.double(), y.double()) * self.gain + shift).to(x.dtype)
 
     def encode_adm(self, pooled_output=None, **_):
         return pooled_output
@@ -275,7 +283,9 @@ def test_semantic_edit_node_matches_core_reference(comfy):
 
 
 def test_semantic_edit_node_refuses_a_unet_and_mismatched_prompts(comfy):
-    from nimblediff.nodes.dit_edit import DiTSemanticEdit
+    from nimblediff.nodes.dit_edit import DiTSemanticEdit, architecture
+
+    assert architecture(_model(NimbleMMDiT)) == "sd3"
 
     src, tgt, x0 = _cond(2), _cond(3), _x0()
     with pytest.raises(NimbleDiffError, match=r"got a UNetModel \(FakeBase\)"):
@@ -303,9 +313,9 @@ def test_pti_node_tunes_per_step_conditioning_that_reconstructs_under_guidance(c
     src, x0, sigmas = _cond(2), _x0(), _sigmas(6)
     neg = (_cond(9)[0], src[1])          # same pooled vector: guidance is then exactly compensable by the tokens
     cfg = 4.0
-    with torch.inference_mode():                 # ComfyUI runs every node inside it
-        noise, tuned = PromptTuningInversion().tune(_model(), _conditioning(src), _conditioning(neg),
-                                                    {"samples": x0}, sigmas, cfg, 60, 0.1, 2)
+    with torch.inference_mode():                 # ComfyUI runs every node inside it (its CONDITIONING too)
+        inputs = [_conditioning(tuple(t.clone() for t in c)) for c in (src, neg)]
+        noise, tuned = PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 60, 0.1, 2)
     assert len(tuned) == 6
     for i, s in enumerate(sigmas[:-1].tolist()):
         assert _active(tuned, s) == [i]                      # exactly its own step's entry
