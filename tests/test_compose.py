@@ -349,6 +349,25 @@ def test_pipeline_keeps_the_background_exactly_and_restores_the_unet(pipe, laten
     assert dict(pipe.unet.attn_processors) == before
 
 
+@pytest.mark.slow
+def test_custom_pipeline_shim_loads_compose_pipeline(tmp_path):
+    import os
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        from diffusers import DiffusionPipeline
+        import nimblediff.pipelines as nd
+        pipe = DiffusionPipeline.from_pretrained({str(TINY)!r}, custom_pipeline=nd.custom_pipeline_path("compose"),
+                                                 trust_remote_code=True)
+        assert isinstance(pipe, nd.ComposePipeline), type(pipe)
+        print("ok")
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 def test_pipeline_errors_name_what_is_wrong(pipe, latents):
     import numpy as np
 
