@@ -121,6 +121,7 @@ class Compose:
                 injection, injection_end, box_x, box_y, box_width, box_height, object_mask=None):
         import comfy.sample
         import comfy.samplers
+        import comfy.utils
 
         param_of(model.get_model_object("model_sampling"))          # refuse an unsupported model up front
         bg, obj = background["samples"], object["samples"]
@@ -133,8 +134,10 @@ class Compose:
         known = patched.model.process_latent_in(bg.float())
         sampler = comfy.samplers.KSAMPLER(_compose_sampler(known, region, patch, injection_end))
         noise = comfy.sample.prepare_noise(collage, noise_seed)
+        bar = comfy.utils.ProgressBar(len(sigmas) - 1)     # its callback also checks for an interrupt
         out = comfy.sample.sample_custom(patched, noise, cfg, sampler, sigmas, cond, negative, collage,
-                                         noise_mask=None, callback=None, disable_pbar=True, seed=noise_seed)
+                                         noise_mask=None, callback=lambda i, *_: bar.update_absolute(i + 1),
+                                         disable_pbar=True, seed=noise_seed)
         keep = {k: v for k, v in background.items() if k not in ("samples", "noise_mask")}
         return ({**keep, "samples": out.to(bg.dtype)}, {**keep, "samples": collage.to(bg.dtype)})
 

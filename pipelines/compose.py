@@ -134,9 +134,16 @@ class ComposePipeline(_Editing, FewStepPipeline):
             raise InvalidParameterError(f"strength={strength} with {num_inference_steps} steps runs no step")
         noise = torch.randn(bg.shape, generator=generator, dtype=bg.dtype).to(bg.device)
         x = param.noise_scaling(sigmas[0], noise, collage)
-        with torch.no_grad(), attention_patched(self.unet, patch):
+        bar = self.progress_bar(total=len(sigmas) - 1)
+
+        def progress(info):                 # one tick per composite evaluation, not per reference pass
+            if patch.mode != "record":
+                bar.update()
+
+        with torch.no_grad(), attention_patched(self.unet, patch), bar:
             out = run(sample_compose, model, x, sigmas, param=param, seed=_seed(generator), background=bg,
-                      reference=collage, region=region, patch=patch, injection_end=injection_end)
+                      reference=collage, region=region, patch=patch, injection_end=injection_end,
+                      callback=progress)
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -459,12 +459,14 @@ class _NodePatcher(fake_comfy.FakeModelPatcher):
 def comfy_stub():
     calls = []
 
-    def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image, seed=None, **_):
+    def sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, latent_image, seed=None, callback=None,
+                      **_):
         calls.append({"positive": positive, "model": model})
         guided = fake_comfy.GuidedModel(model.mix.denoiser(PARAM), model.model_sampling)
         guided.latent_image = latent_image
         return sampler.sampler_function(guided, latent_image + noise * float(sigmas[0]), sigmas,
-                                        extra_args={"seed": seed})
+                                        extra_args={"seed": seed},
+                                        callback=lambda x: callback(x["i"], x["denoised"], x["x"], len(sigmas) - 1))
 
     fake_comfy.install()
     sample = types.ModuleType("comfy.sample")
@@ -472,8 +474,12 @@ def comfy_stub():
     sample.prepare_noise = lambda latent, seed: torch.randn(latent.shape, generator=torch.Generator()
                                                             .manual_seed(seed), dtype=latent.dtype)
     sys.modules["comfy.sample"] = sys.modules["comfy"].sample = sample
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda i: calls.append(("bar", i, total)))
+    sys.modules["comfy.utils"] = sys.modules["comfy"].utils = utils
     yield calls
     sys.modules.pop("comfy.sample", None)
+    sys.modules.pop("comfy.utils", None)
     fake_comfy.uninstall()
 
 
@@ -502,6 +508,7 @@ def test_node_runs_the_core_sampler_with_patches_and_concatenated_tokens(comfy_s
               param=PARAM, seed=7, background=bg, reference=collage["samples"], region=region, patch=patch,
               injection_end=0.5)
     assert torch.equal(composite["samples"], ref)
+    assert [c[1] for c in comfy_stub if isinstance(c, tuple)] == [1, 2, 3, 4, 5, 6]    # a tick per step, not per pass
 
 
 def test_node_errors_name_both_sizes(comfy_stub):
