@@ -12,11 +12,12 @@ CLIP ViT-L text encoder (72): 264 layers, 352 M weight entries. Two random LoRAs
 2. Before / after, paired (bench/timing.py protocol: rotating rounds, median of per-round ratios, 95% interval):
    the previous path (dense update of each layer, then the randomized SVD: merge with streaming switched off) against
    the streamed one, CPU seconds, one layer of each distinct shape merged on its own and weighted by the shape's
-   count (= the whole LoRA; --quick: shapes up to 1 M entries).
+   count (= the whole LoRA; --quick: shapes up to 1 M entries); the first config only.
 3. Accuracy against the exact truncated SVD (Eckart-Young optimum) of the same dense merged update (merge without a
    rank, which equals PEFT's merge_utils), per distinct shape: the LoRA's real relative Frobenius error divided by
    the optimum's (worst layer; the goal is <= 1.05), and how far the error the report states is from the real one.
-   Linear merges are exact when the rank holds the summed ranks: there the largest error is shown instead.
+   Linear merges are exact when the rank holds the summed ranks: there the largest error is shown instead. Every
+   config. --quick: the first two configs, one thread setting, 2 rounds.
 
 Usage: python bench/merge_bench.py [--quick] [--threads 1 2] [--repeats 1] [--rounds 3] [--configs 4,8:16 ...]
 """
@@ -114,17 +115,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=1, help="whole-LoRA runs per method and thread setting")
     p.add_argument("--rounds", type=int, default=3, help="paired before/after rounds per method")
-    p.add_argument("--configs", nargs="+", default=["4,8:16", "16,16:32", "8,8:8"],
-                   help="rank of LoRA 1, rank of LoRA 2 : merged rank; sections 2-3 use the first")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="rank of LoRA 1, rank of LoRA 2 : merged rank (default 4,8:16 16,16:32 8,8:8; --quick: the "
+                   "first two); section 2 uses the first")
     p.add_argument("--density", type=float, default=0.5)
     p.add_argument("--methods", nargs="+", default=None, choices=METHODS)
     p.add_argument("--locon", action="store_true", help="also every UNet conv (a LoCon LoRA)")
     args = p.parse_args(argv)
     methods = args.methods or (QUICK_METHODS if args.quick else METHODS)
-    configs = [parse_config(c) for c in args.configs]
+    configs = [parse_config(c) for c in args.configs or ["4,8:16", "16,16:32", "8,8:8"][:2 if args.quick else 3]]
     max_paired = None
     if args.quick:
-        configs, args.threads, args.rounds, max_paired = configs[:1], args.threads[:1], 2, 1 << 20
+        args.threads, args.rounds, max_paired = args.threads[:1], 2, 1 << 20
     cond = Conditions()
     print(cond, flush=True)
     shapes = sd15_shapes(args.locon)
@@ -150,10 +152,48 @@ def main(argv=None) -> int:
                       f"{cpu:.2f} s CPU (load {os_load():.1f})", flush=True)
     torch.set_num_threads(args.threads[0])
 
-    # 2. before / after, paired, per distinct shape weighted by its count; 3. accuracy on the same layers
-    ra, rb, rank = configs[0]
-    a, b = random_lora(shapes, ra, seed=0), random_lora(shapes, rb, seed=1)
+    # 2. before / after, paired, per distinct shape weighted by its count (first config); 3. accuracy on the same
+    #    layers (every config)
     paired, accuracy = [], []
+    for ci, (ra, rb, rank) in enumerate(configs):
+        a, b = random_lora(shapes, ra, seed=0), random_lora(shapes, rb, seed=1)
+        paired_and_accuracy(ci == 0, a, b, rank, f"{ra} + {rb} -> {rank}", methods, reps, counts, args, paired,
+                            accuracy)
+    cond.finish()
+    ra, rb, rank = configs[0]
+
+    lines = [str(cond), "",
+             f"SD1.5-shaped LoRA pair: {len(shapes)} layers (UNet attention / ff / proj"
+             f"{' and every conv' if args.locon else ''}, text encoder q / k / v / out / fc1 / fc2; "
+             f"{entries / 1e6:.0f} M weight entries), weights 0.8 / 0.6, density {args.density}. Whole LoRA, shipped "
+             "path (goal: <= 10 s):", "",
+             "| ranks -> merged rank | method | torch threads | wall (s) | CPU (s) | load (1 min) |",
+             "|---|---|---|---|---|---|"]
+    for cfg, method, threads, wall, cpu, load in whole:
+        lines.append(f"| {cfg} | {method} | {threads} | {wall:.2f} | {cpu:.2f} | {load:.1f} |")
+    covered = sum(counts[s] for s in reps.values())
+    lines += ["", f"Before / after (ranks {ra} + {rb} -> {rank}): one layer of each of {len(reps)} of the "
+              f"{len(counts)} distinct shapes, weighted by count ({covered} of the {len(shapes)} layers, "
+              f"{sum(math.prod(s) * counts[s] for s in reps.values()) / 1e6:.0f} M entries), CPU seconds, "
+              f"{args.rounds} rotating rounds:", "",
+              "| method | before: dense update + randomized SVD (s) | after: streamed (s) | before / after (95% "
+              "interval) |", "|---|---|---|---|"]
+    for method, old, new, r in paired:
+        lines.append(f"| {method} | {old:.2f} | {new:.2f} | {r} |")
+    lines += ["", "Accuracy on the same layers: the merged LoRA's relative Frobenius error against the dense merged "
+              "update, divided by the optimum's (the truncated SVD of that update), worst layer:", "",
+              "| ranks -> merged rank | method | error / optimum, worst layer | largest error | largest abs(reported - "
+              "real error) |", "|---|---|---|---|---|"]
+    for cfg, method, worst, biggest, rep in accuracy:
+        lines.append(f"| {cfg} | {method} | {'exact (rank holds the sum)' if worst == 0 else f'{worst:.4f}'} | "
+                     f"{biggest:.3g} | {rep:.1e} |")
+    text = "\n".join(lines)
+    print(text)
+    write_result("merge_bench", __file__, text, argv, mode="quick" if args.quick else "")
+    return 0
+
+
+def paired_and_accuracy(timed: bool, a, b, rank, label, methods, reps, counts, args, paired, accuracy) -> None:
     for method in methods:
         def arm(previous):
             def fn():
@@ -166,7 +206,7 @@ def main(argv=None) -> int:
                 return {"cpu": cpu}
             return fn
 
-        if method != "linear":   # linear merges never formed a dense update: nothing changed
+        if timed and method != "linear":   # linear merges never formed a dense update: nothing changed
             runs = interleave({"before": arm(True), "after": arm(False)}, repeats=args.rounds, warmup=0)
             paired.append((method, median(runs, "before"), median(runs, "after"), ratio(runs, "before", "after")))
             print(f"{method}: before {paired[-1][1]:.1f} s CPU, after {paired[-1][2]:.2f} s ({paired[-1][3]})",
@@ -184,40 +224,9 @@ def main(argv=None) -> int:
             if opt > 1e-6:
                 worst_ratio = max(worst_ratio, err / opt)
             worst_report = max(worst_report, abs(report.rank.rel_error[key] - err))
-        accuracy.append((method, worst_ratio, worst_abs, worst_report))
-        print(f"{method}: error / optimum worst {worst_ratio:.4f}, largest error {worst_abs:.3g}, "
+        accuracy.append((label, method, worst_ratio, worst_abs, worst_report))
+        print(f"{label}, {method}: error / optimum worst {worst_ratio:.4f}, largest error {worst_abs:.3g}, "
               f"|reported - real| {worst_report:.1e}", flush=True)
-    cond.finish()
-
-    lines = [str(cond), "",
-             f"SD1.5-shaped LoRA pair: {len(shapes)} layers (UNet attention / ff / proj"
-             f"{' and every conv' if args.locon else ''}, text encoder q / k / v / out / fc1 / fc2; "
-             f"{entries / 1e6:.0f} M weight entries), weights 0.8 / 0.6, density {args.density}. Whole LoRA, shipped "
-             "path (goal: <= 10 s):", "",
-             "| ranks -> merged rank | method | torch threads | wall (s) | CPU (s) | load (1 min) |",
-             "|---|---|---|---|---|---|"]
-    for cfg, method, threads, wall, cpu, load in whole:
-        lines.append(f"| {cfg} | {method} | {threads} | {wall:.2f} | {cpu:.2f} | {load:.1f} |")
-    covered = sum(counts[s] for s in reps.values())
-    lines += ["", f"Before / after (ranks {ra} + {rb} -> {rank}): one layer of each of {len(reps)} of the {len(counts)} "
-              f"distinct shapes, weighted by count ({covered} of the {len(shapes)} layers, "
-              f"{sum(math.prod(s) * counts[s] for s in reps.values()) / 1e6:.0f} M entries), CPU seconds, "
-              f"{args.rounds} rotating rounds:", "",
-              "| method | before: dense update + randomized SVD (s) | after: streamed (s) | before / after (95% "
-              "interval) |", "|---|---|---|---|"]
-    for method, old, new, r in paired:
-        lines.append(f"| {method} | {old:.2f} | {new:.2f} | {r} |")
-    lines += ["", "Accuracy on the same layers: the merged LoRA's relative Frobenius error against the dense merged "
-              "update, divided by the optimum's (the truncated SVD of that update), worst layer:", "",
-              "| method | error / optimum, worst layer | largest error | largest abs(reported - real error) |",
-              "|---|---|---|---|"]
-    for method, worst, biggest, rep in accuracy:
-        lines.append(f"| {method} | {'exact (rank holds the sum)' if worst == 0 else f'{worst:.4f}'} | "
-                     f"{biggest:.3g} | {rep:.1e} |")
-    text = "\n".join(lines)
-    print(text)
-    write_result("merge_bench", __file__, text, argv, mode="quick" if args.quick else "")
-    return 0
 
 
 class _null:
