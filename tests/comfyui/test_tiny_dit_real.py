@@ -108,6 +108,24 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
         worst, scale = max(worst, _max(got, x - sigma * v)), max(scale, float((x - sigma * v).abs().max()))
     out["denoised"], out["denoised_scale"] = worst, scale
 
+    # 2b. a student's transformer (same size, other weights) in place of the folder's: the MODEL follows it
+    import tempfile
+
+    from diffusers import SD3Transformer2DModel
+
+    student = SD3Transformer2DModel.from_config(pipe.transformer.config)
+    student.load_state_dict({k: v + 0.02 * torch.randn_like(v) for k, v in pipe.transformer.state_dict().items()})
+    with tempfile.TemporaryDirectory() as tdir:
+        student.save_pretrained(tdir)
+        s_model = dit_loaders.load_dit_folder(folder, clip_options={"dtype": torch.float32}, transformer=tdir)[0]
+    x, s = torch.randn(2, 4, 16, 16, generator=gen), torch.full((2,), 0.7)
+    with torch.no_grad():
+        got = s_model.model.apply_model(x, s, c_crossattn=ref_cond.expand(2, -1, -1), y=ref_pooled.expand(2, -1))
+        kw = dict(timestep=s * 1000, encoder_hidden_states=ref_cond.expand(2, -1, -1),
+                  pooled_projections=ref_pooled.expand(2, -1))
+        want, teacher = x - 0.7 * student(x, **kw).sample, x - 0.7 * pipe.transformer(x, **kw).sample
+    out["student_denoised"], out["student_vs_teacher"] = _max(got.float(), want), _max(want, teacher)
+
     # 3. ComfyUI's own key table (comfy.utils.mmdit_to_diffusers) maps the MODEL's weights back onto the folder's
     ref_sd = pipe.transformer.state_dict()
     comfy_sd = mm.diffusion_model.state_dict()
@@ -223,6 +241,9 @@ else:  # -----------------------------------------------------------------------
 
     def test_denoised_equals_x_minus_sigma_v_of_the_pipelines_transformer(parity):
         assert parity["denoised"] <= 1e-4 and parity["denoised_scale"] > 1.0, parity
+
+    def test_a_students_transformer_replaces_the_folders(parity):
+        assert parity["student_denoised"] <= 1e-4 and parity["student_vs_teacher"] > 1e-2, parity
 
     def test_comfyuis_own_key_table_maps_the_model_back_onto_the_folder(parity):
         assert parity["keys_not_reached"] == [] and parity["comfy_keys_unmapped"] == [], parity
