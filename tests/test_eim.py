@@ -203,6 +203,29 @@ def test_custom_pipeline_shim_names_the_class():
     assert text.startswith("from nimblediff.pipelines.dit_edit import DiTEditPipeline")
 
 
+@pytest.mark.slow
+def test_custom_pipeline_shim_loads_the_tiny_dit(tmp_path):
+    """diffusers' custom_pipeline path in a fresh interpreter gives our class on the shipped SD3 folder."""
+    import os
+    import subprocess
+    import textwrap
+
+    import nimblediff
+
+    code = textwrap.dedent(f"""
+        from diffusers import DiffusionPipeline
+        import nimblediff.pipelines as nd
+        from nimblediff.pipelines.dit_edit import DiTEditPipeline
+        pipe = DiffusionPipeline.from_pretrained({nimblediff.TINY_DIT!r}, custom_pipeline=nd.custom_pipeline_path(
+            "dit_edit"), trust_remote_code=True, text_encoder_3=None, tokenizer_3=None)
+        assert isinstance(pipe, DiTEditPipeline), type(pipe)
+        print("ok")
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------------------------------- nodes
 class OpenAISignatureMMDITWrapper(torch.nn.Module):     # named as ComfyUI's SD3 diffusion_model
     pass
