@@ -187,7 +187,7 @@ class DiTSemanticEdit:
         guided = comfy_denoiser(model, negative, cfg, x0.shape, s_extras)
         out, _ = edit(guided, x0, sigmas, src, tgt, strength, param=param, fixed_point=fixed_point, window=window,
                       delta=delta, invert_model=plain,
-                      callback=_progress((len(as_floats(sigmas)) - 1) * (fixed_point + 1)))
+                      callback=_progress((len(as_floats(sigmas)) - 1) * (fixed_point + 2)))
         return (_latent_out(model, latent, out),)
 
 

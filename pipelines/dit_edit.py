@@ -173,8 +173,12 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         source, uncond = self.embeds(source_prompt, n, negative_prompt, guidance_scale, max_sequence_length)
         target, _ = self.embeds(prompt, n, max_sequence_length=max_sequence_length)
         sigmas = self._sigmas(param, num_inference_steps, depth)
+        steps = len(sigmas) - 1
+        bar = self.progress_bar(total=steps * (fixed_point + 2))           # inversion, then regeneration
         out, _ = edit(self.denoiser(param, uncond, guidance_scale), x0, sigmas, source, target, strength,
-                      param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param))
+                      param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param),
+                      callback=lambda info: bar.update())
+        bar.close()
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

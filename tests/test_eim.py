@@ -108,6 +108,13 @@ def test_direction_and_manipulate_per_stream():
     assert isinstance(single, torch.Tensor) and torch.equal(single, b - a)
 
 
+def test_callback_counts_every_model_call_of_both_phases():
+    calls = []
+    edit(model, _x0(), _sigmas(5), _cond(2), _cond(3), 1.0, param=PARAM, fixed_point=2,
+         callback=lambda info: calls.append(info["i"]))
+    assert calls == list(range(5 * 3 + 5))
+
+
 def test_window_edits_only_the_first_steps():
     src, tgt, x0, sigmas = _cond(2), _cond(3), _x0(), _sigmas(10)
     out0, _ = edit(model, x0, sigmas, src, tgt, 0.0, param=PARAM)

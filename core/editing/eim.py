@@ -86,7 +86,8 @@ def edit(model, x0, sigmas, source, target, strength: float, *, param, fixed_poi
 
     sigmas: the sampling schedule (decreasing to 0; truncate it for a partial inversion); delta defaults to
     direction(source, target); invert_model: the denoiser for the inversion when it differs from the regenerating
-    one (unguided inversion, guided regeneration). Returns (edited latent, inverted noise x_T).
+    one (unguided inversion, guided regeneration); callback: k-diffusion's dict after every model call of both
+    phases. Returns (edited latent, inverted noise x_T).
     """
     if param.kind != "flow":
         raise InvalidParameterError(f"EIM follows a rectified-flow ODE (SD3 / Flux); got a model of kind "
@@ -97,7 +98,17 @@ def edit(model, x0, sigmas, source, target, strength: float, *, param, fixed_poi
         trajectory = run(invert, lambda x, s, **_: inverse(x, s, source), x0, sigmas, param=param,
                          fixed_point=fixed_point, callback=callback)
         conds = edit_conds(source, delta, strength, len(as_floats(sigmas)) - 1, window)
-        out = run_per_step(model, trajectory[-1], sigmas, conds, param=param)
+        regenerate = model
+        if callback is not None:              # the regeneration reports on, numbered after the inversion's calls
+            i = len(trajectory[1:]) * (fixed_point + 1)
+
+            def regenerate(x, sigma, c):
+                nonlocal i
+                denoised = model(x, sigma, c)
+                callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+                i += 1
+                return denoised
+        out = run_per_step(regenerate, trajectory[-1], sigmas, conds, param=param)
     return out, trajectory[-1]
 
 
