@@ -463,9 +463,10 @@ SPEEDUPS = {"measured": lambda r: r["speedup"].median,                # wall tim
 
 def interpolated(results, method, target, speed):
     """(RMSE, FD) of a method's sweep at `target` speedup: linear in speedup between the two settings that bracket
-    it (sorted by speedup); None when no pair brackets it (no extrapolation)."""
-    pts = sorted((speed(r), r["rmse"].mean(), r["fd"]) for r in results.values()
-                 if r.get("method") == method and "error" not in r)
+    it (sorted by speedup); None when no pair brackets it (no extrapolation). Every sweep starts at the uncached
+    model (1x, distance 0): each method's 'off' setting (threshold 0, interval 1) is the uncached model."""
+    pts = sorted([(1.0, 0.0, 0.0)] + [(speed(r), r["rmse"].mean(), r["fd"]) for r in results.values()
+                                      if r.get("method") == method and "error" not in r])
     for (s0, e0, f0), (s1, e1, f1) in zip(pts, pts[1:]):
         if s0 <= target <= s1:
             w = 0.0 if s1 == s0 else (target - s0) / (s1 - s0)
