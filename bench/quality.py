@@ -48,6 +48,23 @@ DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, DIT_CFG, None) for k 
     ("DiT teacher BOSS", "boss", 4, DIT_CFG, None)] + [
     ("DiT 2-rectified flow", "flow-euler", k, 1.0, "2rf") for k in (1, 2, 4)] + [
     ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")]
+# Quantized denoisers (issue 14), each model at one near-converged setting: the UNet with DPM++ 8 steps at CFG, the
+# DiT with uniform flow Euler 8 steps at DIT_CFG. (name, sampler, steps, guidance, (model, scheme, calibrated)):
+# scheme None = the float model; "Q4_K" = a GGUF file written by weights.gguf_io (our Q4_K block writer, byte-exact
+# to llama.cpp's) and loaded back by pipelines.quantized_gguf; else a core.quant scheme through
+# pipelines.quantized, calibrated (Q-Diffusion: GPTQ / clipping on the layer inputs of QUANT_CALIBRATION_PROMPTS
+# calibration-split prompts sampled by the same sampler) or rounded to nearest. Row names say "quant UNet" / "quant
+# dit" so `--only DiT` keeps selecting the DiT family alone.
+QUANT_W4 = "int4k_g32"  # 4.4 bits per weight (6-bit scale / minimum codes): within GGUF Q4_K's 4.5
+QUANT_SCHEMES = [("fp32", None, False), ("W8 round-to-nearest", "int8", False), ("W8 calibrated", "int8", True),
+                 ("W4 round-to-nearest", QUANT_W4, False), ("W4 calibrated", QUANT_W4, True),
+                 ("GGUF Q4_K", "Q4_K", False)]
+QUANT_CONFIGS = [(f"quant UNet {label}", "dpm", 8, CFG, ("unet", s, c)) for label, s, c in QUANT_SCHEMES] + [
+    (f"quant dit {label}", "flow-euler", 8, DIT_CFG, ("dit", s, c)) for label, s, c in QUANT_SCHEMES]
+QUANT_CALIBRATION_PROMPTS = 8
+# first and last layers stay float (Q-Diffusion / BRECQ keep them at high precision): the UNet's conv_in / conv_out
+# (pipelines.quantized.KEEP_FLOAT), the DiT's patch embedding and output projection
+QUANT_KEEP_DIT = ("pos_embed.proj", "proj_out")
 
 
 def scheduler(kind, config, schedule_file=None):
@@ -189,9 +206,120 @@ def dit_jobs(a):
                                                    seeds, **extra)
 
 
+def _stored_bits(model, float_model):
+    """Bits per weight over every Linear / Conv2d weight of the float model: a quantized layer's stored bytes
+    (scales included), a layer left float at 16 (fp16 is how a float layer would ship), the fp32 model at 32."""
+    mods = dict(model.named_modules())
+    bits = numel = 0
+    for name, m in float_model.named_modules():
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d):
+            q = getattr(mods[name], "qweight", None)
+            bits += 8 * q.nbytes if q is not None else (16 if model is not float_model else 32) * m.weight.numel()
+            numel += m.weight.numel()
+    return bits / numel
+
+
+def quant_jobs(a):
+    """The quantized rows: each scheme on a copy of the float denoiser, the same pipeline and sampler for all rows of
+    a model. Records (bits/weight of the layers, bits/weight of the whole file, file MB) in a.quant_sizes."""
+    import copy
+    import tempfile
+
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    from nimblediff.pipelines.quantized import KEEP_FLOAT, quantize_denoiser, save_quantized_denoiser
+    from nimblediff.pipelines.quantized_gguf import load_gguf_denoiser
+    from nimblediff.weights.gguf_io import to_original, write_gguf
+
+    a.quant_sizes = {}
+    calib = heldout.calibration_scenes(QUANT_CALIBRATION_PROMPTS)  # never the held-out prompts
+    tmp = tempfile.mkdtemp(prefix="nimblediff-quality-quant-")
+    for family, folder, component, arch in (("unet", a.model, "unet", "sd15"), ("dit", a.dit, "transformer", "sd3")):
+        configs = [c for c in QUANT_CONFIGS if c[4][0] == family and _wanted(a, c)]
+        if not configs or not os.path.isdir(folder):
+            continue
+        if family == "unet":
+            pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+            extra, exclude = {}, KEEP_FLOAT
+        else:
+            pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                            dtype=torch.float32)
+            extra, exclude = {"max_sequence_length": DIT_ZERO_ROWS}, KEEP_FLOAT + QUANT_KEEP_DIT
+        pipe.set_progress_bar_config(disable=True)
+        float_model = getattr(pipe, component)
+        n_params = sum(p.numel() for p in float_model.parameters())
+        for config in configs:
+            _, kind, steps, guidance, (_, scheme, calibrated) = config
+            kwargs = dict(extra)
+            if kind == "flow-euler":  # uniform sigmas, as dit_jobs
+                kwargs["sigmas"] = np.linspace(1.0, 0.0, steps + 1)[:-1].tolist()
+            else:
+                pipe.scheduler = scheduler(kind, pipe.scheduler.config)
+            n_steps = None if "sigmas" in kwargs else steps
+            path = os.path.join(tmp, f"{family}-{len(a.quant_sizes)}")
+            if scheme is None:
+                model, path = float_model, os.path.join(folder, component, "diffusion_pytorch_model.safetensors")
+            elif scheme == "Q4_K":
+                sd = to_original(float_model.state_dict(), arch, float_model.config)
+                write_gguf(path + ".gguf", sd, arch, scheme)
+                model, path = load_gguf_denoiser(path + ".gguf", folder), path + ".gguf"
+            else:
+                model = copy.deepcopy(float_model)
+                setattr(pipe, component, model)
+                quantize_denoiser(pipe, scheme, prompts=calib.captions, steps=n_steps, guidance_scale=guidance,
+                                  calibrate=calibrated, exclude=exclude, seed=calib.noise_seeds[0],
+                                  pipe_kwargs=kwargs)
+                path = str(save_quantized_denoiser(pipe, path + ".safetensors"))
+            setattr(pipe, component, model)
+            size = os.path.getsize(path)
+            a.quant_sizes[config] = (_stored_bits(model, float_model), 8 * size / n_params, size / 1e6)
+            yield config, lambda caps, seeds: generate(pipe, caps, n_steps, guidance, seeds, **kwargs)
+
+
+def _per_prompt(hits, scenes, attribute):
+    """(N,) hits and (N,) stated words of one attribute per prompt (evaluate_v2's hits list, one entry per word)."""
+    counts = np.array([sum(attribute in ws for ws in evaluate.stated(s)[0]) for s in scenes])
+    sums = np.add.reduceat(np.asarray(hits[attribute], np.float64), np.r_[0, np.cumsum(counts)[:-1]])
+    return np.where(counts > 0, sums, 0.0), counts
+
+
+def quant_comparisons(results, scenes, n_boot=4000, seed=0):
+    """Per quantized row: shape and colour accuracy as a share of the fp row's, with a paired bootstrap 95% interval
+    over prompts (same prompts and noise), and the whole-prompt difference; the issue's acceptance for calibrated
+    W4 (>= 97% of the fp model's shape and colour accuracy) stated with its interval."""
+    lines = ["| row | shape / fp [95% CI] | colour / fp [95% CI] | whole prompt minus fp, points [95% CI] |",
+             "|---|---|---|---|"]
+    said = []
+    idx = np.random.default_rng(seed).integers(0, len(scenes), (n_boot, len(scenes)))
+    for family in ("unet", "dit"):
+        rows = {c[4][1:]: (c, results[c]) for c in QUANT_CONFIGS if c[4][0] == family and c in results}
+        if (None, False) not in rows:
+            continue
+        fp = rows[(None, False)][1]
+        for key, (config, r) in rows.items():
+            if key == (None, False):
+                continue
+            cells, share = [], {}
+            for attribute in ("shape", "colour"):
+                hq, n = _per_prompt(r["hits"], scenes, attribute)
+                hf, _ = _per_prompt(fp["hits"], scenes, attribute)
+                share[attribute] = hq.sum() / hf.sum()
+                lo, hi = np.percentile(hq[idx].sum(1) / hf[idx].sum(1), [2.5, 97.5])
+                cells.append(f"{100 * share[attribute]:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
+            d, (lo, hi) = evaluate.paired_difference(r["whole"], fp["whole"])
+            lines.append(f"| {config[0]} | {cells[0]} | {cells[1]} | {100 * d:+.1f} [{100 * lo:+.1f}, "
+                         f"{100 * hi:+.1f}] |")
+            if key == (QUANT_W4, True):
+                met = "met" if min(share.values()) >= 0.97 else "missed"
+                said.append(f"{config[0]} keeps {100 * share['shape']:.1f}% of the fp model's shape accuracy and "
+                            f"{100 * share['colour']:.1f}% of its colour accuracy (goal >= 97%: {met}).")
+    return "\n".join(lines) + "\n\n" + " ".join(said)
+
+
 def jobs(a):
     yield from unet_jobs(a)
     yield from dit_jobs(a)
+    yield from quant_jobs(a)
 
 
 def main():
@@ -234,7 +362,7 @@ def main():
         lines.append(_card_row(f"chance: {label}", "-", "-", "-", evaluate.evaluate_v2(imgs, scs, net), None, None,
                                a.n))
     head_lines = list(lines)
-    rows, labels, results, family_lines = [real], ["real"], {}, {"unet": [], "dit": []}
+    rows, labels, results, family_lines = [real], ["real"], {}, {"unet": [], "dit": [], "quant": []}
     for config, make in jobs(a):
         name, kind, steps, guidance, _ = config
         make(captions[:2], seeds[:2])  # warm-up
@@ -245,7 +373,10 @@ def main():
         r["sharpness"] = np.median(evaluate.edge_sharpness(images)) / real_edges
         fd = evaluate.frechet(r["features"], real_feats) if len(r["features"]) > 2 else float("nan")
         lines.append(_card_row(name, kind, steps, guidance, r, fd, wall, a.n))
-        family_lines["dit" if config in DIT_CONFIGS else "unet"].append(lines[-1])
+        if config in QUANT_CONFIGS:  # the quant family's table has the sizes beside each row
+            family_lines["quant"].append(lines[-1] + " {:.2f} | {:.2f} | {:.2f} |".format(*a.quant_sizes[config]))
+        else:
+            family_lines["dit" if config in DIT_CONFIGS else "unet"].append(lines[-1])
         print(lines[-1], flush=True)
         results[config] = dict(r, fd=fd, ms=1000 * wall / a.n)
         rows.append(images)
@@ -281,6 +412,26 @@ def main():
                     f"{DIT_CFG:g} (chosen on the calibration split), the students at CFG 1 (reflow bakes guidance in).")
         write_result("quality_dit", __file__, table + "\n\n" + dit_comparisons(results) + dit_note + note,
                      mode=mode)
+    if all(c in results for c in QUANT_CONFIGS):  # every quant row ran (both models present, no --only left one out)
+        table = "\n".join([head_lines[0] + " bits/weight (layers) | bits/weight (file) | file MB |",
+                           head_lines[1] + "---|" * 3] + [x + " - | - | - |" for x in head_lines[2:]]
+                          + family_lines["quant"])
+        quant_note = (f"\n\nQuantized rows: the UNet with DPM++ 8 steps at CFG {CFG:g}, the DiT (stock "
+                      f"StableDiffusion3Pipeline without T5, max_sequence_length={DIT_ZERO_ROWS}) with flow Euler on "
+                      f"8 uniform sigmas at CFG {DIT_CFG:g}. W8 = int8 per output channel; W4 = {QUANT_W4} (groups "
+                      "of 32, 6-bit scale and minimum codes per group); calibrated = Q-Diffusion calibration on "
+                      f"{QUANT_CALIBRATION_PROMPTS} prompts of the calibration split (`heldout.calibration_scenes`) "
+                      "sampled by the same sampler (GPTQ and per-row clipping, kept only where they lower held-out "
+                      "rows' output error); round-to-nearest = the same grid without calibration; GGUF Q4_K = "
+                      "`weights.gguf_io.write_gguf` (original key layout, ComfyUI-GGUF's rules: tensors <= 1024 "
+                      "values F32, conv kernels as rows of 256, F16 where Q4_K blocks do not fit) loaded by "
+                      "`load_gguf_denoiser`. First and last layers stay float in our files (UNet conv_in / conv_out, "
+                      "DiT pos_embed.proj / proj_out). bits/weight (layers): over every Linear / Conv2d weight, "
+                      "scales included, float layers counted at 16 (the fp32 row at 32); bits/weight (file): 8 x file "
+                      "bytes / denoiser parameters; file MB: the file as saved (the fp32 row: the shipped fp32 "
+                      "safetensors).")
+        write_result("quality_quant", __file__, table + "\n\n" + quant_comparisons(results, scenes) + quant_note
+                     + note, mode=mode)
 
 
 def dit_comparisons(results):

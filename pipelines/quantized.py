@@ -63,31 +63,34 @@ def skip_splits(unet: torch.nn.Module) -> dict[str, int]:
     return out
 
 
-def _sampler(pipe, prompts, steps: int, guidance_scale: float, seed: int) -> Callable[[], None]:
+def _sampler(pipe, prompts, steps, guidance_scale: float, seed: int, pipe_kwargs=None) -> Callable[[], None]:
     if not prompts:
         raise InvalidParameterError("calibration needs at least one prompt (prompts=[...] / --prompt)")
 
     def run():
         for i, p in enumerate(prompts):
             pipe(p, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent",
-                 generator=torch.Generator().manual_seed(seed + i))
+                 generator=torch.Generator().manual_seed(seed + i), **(pipe_kwargs or {}))
     return run
 
 
-def quantize_denoiser(pipe, scheme="int8", *, prompts=(), steps: int = 4, guidance_scale: float = 1.0,
+def quantize_denoiser(pipe, scheme="int8", *, prompts=(), steps: int | None = 4, guidance_scale: float = 1.0,
                       calibrate: bool = True, per_layer=None, exclude=KEEP_FLOAT, adaround_iters: int = 0,
-                      w8a8: bool = False, rows_per_call: int = 32, seed: int = 0, progress=None) -> dict:
+                      w8a8: bool = False, rows_per_call: int = 32, seed: int = 0, pipe_kwargs=None,
+                      progress=None) -> dict:
     """Quantize ``pipe.unet`` (or ``pipe.transformer``) in place; return the per-layer report.
 
-    calibrate=True samples ``prompts`` with the float pipeline (``steps`` steps each) and calibrates every layer on
-    its inputs along that trajectory; calibrate=False rounds to nearest."""
+    calibrate=True samples ``prompts`` with the float pipeline (``steps`` steps each; prompt i from noise seed
+    ``seed + i``; ``pipe_kwargs`` go to every pipeline call, e.g. ``sigmas=`` or ``max_sequence_length=``, so
+    calibration follows the trajectory the model will be sampled on) and calibrates every layer on its inputs along
+    that trajectory; calibrate=False rounds to nearest."""
     pipe.set_progress_bar_config(disable=True)
     _, model = _denoiser(pipe)
     if not calibrate:
         new = quantize_model(model, scheme, per_layer=per_layer, exclude=exclude, progress=progress)
         return {n: {"scheme": per_layer.get(n, scheme) if per_layer else scheme,
                     "bits_per_weight": m.qweight.bits_per_weight} for n, m in new.items()}
-    run = _sampler(pipe, list(prompts), steps, guidance_scale, seed)
+    run = _sampler(pipe, list(prompts), steps, guidance_scale, seed, pipe_kwargs)
     return cal.calibrate_model(model, scheme, run, per_layer=per_layer, exclude=exclude,
                                adaround_iters=adaround_iters, w8a8=w8a8, skip_splits=skip_splits(model),
                                rows_per_call=rows_per_call, seed=seed, progress=progress)

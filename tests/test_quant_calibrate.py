@@ -190,3 +190,20 @@ def test_mixed_precision_plan_meets_the_budget_on_a_pipeline():
     quantize_denoiser(pipe, "int8", prompts=["a"], steps=2, per_layer=plan)
     kept = [k for k, s in plan.items() if s is None]
     assert all(type(pipe.unet.get_submodule(k)) in (torch.nn.Linear, torch.nn.Conv2d) for k in kept)
+
+
+def test_dit_calibration_follows_the_sampler_it_is_given():
+    """pipe_kwargs reach every calibration call: an SD3 pipeline sampled on sigmas (1, 0.5) calls its transformer
+    at 1000 x the shifted sigmas (SD3's shift s: s sigma / (1 + (s - 1) sigma)), once per prompt each."""
+    from nimblediff.pipelines.quantized import quantize_denoiser
+    from tests.factories import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    report = quantize_denoiser(pipe, "int8", prompts=["a", "b"], steps=None, guidance_scale=1.0,
+                               pipe_kwargs={"sigmas": [1.0, 0.5], "max_sequence_length": 8, "height": 32,
+                                            "width": 32})
+    shift = pipe.scheduler.config.shift
+    t = [1000 * shift * s / (1 + (shift - 1) * s) for s in (1.0, 0.5)]
+    assert report["_timesteps"] == pytest.approx(t + t)
+    assert all(hasattr(m, "qweight") for n, m in pipe.transformer.named_modules()
+               if n.endswith("attn.to_q"))
