@@ -207,3 +207,22 @@ def test_dit_calibration_follows_the_sampler_it_is_given():
     assert report["_timesteps"] == pytest.approx(t + t)
     assert all(hasattr(m, "qweight") for n, m in pipe.transformer.named_modules()
                if n.endswith("attn.to_q"))
+
+
+def test_group_clip_is_the_per_group_argmin_of_the_importance_weighted_error():
+    """_group_clip against a loop over every (row, group, ratio) computing sum_k h_k (w_k - q_k)^2 by hand."""
+    from nimblediff.core.quant import resolve_scheme
+    from nimblediff.core.quant.calibrate import _group_clip
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 64, generator=g)
+    w[:, 5] *= 6  # an outlier column: clipping its group trades its error against the rest
+    h = torch.rand(64, generator=g) * torch.linspace(0.1, 4, 64)
+    fn = resolve_scheme("int4_g32")
+    grid = (1.0, 0.9, 0.8, 0.7)
+    got = _group_clip(w, fn, h, 32, grid)
+    for r in range(3):
+        for j in range(2):
+            cols = slice(32 * j, 32 * j + 32)
+            errs = [float((h[cols] * (w[r, cols] - fn(w, clip=c).dequantize()[r, cols]) ** 2).sum()) for c in grid]
+            assert got[r, j] == grid[min(range(len(grid)), key=errs.__getitem__)]
