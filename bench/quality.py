@@ -390,6 +390,8 @@ def main():
     cond.finish()
     note += f"\n{cond} Whole run {time.perf_counter() - t_start:.0f} s.\n"
     print("\n" + "\n".join(lines) + note)
+    if any(c in QUANT_CONFIGS for c in results):  # printed by any run with quant rows (an --only run too)
+        print(quant_comparisons(results, scenes) + "\n")
     save_grid(rows, labels, os.path.join(a.out, "tiny_quality_grid.png"))
     if a.no_write:
         return
