@@ -126,9 +126,11 @@ students bake the guidance in and run at CFG 1. The BOSS 4-step schedule was sea
 same CFG, with 8 calibration-split prompts.
 
 ## Limitations
-The shipped teacher had {dit_steps:,} steps ({dit_minutes:.0f} minutes of step time in three runs on one core):
-still under-trained, shapes being its weakest attribute (table below). Later runs warm-start from the shipped weights
-(`--init weights/tiny/nimblediff-tiny-dit --init-steps {dit_steps}`); students must then be distilled again.
+The shipped teacher had {dit_steps:,} steps ({dit_minutes:.0f} minutes of step time in three runs on one core). The
+students had one short run each (table above), far less than InstaFlow's; their gap to the teacher is in the table
+below. Later runs warm-start from the shipped weights (`--init weights/tiny/nimblediff-tiny-dit --init-steps
+{dit_steps}`); students must then be distilled again. 64x64 flat shapes only: this model exists to measure methods,
+not to make pictures.
 
 ## Quality (`python bench/quality.py --only DiT`; evaluator `nimblediff/tiny/evaluate.py`, held-out prompts)
 <!-- bench:quality_dit -->
