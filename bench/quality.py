@@ -56,7 +56,7 @@ DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, DIT_CFG, None) for k 
 # calibration-split prompts sampled by the same sampler) or rounded to nearest. Row names say "quant UNet" / "quant
 # dit" so `--only DiT` keeps selecting the DiT family alone.
 QUANT_W4 = "int4k_g32"  # 4.4 bits per weight (6-bit scale / minimum codes): within GGUF Q4_K's 4.5
-QUANT_SCHEMES = [("fp32", None, False), ("W8 round-to-nearest", "int8", False), ("W8 calibrated", "int8", True),
+QUANT_SCHEMES = [("float", None, False), ("W8 round-to-nearest", "int8", False), ("W8 calibrated", "int8", True),
                  ("W4 round-to-nearest", QUANT_W4, False), ("W4 calibrated", QUANT_W4, True),
                  ("GGUF Q4_K", "Q4_K", False)]
 QUANT_CONFIGS = [(f"quant UNet {label}", "dpm", 8, CFG, ("unet", s, c)) for label, s, c in QUANT_SCHEMES] + [
@@ -208,14 +208,35 @@ def dit_jobs(a):
 
 def _stored_bits(model, float_model):
     """Bits per weight over every Linear / Conv2d weight of the float model: a quantized layer's stored bytes
-    (scales included), a layer left float at 16 (fp16 is how a float layer would ship), the fp32 model at 32."""
+    (scales included), a layer left float at 16 (fp16 is how a float layer would ship)."""
     mods = dict(model.named_modules())
     bits = numel = 0
     for name, m in float_model.named_modules():
         if type(m) in (torch.nn.Linear, torch.nn.Conv2d):
             q = getattr(mods[name], "qweight", None)
-            bits += 8 * q.nbytes if q is not None else (16 if model is not float_model else 32) * m.weight.numel()
+            bits += 8 * q.nbytes if q is not None else 16 * m.weight.numel()
             numel += m.weight.numel()
+    return bits / numel
+
+
+def _file_weight_bits(path):
+    """Bits per weight over the >= 2-D ".weight" tensors as a file stores them (a safetensors file's dtypes; a
+    GGUF file's block types: its loader may hand some back as float, e.g. split fused qkv)."""
+    if path.endswith(".gguf"):
+        from nimblediff.weights.gguf_io import read_gguf
+
+        ts = [t for k, t in read_gguf(path).tensors.items() if k.endswith(".weight") and len(t.shape) >= 2]
+        bits = [8 * t.nbytes if hasattr(t, "blocks") else 8 * t.element_size() * t.numel() for t in ts]
+        return sum(bits) / sum(int(np.prod(t.shape)) for t in ts)
+    from safetensors import safe_open
+
+    bits = numel = 0
+    with safe_open(path, "pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k)
+            if k.endswith(".weight") and len(t.get_shape()) >= 2:
+                n = int(np.prod(t.get_shape()))
+                bits, numel = bits + n * {"F32": 32, "F16": 16, "BF16": 16}[t.get_dtype()], numel + n
     return bits / numel
 
 
@@ -272,7 +293,9 @@ def quant_jobs(a):
                 path = str(save_quantized_denoiser(pipe, path + ".safetensors"))
             setattr(pipe, component, model)
             size = os.path.getsize(path)
-            a.quant_sizes[config] = (_stored_bits(model, float_model), 8 * size / n_params, size / 1e6)
+            layer_bits = _stored_bits(model, float_model) if path.endswith(".safetensors") and scheme else \
+                _file_weight_bits(path)
+            a.quant_sizes[config] = (layer_bits, 8 * size / n_params, size / 1e6)
             yield config, lambda caps, seeds: generate(pipe, caps, n_steps, guidance, seeds, **kwargs)
 
 
@@ -428,10 +451,11 @@ def main():
                       "`weights.gguf_io.write_gguf` (original key layout, ComfyUI-GGUF's rules: tensors <= 1024 "
                       "values F32, conv kernels as rows of 256, F16 where Q4_K blocks do not fit) loaded by "
                       "`load_gguf_denoiser`. First and last layers stay float in our files (UNet conv_in / conv_out, "
-                      "DiT pos_embed.proj / proj_out). bits/weight (layers): over every Linear / Conv2d weight, "
-                      "scales included, float layers counted at 16 (the fp32 row at 32); bits/weight (file): 8 x file "
-                      "bytes / denoiser parameters; file MB: the file as saved (the fp32 row: the shipped fp32 "
-                      "safetensors).")
+                      "DiT pos_embed.proj / proj_out). The float row computes in fp32 from the shipped file. "
+                      "bits/weight (layers): over every Linear / Conv2d weight, scales included, float layers of our "
+                      "files counted at 16; for the float and GGUF rows over the file's >= 2-D weight tensors as "
+                      "stored; bits/weight (file): 8 x file bytes / denoiser parameters; file MB: the file as saved "
+                      "(the float row: the shipped safetensors).")
         write_result("quality_quant", __file__, table + "\n\n" + quant_comparisons(results, scenes) + quant_note
                      + note, mode=mode)
 
