@@ -7,8 +7,8 @@ with hooks that keep a few random input rows of every layer from every denoiser 
 ``calibrate_layer`` then tries, and keeps only where they lower the output error on held-out rows: a per-row
 clipping ratio (||(W - Q(W)) X^T||^2 is separable over rows), GPTQ error feedback (Frantar et al. 2023) on the
 round-to-nearest grid and, for group-wise schemes, on a grid whose group ranges minimise the error weighted by the
-inputs' energy diag(X^T X) (llama.cpp's importance matrix), and AdaRound (Nagel et al. 2020; the layer-wise case of BRECQ's block reconstruction) for a
-bounded number of steps. ``calibrate_model`` swaps all layers at once. On NimbleDiff-Tiny the clipping alone made
+inputs' energy diag(X^T X) (llama.cpp's importance matrix), and AdaRound (Nagel et al. 2020; the layer-wise case
+of BRECQ's block reconstruction) for a bounded number of steps. ``calibrate_model`` swaps all layers at once. On NimbleDiff-Tiny the clipping alone made
 the end-to-end error worse than round-to-nearest (its bias adds up over layers); GPTQ is what lowers it.
 
 HAWQ-V2 (Dong et al. 2020): layer sensitivity Omega = Tr(H)/n * ||Q(W) - W||^2 with Tr(H) by Hutchinson's
