@@ -64,3 +64,27 @@ def test_boss_schedule_search_on_a_flow_transformer(folder, tmp_path):
     sig = [float(s) for s in data["sigmas"]]
     assert len(sig) == 4 and sig[0] == pytest.approx(1.0, abs=1e-3) and sig[-1] == 0.0
     assert all(a > b for a, b in zip(sig, sig[1:]))
+
+
+@pytest.mark.parametrize("student", ["instaflow", "2rf"])
+def test_shipped_student_fits_the_teacher_and_one_step_is_z1_minus_v(student):
+    """A shipped student is a transformer-only folder of the teacher's size; the stock pipeline with it at one step
+    and CFG 1 returns z1 - v(z1, 1), InstaFlow's one-step map, computed here by hand."""
+    import nimblediff
+    from diffusers import SD3Transformer2DModel
+
+    path = {"instaflow": nimblediff.TINY_DIT_INSTAFLOW, "2rf": nimblediff.TINY_DIT_2RF}[student]
+    pipe = StableDiffusion3Pipeline.from_pretrained(nimblediff.TINY_DIT, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
+    model = SD3Transformer2DModel.from_pretrained(path, dtype=torch.float32)
+    sizes = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert sizes(model.config) == sizes(pipe.transformer.config)
+    pipe.transformer = model
+    z1 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = pipe("a red circle on the left", height=64, width=64, num_inference_steps=1, guidance_scale=1.0,
+               sigmas=[1.0], latents=z1.clone(), output_type="latent", max_sequence_length=24).images
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("a red circle on the left", None, None,
+                                                  do_classifier_free_guidance=False, max_sequence_length=24)
+        v = model(z1, timestep=torch.tensor([1000.0]), encoder_hidden_states=embeds, pooled_projections=pooled).sample
+    torch.testing.assert_close(out, z1 - v, atol=1e-4, rtol=1e-4)
