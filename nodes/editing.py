@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.editing import FILTERS, Blur, Downsample, Mask, apply_filter, check_mask, invert, sample_dds, sample_inpaint
+from ..core.editing.inpaint import box_mask
 from ..core.sampling import k_diffusion_sampler
 from ..errors import InvalidParameterError
 from .sampling import param_from_model_sampling
@@ -88,19 +89,10 @@ class InvertLatent:
         return (result,)
 
 
-def box_mask(height: int, width: int, x: float, y: float, w: float, h: float) -> torch.Tensor:
-    """(H, W) mask with 1 inside the box given as fractions of the latent's width and height."""
-    mask = torch.zeros(height, width)
-    x0, y0 = round(x * width), round(y * height)
-    x1, y1 = round(min(x + w, 1.0) * width), round(min(y + h, 1.0) * height)
-    mask[y0:y1, x0:x1] = 1.0
-    return mask
-
-
 def _latent_mask(mask, latent, box):
     """MASK (B, H, W) in pixels, area-resized to the latent (a pixel mask's size is the image's), or the box."""
     if mask is None:
-        return box_mask(latent.shape[-2], latent.shape[-1], *box)
+        return box_mask(latent.shape[-2], latent.shape[-1], box)
     mask = mask.reshape(-1, 1, *mask.shape[-2:]).float()
     (mh, mw), (lh, lw) = mask.shape[-2:], latent.shape[-2:]
     if mh * lw != mw * lh or mh < lh:

@@ -27,7 +27,7 @@ from ...errors import InvalidParameterError, SamplingError
 from ..sampling.driver import as_floats
 from ..sampling.ode import sample_euler
 from .attention_patch import AttentionCall, AttentionPatch, attention, mask_tokens
-from .inpaint import check_mask, sample_inpaint
+from .inpaint import box_mask, box_span, check_mask, sample_inpaint
 
 MODES = ("plain", "record", "inject")
 
@@ -90,10 +90,8 @@ def place(background: torch.Tensor, obj: torch.Tensor, obj_mask: torch.Tensor, b
 
 
 def _box_span(height: int, width: int, box) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) latent cells of a box (x, y, width, height) given as fractions of the image."""
-    x, y, bw, bh = (float(v) for v in box)
-    x0, y0 = max(round(x * width), 0), max(round(y * height), 0)
-    x1, y1 = min(round((x + bw) * width), width), min(round((y + bh) * height), height)
+    """inpaint.box_span, refusing a box that covers no latent cell."""
+    y0, y1, x0, x1 = box_span(height, width, box)
     if not (x0 < x1 and y0 < y1):
         raise InvalidParameterError(f"box {tuple(box)} covers no latent cell of a {width}x{height} latent; x, y, "
                                     "width, height are fractions of the image in [0, 1]")
@@ -101,10 +99,8 @@ def _box_span(height: int, width: int, box) -> tuple[int, int, int, int]:
 
 
 def _box_cells(height: int, width: int, box) -> torch.Tensor:
-    y0, y1, x0, x1 = _box_span(height, width, box)
-    mask = torch.zeros(height, width)
-    mask[y0:y1, x0:x1] = 1.0
-    return mask
+    _box_span(height, width, box)
+    return box_mask(height, width, box)
 
 
 class CompositionPatch(AttentionPatch):

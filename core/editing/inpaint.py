@@ -16,6 +16,23 @@ from ..sampling.ode import sample_euler
 from .inversion import check_model_kind
 
 
+def box_span(height: int, width: int, box) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the latent cells of a box (x, y, width, height) given as fractions of the image, clipped to
+    the latent (empty when the box covers no cell)."""
+    x, y, bw, bh = (float(v) for v in box)
+    x0, y0 = max(round(x * width), 0), max(round(y * height), 0)
+    x1, y1 = min(round((x + bw) * width), width), min(round((y + bh) * height), height)
+    return y0, y1, x0, x1
+
+
+def box_mask(height: int, width: int, box) -> torch.Tensor:
+    """(H, W) mask with 1 on the cells of `box` (x, y, width, height as fractions of the image), 0 elsewhere."""
+    y0, y1, x0, x1 = box_span(height, width, box)
+    mask = torch.zeros(height, width)
+    mask[y0:y1, x0:x1] = 1.0
+    return mask
+
+
 def check_mask(mask: torch.Tensor, x: torch.Tensor, what: str = "mask") -> torch.Tensor:
     """mask (H, W), (B|1, 1|C, H, W) or (B|1, H, W) with values in [0, 1] and the latent's H x W -> (B|1, 1|C, H, W)
     in x's dtype. Refuses a size mismatch (naming both sizes) and a mask that leaves nothing to generate or keep."""
