@@ -10,22 +10,27 @@ Options beyond that rule (defaults keep it):
 - max_skip: at most this many consecutive skipped steps (MagCache's K, Ma et al. 2025).
 - order=1: on a skipped step, extrapolate the skipped blocks' residual linearly in the step index from the last two
   full steps (a first-order Taylor forecast, as TaylorSeer (Liu et al. 2025) does for features) instead of reusing
-  the last one."""
+  the last one.
+
+One implementation for both surfaces: diffusers' SD3 / Flux transformers (pipelines/caching.py) and ComfyUI's SD3
+MMDiT (nodes/caching.py); layouts.BLOCK_IO says in which order each layout's blocks take (hidden, encoder)."""
 
 from __future__ import annotations
 
 import math
 
 from ...errors import InvalidParameterError
-from .layouts import dit_block_paths
+from .layouts import block_io, dit_block_paths
 from .patch import ModelPatch, resolve
 from .state import StepClock
 
 
-def _io(args, kwargs):
-    """(hidden, encoder) of a transformer block call: diffusers' joint blocks take both as keywords."""
-    hid = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+def _io(io, args, kwargs):
+    """(hidden, encoder) of a transformer block call. io = a layouts.BLOCK_IO entry: diffusers' joint blocks take
+    (hidden_states, encoder_hidden_states) (often as keywords), ComfyUI's JointBlock takes (context, x)."""
+    h_pos, h_key, e_pos, e_key = io
+    hid = kwargs[h_key] if h_key in kwargs else args[h_pos]
+    enc = kwargs[e_key] if e_key in kwargs else (args[e_pos] if len(args) > e_pos else None)
     return hid, enc
 
 
@@ -71,6 +76,7 @@ class FirstBlockCache:
             raise InvalidParameterError(f"{type(model).__name__} has {len(paths)} transformer block(s); first-block "
                                         "caching needs at least 2")
         resolve(model, paths)
+        self.io = block_io(model)
         self.model, self.paths, self.threshold, self.warmup = model, paths, float(threshold), warmup
         self.rule, self.max_skip, self.order = rule, max_skip, order
         self.clock = clock or StepClock()
@@ -99,7 +105,7 @@ class FirstBlockCache:
 
     def _head(self, st, call, step):
         def run(original, *args, **kwargs):
-            hid_in, _ = _io(args, kwargs)
+            hid_in, _ = _io(self.io, args, kwargs)
             out = original(*args, **kwargs)
             enc, hid = _split(out)
             r = hid - hid_in                                     # (B, N, D) the first block's residual
@@ -127,7 +133,7 @@ class FirstBlockCache:
         def run(original, *args, **kwargs):
             if not call["skip"]:
                 return original(*args, **kwargs)
-            hid, enc = _io(args, kwargs)
+            hid, enc = _io(self.io, args, kwargs)
             return (enc, hid) if call["tuple"] else hid
         return run
 

@@ -5,6 +5,11 @@
 | unet | diffusers UNet2DConditionModel | down_blocks.i / mid_block / up_blocks.i, each with resnets.j, attentions.j |
 | comfy-unet | ComfyUI openaimodel.UNetModel | input_blocks.i / middle_block / output_blocks.i |
 | dit | diffusers SD3Transformer2DModel, FluxTransformer2DModel | transformer_blocks.i (+ single_transformer_blocks.i) |
+| comfy-mmdit | ComfyUI mmdit.MMDiT / OpenAISignatureMMDITWrapper (SD3) | joint_blocks.i |
+
+A class matches through its bases too (a subclass of ComfyUI's MMDiT, as NimbleDiff's DiT loader builds, is
+comfy-mmdit). `BLOCK_IO` says how a DiT layout's blocks are called: diffusers' take (hidden_states,
+encoder_hidden_states, ...), ComfyUI's JointBlock takes (context, x, ...); both return (encoder, hidden).
 """
 
 from __future__ import annotations
@@ -14,14 +19,24 @@ import torch
 from ...errors import InvalidParameterError
 
 LAYOUTS = {"UNet2DConditionModel": "unet", "UNetModel": "comfy-unet",
-           "SD3Transformer2DModel": "dit", "FluxTransformer2DModel": "dit"}
-_DIT_LISTS = ("transformer_blocks", "single_transformer_blocks")   # in call order
+           "SD3Transformer2DModel": "dit", "FluxTransformer2DModel": "dit",
+           "OpenAISignatureMMDITWrapper": "comfy-mmdit", "MMDiT": "comfy-mmdit"}
+DIT_LAYOUTS = ("dit", "comfy-mmdit")
+_DIT_LISTS = {"dit": ("transformer_blocks", "single_transformer_blocks"),    # in call order
+              "comfy-mmdit": ("joint_blocks",)}
+# layout: (position of hidden, keyword of hidden, position of encoder, keyword of encoder) in a block call
+BLOCK_IO = {"dit": (0, "hidden_states", 1, "encoder_hidden_states"),
+            "comfy-mmdit": (1, "x", 0, "context")}
+
+
+def _layout_of(model) -> str | None:
+    return next((LAYOUTS[c.__name__] for c in type(model).__mro__ if c.__name__ in LAYOUTS), None)
 
 
 def detect_layout(model: torch.nn.Module, want: tuple[str, ...] | None = None) -> str:
     """The model's layout; an unknown class (or one the method does not support) raises naming it."""
     name = type(model).__name__
-    layout = LAYOUTS.get(name)
+    layout = _layout_of(model)
     if layout is None or (want is not None and layout not in want):
         ok = [c for c, lay in LAYOUTS.items() if want is None or lay in want]
         raise InvalidParameterError(f"model type {name} is not supported by this cache; supported: {', '.join(ok)}")
@@ -78,5 +93,11 @@ def deepcache_paths(model: torch.nn.Module, block: int = 0, layer: int = 0) -> l
 
 def dit_block_paths(model: torch.nn.Module) -> list[str]:
     """The transformer blocks in call order (Flux: double blocks, then single blocks)."""
-    detect_layout(model, ("dit",))
-    return [f"{name}.{i}" for name in _DIT_LISTS for i in range(_len(model, name))]
+    layout = detect_layout(model, DIT_LAYOUTS)
+    return [f"{name}.{i}" for name in _DIT_LISTS[layout] for i in range(_len(model, name))]
+
+
+def block_io(model: torch.nn.Module) -> tuple[int, str, int, str]:
+    """How the model's transformer blocks take (hidden, encoder): BLOCK_IO of its layout; diffusers' order for a
+    model of another class whose blocks a caller names itself."""
+    return BLOCK_IO.get(_layout_of(model), BLOCK_IO["dit"])
