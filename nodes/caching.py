@@ -6,7 +6,7 @@ the MODEL is kept and called inside ours."""
 
 from __future__ import annotations
 
-from ..core.caching import BlockReuse, CacheSchedule, deepcache_paths, detect_layout
+from ..core.caching import BlockReuse, CacheSchedule, FirstBlockCache, deepcache_paths, detect_layout
 from ..core.caching import prune as laptop
 from ..errors import InvalidParameterError
 from ..weights.paths import find_inside
@@ -74,17 +74,62 @@ class DeepCacheModel:
         cache = BlockReuse(unet, paths, CacheSchedule(interval=1))
 
         def run(call, args):
-            options = args["c"].get("transformer_options", {})
-            step = _step_of(args["timestep"], options)
-            sigmas = options.get("sample_sigmas")
-            if step == 0 and sigmas is not None:        # a new run: the schedule needs its step count
-                steps = max(len(sigmas) - 1, 1)
+            sigmas = args["c"].get("transformer_options", {}).get("sample_sigmas")
+            if sigmas is not None and _step_of(args["timestep"], args["c"]["transformer_options"]) == 0:
+                steps = max(len(sigmas) - 1, 1)        # a new run: the schedule needs its step count
                 cache.schedule = CacheSchedule.edges(steps, min(interval, steps), min(full_first, steps),
                                                      min(full_last, steps))
-            stream = tuple(args.get("cond_or_uncond") or ())
-            return cache(lambda x: call(dict(args, input=x)), args["timestep"], args["input"], stream=stream,
-                         step=step)
+            return _cache_call(cache, call, args)
         return (_wrap(model, run),)
+
+
+def _cache_call(cache, call, args):
+    """One model call through a core cache: its step index from the sampler's sigmas, cond / uncond as the stream."""
+    options = args["c"].get("transformer_options", {})
+    step = _step_of(args["timestep"], options)
+    stream = tuple(args.get("cond_or_uncond") or ())
+    return cache(lambda x: call(dict(args, input=x)), args["timestep"], args["input"], stream=stream, step=step)
+
+
+class FirstBlockCacheModel:
+    """First-block-residual cache for DiT MODELs (ComfyUI's SD3 MMDiT, e.g. from NimbleDiff Diffusers DiT Loader):
+    every step runs the first joint block; while the accumulated relative change of its residual stays under
+    `threshold`, the other blocks are skipped and their residual from the last full step is added. The decision is
+    nimblediff.core.caching.FirstBlockCache, the same object `enable_nimble_cache(pipe, "first_block")` uses."""
+
+    CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("First-block cache for DiTs (SD3 MMDiT): run the first block every step and skip the rest while "
+                   "the accumulated change of its residual stays under the threshold; same rule as the diffusers "
+                   "pipelines' enable_nimble_cache('first_block').")
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "a DiT model (ComfyUI's SD3 MMDiT); a patched copy is returned"}),
+            "threshold": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "skip while the summed relative change of the first block's residual stays under this; 0 = never "
+                "skip, higher = faster and further from the uncached image")}),
+            "warmup": ("INT", {"default": 5, "min": 1, "max": 100,
+                               "tooltip": "first steps always computed in full (the layout forms early)"}),
+            "max_skip": ("INT", {"default": 0, "min": 0, "max": 100,
+                                 "tooltip": "at most this many skipped steps in a row; 0 = no cap"}),
+            "rule": (list(FirstBlockCache.RULES), {"default": "accumulated", "tooltip": (
+                "accumulated: sum the change step to step (TeaCache); reference: change against the last full "
+                "step, as diffusers' FirstBlockCache")}),
+            "order": ("INT", {"default": 0, "min": 0, "max": 1, "tooltip": (
+                "0: reuse the skipped blocks' last residual; 1: extrapolate it linearly from the last two full "
+                "steps")}),
+        }}
+
+    def patch(self, model, threshold, warmup, max_skip=0, rule="accumulated", order=0):
+        dit = diffusion_model_of(model)
+        # raises naming the model type (e.g. a UNet or ComfyUI's Flux) before anything is cloned or patched
+        cache = FirstBlockCache(dit, threshold, warmup=warmup, rule=rule, max_skip=max_skip or None, order=order)
+        patched = _wrap(model, lambda call, args: _cache_call(cache, call, args))
+        patched.model_options["model_function_wrapper"].cache = cache   # .decisions / .full_calls, for inspection
+        return (patched,)
 
 
 class SkipLayersModel:
@@ -124,5 +169,6 @@ class SkipLayersModel:
 
 NODES = {
     "NimbleDiffDeepCache": (DeepCacheModel, "NimbleDiff DeepCache / Feature Inheritance"),
+    "NimbleDiffFirstBlockCache": (FirstBlockCacheModel, "NimbleDiff First-Block Cache (DiT)"),
     "NimbleDiffSkipLayers": (SkipLayersModel, "NimbleDiff Skip Layers (LAPTOP)"),
 }

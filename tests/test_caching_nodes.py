@@ -209,3 +209,192 @@ def test_skip_layers_config_path_stays_inside_comfyuis_folders(tmp_path, name):
         assert "model_function_wrapper" not in model.model_options
     finally:
         fake_comfy.uninstall()
+
+
+# ---------------------------------------------------------------------------------------------- first-block (DiT)
+class ToyJoint(torch.nn.Module):
+    """A joint block with ComfyUI's JointBlock call: (context, x, c=..., use_checkpoint, transformer_options) ->
+    (context, x); the last block is pre-only on the context side and returns (None, x), as in mmdit.block_mixing."""
+
+    def __init__(self, d, pre_only):
+        super().__init__()
+        self.img, self.txt, self.pre_only = torch.nn.Linear(d, d), torch.nn.Linear(d, d), pre_only
+
+    def mix(self, context, x, c):
+        x = x + torch.tanh(self.img(x) + self.txt(context).mean(1, keepdim=True) + c[:, None, None])
+        context = None if self.pre_only else context + torch.tanh(self.txt(context) + x.mean(1, keepdim=True))
+        return context, x
+
+    def forward(self, context, x, c=None, use_checkpoint=False, transformer_options=None):
+        return self.mix(context, x, c)
+
+
+class MMDiT(torch.nn.Module):
+    """ComfyUI's MMDiT control flow at toy size (the class name is what the cache's layout table matches)."""
+
+    def __init__(self, d=8, n=4):
+        super().__init__()
+        self.proj_in, self.proj_out = torch.nn.Linear(4, d), torch.nn.Linear(d, 4)
+        self.joint_blocks = torch.nn.ModuleList([ToyJoint(d, i == n - 1) for i in range(n)])
+        self.register_buffer("context", torch.randn(1, 3, d, generator=torch.Generator().manual_seed(2)))
+
+    def forward(self, x, timesteps, context=None, transformer_options=None, **_):
+        h = self.proj_in(x.flatten(2).transpose(1, 2))                     # (B, HW, D)
+        ctx, c = self.context.expand(x.shape[0], -1, -1), timesteps.float().expand(x.shape[0]) / 10
+        for block in self.joint_blocks:
+            ctx, h = block(ctx, h, c=c, use_checkpoint=False, transformer_options=transformer_options)
+        return self.proj_out(h).transpose(1, 2).reshape(x.shape)
+
+
+class DiffusersJoint(torch.nn.Module):
+    """The same block with diffusers' SD3 call: (hidden_states=, encoder_hidden_states=, temb=) -> (enc, hidden)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, encoder_hidden_states=None, temb=None):
+        return self.inner.mix(encoder_hidden_states, hidden_states, temb)
+
+
+class SD3Transformer2DModel(torch.nn.Module):
+    """The toy MMDiT's weights in diffusers' layout (transformer_blocks, keyword calls, timestep=)."""
+
+    def __init__(self, mmdit):
+        super().__init__()
+        self.m = mmdit
+        self.transformer_blocks = torch.nn.ModuleList([DiffusersJoint(b) for b in mmdit.joint_blocks])
+
+    def forward(self, hidden_states, timestep=None):
+        x, m = hidden_states, self.m
+        h = m.proj_in(x.flatten(2).transpose(1, 2))
+        ctx, c = m.context.expand(x.shape[0], -1, -1), timestep.float().expand(x.shape[0]) / 10
+        for block in self.transformer_blocks:
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=c)
+        return m.proj_out(h).transpose(1, 2).reshape(x.shape)
+
+
+class DiTBase(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.diffusion_model = MMDiT()
+
+    def apply_model(self, x, t, transformer_options=None, **c):
+        return self.diffusion_model(x, t, transformer_options=transformer_options)
+
+
+DIT_SIGMAS = torch.linspace(1.0, 0.0, 13)
+NOISE = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+
+
+def euler(call, sigmas=DIT_SIGMAS):
+    """Flow Euler on x0-predictions: x <- x0 + sigma' (x - x0) / sigma; returns every call's output."""
+    x, outs = NOISE.clone(), []
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        with torch.no_grad():
+            x0 = call(x, s.reshape(1))
+        outs.append(x0)
+        x = x0 + s_next / s * (x - x0)
+    return outs
+
+
+def comfy_call(patcher):
+    wrapper = patcher.model_options.get("model_function_wrapper")
+
+    def call(x, s):
+        c = {"transformer_options": {"sample_sigmas": DIT_SIGMAS}}
+        if wrapper is None:
+            return patcher.model.apply_model(x, s, **c)
+        return wrapper(patcher.model.apply_model, {"input": x, "timestep": s, "c": c, "cond_or_uncond": [0, 1]})
+    return call
+
+
+@pytest.mark.parametrize("options", [{}, {"warmup": 1}, {"rule": "reference"}, {"order": 1}, {"max_skip": 1}])
+def test_first_block_node_decides_as_the_diffusers_side_on_the_same_weights(comfy, options):
+    """The node on a ComfyUI-layout MMDiT and enable_nimble_cache on the same weights in diffusers' layout make the
+    same skip decisions and the same outputs, bit for bit (one core implementation, two block call orders)."""
+    pytest.importorskip("diffusers")
+    from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
+
+    model = Patcher(DiTBase())
+    twin = SD3Transformer2DModel(model.model.diffusion_model)
+    kw = dict({"warmup": 2, "max_skip": 0, "rule": "accumulated", "order": 0}, **options)
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 0.15, **kw)
+    ours = euler(comfy_call(patched))
+    node_cache = patched.model_options["model_function_wrapper"].cache
+    pipe_cache = enable_nimble_cache(twin, "first_block", threshold=0.15, warmup=kw["warmup"], rule=kw["rule"],
+                                     max_skip=kw["max_skip"] or None, order=kw["order"])
+    theirs = euler(lambda x, s: twin(x, timestep=s))
+    disable_nimble_cache(twin)
+    skipped = [step for step, skip in node_cache.decisions if skip]
+    assert node_cache.decisions == pipe_cache.decisions and 0 < len(skipped) < 12, node_cache.decisions
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    uncached = euler(comfy_call(model))
+    assert not torch.equal(ours[skipped[-1]], uncached[skipped[-1]])
+
+
+def test_first_block_threshold_zero_is_the_uncached_model_and_input_untouched(comfy):
+    model = Patcher(DiTBase())
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 0.0, 1)
+    assert "model_function_wrapper" not in model.model_options
+    ours, ref = euler(comfy_call(patched)), euler(comfy_call(model))
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    cache = patched.model_options["model_function_wrapper"].cache
+    assert [s for s, _ in cache.decisions] == list(range(12)) and not any(k for _, k in cache.decisions)
+
+
+def test_first_block_skipped_step_by_hand(comfy):
+    """threshold 1 (never reached here), warmup 1: step 0 computes; step 1 runs block 0 and adds the residual that
+    blocks 1-3 added at step 0 to block 0's new output."""
+    model = Patcher(DiTBase())
+    dit = model.model.diffusion_model
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 1.0, 1)
+    call = comfy_call(patched)
+    x0, x1 = NOISE, NOISE * 0.9
+    with torch.no_grad():
+        call(x0, DIT_SIGMAS[0].reshape(1))
+        got = call(x1, DIT_SIGMAS[1].reshape(1))
+
+        def head_and_rest(x, s):
+            h = dit.proj_in(x.flatten(2).transpose(1, 2))
+            ctx, c = dit.context.expand(2, -1, -1), s.expand(2) / 10
+            ctx, h = dit.joint_blocks[0].mix(ctx, h, c)
+            head = h
+            for b in dit.joint_blocks[1:]:
+                ctx, h = b.mix(ctx, h, c)
+            return head, h
+        head0, full0 = head_and_rest(x0, DIT_SIGMAS[0])
+        head1, _ = head_and_rest(x1, DIT_SIGMAS[1])
+        want = dit.proj_out(head1 + (full0 - head0)).transpose(1, 2).reshape(x1.shape)
+    assert patched.model_options["model_function_wrapper"].cache.decisions == [(0, False), (1, True)]
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["Flux", "UNetModel", "Linear"])
+def test_first_block_on_a_model_type_it_does_not_know_names_it_and_leaves_it_unchanged(comfy, name):
+    base = {"UNetModel": BaseModel, "Linear": None, "Flux": None}[name]
+    if base is None:
+        inner = type(name, (torch.nn.Module,), {})() if name == "Flux" else torch.nn.Linear(2, 2)
+        base = type("Base", (torch.nn.Module,), {})
+        model = base()
+        model.diffusion_model = inner
+    else:
+        model = base()
+    patcher = Patcher(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InvalidParameterError, match=f"model type {name} is not supported.*MMDiT"):
+        comfy.FirstBlockCacheModel().patch(patcher, 0.2, 5)
+    assert "model_function_wrapper" not in patcher.model_options
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, match", [({"threshold": 1.5}, "threshold=1.5"), ({"warmup": 0}, "warmup=0"),
+                                           ({"rule": "teacache"}, "rule='teacache'"), ({"order": 2}, "order=2")])
+def test_first_block_bad_widget_values_are_refused(comfy, kwargs, match):
+    model = Patcher(DiTBase())
+    args = dict({"threshold": 0.2, "warmup": 5}, **kwargs)
+    with pytest.raises(InvalidParameterError, match=match):
+        comfy.FirstBlockCacheModel().patch(model, **args)
+    assert "model_function_wrapper" not in model.model_options

@@ -83,11 +83,13 @@ class FirstBlockCache:
         self.states: dict = {}
         self._run = None
         self.full_calls = self.reused_calls = 0
+        self.decisions: list[tuple[int, bool]] = []   # (step, skipped) of each call in the current run
 
     def __call__(self, forward, t, *args, stream=None, step: int | None = None, **kwargs):
         step = self.clock.observe(t) if step is None else self.clock.set(step)
         if self._run != self.clock.run:
             self.states.clear()
+            self.decisions = []
             self._run = self.clock.run
         x = args[0] if args else next(iter(kwargs.values()))
         st = self.states.setdefault((stream, tuple(getattr(x, "shape", ()))), {"acc": 0.0, "run": 0})
@@ -101,6 +103,7 @@ class FirstBlockCache:
             self.reused_calls += 1
         else:
             self.full_calls += 1
+        self.decisions.append((step, call["skip"]))
         return out
 
     def _head(self, st, call, step):
