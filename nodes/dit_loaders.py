@@ -405,7 +405,23 @@ def _embedded_folder() -> Path | None:
     return next((c for c in candidates if (c / "model_index.json").is_file()), None)
 
 
-def list_dit_models() -> list[str]:
+def _scan_diffusers() -> tuple[list[str], list[str]]:
+    """One walk of models/diffusers: (DiT pipeline folders, transformer-only folders), as relative posix paths."""
+    pipelines, transformers = [], []
+    for root in loaders._diffusers_roots():
+        for path, dirs, files in os.walk(root, followlinks=True):
+            rel = Path(os.path.relpath(path, root)).as_posix()
+            if "model_index.json" in files:
+                if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+                    pipelines.append(rel)
+                dirs.clear()  # a pipeline folder's sub-folders are its components
+            elif _transformer_only(path, files):
+                transformers.append(rel)
+                dirs.clear()
+    return pipelines, transformers
+
+
+def list_dit_models(scan=None) -> list[str]:
     """The embedded tiny DiT, then every folder under models/diffusers with model_index.json and
     transformer/config.json. Inside ComfyUI the embedded entry is offered only when its folder is there (a workflow
     naming it is then refused by ComfyUI's validation, not half-run); outside ComfyUI (workflow validation) always."""
@@ -414,12 +430,7 @@ def list_dit_models() -> list[str]:
         in_comfyui = True
     except ImportError:
         in_comfyui = False
-    names = []
-    for root in loaders._diffusers_roots():
-        for path, dirs, files in os.walk(root, followlinks=True):
-            if "model_index.json" in files and os.path.isfile(os.path.join(path, "transformer", "config.json")):
-                names.append(Path(os.path.relpath(path, root)).as_posix())
-                dirs.clear()  # a pipeline folder's sub-folders are its components
+    names = (scan or _scan_diffusers())[0]
     embedded = [EMBEDDED_CHOICE] if not in_comfyui or _embedded_folder() is not None else []
     return embedded + sorted(set(names) - {EMBEDDED_CHOICE})
 
@@ -446,20 +457,12 @@ def _transformer_only(path: str, files) -> bool:
         loaders._read_json(Path(path) / "config.json").get("_class_name") == _TRANSFORMER
 
 
-def list_dit_transformers() -> list[str]:
+def list_dit_transformers(scan=None) -> list[str]:
     """The folder's own transformer, the shipped students of the tiny DiT that are present, then transformer-only
     folders (SD3Transformer2DModel.save_pretrained) under models/diffusers."""
     embedded = [f"{EMBEDDED_NAME}-{s} (embedded)" for s in EMBEDDED_STUDENTS
                 if (EMBEDDED_DIR.parent / f"{EMBEDDED_NAME}-{s}" / "config.json").is_file()]
-    names = []
-    for root in loaders._diffusers_roots():
-        for path, dirs, files in os.walk(root, followlinks=True):
-            if "model_index.json" in files:
-                dirs.clear()
-            elif _transformer_only(path, files):
-                names.append(Path(os.path.relpath(path, root)).as_posix())
-                dirs.clear()
-    return [OWN_TRANSFORMER] + embedded + sorted(names)
+    return [OWN_TRANSFORMER] + embedded + sorted((scan or _scan_diffusers())[1])
 
 
 def resolve_dit_transformer(name: str) -> Path | None:
@@ -491,10 +494,11 @@ class NimbleDiffusersDiTLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": (list_dit_models(), {
+        scan = _scan_diffusers()  # one walk of models/diffusers for both dropdowns
+        return {"required": {"model": (list_dit_models(scan), {
             "tooltip": "A diffusers StableDiffusion3Pipeline folder (two CLIP encoders, no T5) under "
                        "models/diffusers, or NimbleDiff-Tiny-DiT shipped with NimbleDiff."})},
-                "optional": {"transformer": (list_dit_transformers(), {
+                "optional": {"transformer": (list_dit_transformers(scan), {
                     "default": OWN_TRANSFORMER,
                     "tooltip": "Use another transformer of the same size with the folder's text encoders and VAE: "
                                "a distilled student (the shipped InstaFlow one-step or 2-rectified-flow student of "
