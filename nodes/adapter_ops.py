@@ -25,6 +25,7 @@ from ..weights.lora_ops import (DYNAMIC_METHODS, LAYOUTS, carried_metadata, chec
                                 read_same_base, require_complete, save_deltas)
 from .adapters import (CLIP_TIP, LORA_NAME_TIP, MODEL_TIP, STRENGTH, STRENGTH_CLIP_TIP, STRENGTH_MODEL_TIP,
                        comfy_patches, comfy_target, lora_choices, lora_path)
+from .widgets import seed_input
 
 log = logging.getLogger("nimblediff")
 
@@ -373,8 +374,7 @@ class LoRAMerge:
                 "(density); magnitude_prune: keep the largest; cat: concatenate the factors")}),
             "density": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "fraction kept by ties / dare / magnitude_prune"}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
-                             "tooltip": "seed of DARE's drop masks and of the randomized SVD"}),
+            "seed": seed_input("seed of DARE's drop masks and of the randomized SVD"),
             "rank": ("INT", {"default": 32, "min": 0, "max": 1024, "tooltip": "0: save full differences"}),
             **_file_inputs("merged_lora"),
         })

@@ -12,6 +12,7 @@ from ..core.editing.composition import CompositionPatch, place, sample_compose
 from ..core.sampling import k_diffusion_sampler
 from ..errors import InvalidParameterError
 from .editing import _guided_param, _latent_mask, _source_latent, param_of
+from .widgets import NEGATIVE, box_inputs, cfg_input, seed_input
 
 
 def attention_blocks(diffusion_model) -> list[tuple[str, int, int]]:
@@ -86,32 +87,27 @@ class Compose:
 
     @classmethod
     def INPUT_TYPES(cls):
-        box = {"min": 0.0, "max": 1.0, "step": 0.01}
         return {"required": {
             "model": ("MODEL", {"tooltip": "an SD1.5 / SD2 / SDXL-type UNet model"}),
             "positive": ("CONDITIONING", {"tooltip": "the scene prompt"}),
-            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (used only when cfg > 1)"}),
+            "negative": NEGATIVE,
             "object_positive": ("CONDITIONING", {"tooltip": (
                 "the object's prompt: appended to the scene prompt's tokens and allowed only inside the box")}),
             "background": ("LATENT", {"tooltip": "the background image latent (VAE Encode)"}),
             "object": ("LATENT", {"tooltip": "the object image latent (VAE Encode)"}),
             "sigmas": ("SIGMAS", {"tooltip": "the schedule; a shortened one (denoise < 1) starts from the collage "
                                              "part way, as img2img"}),
-            "noise_seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
-                                   "tooltip": "seed of the starting noise and of the background's re-noising"}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "classifier-free guidance scale"}),
+            "noise_seed": seed_input("seed of the starting noise and of the background's re-noising"),
+            "cfg": cfg_input(5.0, "classifier-free guidance scale"),
             "injection": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                 "weight of the self-attention injected from the reference (collage) pass inside the box; 0 = off "
                 "(then one model call per step)")}),
             "injection_end": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                         "tooltip": "inject during this fraction of the steps (the first ones)"}),
-            "box_x": ("FLOAT", {"default": 0.5, **box, "tooltip": "the box's left edge, a fraction of the width"}),
-            "box_y": ("FLOAT", {"default": 0.25, **box, "tooltip": "the box's top edge, a fraction of the height"}),
-            "box_width": ("FLOAT", {"default": 0.5, **box, "tooltip": (
+            **box_inputs((0.5, 0.25, 0.5, 0.5), (
+                "the box's left edge, a fraction of the width", "the box's top edge, a fraction of the height",
                 "the box's width as a fraction; width or height 0 keeps the object where it is (then the object "
-                "must be the background's size)")}),
-            "box_height": ("FLOAT", {"default": 0.5, **box, "tooltip": "the box's height, a fraction"}),
+                "must be the background's size)", "the box's height, a fraction")),
         }, "optional": {
             "object_mask": ("MASK", {"tooltip": "1 on the object's pixels, at the object image's size; without it "
                                                 "the object is what the box holds in the object image"}),

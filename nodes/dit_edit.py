@@ -21,6 +21,7 @@ from ..core.sampling import run
 from ..core.sampling.driver import as_floats
 from ..errors import InvalidParameterError
 from .editing import param_of
+from .widgets import NEGATIVE, cfg_input, fixed_point_input
 
 # ComfyUI diffusion_model classes with joint text-image attention (comfy.ldm ... mmdit.py, flux/model.py)
 _JOINT = {"OpenAISignatureMMDITWrapper": "sd3", "MMDiT": "sd3", "Flux": "flux"}
@@ -160,19 +161,18 @@ class DiTSemanticEdit:
             "source": ("CONDITIONING", {"tooltip": "what the image shows (the source prompt)"}),
             "target": ("CONDITIONING", {"tooltip": "the same prompt with the attribute changed; the edit direction "
                                                    "is target minus source"}),
-            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (used only when cfg > 1)"}),
+            "negative": NEGATIVE,
             "latent": ("LATENT", {"tooltip": "the image latent to edit (VAE Encode)"}),
             "sigmas": ("SIGMAS", {"tooltip": "the sampling schedule, inverted back to front (shorten it with "
                                              "denoise < 1 to invert only part of the way)"}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05, "tooltip": (
                 "how far along the direction: 0 = reconstruction, 1 = the target prompt, more = stronger")}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "guidance while regenerating (inversion is unguided)"}),
+            "cfg": cfg_input(1.0, "guidance while regenerating (inversion is unguided)"),
             "window": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": (
                 "share of the steps (from the noisy end) that see the edited embedding; the rest keep the source's "
                 "details")}),
-            "fixed_point": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": (
-                "extra model calls per inversion step that make it the exact inverse of euler sampling")}),
+            "fixed_point": fixed_point_input("extra model calls per inversion step that make it the exact inverse of "
+                                             "euler sampling"),
         }}
 
     def edit(self, model, source, target, negative, latent, sigmas, strength, cfg, window, fixed_point):
@@ -223,13 +223,13 @@ class PromptTuningInversion:
             "latent": ("LATENT", {"tooltip": "the image latent to invert (VAE Encode)"}),
             "sigmas": ("SIGMAS", {"tooltip": "the schedule the edit will sample (the same SIGMAS go to "
                                              "SamplerCustom)"}),
-            "cfg": ("FLOAT", {"default": 5.0, "min": 1.0, "max": 30.0, "step": 0.1, "tooltip": (
-                "the guidance the edit will sample with; the tuned embeddings compensate for it")}),
+            "cfg": cfg_input(5.0, "the guidance the edit will sample with; the tuned embeddings compensate for it",
+                             minimum=1.0),
             "iters": ("INT", {"default": 10, "min": 0, "max": 200, "tooltip": "Adam steps per sampling step"}),
             "lr": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.001,
                              "tooltip": "Adam learning rate on the embedding"}),
-            "fixed_point": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": (
-                "extra model calls per inversion step (exact inverse of euler sampling)")}),
+            "fixed_point": fixed_point_input("extra model calls per inversion step (exact inverse of euler "
+                                             "sampling)"),
         }}
 
     def tune(self, model, positive, negative, latent, sigmas, cfg, iters, lr, fixed_point):

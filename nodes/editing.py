@@ -11,6 +11,7 @@ from ..core.editing.inpaint import box_mask
 from ..core.sampling import k_diffusion_sampler
 from ..errors import InvalidParameterError
 from .sampling import param_from_model_sampling
+from .widgets import NEGATIVE, box_inputs, cfg_input, fixed_point_input
 
 
 def param_of(model_sampling):
@@ -63,15 +64,13 @@ class InvertLatent:
         return {"required": {
             "model": ("MODEL", {"tooltip": "the model that will regenerate or edit the image"}),
             "positive": ("CONDITIONING", {"tooltip": "what the image shows (the source prompt)"}),
-            "negative": ("CONDITIONING", {"tooltip": "the negative prompt (used only when cfg > 1)"}),
+            "negative": NEGATIVE,
             "latent": ("LATENT", {"tooltip": "the image latent to invert (VAE Encode)"}),
             "sigmas": ("SIGMAS", {"tooltip": "the schedule the edit will sample; inverted back to front. "
                                              "Shorten it (denoise < 1) for an img2img-strength edit"}),
-            "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                              "tooltip": "guidance during inversion; 1 (none) inverts most faithfully"}),
-            "fixed_point": ("INT", {"default": 0, "min": 0, "max": 20, "tooltip": (
-                "extra model calls per step that make inversion the exact inverse of euler sampling "
-                "(0 = plain DDIM inversion)")}),
+            "cfg": cfg_input(1.0, "guidance during inversion; 1 (none) inverts most faithfully"),
+            "fixed_point": fixed_point_input("extra model calls per step that make inversion the exact inverse of "
+                                             "euler sampling (0 = plain DDIM inversion)"),
         }}
 
     def invert(self, model, positive, negative, latent, sigmas, cfg, fixed_point):
@@ -147,14 +146,11 @@ class RestoreSampler:
                               "tooltip": "fresh noise share at each re-noise (dds); 0 = deterministic"}),
             "differential": ("BOOLEAN", {"default": False, "tooltip": "blend: read the mask as per-pixel "
                                                                        "strength (differential diffusion)"}),
-            "box_x": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "without a MASK: the region to repaint, as fractions of the image"}),
-            "box_y": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 1.0, "step": 0.01,
-                                "tooltip": "without a MASK: the region's top edge, a fraction of the image"}),
-            "box_width": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                    "tooltip": "without a MASK: the region's width, a fraction of the image"}),
-            "box_height": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                                     "tooltip": "without a MASK: the region's height, a fraction of the image"}),
+            **box_inputs((0.25, 0.25, 0.5, 0.5), (
+                "without a MASK: the region to repaint, as fractions of the image",
+                "without a MASK: the region's top edge, a fraction of the image",
+                "without a MASK: the region's width, a fraction of the image",
+                "without a MASK: the region's height, a fraction of the image")),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "1 = repaint, 0 = keep, at the image's size; overrides the box"}),
         }}

@@ -23,6 +23,7 @@ import torch
 
 from ..core.quant.modules import LowRank, QuantConv2d, QuantLinear, QuantModule, quantized_modules
 from ..errors import AdapterMismatchError, InvalidParameterError, WeightsFormatError
+from .widgets import cfg_input, seed_input
 
 GGUF_SCHEMES = ("gguf_Q8_0", "gguf_Q6_K", "gguf_Q5_K", "gguf_Q4_K", "gguf_Q5_0", "gguf_Q4_0")
 LORA_MODES = ("branch", "merge")
@@ -417,10 +418,8 @@ class NimbleQuantizeModel:
                                                                       "model's own sampling trajectory"}),
                 "steps": ("INT", {"default": 8, "min": 1, "max": 100,
                                   "tooltip": "sampling steps of the calibration trajectory"}),
-                "cfg": ("FLOAT", {"default": 5.0, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "guidance of the calibration trajectory"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
-                                 "tooltip": "noise seed of the calibration trajectory"}),
+                "cfg": cfg_input(5.0, "guidance of the calibration trajectory"),
+                "seed": seed_input("noise seed of the calibration trajectory", maximum=0xFFFFFFFF),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "replace an existing file of that name"}),
             },
             "optional": {"positive": ("CONDITIONING", {"tooltip": "calibration prompt"}),
