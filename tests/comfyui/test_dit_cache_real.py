@@ -1,0 +1,225 @@
+"""NimbleDiff First-Block Cache (DiT) on a real ComfyUI MODEL: NimbleDiff-Tiny-DiT loaded by NimbleDiff Diffusers DiT
+Loader (ComfyUI's SD3 MMDiT), sampled by comfy.sample.sample (KSampler's path: euler, "normal", CFG 5, 25 steps), against
+the same cache on the diffusers side (enable_nimble_cache(pipe, "first_block") on StableDiffusion3Pipeline) with the
+same folder, prompt and starting noise:
+
+- threshold 0 never skips: the patched MODEL's latents equal the unpatched MODEL's bit for bit;
+- thresholds that skip: the node and the pipeline skip the same steps, and their latents agree as closely as the
+  uncached ComfyUI and diffusers runs do (the two stacks differ by float rounding only);
+- ComfyUI's stock SD3 MMDiT (comfy.supported_models.SD3, no NimbleDiff subclass) is accepted too;
+- Flux and PixArt MODELs built in ComfyUI's own classes are refused with an error naming the model type, and the MODEL
+  is left as it was;
+- the shipped workflow (workflows/api/nimblediff_tiny_dit_cache.json) runs in a ComfyUI server.
+
+    COMFYUI_PATH=/tmp/ComfyUI COMFYUI_PYTHON=/tmp/comfyvenv/bin/python python -m pytest tests/comfyui/test_dit_cache_real.py
+
+The comparisons run in one process under COMFYUI_PYTHON (this file as a script: `python <this file> parity <comfyui>
+<pack>`), the server as in tests/comfyui/test_tiny_dit_real.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent))
+import comfy_harness  # noqa: E402
+
+PROMPTS = ("a red circle on the left", "a blue square in the center", "a small green triangle at the top")
+STEPS, CFG, ZERO_ROWS = 25, 5.0, 24
+SETTINGS = ({"threshold": 0.3, "warmup": 5}, {"threshold": 0.15, "warmup": 1}, {"threshold": 0.45, "warmup": 5})
+
+
+# ------------------------------------------------------------------------------- script side (COMFYUI_PYTHON)
+def _max(a, b) -> float:
+    return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+
+
+def _parity(comfy: str, pack: str) -> dict:
+    import torch
+
+    comfy_harness._import_pack(comfy, pack)
+    import comfy.sample
+    from diffusers import StableDiffusion3Pipeline
+    from nimblediff.errors import NimbleDiffError
+    from nimblediff.nodes.caching import FirstBlockCacheModel
+    from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, NimbleDiffusersDiTLoader, resolve_dit_model
+    from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
+
+    torch.set_num_threads(1)
+    model, clip, _ = NimbleDiffusersDiTLoader().load(EMBEDDED_CHOICE)
+    folder = resolve_dit_model(EMBEDDED_CHOICE)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mm, node, out = model.model, FirstBlockCacheModel(), {"folder": str(folder), "runs": []}
+
+    def encode(text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    negative = encode("")
+
+    def comfy_run(m, positive, z):
+        samples = comfy.sample.sample(m, z, STEPS, CFG, "euler", "normal", positive, negative, torch.zeros_like(z),
+                                      seed=0, disable_pbar=True)
+        return mm.process_latent_in(samples)            # the pipeline's latent space
+
+    def pipe_run(prompt, z):
+        with torch.no_grad():
+            return pipe(prompt, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG, latents=z.clone(),
+                        output_type="latent", max_sequence_length=ZERO_ROWS).images
+
+    gen = torch.Generator().manual_seed(0)
+    for prompt in PROMPTS:
+        z = torch.randn(1, 4, 16, 16, generator=gen)
+        positive = encode(prompt)
+        uncached, ref = comfy_run(model, positive, z), pipe_run(prompt, z)
+        run = {"prompt": prompt, "uncached_comfy_vs_pipe": _max(uncached, ref), "scale": float(ref.abs().max())}
+        (zero,) = node.patch(model, 0.0, 1)
+        run["threshold0_vs_uncached"] = _max(comfy_run(zero, positive, z), uncached)
+        run["threshold0_skipped"] = sum(k for _, k in zero.model_options["model_function_wrapper"].cache.decisions)
+        run["settings"] = []
+        for s in SETTINGS:
+            (patched,) = node.patch(model, s["threshold"], s["warmup"])
+            ours = comfy_run(patched, positive, z)
+            cache = enable_nimble_cache(pipe, "first_block", **s)
+            theirs = pipe_run(prompt, z)
+            disable_nimble_cache(pipe)
+            node_cache = patched.model_options["model_function_wrapper"].cache
+            run["settings"].append({
+                **s, "node_skipped": [st for st, k in node_cache.decisions if k],
+                "pipe_skipped": [st for st, k in cache.decisions if k], "node_calls": len(node_cache.decisions),
+                "node_vs_pipe": _max(ours, theirs), "node_vs_uncached": _max(ours, uncached),
+                "pipe_vs_uncached": _max(theirs, ref)})
+        out["runs"].append(run)
+    out["input_model_options"] = sorted(model.model_options)
+
+    # ComfyUI's stock SD3 MMDiT (no NimbleDiff subclass): accepted; threshold 0 = the unpatched MODEL
+    import dit_real
+
+    sd3 = dit_real.build("sd3")
+    x, sigma = torch.randn(2, 4, 16, 16, generator=gen), torch.full((2,), 0.6)
+    kw = {"c_crossattn": torch.randn(2, 5, 40, generator=gen), "y": torch.randn(2, 24, generator=gen)}
+    (stock,) = node.patch(sd3, 0.0, 1)
+    wrapper = stock.model_options["model_function_wrapper"]
+    with torch.no_grad():
+        got = wrapper(sd3.model.apply_model, {"input": x, "timestep": sigma, "c": kw, "cond_or_uncond": [0, 1]})
+        want = sd3.model.apply_model(x, sigma, **kw)
+    out["stock_sd3"] = {"class": type(sd3.model.diffusion_model).__name__, "diff": _max(got, want),
+                        "blocks": len(wrapper.cache.paths)}
+
+    # model types the cache does not know: refused, named, the MODEL unchanged
+    out["refused"] = {}
+    for arch in ("flux", "pixart"):
+        other = dit_real.build(arch)
+        before = {k: v.clone() for k, v in other.model.diffusion_model.state_dict().items()}
+        try:
+            node.patch(other, 0.3, 5)
+            message = None
+        except NimbleDiffError as exc:
+            message = str(exc)
+        after = other.model.diffusion_model.state_dict()
+        out["refused"][arch] = {
+            "class": type(other.model.diffusion_model).__name__, "error": message,
+            "untouched": "model_function_wrapper" not in other.model_options
+            and all(torch.equal(v, after[k]) for k, v in before.items())
+            and not any("forward" in m.__dict__ for m in other.model.diffusion_model.modules())}
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["parity"] and len(argv) == 3:
+        print(json.dumps(_parity(*argv[1:])))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+else:  # ------------------------------------------------------------------------------------- pytest side
+    import pytest
+
+    pytestmark = pytest.mark.comfyui
+    COMFY = comfy_harness.comfyui_path()
+    if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").is_dir():
+        pytest.skip(f"real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout; got {COMFY}",
+                    allow_module_level=True)
+    from nimblediff.nodes.dit_loaders import EMBEDDED_DIR
+
+    if not (EMBEDDED_DIR / "model_index.json").is_file():
+        pytest.skip(f"{EMBEDDED_DIR} is not in the pack", allow_module_level=True)
+
+    @pytest.fixture(scope="module")
+    def parity() -> dict:
+        proc = subprocess.run([comfy_harness.comfyui_python(), str(HERE), "parity", str(COMFY),
+                               str(comfy_harness.PACK_DIR)], capture_output=True, text=True, timeout=1800,
+                              cwd=str(comfy_harness.PACK_DIR), check=False)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def test_threshold_zero_is_the_uncached_model(parity):
+        for run in parity["runs"]:
+            assert run["threshold0_vs_uncached"] == 0.0 and run["threshold0_skipped"] == 0, run
+        assert "model_function_wrapper" not in parity["input_model_options"]
+
+    def test_node_skips_the_steps_the_diffusers_side_skips(parity):
+        for run in parity["runs"]:
+            for s in run["settings"]:
+                assert s["node_calls"] == STEPS, s
+                assert s["node_skipped"] == s["pipe_skipped"], (run["prompt"], s)
+        assert any(s["node_skipped"] for run in parity["runs"] for s in run["settings"])
+
+    def test_cached_latents_match_the_diffusers_side(parity):
+        """As close as the uncached runs of the two stacks (float rounding: about 1e-5 on latents of scale 3-5), and
+        the cache changed the result, so the comparison is not vacuous."""
+        for run in parity["runs"]:
+            assert run["uncached_comfy_vs_pipe"] <= 1e-4 and run["scale"] > 0.5, run
+            for s in run["settings"]:
+                assert s["node_vs_pipe"] <= 1e-4, (run["prompt"], s)
+                if s["node_skipped"]:
+                    assert s["node_vs_uncached"] > 1e-2 and s["pipe_vs_uncached"] > 1e-2, (run["prompt"], s)
+
+    def test_comfyuis_stock_sd3_mmdit_is_accepted(parity):
+        r = parity["stock_sd3"]
+        assert r["class"] == "OpenAISignatureMMDITWrapper" and r["blocks"] == 2 and r["diff"] == 0.0, r
+
+    @pytest.mark.parametrize("arch, cls", [("flux", "Flux"), ("pixart", "PixArtMS")])
+    def test_other_dit_types_are_refused_by_name_and_left_unchanged(parity, arch, cls):
+        r = parity["refused"][arch]
+        assert r["class"] == cls and r["untouched"], r
+        assert r["error"] is not None and f"model type {cls} is not supported" in r["error"], r
+        assert "OpenAISignatureMMDITWrapper" in r["error"], r
+
+    # ---- the server: the shipped workflow end to end, next to the uncached one
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        srv = comfy_harness.ComfyServer(COMFY, tmp_path_factory.mktemp("comfy_dit_cache"))
+        srv.start()
+        try:
+            yield srv
+        finally:
+            srv.stop()
+
+    def _images(server, name: str):
+        import numpy as np
+        from PIL import Image
+
+        wf = json.loads((comfy_harness.PACK_DIR / "workflows" / "api" / f"{name}.json").read_text())
+        out = []
+        for entry in comfy_harness.output_images(server.run_prompt(wf)):
+            with Image.open(server.base / "output" / entry.get("subfolder", "") / entry["filename"]) as img:
+                out.append(np.asarray(img.convert("RGB"), dtype=np.float64))
+        return out
+
+    def test_shipped_cache_workflow_runs_and_stays_near_the_uncached_one(server):
+        """nimblediff_tiny_dit_cache is nimblediff_tiny_dit_t2i with the cache node between loader and KSampler: the
+        same 4 images within a few pixel levels (RMSE), but not the same bits (steps were skipped)."""
+        cached, plain = _images(server, "nimblediff_tiny_dit_cache"), _images(server, "nimblediff_tiny_dit_t2i")
+        assert len(cached) == len(plain) == 4 and cached[0].shape == (64, 64, 3)
+        rmse = [float(((a - b) ** 2).mean() ** 0.5) for a, b in zip(cached, plain)]
+        assert max(rmse) < 12 and any(r > 0 for r in rmse), rmse
