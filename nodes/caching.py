@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..core.caching import BlockReuse, CacheSchedule, FirstBlockCache, deepcache_paths, detect_layout
 from ..core.caching import prune as laptop
+from ..core.caching import search as dit_search
 from ..errors import InvalidParameterError
 from ..weights.paths import find_inside
 from .sampling import comfy_user_folders
@@ -121,13 +122,34 @@ class FirstBlockCacheModel:
             "order": ("INT", {"default": 0, "min": 0, "max": 1, "tooltip": (
                 "0: reuse the skipped blocks' last residual; 1: extrapolate it linearly from the last two full "
                 "steps")}),
+        }, "optional": {
+            "schedule_file": ("STRING", {"default": "", "tooltip": (
+                "optional: a DiT cache schedule JSON searched offline (pipelines.caching.search_dit_schedule or "
+                "bench/compute.py), by name inside ComfyUI's input or output folder; its steps compute, the others "
+                "skip every block, and threshold / rule are not used. Empty = decide by the threshold")}),
         }}
 
-    def patch(self, model, threshold, warmup, max_skip=0, rule="accumulated", order=0):
+    def patch(self, model, threshold, warmup, max_skip=0, rule="accumulated", order=0, schedule_file=""):
         dit = diffusion_model_of(model)
+        schedule = None
+        if schedule_file:
+            dit_search.dit_block_paths(dit)                                 # an unknown model type is named first
+            path = find_inside(comfy_user_folders(), schedule_file, "schedule_file",
+                               hint="put the schedule JSON in ComfyUI's input folder and give its name there")
+            schedule = dit_search.load_schedule(path, dit)                  # refuses another block count
         # raises naming the model type (e.g. a UNet or ComfyUI's Flux) before anything is cloned or patched
-        cache = FirstBlockCache(dit, threshold, warmup=warmup, rule=rule, max_skip=max_skip or None, order=order)
-        patched = _wrap(model, lambda call, args: _cache_call(cache, call, args))
+        cache = FirstBlockCache(dit, threshold, warmup=warmup, rule=rule, max_skip=max_skip or None, order=order,
+                                schedule=schedule)
+
+        def run(call, args):
+            sigmas = args["c"].get("transformer_options", {}).get("sample_sigmas")
+            if schedule is not None and sigmas is not None and len(sigmas) - 1 != len(schedule.compute):
+                raise InvalidParameterError(
+                    f"schedule_file {schedule_file!r} was searched for {len(schedule.compute)} steps, the sampler "
+                    f"runs {len(sigmas) - 1}: set steps to {len(schedule.compute)} or search a schedule for "
+                    f"{len(sigmas) - 1}")
+            return _cache_call(cache, call, args)
+        patched = _wrap(model, run)
         patched.model_options["model_function_wrapper"].cache = cache   # .decisions / .full_calls, for inspection
         return (patched,)
 

@@ -4,12 +4,18 @@ pipe.transformer) hands each call and its timestep to the core cache, which patc
     from nimblediff.pipelines.caching import enable_nimble_cache, disable_nimble_cache
     enable_nimble_cache(pipe, "deepcache", interval=3)            # UNet: reuse deep features 2 steps in 3
     enable_nimble_cache(pipe, "first_block", threshold=0.1)       # SD3 / Flux transformers
+    enable_nimble_cache(pipe, "first_block", schedule="dit-cache.json")   # a schedule searched offline (below)
     enable_nimble_cache(pipe, "prune", config="laptop.json")      # LAPTOP-Diff layer skipping
     disable_nimble_cache(pipe)
 
 Methods: "deepcache" (branch=(block, layer), interval or schedule), "reuse" (paths=[module paths], interval or
 schedule: A-SDM feature inheritance at any granularity), "first_block" (threshold, warmup, rule, max_skip, order:
-see core/caching/first_block.py), "prune" (config file or skip=[paths]). A failed enable leaves the pipeline as it was.
+see core/caching/first_block.py; schedule= a CacheSchedule or the path of one saved by search_dit_schedule), "prune"
+(config file or skip=[paths]). A failed enable leaves the pipeline as it was.
+
+    search_dit_schedule(pipe, prompts, full_steps=13, path="dit-cache.json", num_inference_steps=25)
+runs the pipeline uncached on calibration prompts and saves the searched schedule (core/caching/search.py) that this
+module and NimbleDiff First-Block Cache (DiT) both read.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from ..core.caching import BlockReuse, CacheSchedule, FirstBlockCache, deepcache_paths, detect_layout
 from ..core.caching import prune as laptop
+from ..core.caching import search as dit_search
 from ..errors import InvalidParameterError
 
 HOOK = "nimblediff_cache"
@@ -67,7 +74,10 @@ def build_cache(model, method: str, *, steps: int | None = None, interval: int |
         raise InvalidParameterError(f"method={method!r} is unknown; valid: {', '.join(METHODS)}")
     if method == "first_block":
         detect_layout(model, ("dit",))
-        return FirstBlockCache(model, threshold, warmup=warmup, rule=rule, max_skip=max_skip, order=order)
+        if schedule is not None and not isinstance(schedule, (CacheSchedule, list, tuple)):
+            schedule = dit_search.load_schedule(schedule, model)          # a saved JSON's path
+        return FirstBlockCache(model, threshold, warmup=warmup, rule=rule, max_skip=max_skip, order=order,
+                               schedule=schedule)
     if schedule is None:
         schedule = CacheSchedule.parse(interval if interval is not None else 3, steps)
     if method == "deepcache":
@@ -119,3 +129,30 @@ class NimbleCacheMixin:
 
     def disable_nimble_cache(self):
         disable_nimble_cache(self)
+
+
+def search_dit_schedule(pipe, prompts, full_steps: int, *, warmup: int = 1, path=None, seed: int = 0, **call):
+    """Offline search (core/caching/search.py): the pipeline runs uncached on `prompts` (one generator seed each,
+    from `seed`), the blocks' residual change is profiled per step, and the `full_steps` steps to compute are chosen
+    by dynamic programming. Returns (CacheSchedule, profile); saves the JSON at `path` when given. call: pipeline
+    arguments (num_inference_steps, guidance_scale, ...)."""
+    import torch
+
+    model = denoiser_of(pipe)
+    detect_layout(model, ("dit",))
+    profile = dit_search.ResidualProfile(model)
+    disable_nimble_cache(pipe)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_CacheHook(profile), HOOK)
+    try:
+        for i, prompt in enumerate(prompts):
+            profile.reset()
+            pipe(prompt, generator=torch.Generator().manual_seed(seed + i), output_type="latent", **call)
+    finally:
+        disable_nimble_cache(pipe)
+    changes = profile.profile()
+    schedule = dit_search.search_schedule(changes, full_steps, warmup)
+    if path is not None:
+        dit_search.save_schedule(path, schedule, len(dit_search.dit_block_paths(model)), warmup=warmup,
+                                 profile=[round(c, 6) for c in changes], prompts=list(prompts),
+                                 cost=dit_search.staleness(changes, schedule.compute))
+    return schedule, changes

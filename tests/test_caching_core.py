@@ -396,3 +396,79 @@ def test_schedule_json_round_trip(tmp_path):
     assert CacheSchedule.from_json(tmp_path / "s.json", "UNet2DConditionModel")[0] == s
     with pytest.raises(WeightsFormatError, match="made for"):
         CacheSchedule.from_json(tmp_path / "s.json", "FluxTransformer2DModel")
+
+
+# ------------------------------------------------------------------------------------- searched DiT schedules
+@pytest.mark.parametrize("seed", range(12))
+def test_schedule_search_is_the_brute_force_optimum(seed):
+    """The dynamic programme's schedule has the least staleness of every schedule with that many full steps (the
+    first `warmup` among them), enumerated by brute force."""
+    import itertools
+    import random
+
+    from nimblediff.core.caching import search
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 10)
+    changes = [0.0] + [rng.random() ** 2 for _ in range(n - 1)]
+    warmup = rng.randint(1, n)
+    k = rng.randint(warmup, n)
+    got = search.search_schedule(changes, k, warmup).compute
+    best = min(search.staleness(changes, f) for f in itertools.product((True, False), repeat=n)
+               if sum(f) == k and all(f[:warmup]))
+    assert sum(got) == k and all(got[:warmup])
+    assert math.isclose(search.staleness(changes, got), best, abs_tol=1e-12)
+
+
+def test_staleness_by_hand():
+    from nimblediff.core.caching.search import search_schedule, staleness
+
+    # skip steps 1, 2 after full 0 (0.1 + 0.3), full 3, skip 4 (0.5): 0.9
+    assert math.isclose(staleness([0, 0.1, 0.2, 0.4, 0.5], [True, False, False, True, False]), 0.1 + 0.3 + 0.5)
+    # one skip allowed: the step with the smallest change into it goes
+    assert search_schedule([0, 0.5, 0.1, 0.9], 3).compute == (True, True, False, True)
+
+
+@pytest.mark.parametrize("args, match", [(([0, 0.1], 3), "full_steps=3"), (([0, 0.1], 1, 2), "full_steps=1"),
+                                         (([0, float("nan")], 2), "changes="), (([0, 0.1], 2, 0), "warmup=0")])
+def test_schedule_search_refuses_bad_input(args, match):
+    from nimblediff.core.caching.search import search_schedule
+
+    with pytest.raises(InvalidParameterError, match=match):
+        search_schedule(*args)
+
+
+def test_searched_schedule_round_trip_on_an_sd3_pipeline(sd3, tmp_path):
+    """search_dit_schedule profiles the uncached pipeline and saves the JSON; the pipeline then computes exactly the
+    scheduled steps (no block runs on the others, the first one included) and a schedule of all steps is the
+    uncached pipeline bit for bit."""
+    from nimblediff.core.caching import search
+    from nimblediff.pipelines.caching import search_dit_schedule
+
+    call = dict(num_inference_steps=6, guidance_scale=5.0, max_sequence_length=8, height=32, width=32)
+    path = tmp_path / "dit-cache.json"
+    schedule, changes = search_dit_schedule(sd3, ["a cat", "a dog"], 3, path=path, **call)
+    data = json.loads(path.read_text())
+    assert data["kind"] == "dit-cache" and data["blocks"] == 3 and data["steps"] == 6 and len(changes) == 6
+    assert sum(schedule.compute) == 3 and schedule.compute[0] and list(schedule.compute) == data["compute"]
+    assert all(c > 0 for c in changes[1:])
+    base = _latents_sd3(sd3, 6)
+    cache = enable_nimble_cache(sd3, "first_block", schedule=str(path))
+    probes = ["transformer_blocks.0.attn.to_q", "transformer_blocks.2.ff.net.2"]
+    with count_calls(sd3.transformer, probes) as n:
+        out = _latents_sd3(sd3, 6)
+    assert [not k for _, k in cache.decisions] == list(schedule.compute)
+    assert n[probes[0]] == n[probes[1]] == 3
+    assert not torch.equal(out, base) and torch.isfinite(out).all()
+    enable_nimble_cache(sd3, "first_block", schedule=[True] * 6)
+    assert torch.equal(_latents_sd3(sd3, 6), base)
+    disable_nimble_cache(sd3)
+    other = tmp_path / "other.json"
+    search.save_schedule(other, schedule, blocks=8)
+    with pytest.raises(WeightsFormatError, match="for 8 blocks.*has 3"):
+        enable_nimble_cache(sd3, "first_block", schedule=str(other))
+
+
+def _latents_sd3(pipe, steps):
+    return pipe("a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="latent",
+                guidance_scale=5.0, max_sequence_length=8, height=32, width=32).images

@@ -398,3 +398,73 @@ def test_first_block_bad_widget_values_are_refused(comfy, kwargs, match):
     with pytest.raises(InvalidParameterError, match=match):
         comfy.FirstBlockCacheModel().patch(model, **args)
     assert "model_function_wrapper" not in model.model_options
+
+
+def test_first_block_node_and_pipeline_follow_the_same_schedule_file(comfy, tmp_path):
+    """One searched-schedule JSON (in ComfyUI's input folder) read by the node and by enable_nimble_cache: the same
+    steps compute and the outputs are equal bit for bit; on a skipped step no block runs, the first one included."""
+    pytest.importorskip("diffusers")
+    from nimblediff.core.caching import CacheSchedule, search
+    from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
+
+    model = Patcher(DiTBase())
+    dit = model.model.diffusion_model
+    twin = SD3Transformer2DModel(dit)
+    flags = (True, True, False, False, True, False, True, False, False, True, False, True)
+    search.save_schedule(tmp_path / "dit-cache.json", CacheSchedule(flags), blocks=4)
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 0.3, 1, schedule_file="dit-cache.json")
+    with count_calls(dit, ["joint_blocks.0.img", "joint_blocks.3.img"]) as calls:
+        ours = euler(comfy_call(patched))
+    assert calls["joint_blocks.0.img"] == calls["joint_blocks.3.img"] == sum(flags)
+    enable_nimble_cache(twin, "first_block", schedule=str(tmp_path / "dit-cache.json"))
+    theirs = euler(lambda x, s: twin(x, timestep=s))
+    disable_nimble_cache(twin)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert [not k for _, k in patched.model_options["model_function_wrapper"].cache.decisions] == list(flags)
+
+
+def test_first_block_schedule_skipped_step_by_hand(comfy, tmp_path):
+    """Schedule mode, step 1 skipped: the hidden input passes every block and gets the whole stack's residual of
+    step 0 (blocks 0-3 output minus their input)."""
+    from nimblediff.core.caching import CacheSchedule, search
+
+    model = Patcher(DiTBase())
+    dit = model.model.diffusion_model
+    sigmas = DIT_SIGMAS[:3]
+    search.save_schedule(tmp_path / "s.json", CacheSchedule((True, False)), blocks=4)
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 0.3, 1, schedule_file="s.json")
+    wrapper = patched.model_options["model_function_wrapper"]
+    x0, x1 = NOISE, NOISE * 0.9
+
+    def call(x, s):
+        c = {"transformer_options": {"sample_sigmas": sigmas}}
+        return wrapper(model.model.apply_model, {"input": x, "timestep": s.reshape(1), "c": c, "cond_or_uncond": [0]})
+
+    with torch.no_grad():
+        call(x0, sigmas[0])
+        got = call(x1, sigmas[1])
+        h0 = dit.proj_in(x0.flatten(2).transpose(1, 2))
+        ctx, h = dit.context.expand(2, -1, -1), h0
+        for b in dit.joint_blocks:
+            ctx, h = b.mix(ctx, h, sigmas[0].expand(2) / 10)
+        h1 = dit.proj_in(x1.flatten(2).transpose(1, 2))
+        want = dit.proj_out(h1 + (h - h0)).transpose(1, 2).reshape(x1.shape)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_first_block_schedule_file_for_another_model_or_step_count_is_refused(comfy, tmp_path):
+    from nimblediff.core.caching import CacheSchedule, search
+    from nimblediff.errors import WeightsFormatError
+
+    model = Patcher(DiTBase())
+    search.save_schedule(tmp_path / "eight.json", CacheSchedule((True, False) * 6), blocks=8)
+    with pytest.raises(WeightsFormatError, match="for 8 blocks; MMDiT has 4"):
+        comfy.FirstBlockCacheModel().patch(model, 0.3, 1, schedule_file="eight.json")
+    with pytest.raises(InvalidParameterError, match="schedule_file="):
+        comfy.FirstBlockCacheModel().patch(model, 0.3, 1, schedule_file="../eight.json")
+    assert "model_function_wrapper" not in model.model_options
+    search.save_schedule(tmp_path / "five.json", CacheSchedule((True, False, True, False, True)), blocks=4)
+    (patched,) = comfy.FirstBlockCacheModel().patch(model, 0.3, 1, schedule_file="five.json")
+    with pytest.raises(InvalidParameterError, match="searched for 5 steps, the sampler runs 12"):
+        euler(comfy_call(patched))
+    assert all("forward" not in m.__dict__ for m in model.model.modules())

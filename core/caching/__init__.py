@@ -5,6 +5,8 @@
   that reuses everything below a shallow branch (`deepcache_paths`).
 - `FirstBlockCache`: DiTs; run the first block, and skip the rest while the accumulated relative change of its
   residual stays under a threshold (ParaAttention's First Block Cache, TeaCache's accumulated-change rule).
+- `search`: per-step DiT cache schedules searched offline (residual-change profile on calibration prompts, dynamic
+  programming over which steps compute), saved as JSON that `FirstBlockCache(schedule=...)` follows in both surfaces.
 - `prune`: LAPTOP-Diff's one-shot layer-removal score, its additivity check and a config a loader applies.
 
 Surfaces (diffusers hooks in pipelines/caching.py, ComfyUI wrappers in nodes/caching.py) only translate the

@@ -11,6 +11,10 @@ Options beyond that rule (defaults keep it):
 - order=1: on a skipped step, extrapolate the skipped blocks' residual linearly in the step index from the last two
   full steps (a first-order Taylor forecast, as TaylorSeer (Liu et al. 2025) does for features) instead of reusing
   the last one.
+- schedule: a CacheSchedule (e.g. searched offline by caching.search.search_schedule, saved as JSON that pipeline and
+  node both read) decides instead of the threshold: a step the schedule marks computes in full, any other step
+  skips every block, the first one included, and adds the whole stack's residual from the last full step (as
+  MagCache skips: no first block to run when the decision is known in advance).
 
 One implementation for both surfaces: diffusers' SD3 / Flux transformers (pipelines/caching.py) and ComfyUI's SD3
 MMDiT (nodes/caching.py); layouts.BLOCK_IO says in which order each layout's blocks take (hidden, encoder)."""
@@ -22,6 +26,7 @@ import math
 from ...errors import InvalidParameterError
 from .layouts import block_io, dit_block_paths
 from .patch import ModelPatch, resolve
+from .schedule import CacheSchedule
 from .state import StepClock
 
 
@@ -56,7 +61,7 @@ class FirstBlockCache:
     RULES = ("accumulated", "reference")
 
     def __init__(self, model, threshold: float, clock: StepClock | None = None, blocks=None, warmup: int = 1,
-                 rule: str = "accumulated", max_skip: int | None = None, order: int = 0):
+                 rule: str = "accumulated", max_skip: int | None = None, order: int = 0, schedule=None):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
                 or not 0 <= threshold <= 1:
             raise InvalidParameterError(f"threshold={threshold!r}: need a number in [0, 1] (accumulated relative "
@@ -76,6 +81,7 @@ class FirstBlockCache:
             raise InvalidParameterError(f"{type(model).__name__} has {len(paths)} transformer block(s); first-block "
                                         "caching needs at least 2")
         resolve(model, paths)
+        self.schedule = None if schedule is None else CacheSchedule.parse(schedule)
         self.io = block_io(model)
         self.model, self.paths, self.threshold, self.warmup = model, paths, float(threshold), warmup
         self.rule, self.max_skip, self.order = rule, max_skip, order
@@ -94,6 +100,10 @@ class FirstBlockCache:
         x = args[0] if args else next(iter(kwargs.values()))
         st = self.states.setdefault((stream, tuple(getattr(x, "shape", ()))), {"acc": 0.0, "run": 0})
         call = {"skip": False}
+        if self.schedule is not None:                         # decided in advance: the head need not run
+            call["skip"] = not self.schedule(step) and "tail_r" in st and step >= self.warmup \
+                and (self.max_skip is None or st["run"] < self.max_skip)
+            call["tuple"] = st.get("tuple", True)
         head, *middle, tail = self.paths
         wrappers = {head: self._head(st, call, step), tail: self._tail(st, call, step)}
         wrappers.update({p: self._middle(call) for p in middle})
@@ -108,7 +118,9 @@ class FirstBlockCache:
 
     def _head(self, st, call, step):
         def run(original, *args, **kwargs):
-            hid_in, _ = _io(self.io, args, kwargs)
+            hid_in, enc_in = _io(self.io, args, kwargs)
+            if self.schedule is not None:
+                return self._head_scheduled(st, call, original, enc_in, hid_in, args, kwargs)
             out = original(*args, **kwargs)
             enc, hid = _split(out)
             r = hid - hid_in                                     # (B, N, D) the first block's residual
@@ -131,6 +143,18 @@ class FirstBlockCache:
             call["tuple"] = isinstance(out, tuple)
             return out
         return run
+
+    def _head_scheduled(self, st, call, original, enc_in, hid_in, args, kwargs):
+        """Schedule mode: the residual is measured from the head's input, so a skipped step passes its input through
+        every block and the tail adds the whole stack's residual."""
+        st["head"] = (enc_in, hid_in)
+        if call["skip"]:
+            st["run"] += 1
+            return (enc_in, hid_in) if call["tuple"] else hid_in
+        out = original(*args, **kwargs)
+        st["run"], st["tuple"] = 0, isinstance(out, tuple)
+        call["tuple"] = st["tuple"]
+        return out
 
     def _middle(self, call):
         def run(original, *args, **kwargs):
