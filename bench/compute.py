@@ -34,7 +34,8 @@ from timing import Conditions, interleave, ratio, write_result  # noqa: E402
 
 from nimblediff.core.caching import CacheSchedule  # noqa: E402
 from nimblediff.core.caching import prune as laptop  # noqa: E402
-from nimblediff.pipelines.caching import denoiser_of, disable_nimble_cache, enable_nimble_cache  # noqa: E402
+from nimblediff.pipelines.caching import (denoiser_of, disable_nimble_cache, enable_nimble_cache,  # noqa: E402
+                                          search_dit_schedule)
 from nimblediff.tiny import data, evaluate, heldout  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +195,28 @@ def dit_units(n):
             if not (u == "ff_context" and i == n - 1)]
 
 
-def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS):
+def dit_schedules(pipe, ks=(17, 13, 10, 8), n=4, write=True, **extra):
+    """Per-step cache schedules searched offline (core/caching/search.py): the uncached pipeline's block-stack residual
+    change profiled on the 4 calibration prompts MagCache calibrates on, then K of 25 steps chosen by dynamic
+    programming for each K. Saved as bench/results/compute_dit_schedule_k<K>.json, the files the node's
+    schedule_file and enable_nimble_cache(schedule=path) read. Returns ({K: CacheSchedule}, profile)."""
+    from nimblediff.core.caching import search
+
+    first, changes = search_dit_schedule(pipe, calibration_captions(n), ks[0], seed=7000, num_inference_steps=STEPS,
+                                         guidance_scale=CFG, height=64, width=64, **extra)
+    out = {}
+    for k in ks:
+        out[k] = first if k == ks[0] else search.search_schedule(changes, k)
+        if write:
+            search.save_schedule(os.path.join(ROOT, "bench", "results", f"compute_dit_schedule_k{k}.json"), out[k],
+                                 len(pipe.transformer.transformer_blocks), warmup=1,
+                                 profile=[round(c, 6) for c in changes], prompts=calibration_captions(n),
+                                 cost=search.staleness(changes, out[k].compute),
+                                 made_by="python bench/compute.py --only-dit (dit_schedules)")
+    return out, changes
+
+
+def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
     """NimbleDiff-Tiny-DiT (SD3 MM-DiT, flow Euler): our first-block cache (threshold sweeps, 1 or 5 warm-up steps)
     and FORA-style unit reuse against diffusers' DiT caches, each at its documented setting and a sweep towards higher
     speedups. Documented settings (diffusers docs / docstrings): FirstBlockCache 0.05 (default) and 0.2 (example);
@@ -209,6 +231,11 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS):
     for thr in (0.2, 0.3, 0.45, 0.6, 0.8):
         arms.append((f"NimbleDiff first-block cache {thr:g}, warmup 5", "ours",
                      ours_cache("first_block", threshold=thr, warmup=5), "NimbleDiff first-block cache, warmup 5"))
+    # Searched offline on the calibration prompts (dit_schedules): the scheduled steps compute, the others skip all
+    # blocks (no first block to run), as MagCache does with its calibrated ratios.
+    for k, sched in (schedules or {}).items():
+        arms.append((f"NimbleDiff searched schedule {k}/{STEPS} steps", "ours",
+                     ours_cache("first_block", schedule=sched), "NimbleDiff searched schedule"))
     units = dit_units(n_blocks)
     for k in (2, 3):
         arms.append((f"NimbleDiff unit reuse (attn + ff) N={k}", "ours", ours_cache("reuse", paths=units, interval=k),
@@ -587,7 +614,14 @@ def main():
         except Exception as e:                      # MagCache rows then say why they are missing
             ratios = None
             log(f"[dit] MagCache calibration failed: {type(e).__name__}: {e}")
-        arms = [arm for arm in dit_arms(ratios, len(dpipe.transformer.transformer_blocks))
+        try:
+            schedules, profile = dit_schedules(dpipe, write=not a.no_write, **extra)
+            log(f"[dit] schedules searched on 4 calibration prompts: "
+                f"{ {k: ''.join('X' if f else '.' for f in s.compute) for k, s in schedules.items()} }")
+        except Exception as e:                      # the schedule rows are then missing, and the log says why
+            schedules, profile = None, None
+            log(f"[dit] schedule search failed: {type(e).__name__}: {e}")
+        arms = [arm for arm in dit_arms(ratios, len(dpipe.transformer.transformer_blocks), schedules)
                 if arm[1] == "-" or not a.arm or any(x in arm[0] for x in a.arm)]
         dit = run_block(dpipe, arms, a, held, net, log, STEPS, CFG, "dit", extra)
         out += [f"### NimbleDiff-Tiny-DiT (`{os.path.relpath(a.dit, ROOT)}`), flow Euler {STEPS} steps, CFG {CFG:g}, "
@@ -597,6 +631,12 @@ def main():
                 "extrapolation):\n", matched_dit(dit), "", goal_sentence(dit), ""]
         if ratios is not None:
             out += [f"MagCache ratios (calibrated here, 4 calibration prompts): {[round(r, 4) for r in ratios]}", ""]
+        if schedules is not None:
+            out += ["Searched schedules (same 4 calibration prompts; X = step computes, . = every block skipped; "
+                    "`bench/results/compute_dit_schedule_k<K>.json`): "
+                    + "; ".join(f"{k}/{STEPS} `{''.join('X' if f else '.' for f in s.compute)}`"
+                                for k, s in schedules.items())
+                    + f". Block-stack residual change per step: {[round(c, 3) for c in profile]}", ""]
     if not a.only_dit:
         pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
