@@ -6,6 +6,8 @@ same folder, prompt and starting noise:
 - threshold 0 never skips: the patched MODEL's latents equal the unpatched MODEL's bit for bit;
 - thresholds that skip: the node and the pipeline skip the same steps, and their latents agree as closely as the
   uncached ComfyUI and diffusers runs do (the two stacks differ by float rounding only);
+- a schedule searched offline on the pipeline (pipelines.caching.search_dit_schedule), saved once, drives the node
+  (schedule_file, read from ComfyUI's input folder) and the pipeline to the same steps and latents;
 - ComfyUI's stock SD3 MMDiT (comfy.supported_models.SD3, no NimbleDiff subclass) is accepted too;
 - Flux and PixArt MODELs built in ComfyUI's own classes are refused with an error naming the model type, and the MODEL
   is left as it was;
@@ -99,6 +101,28 @@ def _parity(comfy: str, pack: str) -> dict:
         out["runs"].append(run)
     out["input_model_options"] = sorted(model.model_options)
 
+    # a schedule searched offline on the pipeline, one JSON read by the node (ComfyUI's input folder) and the pipeline
+    import tempfile
+
+    import folder_paths
+    from nimblediff.pipelines.caching import search_dit_schedule
+
+    inputs = tempfile.mkdtemp()
+    folder_paths.set_input_directory(inputs)
+    schedule, _ = search_dit_schedule(pipe, ["a large blue square on the right", "a small red star at the top"], 10,
+                                      path=Path(inputs) / "dit-cache.json", seed=7000, num_inference_steps=STEPS,
+                                      guidance_scale=CFG, height=64, width=64, max_sequence_length=ZERO_ROWS)
+    z, prompt = torch.randn(1, 4, 16, 16, generator=gen), PROMPTS[0]
+    (patched,) = node.patch(model, 0.3, 1, schedule_file="dit-cache.json")
+    ours = comfy_run(patched, encode(prompt), z)
+    cache = enable_nimble_cache(pipe, "first_block", schedule=str(Path(inputs) / "dit-cache.json"))
+    theirs = pipe_run(prompt, z)
+    disable_nimble_cache(pipe)
+    out["schedule"] = {"compute": list(schedule.compute), "node_computed": [
+        not k for _, k in patched.model_options["model_function_wrapper"].cache.decisions],
+        "pipe_computed": [not k for _, k in cache.decisions], "node_vs_pipe": _max(ours, theirs),
+        "vs_uncached": _max(theirs, pipe_run(prompt, z))}
+
     # ComfyUI's stock SD3 MMDiT (no NimbleDiff subclass): accepted; threshold 0 = the unpatched MODEL
     import dit_real
 
@@ -183,6 +207,11 @@ else:  # -----------------------------------------------------------------------
                 assert s["node_vs_pipe"] <= 1e-4, (run["prompt"], s)
                 if s["node_skipped"]:
                     assert s["node_vs_uncached"] > 1e-2 and s["pipe_vs_uncached"] > 1e-2, (run["prompt"], s)
+
+    def test_a_searched_schedule_file_drives_node_and_pipeline_alike(parity):
+        r = parity["schedule"]
+        assert sum(r["compute"]) == 10 and r["node_computed"] == r["pipe_computed"] == r["compute"], r
+        assert r["node_vs_pipe"] <= 1e-4 and r["vs_uncached"] > 1e-2, r
 
     def test_comfyuis_stock_sd3_mmdit_is_accepted(parity):
         r = parity["stock_sd3"]
