@@ -14,6 +14,7 @@ cannot write K-quants) and optimum-quanto, in one process.
    denoiser's output error on held-out prompts' trajectories across all 4 timesteps (teacher-forced: the float
    model's own inputs), the decoded image error after a 4-step generation from the same noise, and evaluator v2's
    shape and colour accuracy on --n-eval held-out scenes (tiny/evaluate.py), relative to the fp32 model.
+   3b. The same for NimbleDiff-Tiny-DiT (weights/tiny/nimblediff-tiny-dit) when the folder is present.
 
 Usage: python bench/quant_bench.py [--quick] [--rounds 9] [--threads 1]
 """
@@ -44,6 +45,8 @@ LAYERS = {"sd15 attn 1280x1280": (1280, 1280), "sd15 conv 320x320x3x3": (320, 32
           "dit attn 1152x1152": (1152, 1152), "dit mlp 1152x4608": (1152, 4608)}
 OURS = ["int8", "int8_asym", "int4_g64", "int4k_g32", "int4s_g32", "nf4", "bfp8", "bfp4"]
 CALIBRATED = ["int8", "int4_g64", "int4k_g32"]
+# the tiny DiT's first and last layers stay float, as bench/quality.py's quantized DiT rows
+DIT_KEEP_FLOAT = ("pos_embed.proj", "proj_out")
 
 
 # ---- 1. layers ---------------------------------------------------------------------------------------------------
@@ -273,6 +276,88 @@ def tiny_rows(quick: bool, n_eval: int):
     return rows, len(held), len(calib)
 
 
+def dit_rows(quick: bool, n_eval: int):
+    """Section 3b: NimbleDiff-Tiny-DiT (weights/tiny/nimblediff-tiny-dit), the stock StableDiffusion3Pipeline without
+    T5 (max_sequence_length 24), flow Euler on 4 uniform sigmas at its CFG; the same measurements as tiny_rows.
+    Calibration prompts come from the calibration split, never the held-out prompts. None when the folder is absent."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from nimblediff import TINY_DIT
+    from nimblediff.pipelines.quantized import KEEP_FLOAT, quantize_denoiser
+    from nimblediff.tiny import dit, evaluate
+    from nimblediff.tiny.heldout import calibration_scenes, heldout_scenes
+    from nimblediff.weights.quant_format import save_quantized
+
+    if not Path(TINY_DIT).is_dir():
+        return None
+    pipe = StableDiffusion3Pipeline.from_pretrained(TINY_DIT, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    float_tr = pipe.transformer
+    exclude = KEEP_FLOAT + DIT_KEEP_FLOAT
+    kw = dict(sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=dit.CFG, max_sequence_length=24, height=64, width=64)
+    held = heldout_scenes(4 if quick else 8).captions
+    held_eval = heldout_scenes(n_eval)
+    net = evaluate.load_evaluator()
+    calib = calibration_scenes(2 if quick else 4)
+
+    def generate(p, caps, seeds, output_type="pt"):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        return p(caps, generator=gens, output_type=output_type, **kw).images
+
+    inputs = []
+    hook = float_tr.register_forward_pre_hook(
+        lambda m, a, k: inputs.append({n: (v.clone() if torch.is_tensor(v) else v) for n, v in k.items()}),
+        with_kwargs=True)
+    seeds = [1000 + i for i in range(len(held))]
+    ref_images = generate(pipe, held, seeds)  # (B, 3, H, W) in [0, 1]
+    hook.remove()
+    with torch.no_grad():
+        ref_out = [float_tr(**dict(k, return_dict=False))[0] for k in inputs]
+    eligible = {n: m for n, m in float_tr.named_modules()
+                if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and not any(e in n for e in exclude)}
+    n_weights = sum(m.weight.numel() for m in eligible.values())
+    arms = [("fp32 (reference)", None), ("int8", "int8"), ("int8 cal", ("int8", True)),
+            ("int4k_g32", "int4k_g32"), ("int4k_g32 cal", ("int4k_g32", True)), ("int4_g64 cal", ("int4_g64", True)),
+            ("GGUF Q8_0", "Q8_0"), ("GGUF Q4_0", "Q4_0"), ("GGUF Q4_K", "Q4_K")]
+    if quick:
+        arms = [a for a in arms if a[0] in ("fp32 (reference)", "int8", "int4k_g32", "int4k_g32 cal", "GGUF Q4_K")]
+    rows = []
+    tmp = Path(tempfile.mkdtemp())
+    for label, spec in arms:
+        t0 = time.time()
+        p = copy.copy(pipe)
+        tr = copy.deepcopy(float_tr)
+        p.register_modules(transformer=tr)
+        if spec is None:
+            bits = 32.0
+        elif isinstance(spec, str) and spec.startswith("Q"):
+            per_layer = {n: (None if stored_shape_for(tuple(m.weight.shape), spec) is None else
+                             (lambda w, q=spec: gguf_weight_from_float(w, q))) for n, m in eligible.items()}
+            quantize_model(tr, "int8", per_layer=per_layer, exclude=exclude)
+            bits = _bits(tr, eligible, n_weights)
+        else:
+            scheme, cal = (spec, False) if isinstance(spec, str) else spec
+            quantize_denoiser(p, scheme, prompts=calib.captions, steps=None, guidance_scale=dit.CFG, calibrate=cal,
+                              exclude=exclude, seed=int(calib.noise_seeds[0]), rows_per_call=64,
+                              pipe_kwargs=dict(sigmas=kw["sigmas"], max_sequence_length=24, height=64, width=64))
+            bits = _bits(tr, eligible, n_weights)
+        size = None
+        if spec is not None:
+            size = save_quantized(tr, tmp / f"dit{len(rows)}.safetensors").stat().st_size / 1e6
+        with torch.no_grad():
+            num = sum(float((tr(**dict(k, return_dict=False))[0] - r).pow(2).sum()) for k, r in zip(inputs, ref_out))
+        den = sum(float(r.pow(2).sum()) for r in ref_out)
+        imgs = generate(p, held, seeds)
+        mse = float((imgs - ref_images).pow(2).mean())
+        ev = generate(p, held_eval.captions, held_eval.noise_seeds, "np")
+        r = evaluate.evaluate_v2((ev * 255).round().clip(0, 255).astype(np.uint8), held_eval.scenes, net)
+        rows.append((label, bits, size, math.sqrt(num / den), float((imgs - ref_images).norm() / ref_images.norm()),
+                     10 * math.log10(1 / max(mse, 1e-12)), r["accuracy"]["shape"], r["accuracy"]["colour"]))
+        print(f"  tiny DiT {label} done ({time.time() - t0:.0f} s)", file=sys.stderr)
+    return rows, len(held), len(calib.captions)
+
+
 def _bits(unet, eligible, n_weights):
     mods = dict(unet.named_modules())
     total = 0.0
@@ -283,6 +368,19 @@ def _bits(unet, eligible, n_weights):
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
+def _tiny_table(rows):
+    base = rows[0]
+    return [f"| {label} | {bits:.2f} | {fmt(size, '.2f')} | {de:.4f} | {ie:.4f} | "
+            f"{'inf' if psnr > 119 else format(psnr, '.1f')} | {sa:.3f} ({sa / base[6]:.1%}) | "
+            f"{ca:.3f} ({ca / base[7]:.1%}) |" for label, bits, size, de, ie, psnr, sa, ca in rows]
+
+
+def _vs_q4k(rows, name):
+    q4k = {r[0]: r[3] for r in rows}.get("GGUF Q4_K")
+    cal = [(r[0], r[3] / q4k) for r in rows if r[0].endswith(" cal") and "int4" in r[0]] if q4k else []
+    return f"{name} " + ", ".join(f"{label} {x:.2f}x" for label, x in cal)
+
+
 def fmt(v, spec):
     return "n/a" if v is None else format(v, spec)
 
@@ -299,6 +397,7 @@ def main(argv=None):
     lrows = layer_rows(args.quick)
     lat = latency(args.rounds if not args.quick else 6)
     trows, n_held, n_cal = tiny_rows(args.quick, args.n_eval)
+    drows = dit_rows(args.quick, args.n_eval)
     cond.finish()
 
     out = ["## 1. Layers with realistic statistics (relative errors; output error on held-out inputs)", "",
@@ -317,12 +416,19 @@ def main(argv=None):
             "| scheme | bits/weight (quantized layers) | file MB | denoiser output error (4 timesteps) | "
             f"image rel. error | image PSNR dB | shape acc. / fp32 ({args.n_eval} scenes) | colour acc. / fp32 |",
             "|---|---|---|---|---|---|---|---|"]
-    base = trows[0]
-    for label, bits, size, de, ie, psnr, sa, ca in trows:
-        out.append(f"| {label} | {bits:.2f} | {fmt(size, '.2f')} | {de:.4f} | {ie:.4f} | "
-                   f"{'inf' if psnr > 119 else format(psnr, '.1f')} | {sa:.3f} ({sa / base[6]:.1%}) | "
-                   f"{ca:.3f} ({ca / base[7]:.1%}) |")
-    out += ["", str(cond)]
+    out += _tiny_table(trows)
+    if drows is not None:
+        dr, d_held, d_cal = drows
+        out += ["", f"## 3b. NimbleDiff-Tiny-DiT (flow Euler on 4 uniform sigmas, CFG 3, max_sequence_length 24; "
+                f"{d_held} held-out prompts, calibration on {d_cal} calibration-split prompts; patch embedding and "
+                "output projection float)", "",
+                "| scheme | bits/weight (quantized layers) | file MB | denoiser output error (4 timesteps) | "
+                f"image rel. error | image PSNR dB | shape acc. / fp32 ({args.n_eval} scenes) | colour acc. / fp32 |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += _tiny_table(dr)
+    out += ["", "Denoiser output error / GGUF Q4_K's (the goal: calibrated int4 at <= 4.5 bits per weight <= 0.8x): "
+            + "; ".join(_vs_q4k(r, name) for r, name in ((trows, "tiny UNet"), (drows and drows[0], "tiny DiT"))
+                        if r) + ".", "", str(cond)]
     text = "\n".join(out)
     print(text)
     write_result("quant_bench", __file__, text, argv, mode="quick" if args.quick else "")
