@@ -189,7 +189,7 @@ def write_part(name: str, body: str, argv) -> None:
     """bench/results/editing.md keeps one section per part, each headed by the command that produced it."""
     titles = {"gmm": "## DDS vs replacement restoration on Gaussian-mixture priors",
               "tiny": "## One-attribute edits on NimbleDiff-Tiny (evaluator v2, held-out prompts)",
-              "dit": "## One-attribute edits on NimbleDiff-Tiny-DiT and its 2-RF student: EIM (evaluator v2, held-out prompts)"}
+              "dit": "## One-attribute edits on NimbleDiff-Tiny-DiT, its 2-RF student and its Flash LoRA: EIM (evaluator v2, held-out prompts)"}
     sections = {}
     if os.path.exists(RESULT):
         for chunk in open(RESULT).read().split("<!-- part:")[1:]:
