@@ -42,12 +42,15 @@ CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25
            ("Flash LoRA LCM", "lcm", 4, 1.0, True), ("Flash LoRA LCM", "lcm", 8, 1.0, True)]
 # NimbleDiff-Tiny-DiT (rectified flow, StableDiffusion3Pipeline): (name, sampler, steps, guidance, weights)
 DIT_ZERO_ROWS = 24  # the T5 stand-in's length: the card's recommended value (3x faster than the default 256)
-# (weights: None = the teacher; else the student transformer folder weights/tiny/nimblediff-tiny-dit-<weights>)
+# (weights: None = the teacher; "flash" = the teacher with its Flash LoRA, weights/tiny/nimblediff-tiny-dit-flash-lora
+# .safetensors, loaded by the stock load_lora_weights; else the student transformer folder
+# weights/tiny/nimblediff-tiny-dit-<weights>)
 DIT_CFG = dit.CFG  # chosen on the calibration split (bench/dit_calibrate.py), never on these held-out prompts
 DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, DIT_CFG, None) for k in (25, 8, 4, 2, 1)] + [
     ("DiT teacher BOSS", "boss", 4, DIT_CFG, None)] + [
     ("DiT 2-rectified flow", "flow-euler", k, 1.0, "2rf") for k in (1, 2, 4)] + [
-    ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")]
+    ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")] + [
+    ("DiT Flash LoRA", "flow-euler", k, 1.0, "flash") for k in (4, 2, 1)]
 # Quantized denoisers (issue 14), each model at one near-converged setting: the UNet with DPM++ 8 steps at CFG, the
 # DiT with uniform flow Euler 8 steps at DIT_CFG. (name, sampler, steps, guidance, (model, scheme, calibrated)):
 # scheme None = the float model; "Q4_K" = a GGUF file written by weights.gguf_io (our Q4_K block writer, byte-exact
@@ -176,23 +179,27 @@ def unet_jobs(a):
 def dit_jobs(a):
     """The DiT rows: the stock StableDiffusion3Pipeline with its T5 absent (the tiny DiT has none), the T5 stand-in
     DIT_ZERO_ROWS long; student rows swap in the student's transformer."""
-    from diffusers import StableDiffusion3Pipeline
-
-    from diffusers import SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     boss = os.path.join(a.dit, "..", "nimblediff-tiny-dit-boss4.json")
     student = {w: f"{a.dit.rstrip(os.sep)}-{w}" for w in ("2rf", "instaflow")}
+    flash_lora = f"{a.dit.rstrip(os.sep)}-flash-lora.safetensors"
     configs = [c for c in DIT_CONFIGS if _wanted(a, c) and (c[1] != "boss" or os.path.exists(boss))
-               and (c[4] is None or os.path.isdir(student[c[4]]))]
+               and (c[4] in (None, "flash") or os.path.isdir(student[c[4]]))
+               and (c[4] != "flash" or os.path.exists(flash_lora))]
     if not configs or not os.path.isdir(a.dit):
         return
     pipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     teacher = pipe.transformer
+    if any(c[4] == "flash" for c in configs):
+        pipe.load_lora_weights(os.path.dirname(flash_lora), weight_name=os.path.basename(flash_lora))
     for config in configs:
         _, kind, steps, guidance, weights = config
-        pipe.transformer = teacher if weights is None else \
+        pipe.transformer = teacher if weights in (None, "flash") else \
             SD3Transformer2DModel.from_pretrained(student[weights], dtype=torch.float32).eval()
+        if pipe.transformer is teacher and getattr(teacher, "peft_config", None):
+            pipe.enable_lora() if weights == "flash" else pipe.disable_lora()
         extra = {"max_sequence_length": DIT_ZERO_ROWS}
         if kind == "boss":
             import json
@@ -434,7 +441,7 @@ def main():
         dit_note = (f"\n\nDiT rows: stock StableDiffusion3Pipeline without T5, max_sequence_length={DIT_ZERO_ROWS}; "
                     "flow Euler on uniform sigmas 1, (k-1)/k, ..., 1/k (passed as sigmas=: FlowMatchEuler's default "
                     "grid ends at 1/1000 and wastes the last of a few steps); the teacher at CFG "
-                    f"{DIT_CFG:g} (chosen on the calibration split), the students at CFG 1 (reflow bakes guidance in).")
+                    f"{DIT_CFG:g} (chosen on the calibration split), the students and the Flash LoRA at CFG 1 (both bake guidance in).")
         write_result("quality_dit", __file__, table + "\n\n" + dit_comparisons(results) + dit_note + note,
                      mode=mode)
     if all(c in results for c in QUANT_CONFIGS):  # every quant row ran (both models present, no --only left one out)
@@ -472,10 +479,20 @@ def dit_comparisons(results):
              ("2-rectified flow at 2 steps minus the teacher's flow Euler at 2 steps", ("DiT 2-rectified flow", 2),
               ("DiT teacher flow Euler", 2)),
              ("2-rectified flow at 4 steps minus the teacher's flow Euler at 4 steps", ("DiT 2-rectified flow", 4),
-              ("DiT teacher flow Euler", 4))]
+              ("DiT teacher flow Euler", 4)),
+             ("Flash LoRA at 4 steps minus the 25-step teacher", ("DiT Flash LoRA", 4), ("DiT teacher flow Euler", 25)),
+             ("Flash LoRA at 4 steps minus the teacher's flow Euler at 4 steps", ("DiT Flash LoRA", 4),
+              ("DiT teacher flow Euler", 4)),
+             ("Flash LoRA at 4 steps minus the teacher's BOSS schedule at 4 steps", ("DiT Flash LoRA", 4),
+              ("DiT teacher BOSS", 4)),
+             ("Flash LoRA at 2 steps minus the teacher's flow Euler at 2 steps", ("DiT Flash LoRA", 2),
+              ("DiT teacher flow Euler", 2)),
+             ("Flash LoRA at 1 step minus the teacher's flow Euler at 1 step", ("DiT Flash LoRA", 1),
+              ("DiT teacher flow Euler", 1))]
     said = [_compare(label, get[x], get[y]) for label, x, y in pairs if x in get and y in get]
     teacher = get.get(("DiT teacher flow Euler", 25))
-    for name, steps in (("DiT InstaFlow student", 1), ("DiT 2-rectified flow", 1), ("DiT 2-rectified flow", 2)):
+    for name, steps in (("DiT InstaFlow student", 1), ("DiT 2-rectified flow", 1), ("DiT 2-rectified flow", 2),
+                        ("DiT Flash LoRA", 4), ("DiT Flash LoRA", 2), ("DiT Flash LoRA", 1)):
         if teacher is not None and (name, steps) in get:  # the issue's goal is stated as a share of the teacher
             acc, ref = get[(name, steps)]["accuracy"], teacher["accuracy"]
             share = ", ".join(f"{k} {100 * acc[k] / ref[k]:.0f}%" for k in ("shape", "colour", "whole") if ref[k])

@@ -60,6 +60,9 @@ RECIPES = {r.name: r for r in (
            license="MIT", source="ByteDance/Hyper-SD (per step count LoRA; TCD scheduler in the card)"),
     Recipe("nimblediff-tiny-flash", "sd15", "lcm", "lcm", 4, (1, 8), 1.0, (1.0, 1.0),
            license="Apache-2.0", source="this repository (weights/tiny)"),
+    # trained for flow Euler on the uniform grid 1, 0.75, 0.5, 0.25 (tiny/flash.py, FLOW_SIGMAS)
+    Recipe("nimblediff-tiny-dit-flash", "sd3", "euler", "flow", 4, (1, 8), 1.0, (1.0, 1.0),
+           license="Apache-2.0", source="this repository (weights/tiny)"),
 )}
 
 

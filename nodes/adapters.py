@@ -22,8 +22,9 @@ from .sampling import make_sampler, make_sigmas_for_model
 
 log = logging.getLogger("nimblediff")
 
-EMBEDDED_LORAS = {"nimblediff-tiny-flash (embedded)":
-                  Path(__file__).parents[1] / "weights" / "tiny" / "nimblediff-tiny-flash-lora.safetensors"}
+_TINY = Path(__file__).parents[1] / "weights" / "tiny"
+EMBEDDED_LORAS = {"nimblediff-tiny-flash (embedded)": _TINY / "nimblediff-tiny-flash-lora.safetensors",
+                  "nimblediff-tiny-dit-flash (embedded)": _TINY / "nimblediff-tiny-dit-flash-lora.safetensors"}
 _TEXT_PREFIX = {"text_encoder": "clip_l.", "text_encoder_2": "clip_g."}
 
 # ComfyUI's own LoraLoader allows strengths in [-100, 100]: a workflow made with it must load here too
@@ -31,7 +32,7 @@ STRENGTH = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 MODEL_TIP = "the diffusion model to patch (a patched copy is returned; this one is not changed)"
 CLIP_TIP = "the text encoder to patch (a patched copy is returned; this one is not changed)"
 LORA_NAME_TIP = ("a LoRA file in models/loras (any layout: PEFT/diffusers, kohya, ComfyUI, LyCORIS), or the "
-                 "embedded NimbleDiff-Tiny Flash LoRA")
+                 "embedded NimbleDiff-Tiny / NimbleDiff-Tiny-DiT Flash LoRAs")
 STRENGTH_MODEL_TIP = "how strongly the LoRA changes the diffusion model (1 = as trained, 0 = off, negative inverts)"
 STRENGTH_CLIP_TIP = "how strongly the LoRA changes the text encoder (1 = as trained, 0 = off)"
 

@@ -2,6 +2,7 @@
 denoiser that schedule search uses, checked against the stock pipeline's own sampling loop."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,3 +89,73 @@ def test_shipped_student_fits_the_teacher_and_one_step_is_z1_minus_v(student):
                                                   do_classifier_free_guidance=False, max_sequence_length=24)
         v = model(z1, timestep=torch.tensor([1000.0]), encoder_hidden_states=embeds, pooled_projections=pooled).sample
     torch.testing.assert_close(out, z1 - v, atol=1e-4, rtol=1e-4)
+
+
+def test_flash_teacher_target_is_the_stock_pipeline_from_sigma_s(folder):
+    """Flash's target from x_s: the stock pipeline's flow Euler with CFG on sigmas s, ..., s/k (LoRA switched off
+    while the teacher runs, on again after)."""
+    from nimblediff.tiny import flash
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    ref = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    lora = flash.add_lora(pipe.transformer, 4, flash.DIT_TARGET_MODULES)
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.5)  # a LoRA that changes the output, so forgetting to switch it off shows
+    prompt, zs = "a red circle on the left", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        e, p = dit.encode(pipe, [prompt], 24)
+        ne, np_ = dit.encode(pipe, [""], 24)
+        got = flash.teacher_flow_x0(pipe.transformer, zs, 0.5, e, p, ne, np_, 3.0, 3)
+        lora_out = pipe.transformer(zs, timestep=torch.tensor([500.0]), encoder_hidden_states=e,
+                                    pooled_projections=p).sample
+        base_out = ref.transformer(zs, timestep=torch.tensor([500.0]), encoder_hidden_states=e,
+                                   pooled_projections=p).sample
+    want = ref(prompt, negative_prompt="", height=64, width=64, guidance_scale=3.0, sigmas=[0.5, 1 / 3, 1 / 6],
+               latents=zs.clone(), output_type="latent", max_sequence_length=24).images
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (lora_out - base_out).abs().max() > 1e-3  # the adapter is on again after the teacher ran
+
+
+def test_shipped_dit_flash_lora_recipe_matches_stock_lora_loading():
+    """The shipped Flash LoRA through FewStepSD3Pipeline.load_acceleration_lora and its recipe (flow Euler on
+    1, 0.75, 0.5, 0.25, CFG 1) gives the stock pipeline's load_lora_weights run on those sigmas."""
+    import nimblediff
+    from nimblediff.pipelines.dit import FewStepSD3Pipeline
+
+    kw = dict(text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    stock = StableDiffusion3Pipeline.from_pretrained(nimblediff.TINY_DIT, **kw)
+    stock.load_lora_weights(os.path.dirname(nimblediff.TINY_DIT_FLASH_LORA),
+                            weight_name=os.path.basename(nimblediff.TINY_DIT_FLASH_LORA))
+    ours = FewStepSD3Pipeline.from_pretrained(nimblediff.TINY_DIT, **kw)
+    ours.load_acceleration_lora(nimblediff.TINY_DIT_FLASH_LORA, recipe="nimblediff-tiny-dit-flash")
+    prompt, z = "a blue square at the top", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    want = stock(prompt, height=64, width=64, guidance_scale=1.0, sigmas=[1.0, 0.75, 0.5, 0.25], latents=z.clone(),
+                 output_type="latent", max_sequence_length=24).images
+    got = ours(prompt, height=64, width=64, latents=z.clone(), output_type="latent", max_sequence_length=24).images
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_couples_then_flash_stage_save_a_diffusers_sd3_lora(folder, tmp_path):
+    """The flash stage trains after couples (its sigma-1 targets), resumes, and writes a LoRA the stock SD3
+    pipeline loads onto every adapted layer."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from nimblediff.tiny import train_dit
+
+    shutil.copytree(folder, tmp_path / "dit" / "pipeline")
+    common = ["--out", str(tmp_path), "--no-progress", "--threads", "1"]
+    train_dit.main(["--stage", "couples", "--max-steps", "1", "--batch", "2"] + common)
+    train_dit.main(["--stage", "flash", "--max-steps", "2", "--batch", "3"] + common)
+    assert torch.load(tmp_path / "flash" / "ckpt.pt", weights_only=True)["step"] == 2
+    train_dit.main(["--stage", "flash", "--max-steps", "3", "--batch", "3"] + common)
+    assert "resumed at step 2" in (tmp_path / "flash" / "train.log").read_text()
+    path = tmp_path / "flash" / "lora" / "pytorch_lora_weights.safetensors"
+    keys = list(load_file(path))
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "dit" / "pipeline", text_encoder_3=None,
+                                                    tokenizer_3=None)
+    pipe.load_lora_weights(path.parent, weight_name=path.name)
+    assert sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_A" in n) == len(keys) // 2

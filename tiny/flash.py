@@ -1,4 +1,5 @@
-"""Flash Diffusion distillation (Chadebec et al. 2024) of the NimbleDiff-Tiny UNet into a 4-step LoRA.
+"""Flash Diffusion distillation (Chadebec et al. 2024) into a 4-step LoRA: of the NimbleDiff-Tiny UNet (DDIM, below)
+and of NimbleDiff-Tiny-DiT (rectified flow, `flow_distill_loss`).
 
 The student (UNet + LoRA, no CFG) sees x_t noised from a real latent at one of the four LCM timesteps and must
 predict, in one evaluation, the x0 the teacher (same UNet, LoRA off, CFG) reaches after several DDIM steps from x_t.
@@ -22,11 +23,11 @@ TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff
                   "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
 
 
-def add_lora(unet, rank=RANK):
+def add_lora(unet, rank=RANK, target_modules=TARGET_MODULES):
     """Attach a PEFT LoRA (alpha = rank, so diffusers' loader, which assumes that without alphas, agrees)."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGET_MODULES))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules))
     return [p for n, p in unet.named_parameters() if "lora_" in n]
 
 
@@ -91,8 +92,55 @@ def distill_loss(unet, z0, cond, uncond, alphas, progress, gen):
 
 
 def save_lora(pipe, folder):
-    """Diffusers/PEFT layout of public Flash releases: pytorch_lora_weights.safetensors, unet.*.lora_A/B.weight."""
+    """Diffusers/PEFT layout of public Flash releases: pytorch_lora_weights.safetensors, unet.* / transformer.*
+    lora_A/B.weight."""
     from peft.utils import get_peft_model_state_dict
 
     os.makedirs(folder, exist_ok=True)
-    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    if hasattr(pipe, "transformer"):
+        type(pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    else:
+        type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+
+
+# ---------------------------------------------------------------- rectified flow (the DiT)
+# The student runs flow Euler on the uniform 4-step grid (what bench/quality.py and the pipelines use at 4 steps),
+# predicting v with x0 = x_s - s v. Its target from x_s is the teacher's flow-Euler CFG sample from sigma s to 0.
+# At s = 1, x_s is pure noise and that target is exactly an InstaFlow couple (16 teacher steps, CFG), so those are
+# read from the couples already made rather than recomputed.
+
+FLOW_SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.25])
+FLOW_TEACHER_STEPS = 16  # over the whole path: from sigma s the teacher takes round(16 s) steps (12 from 0.75)
+DIT_RANK = 32
+DIT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+def sample_flow_modes(n, progress, gen):
+    """Indices into FLOW_SIGMAS from Flash's shifting mixture (MODE_PROBS, index 0 = the noisiest mode)."""
+    probs = MODE_PROBS[min(int(progress * len(MODE_PROBS)), len(MODE_PROBS) - 1)]
+    return torch.multinomial(probs, n, replacement=True, generator=gen)
+
+
+@torch.no_grad()
+def teacher_flow_x0(transformer, zs, s, embeds, pooled, null_embeds, null_pooled, cfg, steps):
+    """Flow Euler with CFG from sigma s (a float) to 0 in `steps` uniform steps, the LoRA switched off."""
+    transformer.disable_adapters()
+    try:
+        z, b = zs, len(zs)
+        both_e, both_p = torch.cat([null_embeds.expand(b, -1, -1), embeds]), torch.cat([null_pooled.expand(b, -1),
+                                                                                           pooled])
+        sig = torch.linspace(s, 0, steps + 1)
+        for a, a_next in zip(sig[:-1], sig[1:]):
+            v_u, v_c = transformer(hidden_states=torch.cat([z, z]), timestep=(a * 1000).expand(2 * b),
+                                   encoder_hidden_states=both_e, pooled_projections=both_p).sample.chunk(2)
+            z = z + (a_next - a) * (v_u + cfg * (v_c - v_u))
+        return z
+    finally:
+        transformer.enable_adapters()
+
+
+def flow_distill_loss(transformer, zs, s, target, embeds, pooled):
+    """One student evaluation at sigma s per sample (no CFG); x0 = x_s - s v matched to the teacher's x0."""
+    v = transformer(hidden_states=zs, timestep=s * 1000, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+    return F.mse_loss(zs - s.view(-1, 1, 1, 1) * v, target)

@@ -1,5 +1,5 @@
-"""Ship NimbleDiff-Tiny-DiT: the fp16 StableDiffusion3Pipeline folder, the student transformers that exist, the BOSS
-schedule, and the model card.
+"""Ship NimbleDiff-Tiny-DiT: the fp16 StableDiffusion3Pipeline folder, the student transformers and the Flash LoRA
+that exist, the BOSS schedule, and the model card.
 
     python -m nimblediff.tiny.package_dit [--runs runs/tiny-dit] [--dest weights/tiny]
 
@@ -13,7 +13,7 @@ import shutil
 
 import torch
 
-from . import dit
+from . import dit, flash
 from .train_dit import COUPLE_CFG, COUPLE_STEPS
 from .package import HERE, folder_mb, name_float32, read_log
 
@@ -21,6 +21,7 @@ PIPELINE_DIR = "nimblediff-tiny-dit"
 STUDENTS = {"2rf": ("reflow", "2-rectified flow (reflow on the teacher's couples)"),
             "instaflow": ("distill", "InstaFlow one-step student (distilled from the 2-rectified flow)")}
 BOSS_FILE = "nimblediff-tiny-dit-boss4.json"
+FLASH_FILE = "nimblediff-tiny-dit-flash-lora.safetensors"
 MAX_MB = 25.0
 
 
@@ -50,21 +51,40 @@ def ship_students(runs, dest):
     return shipped
 
 
+def ship_flash_lora(runs, dest):
+    """The Flash LoRA in fp16, diffusers layout (transformer.*.lora_A/B.weight); its MB, or None if not trained."""
+    from safetensors.torch import load_file, save_file
+
+    src = os.path.join(runs, "flash", "lora", "pytorch_lora_weights.safetensors")
+    if not os.path.exists(src):
+        return None
+    sd = {k: v.to(torch.float16).contiguous() for k, v in load_file(src).items()}
+    bad = [k for k in sd if not (k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k))]
+    if bad:
+        raise ValueError(f"unexpected keys in {src} (expected transformer.*.lora_A/B.weight): {bad[:5]}")
+    out = os.path.join(dest, FLASH_FILE)
+    save_file(sd, out, metadata={"format": "pt", "rank": str(flash.DIT_RANK)})
+    return os.path.getsize(out) / 2**20
+
+
 def write_card(runs, dest, pipe, students):
-    logs = {s: read_log(runs, s) for s in ("dit", "reflow", "distill")}
+    logs = {s: read_log(runs, s) for s in ("dit", "reflow", "distill", "flash")}
     rows = "\n".join(f"| {s} | {d['steps']} | {d['minutes']} | {d['first_loss']} | {d['last_loss']:.4f} | {d['final']} |"
                      for s, d in logs.items() if d["last_loss"] is not None)
     couples = os.path.join(runs, "couples")
     n_couples = len([f for f in os.listdir(couples) if f.endswith(".pt")]) if os.path.isdir(couples) else 0
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    student_lines = "\n".join(f"- `{PIPELINE_DIR}-{k}/`: {STUDENTS[k][1]}, {mb:.1f} MB" for k, mb in students.items()) \
+    student_lines = "\n".join(f"- `{FLASH_FILE}`: Flash Diffusion LoRA for 4 flow-Euler steps at CFG 1, rank "
+                              f"{flash.DIT_RANK}, {mb:.1f} MB" if k == "flash" else
+                              f"- `{PIPELINE_DIR}-{k}/`: {STUDENTS[k][1]}, {mb:.1f} MB" for k, mb in students.items()) \
         or "- none shipped yet (see Training)"
     card = CARD.format(dit_steps=logs["dit"]["steps"] or 0, dit_minutes=logs["dit"]["minutes"] or 0,
                        transformer=n(pipe.transformer), te=n(pipe.text_encoder), vae=n(pipe.vae),
                        layers=pipe.transformer.config.num_layers, size=folder_mb(os.path.join(dest, PIPELINE_DIR)),
                        rows=rows, couples=n_couples, students=student_lines, shift=dit.SHIFT,
                        rows_set=", ".join(map(str, dit.ZERO_ROWS)), couple_steps=COUPLE_STEPS,
-                       couple_cfg=COUPLE_CFG, cfg=dit.CFG)
+                       couple_cfg=COUPLE_CFG, cfg=dit.CFG, flash_rank=flash.DIT_RANK,
+                       flash_steps=flash.FLOW_TEACHER_STEPS)
     result = os.path.join(HERE, "bench", "results", "quality_dit.md")  # keep the card's table when re-packaging
     if os.path.exists(result):
         with open(result) as f:
@@ -77,8 +97,8 @@ def write_card(runs, dest, pipe, students):
 CARD = """# NimbleDiff-Tiny-DiT
 
 A small rectified-flow MM-DiT text-to-image model, trained from scratch on CPU for NimbleDiff's DiT samplers, LoRA
-loaders, quantizers, editing and caching, with InstaFlow's students: a 2-rectified flow and a one-step model
-distilled from it. Same procedural data and vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat
+loaders, quantizers, editing and caching, with InstaFlow's students (a 2-rectified flow and a one-step model
+distilled from it) and a 4-step Flash Diffusion LoRA. Same procedural data and vocabulary as NimbleDiff-Tiny (`weights/tiny/MODEL_CARD.md`): one or two flat
 shapes, 64x64.
 
 ## Why SD3's MM-DiT (not Flux's)
@@ -101,7 +121,7 @@ The pipeline's T5 stand-in is `max_sequence_length` rows of zeros (256 by defaul
 Students:
 {students}
 
-## Training (`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill`, each resumable)
+## Training (`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill|flash`, each resumable)
 - dit: rectified flow, x_s = (1 - s) x0 + s eps, the transformer predicts eps - x0, s ~ logit-normal(0, 1) as in
   SD3; both CLIP encoders trained jointly; 10% empty captions (CFG); AdamW 5e-4 (3e-4 in the third run),
   100-step warm-up, grad clip 1, batch 48, EMA 0.999 (shipped); two-shape scenes over-sampled (half of each batch in
@@ -112,6 +132,12 @@ Students:
   each couple; text encoders frozen; the guidance is baked in, so it runs at CFG 1.
 - distill: one step from the 2-RF model, z1 - v(z1, 1) regressed onto the teacher's sample (L2 in latent space;
   InstaFlow uses LPIPS, which needs downloaded weights).
+- flash (Flash Diffusion, `tiny/flash.py`): a rank-{flash_rank} LoRA on the teacher's attention and MLP layers
+  (AdamW 1e-3, batch 24) learns, with no CFG, to land each mode of the 4-step flow-Euler grid (sigma 1, 0.75, 0.5,
+  0.25) in one evaluation on the teacher's CFG sample from there (round({flash_steps} s) flow-Euler steps from a
+  real latent noised to sigma s; at sigma 1, the couples); modes drawn from Flash's shifting mixture, low noise
+  first. Flash's adversarial and DMD terms are left out. Its logged loss rises over the run because the mixture
+  moves to the noisy modes, whose targets are far from the input.
 
 | stage | steps | wall min | first logged loss | last loss (mean of 10 logs) | final |
 |---|---|---|---|---|---|
@@ -150,12 +176,20 @@ from diffusers import SD3Transformer2DModel
 pipe.transformer = SD3Transformer2DModel.from_pretrained("weights/tiny/nimblediff-tiny-dit-instaflow")
 img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=1, guidance_scale=1,
            max_sequence_length=24).images[0]
+
+# the Flash LoRA on the teacher: 4 flow-Euler steps on sigmas 1, 0.75, 0.5, 0.25, CFG 1
+pipe = StableDiffusion3Pipeline.from_pretrained("weights/tiny/nimblediff-tiny-dit", text_encoder_3=None,
+                                                tokenizer_3=None, dtype=torch.float32)
+pipe.load_lora_weights("weights/tiny", weight_name="nimblediff-tiny-dit-flash-lora.safetensors")
+img = pipe("a red circle on the left", height=64, width=64, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1,
+           max_sequence_length=24).images[0]
 ```
 
 ## Reproduce
 ```
 python -m nimblediff.tiny.train_dit --stage dit --p-two 0.4 --threads 2     # resumable, 90 min budget
 python -m nimblediff.tiny.train_dit --stage couples --minutes 25            # then reflow, then distill
+python -m nimblediff.tiny.train_dit --stage flash --minutes 75              # after couples
 python -m nimblediff.tiny.package_dit && python bench/quality.py --only DiT && python bench/update_readme.py
 ```
 """
@@ -168,6 +202,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     pipe = ship_pipeline(a.runs, a.dest)
     students = ship_students(a.runs, a.dest)
+    flash_mb = ship_flash_lora(a.runs, a.dest)
+    if flash_mb is not None:
+        students["flash"] = flash_mb
     boss = os.path.join(a.runs, BOSS_FILE)
     if os.path.exists(boss):
         shutil.copy(boss, os.path.join(a.dest, BOSS_FILE))

@@ -1,5 +1,5 @@
 """Train NimbleDiff-Tiny-DiT and its InstaFlow student on CPU:
-`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill [--out runs/tiny-dit]`.
+`python -m nimblediff.tiny.train_dit --stage dit|couples|reflow|distill|flash [--out runs/tiny-dit]`.
 
 Stage dit: rectified flow (x_t = (1 - s) x0 + s eps, the transformer predicts eps - x0, s logit-normal as in SD3),
 the two CLIP encoders trained jointly, 10% empty captions for CFG, EMA 0.999 shipped. Same resumable loop, wall budget
@@ -12,6 +12,9 @@ InstaFlow (Liu et al. 2024), in three more stages, each resumable:
   straightens the paths so few steps follow them (text encoders frozen: the student keeps the teacher's);
 - distill: from the 2-RF model, one step: z1 - v(z1, 1) regressed onto z0.
 The students bake CFG in (couples are guided), so they run at guidance 1.
+
+Stage flash: Flash Diffusion (tiny/flash.py) into a LoRA on the teacher for 4 flow-Euler steps at guidance 1; its
+sigma-1 targets are the couples, so it runs after the couples stage.
 """
 
 import os
@@ -21,12 +24,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from . import data, dit, vocab
-from .train import EmaLoop, build_parser, product_dir
+from . import data, dit, flash, vocab
+from .train import EmaLoop, Loop, build_parser, product_dir
 
-STAGE_K = {"dit": 4, "reflow": 5, "distill": 6}
+STAGE_K = {"dit": 4, "reflow": 5, "distill": 6, "flash": 7}
 DEFAULTS = {"dit": (48, 5e-4, 90.0), "couples": (48, 0.0, 30.0), "reflow": (48, 2e-4, 45.0),
-            "distill": (48, 1e-4, 30.0)}
+            "distill": (48, 1e-4, 30.0), "flash": (24, 1e-3, 50.0)}
 COUPLE_STEPS, COUPLE_CFG = 16, dit.CFG
 SHIPPED_VAE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "tiny", "nimblediff-tiny", "vae")
 
@@ -191,7 +194,50 @@ def train_student(args, stage, init_dir):
         loop.log(f"final: {stage} from {init_dir}, {len(z1_all)} couples")
 
 
-STAGES = {"dit": train_dit, "couples": make_couples,
+def train_flash(args):
+    """The teacher (LoRA off, CFG) teaches its LoRA'd self (no CFG) to land each 4-step flow-Euler mode in one step."""
+    pipe = load_teacher(args)
+    transformer = pipe.transformer
+    lora = flash.add_lora(transformer, flash.DIT_RANK, flash.DIT_TARGET_MODULES)
+    _, lr, _ = DEFAULTS["flash"]
+    opt = torch.optim.AdamW(lora, lr=args.lr or lr, weight_decay=0.0)
+    loop = Loop(args, "flash", {"lora": flash.LoraParams(transformer)}, opt, defaults=DEFAULTS)
+    z1_all, z0_all, caps_all = load_couples(args)
+    p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
+    gen = torch.Generator()
+
+    def step_fn(step):
+        seed = batch_seed(args, "flash", step)
+        gen.manual_seed(seed)
+        rows = int(np.random.default_rng(seed).choice(dit.ZERO_ROWS, p=dit.ZERO_ROWS_P))
+        modes = flash.sample_flow_modes(loop.batch, loop.progress, gen)
+        idx = torch.randint(0, len(z1_all), (int((modes == 0).sum()),), generator=gen)  # sigma 1: couples
+        modes = modes[modes > 0]
+        x, captions, _ = data.make_batch(seed, max(len(modes), 1), p_two)
+        x, captions = x[:len(modes)], captions[:len(modes)]
+        with torch.no_grad():
+            z0 = (pipe.vae.encode(x).latent_dist.sample(gen) - shift) * scale if len(modes) else z0_all[:0]
+            e, p = dit.encode(pipe, [caps_all[i] for i in idx] + captions, rows)
+            ne, np_ = dit.encode(pipe, [""], rows)
+        s = flash.FLOW_SIGMAS[modes].view(-1, 1, 1, 1)
+        zs = (1 - s) * z0 + s * torch.randn(z0.shape, generator=gen)
+        target = torch.empty_like(zs)
+        for m in modes.unique():
+            sel, sig = modes == m, float(flash.FLOW_SIGMAS[m])
+            target[sel] = flash.teacher_flow_x0(transformer, zs[sel], sig, e[len(idx):][sel], p[len(idx):][sel], ne,
+                                                np_, dit.CFG, round(flash.FLOW_TEACHER_STEPS * sig))
+        return flash.flow_distill_loss(transformer, torch.cat([z1_all[idx], zs]),
+                                       torch.cat([torch.ones(len(idx)), s.flatten()]),
+                                       torch.cat([z0_all[idx], target]), e, p)
+
+    loop.run(step_fn)
+    flash.save_lora(pipe, product_dir(args, loop, "lora"))
+    if not args.export:
+        loop.log(f"final: flash lora rank {flash.DIT_RANK}, params {sum(p.numel() for p in lora)}")
+
+
+STAGES = {"dit": train_dit, "flash": train_flash, "couples": make_couples,
           "reflow": lambda args: train_student(args, "reflow", os.path.join(args.out, "dit", "pipeline",
                                                                             "transformer")),
           "distill": lambda args: train_student(args, "distill", os.path.join(args.out, "reflow", "transformer"))}
