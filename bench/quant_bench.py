@@ -233,19 +233,9 @@ def tiny_rows(quick: bool, n_eval: int):
                 if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and not any(k in n for k in KEEP_FLOAT)}
     n_weights = sum(m.weight.numel() for m in eligible.values())
 
-    def gguf_scheme(qtype):
-        per_layer = {n: (None if stored_shape_for(tuple(m.weight.shape), qtype) is None else
-                         (lambda w, q=qtype: gguf_weight_from_float(w, q))) for n, m in eligible.items()}
-        return per_layer
-
-    arms = [("fp32 (reference)", None), ("int8", "int8"), ("int8 cal", ("int8", True)),
-            ("int4k_g32", "int4k_g32"), ("int4k_g32 cal", ("int4k_g32", True)), ("int4_g64 cal", ("int4_g64", True)),
-            ("nf4", "nf4"), ("bfp8", "bfp8"), ("GGUF Q8_0", "Q8_0"), ("GGUF Q4_0", "Q4_0"), ("GGUF Q4_K", "Q4_K")]
-    if quick:
-        arms = [a for a in arms if a[0] in ("fp32 (reference)", "int8", "int4k_g32", "int4k_g32 cal", "GGUF Q4_K")]
     rows = []
     tmp = Path(tempfile.mkdtemp())
-    for label, spec in arms:
+    for label, spec in _arms(quick):
         t0 = time.time()
         p = copy.copy(pipe)
         unet = copy.deepcopy(float_unet)
@@ -253,8 +243,7 @@ def tiny_rows(quick: bool, n_eval: int):
         if spec is None:
             bits = 32.0
         elif isinstance(spec, str) and spec.startswith("Q"):
-            per_layer = gguf_scheme(spec)
-            quantize_model(unet, "int8", per_layer=per_layer, exclude=KEEP_FLOAT)
+            quantize_model(unet, "int8", per_layer=_gguf_per_layer(eligible, spec), exclude=KEEP_FLOAT)
             bits = _bits(unet, eligible, n_weights)
         else:
             scheme, cal = (spec, False) if isinstance(spec, str) else spec
@@ -267,11 +256,8 @@ def tiny_rows(quick: bool, n_eval: int):
             num = sum(float((unet(x, t, encoder_hidden_states=c).sample - r).pow(2).sum())
                       for (x, t, c), r in zip(inputs, ref_out))
         den = sum(float(r.pow(2).sum()) for r in ref_out)
-        imgs = generate(p)
-        mse = float((imgs - ref_images).pow(2).mean())
-        shape_acc, colour_acc = attribute_accuracy(p, held_eval, net)
-        rows.append((label, bits, size, math.sqrt(num / den), float((imgs - ref_images).norm() / ref_images.norm()),
-                     10 * math.log10(1 / max(mse, 1e-12)), shape_acc, colour_acc))
+        rows.append(_error_row(label, bits, size, num / den, generate(p), ref_images,
+                               *attribute_accuracy(p, held_eval, net)))
         print(f"  tiny {label} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     return rows, len(held), len(calib)
 
@@ -317,14 +303,9 @@ def dit_rows(quick: bool, n_eval: int):
     eligible = {n: m for n, m in float_tr.named_modules()
                 if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and not any(e in n for e in exclude)}
     n_weights = sum(m.weight.numel() for m in eligible.values())
-    arms = [("fp32 (reference)", None), ("int8", "int8"), ("int8 cal", ("int8", True)),
-            ("int4k_g32", "int4k_g32"), ("int4k_g32 cal", ("int4k_g32", True)), ("int4_g64 cal", ("int4_g64", True)),
-            ("GGUF Q8_0", "Q8_0"), ("GGUF Q4_0", "Q4_0"), ("GGUF Q4_K", "Q4_K")]
-    if quick:
-        arms = [a for a in arms if a[0] in ("fp32 (reference)", "int8", "int4k_g32", "int4k_g32 cal", "GGUF Q4_K")]
     rows = []
     tmp = Path(tempfile.mkdtemp())
-    for label, spec in arms:
+    for label, spec in _arms(quick, skip=("nf4", "bfp8")):
         t0 = time.time()
         p = copy.copy(pipe)
         tr = copy.deepcopy(float_tr)
@@ -332,9 +313,7 @@ def dit_rows(quick: bool, n_eval: int):
         if spec is None:
             bits = 32.0
         elif isinstance(spec, str) and spec.startswith("Q"):
-            per_layer = {n: (None if stored_shape_for(tuple(m.weight.shape), spec) is None else
-                             (lambda w, q=spec: gguf_weight_from_float(w, q))) for n, m in eligible.items()}
-            quantize_model(tr, "int8", per_layer=per_layer, exclude=exclude)
+            quantize_model(tr, "int8", per_layer=_gguf_per_layer(eligible, spec), exclude=exclude)
             bits = _bits(tr, eligible, n_weights)
         else:
             scheme, cal = (spec, False) if isinstance(spec, str) else spec
@@ -348,14 +327,37 @@ def dit_rows(quick: bool, n_eval: int):
         with torch.no_grad():
             num = sum(float((tr(**dict(k, return_dict=False))[0] - r).pow(2).sum()) for k, r in zip(inputs, ref_out))
         den = sum(float(r.pow(2).sum()) for r in ref_out)
-        imgs = generate(p, held, seeds)
-        mse = float((imgs - ref_images).pow(2).mean())
         ev = generate(p, held_eval.captions, held_eval.noise_seeds, "np")
         r = evaluate.evaluate_v2((ev * 255).round().clip(0, 255).astype(np.uint8), held_eval.scenes, net)
-        rows.append((label, bits, size, math.sqrt(num / den), float((imgs - ref_images).norm() / ref_images.norm()),
-                     10 * math.log10(1 / max(mse, 1e-12)), r["accuracy"]["shape"], r["accuracy"]["colour"]))
+        rows.append(_error_row(label, bits, size, num / den, generate(p, held, seeds), ref_images,
+                               r["accuracy"]["shape"], r["accuracy"]["colour"]))
         print(f"  tiny DiT {label} done ({time.time() - t0:.0f} s)", file=sys.stderr)
     return rows, len(held), len(calib.captions)
+
+
+# the arms of sections 3 and 3b: (label, None = the float model | GGUF type "Q..." | scheme | (scheme, calibrate))
+ARMS = [("fp32 (reference)", None), ("int8", "int8"), ("int8 cal", ("int8", True)),
+        ("int4k_g32", "int4k_g32"), ("int4k_g32 cal", ("int4k_g32", True)), ("int4_g64 cal", ("int4_g64", True)),
+        ("nf4", "nf4"), ("bfp8", "bfp8"), ("GGUF Q8_0", "Q8_0"), ("GGUF Q4_0", "Q4_0"), ("GGUF Q4_K", "Q4_K")]
+QUICK_ARMS = ("fp32 (reference)", "int8", "int4k_g32", "int4k_g32 cal", "GGUF Q4_K")
+
+
+def _arms(quick, skip=()):
+    return [a for a in ARMS if a[0] not in skip and (not quick or a[0] in QUICK_ARMS)]
+
+
+def _gguf_per_layer(eligible, qtype):
+    """quantize_model's per_layer for a GGUF type: gguf's own round trip per layer, None (float) where its blocks do
+    not fit the layer's shape."""
+    return {n: (None if stored_shape_for(tuple(m.weight.shape), qtype) is None else
+                (lambda w, q=qtype: gguf_weight_from_float(w, q))) for n, m in eligible.items()}
+
+
+def _error_row(label, bits, size, denoiser_rel_sq, imgs, ref_images, shape_acc, colour_acc):
+    """(label, bits, MB, relative denoiser error, relative image error, image PSNR, shape, colour): a table row."""
+    mse = float((imgs - ref_images).pow(2).mean())
+    return (label, bits, size, math.sqrt(denoiser_rel_sq), float((imgs - ref_images).norm() / ref_images.norm()),
+            10 * math.log10(1 / max(mse, 1e-12)), shape_acc, colour_acc)
 
 
 def _bits(unet, eligible, n_weights):
