@@ -39,6 +39,22 @@ def comfyui_python() -> str:
     return os.environ.get("COMFYUI_PYTHON", sys.executable)
 
 
+def skip_without_comfyui() -> Path:
+    """At a test module's top: skip the module unless COMFYUI_PATH is a ComfyUI checkout (main.py and comfy/)."""
+    import pytest
+
+    comfy = comfyui_path()
+    if comfy is None or not (comfy / "main.py").is_file() or not (comfy / "comfy").is_dir():
+        pytest.skip("real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout (main.py and comfy/); "
+                    f"got {comfy}", allow_module_level=True)
+    return comfy
+
+
+def max_diff(a, b) -> float:
+    """Largest absolute difference of two tensors; inf when their shapes differ."""
+    return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

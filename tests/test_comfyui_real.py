@@ -24,10 +24,7 @@ import comfy_harness  # noqa: E402
 
 pytestmark = pytest.mark.comfyui
 
-COMFY = comfy_harness.comfyui_path()
-if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").is_dir():
-    pytest.skip("real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout (main.py and comfy/); "
-                f"got {COMFY}", allow_module_level=True)
+COMFY = comfy_harness.skip_without_comfyui()
 
 PACK = comfy_harness.PACK_DIR
 WORKFLOWS = sorted((PACK / "workflows" / "api").glob("*.json"))

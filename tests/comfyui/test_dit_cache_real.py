@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE.parent))
 import comfy_harness  # noqa: E402
+from comfy_harness import max_diff  # noqa: E402
 
 PROMPTS = ("a red circle on the left", "a blue square in the center", "a small green triangle at the top")
 STEPS, CFG, ZERO_ROWS = 25, 5.0, 24
@@ -37,10 +38,6 @@ SETTINGS = ({"threshold": 0.3, "warmup": 5}, {"threshold": 0.15, "warmup": 1}, {
 
 
 # ------------------------------------------------------------------------------- script side (COMFYUI_PYTHON)
-def _max(a, b) -> float:
-    return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
-
-
 def _parity(comfy: str, pack: str) -> dict:
     import torch
 
@@ -81,9 +78,9 @@ def _parity(comfy: str, pack: str) -> dict:
         z = torch.randn(1, 4, 16, 16, generator=gen)
         positive = encode(prompt)
         uncached, ref = comfy_run(model, positive, z), pipe_run(prompt, z)
-        run = {"prompt": prompt, "uncached_comfy_vs_pipe": _max(uncached, ref), "scale": float(ref.abs().max())}
+        run = {"prompt": prompt, "uncached_comfy_vs_pipe": max_diff(uncached, ref), "scale": float(ref.abs().max())}
         (zero,) = node.patch(model, 0.0, 1)
-        run["threshold0_vs_uncached"] = _max(comfy_run(zero, positive, z), uncached)
+        run["threshold0_vs_uncached"] = max_diff(comfy_run(zero, positive, z), uncached)
         run["threshold0_skipped"] = sum(k for _, k in zero.model_options["model_function_wrapper"].cache.decisions)
         run["settings"] = []
         for s in SETTINGS:
@@ -96,8 +93,8 @@ def _parity(comfy: str, pack: str) -> dict:
             run["settings"].append({
                 **s, "node_skipped": [st for st, k in node_cache.decisions if k],
                 "pipe_skipped": [st for st, k in cache.decisions if k], "node_calls": len(node_cache.decisions),
-                "node_vs_pipe": _max(ours, theirs), "node_vs_uncached": _max(ours, uncached),
-                "pipe_vs_uncached": _max(theirs, ref)})
+                "node_vs_pipe": max_diff(ours, theirs), "node_vs_uncached": max_diff(ours, uncached),
+                "pipe_vs_uncached": max_diff(theirs, ref)})
         out["runs"].append(run)
     out["input_model_options"] = sorted(model.model_options)
 
@@ -120,8 +117,8 @@ def _parity(comfy: str, pack: str) -> dict:
     disable_nimble_cache(pipe)
     out["schedule"] = {"compute": list(schedule.compute), "node_computed": [
         not k for _, k in patched.model_options["model_function_wrapper"].cache.decisions],
-        "pipe_computed": [not k for _, k in cache.decisions], "node_vs_pipe": _max(ours, theirs),
-        "vs_uncached": _max(theirs, pipe_run(prompt, z))}
+        "pipe_computed": [not k for _, k in cache.decisions], "node_vs_pipe": max_diff(ours, theirs),
+        "vs_uncached": max_diff(theirs, pipe_run(prompt, z))}
 
     # ComfyUI's stock SD3 MMDiT (no NimbleDiff subclass): accepted; threshold 0 = the unpatched MODEL
     import dit_real
@@ -134,7 +131,7 @@ def _parity(comfy: str, pack: str) -> dict:
     with torch.no_grad():
         got = wrapper(sd3.model.apply_model, {"input": x, "timestep": sigma, "c": kw, "cond_or_uncond": [0, 1]})
         want = sd3.model.apply_model(x, sigma, **kw)
-    out["stock_sd3"] = {"class": type(sd3.model.diffusion_model).__name__, "diff": _max(got, want),
+    out["stock_sd3"] = {"class": type(sd3.model.diffusion_model).__name__, "diff": max_diff(got, want),
                         "blocks": len(wrapper.cache.paths)}
 
     # model types the cache does not know: refused, named, the MODEL unchanged
@@ -169,10 +166,7 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.comfyui_path()
-    if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").is_dir():
-        pytest.skip(f"real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout; got {COMFY}",
-                    allow_module_level=True)
+    COMFY = comfy_harness.skip_without_comfyui()
     from nimblediff.nodes.dit_loaders import EMBEDDED_DIR
 
     if not (EMBEDDED_DIR / "model_index.json").is_file():

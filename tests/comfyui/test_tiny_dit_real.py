@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1]))
 import comfy_harness  # noqa: E402
+from comfy_harness import max_diff  # noqa: E402
 
 PROMPT = "a red circle on the left"
 STEPS, SIZE, ZERO_ROWS = 25, 64, 24
@@ -55,10 +56,6 @@ def _build(folder: str, layers: int = 3) -> dict:
                 p.add_(torch.randn_like(p) * 0.05)
     pipe.save_pretrained(folder)
     return {"folder": folder}
-
-
-def _max(a, b) -> float:
-    return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")
 
 
 def _parity(comfy: str, pack: str, folder: str) -> dict:
@@ -92,8 +89,8 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
 
     (cond, pooled), (ref_cond, ref_pooled) = ours(PROMPT), theirs(PROMPT)
     out["cond_shape"] = [list(cond.shape), list(ref_cond.shape)]
-    out["cond"], out["pooled"] = _max(cond, ref_cond), _max(pooled, ref_pooled)
-    out["cond_empty"] = max(_max(a, b) for a, b in zip(ours(""), theirs("")))
+    out["cond"], out["pooled"] = max_diff(cond, ref_cond), max_diff(pooled, ref_pooled)
+    out["cond_empty"] = max(max_diff(a, b) for a, b in zip(ours(""), theirs("")))
 
     # 2. denoiser: ComfyUI's x0 at (x, sigma) vs x - sigma * v of the pipeline's transformer at t = 1000 sigma
     mm = model.model
@@ -105,7 +102,7 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
             got = mm.apply_model(x, s, c_crossattn=ref_cond.expand(2, -1, -1), y=ref_pooled.expand(2, -1)).float()
             v = pipe.transformer(x, timestep=s * 1000, encoder_hidden_states=ref_cond.expand(2, -1, -1),
                                  pooled_projections=ref_pooled.expand(2, -1)).sample
-        worst, scale = max(worst, _max(got, x - sigma * v)), max(scale, float((x - sigma * v).abs().max()))
+        worst, scale = max(worst, max_diff(got, x - sigma * v)), max(scale, float((x - sigma * v).abs().max()))
     out["denoised"], out["denoised_scale"] = worst, scale
 
     # 2b. a student's transformer (same size, other weights) in place of the folder's: the MODEL follows it
@@ -124,7 +121,7 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
         kw = dict(timestep=s * 1000, encoder_hidden_states=ref_cond.expand(2, -1, -1),
                   pooled_projections=ref_pooled.expand(2, -1))
         want, teacher = x - 0.7 * student(x, **kw).sample, x - 0.7 * pipe.transformer(x, **kw).sample
-    out["student_denoised"], out["student_vs_teacher"] = _max(got.float(), want), _max(want, teacher)
+    out["student_denoised"], out["student_vs_teacher"] = max_diff(got.float(), want), max_diff(want, teacher)
 
     # 3. ComfyUI's own key table (comfy.utils.mmdit_to_diffusers) maps the MODEL's weights back onto the folder's
     ref_sd = pipe.transformer.state_dict()
@@ -142,9 +139,9 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
         used.add(key)
     out["keys_not_reached"] = sorted(set(ref_sd) - set(back))[:8]
     out["comfy_keys_unmapped"] = sorted(set(comfy_sd) - used)[:8]
-    differ = sorted(k for k in ref_sd if k in back and _max(back[k], ref_sd[k]) > 0)
+    differ = sorted(k for k in ref_sd if k in back and max_diff(back[k], ref_sd[k]) > 0)
     out["weights_back_differ"] = differ
-    out["weights_back"] = max(_max(back[k], ref_sd[k]) for k in ref_sd if k in back and k not in differ)
+    out["weights_back"] = max(max_diff(back[k], ref_sd[k]) for k in ref_sd if k in back and k not in differ)
     out["depth_blocks"] = [mm.model_config.unet_config["depth"], mm.model_config.unet_config["num_blocks"]]
     detected = comfy.model_detection.detect_unet_config(comfy_sd, "")
     ours_cfg = mm.model_config.unet_config
@@ -153,7 +150,7 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
     # 4. the schedule: KSampler's "normal" sigmas vs FlowMatchEulerDiscreteScheduler's for STEPS steps
     sigmas = comfy.samplers.calculate_sigmas(mm.model_sampling, "normal", STEPS)
     pipe.scheduler.set_timesteps(STEPS)
-    out["sigmas"] = _max(sigmas, pipe.scheduler.sigmas)
+    out["sigmas"] = max_diff(sigmas, pipe.scheduler.sigmas)
 
     # 5. sampling: comfy.sample.sample (KSampler's path) vs the pipeline at CFG 1 and 5, same starting noise
     negative = ours("")
@@ -168,9 +165,9 @@ def _parity(comfy: str, pack: str, folder: str) -> dict:
             img = vae.decode(samples).float()           # (1, H, W, 3) in [0, 1]
             ref_img = pipe.vae.decode(ref / pipe.vae.config.scaling_factor).sample
         ref_img = (ref_img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        out[f"latents_cfg{cfg:g}"] = _max(mm.process_latent_in(samples), ref)
+        out[f"latents_cfg{cfg:g}"] = max_diff(mm.process_latent_in(samples), ref)
         out[f"latents_scale_cfg{cfg:g}"] = float(ref.abs().max())
-        out[f"image_cfg{cfg:g}"] = _max(img.reshape(ref_img.shape), ref_img)
+        out[f"image_cfg{cfg:g}"] = max_diff(img.reshape(ref_img.shape), ref_img)
 
     # 6. latents the DiT cannot patchify: odd side, larger than the position table
     out["bad_sizes"] = {}
@@ -199,10 +196,7 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.comfyui_path()
-    if COMFY is None or not (COMFY / "main.py").is_file() or not (COMFY / "comfy").is_dir():
-        pytest.skip(f"real-ComfyUI tests need COMFYUI_PATH pointing at a ComfyUI checkout; got {COMFY}",
-                    allow_module_level=True)
+    COMFY = comfy_harness.skip_without_comfyui()
     from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, EMBEDDED_DIR, EMBEDDED_NAME
 
     def _script(*args: str, timeout: float = 900) -> dict:
