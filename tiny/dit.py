@@ -70,3 +70,18 @@ def encode(pipe, captions, zero_rows):
 def logit_normal(n, generator, mean=0.0, std=1.0):
     """SD3's timestep density: sigma = sigmoid(N(mean, std)), which favours the middle of the path."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+@torch.no_grad()
+def flow_euler_cfg(transformer, z, sigma, embeds, pooled, null_embeds, null_pooled, cfg, steps):
+    """Flow Euler with CFG from sigma (a float) to 0 in `steps` uniform steps, as StableDiffusion3Pipeline samples
+    on those sigmas; the null embeddings are one row or one per sample."""
+    b = len(z)
+    both_e = torch.cat([null_embeds.expand(b, -1, -1), embeds])
+    both_p = torch.cat([null_pooled.expand(b, -1), pooled])
+    sig = torch.linspace(sigma, 0, steps + 1)
+    for s, s_next in zip(sig[:-1], sig[1:]):
+        v_u, v_c = transformer(hidden_states=torch.cat([z, z]), timestep=(s * 1000).expand(2 * b),
+                               encoder_hidden_states=both_e, pooled_projections=both_p).sample.chunk(2)
+        z = z + (s_next - s) * (v_u + cfg * (v_c - v_u))
+    return z

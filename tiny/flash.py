@@ -12,6 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .dit import flow_euler_cfg
+
 STUDENT_TIMESTEPS = torch.tensor([999, 759, 499, 259])  # LCMScheduler's 4-step trailing schedule
 # Mode probabilities (over STUDENT_TIMESTEPS) per third of training: start on the low-noise modes, where the
 # teacher target is closest to what the UNet already does, and end weighted to the high-noise ones.
@@ -122,20 +124,11 @@ def sample_flow_modes(n, progress, gen):
     return torch.multinomial(probs, n, replacement=True, generator=gen)
 
 
-@torch.no_grad()
 def teacher_flow_x0(transformer, zs, s, embeds, pooled, null_embeds, null_pooled, cfg, steps):
-    """Flow Euler with CFG from sigma s (a float) to 0 in `steps` uniform steps, the LoRA switched off."""
+    """The teacher's flow-Euler CFG sample from sigma s (a float) to 0 in `steps` steps, the LoRA switched off."""
     transformer.disable_adapters()
     try:
-        z, b = zs, len(zs)
-        both_e, both_p = torch.cat([null_embeds.expand(b, -1, -1), embeds]), torch.cat([null_pooled.expand(b, -1),
-                                                                                           pooled])
-        sig = torch.linspace(s, 0, steps + 1)
-        for a, a_next in zip(sig[:-1], sig[1:]):
-            v_u, v_c = transformer(hidden_states=torch.cat([z, z]), timestep=(a * 1000).expand(2 * b),
-                                   encoder_hidden_states=both_e, pooled_projections=both_p).sample.chunk(2)
-            z = z + (a_next - a) * (v_u + cfg * (v_c - v_u))
-        return z
+        return flow_euler_cfg(transformer, zs, s, embeds, pooled, null_embeds, null_pooled, cfg, steps)
     finally:
         transformer.enable_adapters()
 

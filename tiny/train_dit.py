@@ -109,18 +109,6 @@ def load_teacher(args):
     return pipe
 
 
-@torch.no_grad()
-def teacher_ode(pipe, z1, embeds, pooled, null_embeds, null_pooled, steps, cfg):
-    """Flow Euler from sigma 1 to 0 with CFG: the teacher's own sample for each noise (the pipeline's sampler)."""
-    z, sig = z1, torch.linspace(1, 0, steps + 1)
-    both_e, both_p = torch.cat([null_embeds, embeds]), torch.cat([null_pooled, pooled])
-    for s, s_next in zip(sig[:-1], sig[1:]):
-        v_u, v_c = pipe.transformer(hidden_states=torch.cat([z, z]), timestep=(s * 1000).expand(2 * len(z)),
-                                    encoder_hidden_states=both_e, pooled_projections=both_p).sample.chunk(2)
-        z = z + (s_next - s) * (v_u + cfg * (v_c - v_u))
-    return z
-
-
 def make_couples(args):
     """Shards runs/tiny-dit/couples/shard_XXXX.pt of {z1, z0, captions}; a restart continues at the next shard."""
     pipe = load_teacher(args)
@@ -138,7 +126,7 @@ def make_couples(args):
         with torch.no_grad():
             e, p = dit.encode(pipe, captions, 24)
             ne, np_ = dit.encode(pipe, [""] * batch, 24)
-        z0 = teacher_ode(pipe, z1, e, p, ne, np_, COUPLE_STEPS, COUPLE_CFG)
+        z0 = dit.flow_euler_cfg(pipe.transformer, z1, 1.0, e, p, ne, np_, COUPLE_CFG, COUPLE_STEPS)
         torch.save({"z1": z1, "z0": z0, "captions": captions}, os.path.join(out, f"shard_{step:05d}.pt.tmp"))
         os.replace(os.path.join(out, f"shard_{step:05d}.pt.tmp"), os.path.join(out, f"shard_{step:05d}.pt"))
         step += 1
