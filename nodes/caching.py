@@ -6,7 +6,8 @@ the MODEL is kept and called inside ours."""
 
 from __future__ import annotations
 
-from ..core.caching import BlockReuse, CacheSchedule, FirstBlockCache, deepcache_paths, detect_layout
+from ..core.caching import BlockReuse, CacheSchedule, FirstBlockCache, Rettention, deepcache_paths, detect_layout
+from ..core.caching import sparse_attention
 from ..core.caching import prune as laptop
 from ..core.caching import search as dit_search
 from ..errors import InvalidParameterError
@@ -189,8 +190,140 @@ class SkipLayersModel:
         return (_wrap(model, run),)
 
 
+class SparseAttentionModel:
+    """Re-ttention sparse attention for DiT MODELs (ComfyUI's SD3 MMDiT): after `warmup` dense steps each query block
+    attends to the top `keep` share of keys, and the softmax mass of the dropped keys is restored from statistics
+    recorded at the last dense step (nimblediff.core.caching.Rettention, the object enable_nimble_cache(pipe,
+    "rettention") uses). Installed as ComfyUI's transformer_options["optimized_attention_override"] (the hook
+    comfy.ldm.modules.attention.wrap_attn calls) plus a model function wrapper that tells the state the step and
+    the cond / uncond stream. An attention override already on the MODEL still serves dense and masked calls."""
+
+    CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("Re-ttention sparse attention for DiTs (SD3 MMDiT): after the dense warm-up steps, attention uses "
+                   "only the top share of keys and restores the dropped softmax mass from statistics kept from the "
+                   "last dense step; fewer attention FLOPs per step. Same rule as the diffusers pipelines' "
+                   "enable_nimble_cache('rettention').")
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "a DiT model (ComfyUI's SD3 MMDiT); a patched copy is returned"}),
+            "keep": ("FLOAT", {"default": 0.25, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
+                "share of keys each query block attends to on sparse steps; 1 = dense attention, lower = fewer "
+                "attention FLOPs and further from the dense image")}),
+            "warmup": ("INT", {"default": 5, "min": 1, "max": 100, "tooltip": (
+                "first steps computed with dense attention; they choose the kept keys and record the statistics")}),
+            "refresh": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": (
+                "after the warm-up, one dense step in every N re-records the statistics; 0 = never")}),
+            "reshape": ("BOOLEAN", {"default": True, "tooltip": (
+                "restore the dropped keys' softmax mass and contribution from the recorded statistics (Re-ttention); "
+                "off = plain renormalised top-k sparse attention")}),
+        }, "optional": {
+            "block": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": (
+                "consecutive query tokens that share one set of kept keys; 1 = per-query top-k")}),
+        }}
+
+    def patch(self, model, keep, warmup, refresh=0, reshape=True, block=8):
+        # raises naming the model type (a UNet, ComfyUI's Flux) or the bad value before anything is cloned
+        sparse_attention.check_model(diffusion_model_of(model))
+        state = Rettention(keep, warmup, refresh, reshape=reshape, block=block)
+        patched = _wrap(model, lambda call, args: _cache_call(state, call, args))
+        options = patched.model_options.setdefault("transformer_options", {})
+        previous = options.get("optimized_attention_override")
+
+        def override(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False,
+                     **kwargs):
+            def dense():
+                if previous is not None:
+                    return previous(func, q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
+                                    skip_output_reshape=skip_output_reshape, **kwargs)
+                return func(q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
+                            skip_output_reshape=skip_output_reshape, **kwargs)
+            if mask is not None or args:              # masked (or positional extras): not a joint attention call
+                return dense()
+            b = q.shape[0]
+            d = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+            qh, kh, vh = (x if skip_reshape else x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+            def dense_bhnd():                         # ComfyUI's own attention, (B, H, N, D)
+                out = dense()
+                return out if skip_output_reshape else out.reshape(b, -1, heads, d).transpose(1, 2)
+            out = state.attend(qh, kh, vh, state.next_layer(), dense=dense_bhnd)     # (B, H, N, D)
+            return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * d)
+
+        options["optimized_attention_override"] = override
+        override.state = patched.model_options["model_function_wrapper"].state = state   # for inspection
+        return (patched,)
+
+
 NODES = {
     "NimbleDiffDeepCache": (DeepCacheModel, "NimbleDiff DeepCache / Feature Inheritance"),
     "NimbleDiffFirstBlockCache": (FirstBlockCacheModel, "NimbleDiff First-Block Cache (DiT)"),
     "NimbleDiffSkipLayers": (SkipLayersModel, "NimbleDiff Skip Layers (LAPTOP)"),
+    "NimbleDiffSparseAttention": (SparseAttentionModel, "NimbleDiff Sparse Attention (Re-ttention)"),
 }
+
+
+class BlockPlanModel:
+    """AutoDiffusion's searched blocks per step for DiT MODELs (ComfyUI's SD3 MMDiT): at each sampler step the joint
+    blocks a plan file marks compute; any other block adds the residual it produced at the last step it computed. The
+    plan is the JSON `nimblediff cache plan-search` / pipelines.caching.search_block_plan write, followed by
+    nimblediff.core.caching.BlockPlanCache, the object enable_nimble_cache(pipe, "block_plan") uses. SIGMAS: the
+    plan's searched noise levels, or without them the model's "normal" schedule for the plan's step count."""
+
+    CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("Block plan for DiTs (SD3 MMDiT), AutoDiffusion's architecture search: per sampler step only the "
+                   "blocks a searched plan file names compute, the others reuse their residual from the last step "
+                   "they ran. Connect SIGMAS to SamplerCustom for a plan searched jointly with its steps.")
+    RETURN_TYPES = ("MODEL", "SIGMAS")
+    RETURN_NAMES = ("model", "sigmas")
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "a DiT model (ComfyUI's SD3 MMDiT); a patched copy is returned"}),
+            "plan_file": ("STRING", {"default": "", "tooltip": (
+                "a block plan JSON (`nimblediff cache plan-search`), by name inside ComfyUI's input or output "
+                "folder; made for this model's block count, sampled with its number of steps")}),
+        }}
+
+    def patch(self, model, plan_file):
+        from ..core.caching import block_search
+
+        if not plan_file:
+            raise InvalidParameterError("plan_file is empty: give a block plan JSON (nimblediff cache plan-search)")
+        dit = diffusion_model_of(model)
+        block_search.model_family(dit)                                  # an unknown model type is named first
+        path = find_inside(comfy_user_folders(), plan_file, "plan_file",
+                           hint="put the plan JSON in ComfyUI's input folder and give its name there")
+        plan = block_search.load_plan(path, dit)                        # refuses another family or block count
+        cache = block_search.BlockPlanCache(dit, plan)
+
+        def run(call, args):
+            sigmas = args["c"].get("transformer_options", {}).get("sample_sigmas")
+            if sigmas is not None and len(sigmas) - 1 != plan.steps:
+                raise InvalidParameterError(
+                    f"plan_file {plan_file!r} was searched for {plan.steps} steps, the sampler runs "
+                    f"{len(sigmas) - 1}: set steps to {plan.steps} (or use this node's SIGMAS) or search a plan "
+                    f"for {len(sigmas) - 1}")
+            return _cache_call(cache, call, args)
+        patched = _wrap(model, run)
+        patched.model_options["model_function_wrapper"].cache = cache   # .decisions, for inspection
+        return patched, _plan_sigmas(model, plan)
+
+
+def _plan_sigmas(model, plan):
+    import torch
+
+    if plan.sigmas is not None:
+        return torch.tensor(plan.sigmas, dtype=torch.float32)
+    try:
+        from comfy.samplers import calculate_sigmas
+    except ImportError:                                                 # outside ComfyUI (stub tests): none
+        return None
+    return calculate_sigmas(model.get_model_object("model_sampling"), "normal", plan.steps).cpu()
+
+
+NODES["NimbleDiffBlockPlan"] = (BlockPlanModel, "NimbleDiff Block Plan (DiT)")

@@ -7,18 +7,25 @@
   residual stays under a threshold (ParaAttention's First Block Cache, TeaCache's accumulated-change rule).
 - `search`: per-step DiT cache schedules searched offline (residual-change profile on calibration prompts, dynamic
   programming over which steps compute), saved as JSON that `FirstBlockCache(schedule=...)` follows in both surfaces.
+- `Rettention`: Re-ttention (Chen et al. 2025) sparse attention for DiTs; sparse steps attend to the top keys per
+  query block and restore the dropped softmax mass from statistics recorded at the last dense step.
+- `block_search`: AutoDiffusion's architecture half -- a per-step, per-block plan (`BlockPlan`: which blocks compute
+  at each step; a skipped block adds its residual from the last step it computed), applied by `BlockPlanCache` and
+  searched offline by evolution under a budget of block evaluations, jointly with the sigmas if asked.
 - `prune`: LAPTOP-Diff's one-shot layer-removal score, its additivity check and a config a loader applies.
 
 Surfaces (diffusers hooks in pipelines/caching.py, ComfyUI wrappers in nodes/caching.py) only translate the
 timestep and call these objects; the per-step state lives in `StepClock` and the caches here.
 """
 
+from .block_search import BlockPlanCache
 from .first_block import FirstBlockCache
 from .layouts import deepcache_paths, detect_layout, dit_block_paths
 from .patch import ModelPatch, count_calls
 from .reuse import BlockReuse
-from .schedule import CacheSchedule
+from .schedule import BlockPlan, CacheSchedule
+from .sparse_attention import Rettention
 from .state import StepClock
 
-__all__ = ["BlockReuse", "CacheSchedule", "FirstBlockCache", "ModelPatch", "StepClock", "count_calls",
+__all__ = ["BlockPlan", "BlockPlanCache", "BlockReuse", "CacheSchedule", "FirstBlockCache", "ModelPatch", "Rettention", "StepClock", "count_calls",
            "deepcache_paths", "detect_layout", "dit_block_paths"]
