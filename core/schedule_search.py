@@ -216,6 +216,30 @@ def _schedule_error(method, denoiser, param, x, sigmas, target, options) -> floa
     return err if math.isfinite(err) else math.inf
 
 
+def tournament(scored, rng, size: int = 3):
+    """Tournament selection: the genes of the best (lowest error) of `size` random members of a scored population
+    [(error, genes), ...]. Shared by the time-step search here and the block search (core/caching/block_search.py)."""
+    return min(rng.sample(scored, size), key=lambda t: t[0])[1]
+
+
+def breed(a, b, rng, scale: float) -> list[float]:
+    """Uniform crossover of two real-valued gene lists, then Gaussian mutation of each gene with probability
+    max(1 / len, 0.3)."""
+    child = [ga if rng.random() < 0.5 else gb for ga, gb in zip(a, b)]
+    for i in range(len(child)):
+        if rng.random() < max(1.0 / len(child), 0.3):
+            child[i] += rng.gauss(0.0, scale)
+    return child
+
+
+def sorted_genes(genes, lo: float, hi: float, gap: float = 1e-3) -> list[float]:
+    """log-rho genes as a valid interior sigma list: decreasing, inside [lo, hi - gap], `gap` apart."""
+    genes = sorted((min(max(u, lo), hi - gap) for u in genes), reverse=True)
+    for i in range(1, len(genes)):
+        genes[i] = min(genes[i], genes[i - 1] - gap)
+    return genes
+
+
 def autodiffusion(denoiser, param, nfe: int, *, x, sampler: str = "euler", options=None, population: int = 24,
                   generations: int = 30, seed: int = 0, init=(), rho_range=(2e-3, 1e3), progress=None,
                   reference=None, substeps: int = 8) -> dict:
@@ -240,11 +264,8 @@ def autodiffusion(denoiser, param, nfe: int, *, x, sampler: str = "euler", optio
         inner = [_rho(param, float(s)) for s in list(sigmas)[1:-1]]
         return sorted((min(max(math.log(r), lo), hi) for r in inner if 0 < r < math.inf), reverse=True)
 
-    def fix(genes):                               # sorted, strictly inside (lo, hi), distinct
-        genes = sorted((min(max(u, lo), hi - 1e-3) for u in genes), reverse=True)
-        for i in range(1, len(genes)):
-            genes[i] = min(genes[i], genes[i - 1] - 1e-3)
-        return genes
+    def fix(genes):
+        return sorted_genes(genes, lo, hi)
 
     def fitness(genes):
         return _schedule_error(method, denoiser, param, x, sigmas_of(genes), target, options)
@@ -261,13 +282,8 @@ def autodiffusion(denoiser, param, nfe: int, *, x, sampler: str = "euler", optio
     for gen in range(generations):
         children = []
         while len(children) < population - 4:
-            a = min(rng.sample(scored, 3), key=lambda t: t[0])[1]          # tournament selection
-            b = min(rng.sample(scored, 3), key=lambda t: t[0])[1]
-            child = [ga if rng.random() < 0.5 else gb for ga, gb in zip(a, b)]          # uniform crossover
-            for i in range(m):                                                           # mutation
-                if rng.random() < max(1.0 / m, 0.3):
-                    child[i] += rng.gauss(0.0, scale)
-            children.append(fix(child))
+            a, b = tournament(scored, rng), tournament(scored, rng)
+            children.append(fix(breed(a, b, rng, scale)))
         scored = sorted(scored[:4] + [(fitness(c), c) for c in children], key=lambda t: t[0])  # elitism
         scale = max(0.05, scale * 0.9)
         if progress is not None:
