@@ -1,4 +1,5 @@
-"""The `nimblediff` command: demo on the embedded model, workflow tools, schedule search and LoRA tools."""
+"""The `nimblediff` command: demo on the embedded model, workflow tools, schedule search, block-plan search and LoRA
+tools."""
 
 from __future__ import annotations
 
@@ -311,6 +312,60 @@ def _schedule_search(args) -> int:
                         "cfg": args.cfg})
     sigmas = [round(s, 4) for s in result["sigmas"]]
     print(f"{args.method} {result['sampler']} NFE {args.nfe}: sigmas {sigmas} -> {out}")
+    return 0
+
+
+# prompts for `cache plan-search` when none are given: the tiny DiT's caption language, not the held-out set
+PLAN_PROMPTS = ["a red circle on the left", "a blue square in the center", "a small green triangle at the top",
+                "a yellow star on the right on a black background"]
+
+
+def _cache_plan_search(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import TINY_DIT
+    from .pipelines.caching import search_block_plan
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        print(f"error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    folder = _model_folder(args.model or TINY_DIT)
+    _set_threads(args.threads)
+    pipe = _load_any_pipeline(folder, torch.float32)
+    if getattr(pipe, "transformer", None) is None:
+        print(f"error: --model {folder} is a {type(pipe).__name__}; block plans are for DiT (SD3-style) folders",
+              file=sys.stderr)
+        return 2
+    init = []
+    if args.init_schedule:
+        from .core.caching import search as dit_search
+
+        init = [dit_search.load_schedule(args.init_schedule, pipe.transformer)]
+    prompts = args.prompt or PLAN_PROMPTS
+    print(f"block-plan search on {folder.name}: {args.steps} steps, budget {args.budget:g} of the block evaluations, "
+          f"{len(prompts)} calibration prompt(s), population {args.population}, {args.generations} generations"
+          + (", sigmas too" if args.sigmas else "") + "; Ctrl-C stops without writing")
+    bar = tqdm(desc="plan search", total=args.generations,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+
+    def progress(done, total):
+        bar.n = done
+        bar.refresh()
+
+    call = {"num_inference_steps": args.steps, "guidance_scale": args.cfg, "height": args.size, "width": args.size}
+    if args.max_sequence_length:
+        call["max_sequence_length"] = args.max_sequence_length
+    result = search_block_plan(pipe, prompts, args.budget, path=out, seed=args.seed, search_sigmas=args.sigmas,
+                               reference_steps=args.reference_steps, init=init, population=args.population,
+                               generations=args.generations, search_seed=args.search_seed, progress=progress, **call)
+    bar.close()
+    plan = result["plan"]
+    print(f"plan: {plan.evaluations()} of {plan.steps} x {plan.n_blocks} block evaluations, latent MSE to uncached "
+          f"{result['error']:.3e} ({result['evaluations']} plans evaluated) -> {out}")
+    for j in range(plan.n_blocks):
+        print(f"  block {j}: " + "".join("X" if row[j] else "." for row in plan.blocks))
     return 0
 
 
@@ -748,6 +803,36 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", default="schedule.json")
     search.add_argument("--overwrite", action="store_true")
     search.set_defaults(run=_schedule_search)
+
+    cache = sub.add_parser("cache", help="cache tools").add_subparsers(dest="action", required=True)
+    plan = cache.add_parser("plan-search", help="search which DiT blocks compute at each step under a compute "
+                            "budget (AutoDiffusion's block search; optionally the sigmas too) and write the plan "
+                            "JSON that enable_nimble_cache(pipe, 'block_plan') and NimbleDiff Block Plan (DiT) read")
+    plan.add_argument("--model", help="diffusers SD3-style DiT folder (default: the embedded NimbleDiff-Tiny-DiT)")
+    plan.add_argument("--budget", type=float, default=0.5,
+                      help="share (0-1] of the steps x blocks evaluations a plan may use (0.5: 2x fewer)")
+    plan.add_argument("--steps", type=_positive_int, default=25, help="sampler steps the plan is for")
+    plan.add_argument("--cfg", type=float, default=5.0)
+    plan.add_argument("--prompt", action="append", help="calibration prompt (repeatable; default: 4 shape prompts)")
+    plan.add_argument("--size", type=_positive_int, default=64, help="image size in pixels")
+    plan.add_argument("--max-sequence-length", type=int, default=24,
+                      help="SD3's T5 length (the embedded tiny DiT's tokenizer: 24; 0 = the pipeline's default)")
+    plan.add_argument("--sigmas", action="store_true",
+                      help="search the steps' sigmas jointly (AutoDiffusion's time-step half); pass them to the "
+                      "pipeline with pipelines.caching.plan_sigmas, or use the node's SIGMAS output")
+    plan.add_argument("--reference-steps", type=_positive_int,
+                      help="steps of the uncached reference (default: --steps; more with --sigmas)")
+    plan.add_argument("--init-schedule", help="a per-step DiT cache schedule JSON for the first population "
+                      "(pipelines.caching.search_dit_schedule)")
+    plan.add_argument("--population", type=_positive_int, default=12)
+    plan.add_argument("--generations", type=int, default=8)
+    plan.add_argument("--seed", type=int, default=7000, help="noise seed of calibration prompt i: SEED + i")
+    plan.add_argument("--search-seed", type=int, default=0)
+    plan.add_argument("--threads", type=_threads_arg, default="auto",
+                      help="torch threads, or auto: the cores not busy by the 1-minute load average")
+    plan.add_argument("--out", default="block-plan.json")
+    plan.add_argument("--overwrite", action="store_true")
+    plan.set_defaults(run=_cache_plan_search)
 
     lora = sub.add_parser("lora", help="LoRA tools").add_subparsers(dest="action", required=True)
     inspect = lora.add_parser("inspect", help="detect a LoRA file's layout and architecture")

@@ -341,7 +341,50 @@ def test_search_block_plan_on_an_sd3_pipeline(sd3, tmp_path):
         disable_nimble_cache(sd3)
         return float(((got - ref) ** 2).mean())
     assert math.isclose(error(plan), out["error"], rel_tol=1e-6)
-    assert out["error"] <= error(BlockPlan.from_schedule(schedule, 3)) and out["error"] > 0
+    assert math.isclose(out["init_errors"][0], error(BlockPlan.from_schedule(schedule, 3)), rel_tol=1e-6)
+    assert out["error"] <= out["init_errors"][0] and out["error"] > 0
+
+
+def test_joint_search_on_an_sd3_pipeline_runs_the_plans_sigmas(sd3):
+    """search_sigmas on a pipeline whose scheduler shifts (shift 3): the plan's sigmas are what the scheduler steps
+    through when called with plan_sigmas, and the recorded error is the pipeline's latent MSE with them to the
+    uncached 8-step reference."""
+    from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache, plan_sigmas, search_block_plan
+
+    out = search_block_plan(sd3, ["a cat"], 0.7, search_sigmas=True, reference_steps=8, population=4, generations=2,
+                            num_inference_steps=3, guidance_scale=5.0, max_sequence_length=8, height=32, width=32)
+    plan = out["plan"]
+    assert plan.sigmas is not None and len(plan.sigmas) == 4 and plan.sigmas[0] == 1.0 and plan.sigmas[-1] == 0.0
+    ref = sd3(["a cat"], num_inference_steps=8, generator=[torch.Generator().manual_seed(7000)], **CALL).images
+    enable_nimble_cache(sd3, "block_plan", plan=plan)
+    seen = []
+    hook = sd3.transformer.register_forward_pre_hook(lambda _m, a, k: seen.append(float(k["timestep"][0])),
+                                                     with_kwargs=True)
+    try:
+        got = sd3(["a cat"], num_inference_steps=3, sigmas=plan_sigmas(sd3, plan),
+                  generator=[torch.Generator().manual_seed(7000)], **CALL).images
+    finally:
+        hook.remove()
+        disable_nimble_cache(sd3)
+    assert torch.allclose(torch.tensor(seen) / 1000, torch.tensor(plan.sigmas[:-1]), atol=1e-5), (seen, plan.sigmas)
+    assert math.isclose(float(((got - ref) ** 2).mean()), out["error"], rel_tol=1e-6)
+
+
+def test_cli_plan_search_writes_a_plan_the_pipeline_loads(sd3, tmp_path):
+    from nimblediff import cli
+
+    folder = tmp_path / "sd3"
+    sd3.save_pretrained(folder)
+    out = tmp_path / "plan.json"
+    args = ["cache", "plan-search", "--model", str(folder), "--out", str(out), "--steps", "3", "--budget", "0.7",
+            "--population", "3", "--generations", "1", "--size", "32", "--max-sequence-length", "8", "--threads", "1",
+            "--prompt", "a cat", "-q"]
+    assert cli.main(args) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "block-plan" and data["steps"] == 3 and data["n_blocks"] == 3 and data["budget"] == 0.7
+    plan = block_search.load_plan(out, sd3.transformer)
+    assert plan.evaluations() == round(0.7 * 9)
+    assert cli.main(args) == 2                                     # exists: never overwritten without --overwrite
 
 
 # ------------------------------------------------------------------------------------------- ComfyUI node (stubs)

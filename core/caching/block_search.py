@@ -183,7 +183,7 @@ def search_plan(evaluate: Callable[[BlockPlan], float], steps: int, n_blocks: in
     crossover (cells both parents compute, then cells from either until the budget is spent), mutation (move a
     computing cell to a nearby step of its block, or swap it with a random skipped one; Gaussian steps on the sigma
     genes), `elite` best kept. Evaluations of a plan seen before are not repeated.
-    Returns {"plan", "error", "evaluations", "history" (best error per generation)}.
+    Returns {"plan", "error", "evaluations", "history" (best error per generation), "init_errors" (of `init`)}.
     """
     from ..schedule_search import breed, sorted_genes, tournament
 
@@ -254,7 +254,8 @@ def search_plan(evaluate: Callable[[BlockPlan], float], steps: int, n_blocks: in
             progress(gen + 1, generations)
     err, (cells, genes) = scored[0]
     return {"plan": _plan(cells, steps, n_blocks, sigmas_of(genes) if search_sigmas else sigmas), "error": err,
-            "evaluations": len(seen), "history": history}
+            "evaluations": len(seen), "history": history,
+            "init_errors": [seen[c, tuple(g)] for c, g in pool[:len(init)]]}
 
 
 # ------------------------------------------------------------------------------------------------------ JSON

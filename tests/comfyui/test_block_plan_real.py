@@ -1,0 +1,194 @@
+"""NimbleDiff Block Plan (DiT) on a real ComfyUI MODEL: NimbleDiff-Tiny-DiT loaded by NimbleDiff Diffusers DiT Loader
+(ComfyUI's SD3 MMDiT), sampled by comfy.sample.sample (KSampler's path: euler, "normal", CFG 5, 25 steps) or, for a plan
+with searched sigmas, by comfy.sample.sample_custom on the node's SIGMAS, against enable_nimble_cache(pipe,
+"block_plan") on StableDiffusion3Pipeline with the same folder, prompt, starting noise and plan file:
+
+- a plan computing every block is the unpatched MODEL bit for bit;
+- a plan skipping about half the blocks: the node and the pipeline run the same blocks at every step, and their
+  latents agree as closely as the uncached ComfyUI and diffusers runs do (float rounding only), while the plan did
+  change the result;
+- a plan searched on the pipeline with its sigmas (pipelines.caching.search_block_plan, search_sigmas=True): the
+  node's SIGMAS are the plan's, and node + sample_custom agree with the pipeline called with plan_sigmas;
+- the node's SIGMAS for a plan without sigmas are the "normal" schedule KSampler uses for the plan's step count;
+- a plan for another block count is refused naming the file, and the MODEL is left as it was.
+
+    COMFYUI_PATH=/tmp/ComfyUI COMFYUI_PYTHON=/tmp/comfyvenv/bin/python \
+        python -m pytest tests/comfyui/test_block_plan_real.py
+
+The comparisons run in one process under COMFYUI_PYTHON (this file as a script: `python <this file> parity <comfyui>
+<pack>`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent))
+import comfy_harness  # noqa: E402
+from comfy_harness import max_diff  # noqa: E402
+
+PROMPTS = ("a red circle on the left", "a blue square in the center")
+STEPS, CFG, ZERO_ROWS = 25, 5.0, 24
+
+
+# ------------------------------------------------------------------------------- script side (COMFYUI_PYTHON)
+def _parity(comfy: str, pack: str) -> dict:
+    import random
+    import tempfile
+
+    import torch
+
+    comfy_harness._import_pack(comfy, pack)
+    import comfy.sample
+    import comfy.samplers
+    import folder_paths
+    from diffusers import StableDiffusion3Pipeline
+    from nimblediff.core.caching import BlockPlan, block_search
+    from nimblediff.errors import NimbleDiffError
+    from nimblediff.nodes.caching import BlockPlanModel
+    from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, NimbleDiffusersDiTLoader, resolve_dit_model
+    from nimblediff.pipelines.caching import (disable_nimble_cache, enable_nimble_cache, plan_sigmas,
+                                              search_block_plan)
+
+    torch.set_num_threads(1)
+    model, clip, _ = NimbleDiffusersDiTLoader().load(EMBEDDED_CHOICE)
+    folder = resolve_dit_model(EMBEDDED_CHOICE)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mm, node, out = model.model, BlockPlanModel(), {"runs": []}
+    dit = mm.diffusion_model
+    inputs = Path(tempfile.mkdtemp())
+    folder_paths.set_input_directory(str(inputs))
+    n = len(block_search.dit_block_paths(dit))
+
+    def encode(text):
+        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    negative = encode("")
+
+    def comfy_run(m, positive, z, sigmas=None):
+        if sigmas is None:
+            samples = comfy.sample.sample(m, z, STEPS, CFG, "euler", "normal", positive, negative, torch.zeros_like(z),
+                                          seed=0, disable_pbar=True)
+        else:
+            samples = comfy.sample.sample_custom(m, z, CFG, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                                 negative, torch.zeros_like(z), disable_pbar=True, seed=0)
+        return mm.process_latent_in(samples)            # the pipeline's latent space
+
+    def pipe_run(prompt, z, **kw):
+        with torch.no_grad():
+            return pipe(prompt, height=64, width=64, guidance_scale=CFG, latents=z.clone(), output_type="latent",
+                        max_sequence_length=ZERO_ROWS, **({"num_inference_steps": STEPS} | kw)).images
+
+    rng = random.Random(0)
+    half = BlockPlan(((True,) * n,) + tuple(tuple(rng.random() < 0.5 for _ in range(n)) for _ in range(STEPS - 1)))
+    half.to_json(inputs / "half.json", block_search.model_family(dit))
+    BlockPlan.full(STEPS, n).to_json(inputs / "full.json", block_search.model_family(dit))
+    gen = torch.Generator().manual_seed(0)
+    for prompt in PROMPTS:
+        z = torch.randn(1, 4, 16, 16, generator=gen)
+        positive = encode(prompt)
+        uncached, ref = comfy_run(model, positive, z), pipe_run(prompt, z)
+        run = {"prompt": prompt, "uncached_comfy_vs_pipe": max_diff(uncached, ref), "scale": float(ref.abs().max())}
+        full, sigmas_full = node.patch(model, "full.json")
+        run["full_vs_uncached"] = max_diff(comfy_run(full, positive, z), uncached)
+        pipe.scheduler.set_timesteps(STEPS)
+        run["default_sigmas_vs_scheduler"] = max_diff(sigmas_full, pipe.scheduler.sigmas)
+        patched, _ = node.patch(model, "half.json")
+        ours = comfy_run(patched, positive, z)
+        cache = enable_nimble_cache(pipe, "block_plan", plan=str(inputs / "half.json"))
+        theirs = pipe_run(prompt, z)
+        disable_nimble_cache(pipe)
+        node_cache = patched.model_options["model_function_wrapper"].cache
+        run.update(node_rows=[list(r) for _, r in node_cache.decisions],
+                   pipe_rows=[list(r) for _, r in cache.decisions], plan_rows=[list(r) for r in half.blocks],
+                   node_vs_pipe=max_diff(ours, theirs), node_vs_uncached=max_diff(ours, uncached))
+        out["runs"].append(run)
+    out["input_model_options"] = sorted(model.model_options)
+
+    # a plan searched jointly with its sigmas on the pipeline; the node's SIGMAS drive SamplerCustom's path
+    result = search_block_plan(pipe, ["a large blue square on the right"], 0.6, path=inputs / "joint.json",
+                               search_sigmas=True, reference_steps=50, population=4, generations=1,
+                               num_inference_steps=STEPS, guidance_scale=CFG, height=64, width=64,
+                               max_sequence_length=ZERO_ROWS)
+    plan = result["plan"]
+    z, prompt = torch.randn(1, 4, 16, 16, generator=gen), PROMPTS[0]
+    patched, sigmas = node.patch(model, "joint.json")
+    ours = comfy_run(patched, encode(prompt), z, sigmas)
+    cache = enable_nimble_cache(pipe, "block_plan", plan=str(inputs / "joint.json"))
+    theirs = pipe_run(prompt, z, sigmas=plan_sigmas(pipe, plan))
+    disable_nimble_cache(pipe)
+    out["joint"] = {"sigmas_vs_plan": max_diff(sigmas, torch.tensor(plan.sigmas)), "evaluations": plan.evaluations(),
+                    "node_rows": [list(r) for _, r in patched.model_options["model_function_wrapper"].cache.decisions],
+                    "pipe_rows": [list(r) for _, r in cache.decisions], "plan_rows": [list(r) for r in plan.blocks],
+                    "node_vs_pipe": max_diff(ours, theirs), "scale": float(theirs.abs().max())}
+
+    # another block count: refused, the MODEL unchanged
+    BlockPlan.full(STEPS, n + 1).to_json(inputs / "other.json", block_search.model_family(dit))
+    try:
+        node.patch(model, "other.json")
+        message = None
+    except NimbleDiffError as exc:
+        message = str(exc)
+    out["refused"] = {"error": message, "n": n, "untouched": "model_function_wrapper" not in model.model_options
+                      and not any("forward" in m.__dict__ for m in dit.modules())}
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["parity"] and len(argv) == 3:
+        print(json.dumps(_parity(*argv[1:])))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+else:  # ------------------------------------------------------------------------------------- pytest side
+    import pytest
+
+    pytestmark = pytest.mark.comfyui
+    COMFY = comfy_harness.skip_without_comfyui()
+    from nimblediff.nodes.dit_loaders import EMBEDDED_DIR
+
+    if not (EMBEDDED_DIR / "model_index.json").is_file():
+        pytest.skip(f"{EMBEDDED_DIR} is not in the pack", allow_module_level=True)
+
+    @pytest.fixture(scope="module")
+    def parity() -> dict:
+        proc = subprocess.run([comfy_harness.comfyui_python(), str(HERE), "parity", str(COMFY),
+                               str(comfy_harness.PACK_DIR)], capture_output=True, text=True, timeout=1800,
+                              cwd=str(comfy_harness.PACK_DIR), check=False)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def test_full_plan_is_the_unpatched_model_and_default_sigmas_are_ksamplers(parity):
+        for run in parity["runs"]:
+            assert run["full_vs_uncached"] == 0.0, run
+            assert run["default_sigmas_vs_scheduler"] <= 1e-5, run
+        assert "model_function_wrapper" not in parity["input_model_options"]
+
+    def test_node_runs_the_blocks_the_pipeline_runs_and_agrees_with_it(parity):
+        """As close as the uncached runs of the two stacks (float rounding), and the plan changed the result."""
+        for run in parity["runs"]:
+            assert run["node_rows"] == run["pipe_rows"] == run["plan_rows"], run["prompt"]
+            assert run["uncached_comfy_vs_pipe"] <= 1e-4 and run["scale"] > 0.5, run
+            assert run["node_vs_pipe"] <= 1e-4 and run["node_vs_uncached"] > 1e-2, run
+
+    def test_a_jointly_searched_plan_drives_sampler_custom_like_the_pipeline(parity):
+        r = parity["joint"]
+        assert r["sigmas_vs_plan"] == 0.0 and r["evaluations"] == round(0.6 * STEPS * 8), r
+        assert r["node_rows"] == r["pipe_rows"] == r["plan_rows"]
+        assert r["node_vs_pipe"] <= 1e-4 and r["scale"] > 0.5, r
+
+    def test_a_plan_for_another_block_count_is_refused_and_the_model_unchanged(parity):
+        r = parity["refused"]
+        assert r["untouched"] and r["error"] is not None, r
+        assert f"made for {r['n'] + 1} transformer blocks; this model has {r['n']}" in r["error"], r
