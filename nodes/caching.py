@@ -221,11 +221,11 @@ class SparseAttentionModel:
                 "restore the dropped keys' softmax mass and contribution from the recorded statistics (Re-ttention); "
                 "off = plain renormalised top-k sparse attention")}),
         }, "optional": {
-            "block": ("INT", {"default": 8, "min": 1, "max": 1024, "tooltip": (
+            "block": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": (
                 "consecutive query tokens that share one set of kept keys; 1 = per-query top-k")}),
         }}
 
-    def patch(self, model, keep, warmup, refresh=0, reshape=True, block=8):
+    def patch(self, model, keep, warmup, refresh=0, reshape=True, block=16):
         # raises naming the model type (a UNet, ComfyUI's Flux) or the bad value before anything is cloned
         sparse_attention.check_model(diffusion_model_of(model))
         state = Rettention(keep, warmup, refresh, reshape=reshape, block=block)

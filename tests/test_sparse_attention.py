@@ -101,7 +101,8 @@ def test_hand_worked_three_keys():
 def test_schedule_statistics_and_flops_by_hand():
     """warmup 2, refresh 3: steps 0, 1 dense, then one dense step in every 3 (4, 7); a sparse step t returns
     alpha_tau o^S_t + r_tau with (S, alpha, r) from the last dense step tau, all computed here from the masked
-    reference; FLOPs: 4 B H N_q N_k D per dense call (+ the kept part's PV), 4 B H N_q kk D per sparse call."""
+    reference; FLOPs: 4 B H N_q N_k D per dense call (+ the dropped part's PV, 2 B H N_q N_k D, where the next step
+    is sparse), 4 B H N_q kk D per sparse call."""
     keep, block, steps = 0.25, 3, 9
     state = Rettention(keep, warmup=2, refresh=3, block=block)
     assert [s for s in range(steps) if state.is_dense(s)] == [0, 1, 4, 7]
@@ -116,7 +117,7 @@ def test_schedule_statistics_and_flops_by_hand():
             p = torch.softmax(q @ k.transpose(-1, -2) / 2.0, -1)
             last = mask, (p * mask).sum(-1), (p * ~mask) @ v
             assert torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-6)
-            flops += cost + 2 * q.numel() * kk
+            flops += cost + (cost // 2 if step != 0 else 0)        # step 0 is followed by a dense step: no record
         else:
             mask, alpha, r = last
             s = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf"))

@@ -57,10 +57,11 @@ def _unblock(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, H, N_k, D), index (B, H, nb, kk) -> (B, H, nb, kk, D): each query block's kept keys or values."""
-    nb = index.shape[2]
-    return torch.gather(x.unsqueeze(2).expand(-1, -1, nb, -1, -1), 3,
-                        index.unsqueeze(-1).expand(-1, -1, -1, -1, x.shape[-1]))
+    """x (B, H, N_k, D), index (B, H, nb, kk) -> (B, H, nb, kk, D): each query block's kept keys or values, as one
+    row gather (index_select on (B H N_k, D) rows; torch.gather would need an index as large as its output)."""
+    b, h, n, d = x.shape
+    offset = torch.arange(b * h, device=x.device).view(b, h, 1, 1) * n
+    return x.reshape(-1, d).index_select(0, (index + offset).reshape(-1)).view(*index.shape, d)
 
 
 def select_keys(scores: torch.Tensor, keep: float, block: int) -> torch.Tensor:
@@ -73,25 +74,30 @@ def sparse_attention(q, k, v, index, block: int, scale: float | None = None) -> 
     """Plain renormalised sparse attention o^S: each query block attends to its gathered keys.
 
     q (B, H, N_q, D), k / v (B, H, N_k, D), index (B, H, nb, kk) -> (B, H, N_q, D)."""
-    qb = _blocks(q, block)                                          # (B, H, nb, block, D)
-    out = F.scaled_dot_product_attention(qb, _gather(k, index), _gather(v, index), scale=scale)
-    return _unblock(out, q.shape[2])
+    b, h, nb, kk = index.shape
+    d = q.shape[-1]
+    qb = _blocks(q, block).reshape(b * h, nb, block, d)            # 4-D: SDPA's fused CPU / GPU kernels take it
+    kg, vg = (_gather(x, index).view(b * h, nb, kk, x.shape[-1]) for x in (k, v))
+    out = F.scaled_dot_product_attention(qb, kg, vg, scale=scale)   # (B H, nb, block, D_v)
+    return _unblock(out.view(b, h, nb, block, -1), q.shape[2])
+
+
+def drop_mask(index: torch.Tensor, n_q: int, n_k: int, block: int) -> torch.Tensor:
+    """index (B, H, nb, kk) -> (B, H, N_q, N_k) boolean, True where a query's block dropped the key."""
+    kept = torch.zeros(*index.shape[:3], n_k, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
+    return ~kept.repeat_interleave(block, 2)[:, :, :n_q]
 
 
 def dense_with_statistics(q, k, v, keep: float, block: int, scale: float | None = None):
-    """One dense attention that also records what the sparse pattern drops (explicit logsumexp form, so the score
-    matrix is computed once). Returns (o, index, alpha, r): o (B, H, N_q, D) dense output, index (B, H, nb, kk)
-    the pattern, alpha (B, H, N_q) kept share of the softmax mass, r (B, H, N_q, D) the dropped keys' part of o."""
+    """One dense attention that also records what the sparse pattern drops (explicit softmax, so the score matrix is
+    computed once). Returns (o, index, alpha, r): o (B, H, N_q, D) dense output, index (B, H, nb, kk) the pattern,
+    alpha (B, H, N_q) kept share of the softmax mass, r (B, H, N_q, D) the dropped keys' part of o."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale                           # (B, H, N_q, N_k)
     p = torch.softmax(s.float(), -1).to(q.dtype)
-    o = p @ v
     index = select_keys(s, keep, block)
-    pb = _blocks(p, block)                                          # (B, H, nb, block, N_k)
-    p_kept = torch.gather(pb, 4, index.unsqueeze(3).expand(-1, -1, -1, pb.shape[3], -1))   # (B, H, nb, block, kk)
-    alpha = _unblock(p_kept.sum(-1), q.shape[2])                    # (B, H, N_q)
-    o_kept = _unblock(p_kept @ _gather(v, index), q.shape[2])       # sum_{j in S} p_ij v_j = alpha o^S
-    return o, index, alpha, o - o_kept
+    p_drop = p * drop_mask(index, q.shape[2], k.shape[2], block)
+    return p @ v, index, 1 - p_drop.sum(-1), p_drop @ v
 
 
 def reshape(o_sparse: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -100,7 +106,8 @@ def reshape(o_sparse: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor) -> tor
 
 
 def attention_flops(q: torch.Tensor, n_keys: int) -> int:
-    """Multiply-adds x 2 of QK^T and PV for q (..., N_q, D) against n_keys keys."""
+    """Multiply-adds x 2 of QK^T and PV for q (..., N_q, D) against n_keys keys (a dense step that records the
+    statistics adds the dropped keys' PV: 1.5 x this)."""
     return 4 * q.numel() * n_keys
 
 
@@ -125,10 +132,11 @@ class Rettention:
     warmup >= 1: first steps dense (they record the pattern and statistics). refresh >= 0: after the warm-up, one
     step in every `refresh` is dense again and re-records (0 = never). reshape: restore the dropped mass from the
     statistics (False = plain renormalised top-k on the recorded pattern, the ablation). block >= 1: queries that
-    share one key set. Counters: flops (attention FLOPs computed, statistics included) and dense_flops (what dense
+    share one key set. Only a dense step followed by a sparse one records (explicit softmax, 1.5 x the FLOPs); the
+    other dense steps are plain SDPA. Counters: flops (attention FLOPs computed, statistics included) and dense_flops (what dense
     attention would have cost); dense_calls / sparse_calls count attention calls."""
 
-    def __init__(self, keep: float, warmup: int = 5, refresh: int = 0, *, reshape: bool = True, block: int = 8,
+    def __init__(self, keep: float, warmup: int = 5, refresh: int = 0, *, reshape: bool = True, block: int = 16,
                  clock: StepClock | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) \
                 or not 0 < keep <= 1:
@@ -180,17 +188,20 @@ class Rettention:
             return dense() if dense is not None else F.scaled_dot_product_attention(q, k, v, scale=scale)
         key = (self.stream, layer, tuple(q.shape), k.shape[2])
         rec = self.stats.get(key)
-        if rec is None or self.is_dense(self.step):
-            o, index, alpha, r = dense_with_statistics(q, k, v, self.keep, self.block, scale)
-            self.stats[key] = (index, alpha, r) if self.use_reshape else (index,)
-            self.flops += cost + attention_flops(q, index.shape[-1]) // 2    # + sum_{j in S} p_ij v_j
-            self.dense_calls += 1
-            return o
-        index = rec[0]
-        o = sparse_attention(q, k, v, index, self.block, scale)
-        self.flops += attention_flops(q, index.shape[-1])
-        self.sparse_calls += 1
-        return reshape(o, rec[1], rec[2]) if self.use_reshape else o
+        if rec is not None and not self.is_dense(self.step):
+            index = rec[0]
+            o = sparse_attention(q, k, v, index, self.block, scale)
+            self.flops += attention_flops(q, index.shape[-1])
+            self.sparse_calls += 1
+            return reshape(o, rec[1], rec[2]) if self.use_reshape else o
+        self.dense_calls += 1
+        if self.is_dense(self.step + 1):          # the next step is dense too and records anew: plain dense
+            self.flops += cost
+            return dense() if dense is not None else F.scaled_dot_product_attention(q, k, v, scale=scale)
+        o, index, alpha, r = dense_with_statistics(q, k, v, self.keep, self.block, scale)
+        self.stats[key] = (index, alpha, r) if self.use_reshape else (index,)
+        self.flops += cost + cost // 2                                # + the dropped keys' P V
+        return o
 
     @property
     def flops_kept(self) -> float:
