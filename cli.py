@@ -358,7 +358,8 @@ def _cache_plan_search(args) -> int:
     if args.max_sequence_length:
         call["max_sequence_length"] = args.max_sequence_length
     result = search_block_plan(pipe, prompts, args.budget, path=out, seed=args.seed, search_sigmas=args.sigmas,
-                               reference_steps=args.reference_steps, init=init, population=args.population,
+                               reference_steps=args.reference_steps, init=init, warmup=args.warmup,
+                               population=args.population,
                                generations=args.generations, search_seed=args.search_seed, progress=progress, **call)
     bar.close()
     plan = result["plan"]
@@ -824,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="steps of the uncached reference (default: --steps; more with --sigmas)")
     plan.add_argument("--init-schedule", help="a per-step DiT cache schedule JSON for the first population "
                       "(pipelines.caching.search_dit_schedule)")
+    plan.add_argument("--warmup", type=_positive_int, default=1,
+                      help="first steps in which every block computes in the profile-allocated starting plan")
     plan.add_argument("--population", type=_positive_int, default=12)
     plan.add_argument("--generations", type=int, default=8)
     plan.add_argument("--seed", type=int, default=7000, help="noise seed of calibration prompt i: SEED + i")

@@ -297,13 +297,15 @@ def plan_sigmas(pipe, plan) -> list[float]:
 
 
 def search_block_plan(pipe, prompts, budget: float, *, path=None, seed: int = 7000, search_sigmas: bool = False,
-                      reference_steps: int | None = None, init=(), population: int = 12, generations: int = 8,
-                      search_seed: int = 0, progress=None, **call):
+                      reference_steps: int | None = None, init=(), profile: bool = True, warmup: int = 1,
+                      population: int = 12, generations: int = 8, search_seed: int = 0, progress=None, **call):
     """AutoDiffusion's joint step + block search on a DiT pipeline (core/caching/block_search.py): the uncached
     pipeline's final latents on `prompts` (fixed noise: generator seed + i for prompt i) at `reference_steps`
     (default: the same num_inference_steps, i.e. what the cache should reproduce; give more with search_sigmas)
     are the reference; a plan's fitness is the latent MSE of the pipeline following it. `budget`: the share of
-    steps x blocks evaluations a plan may use. `init`: plans (or per-step CacheSchedules) for the first population.
+    steps x blocks evaluations a plan may use. `init`: plans (or per-step CacheSchedules) for the first population;
+    profile=True adds block_search.allocate_plan's plan (each block's residual change profiled on the uncached run,
+    the budget split over blocks by dynamic programming; the first `warmup` steps compute every block).
     Returns search_plan's dict; saves the JSON at `path` (read by enable_nimble_cache(pipe, "block_plan", plan=path)
     and NimbleDiff Block Plan (DiT)). call: pipeline arguments (num_inference_steps required, guidance_scale, ...)."""
     import torch
@@ -326,7 +328,15 @@ def search_block_plan(pipe, prompts, budget: float, *, path=None, seed: int = 70
                         **({"sigmas": sigmas} if sigmas is not None else {}), **call).images
 
     disable_nimble_cache(pipe)
-    reference = run(reference_steps or steps)
+    init = [p if isinstance(p, block_search.BlockPlan) else block_search.BlockPlan.from_schedule(p, n) for p in init]
+    profiler = block_search.BlockProfile(model) if profile else None
+    profiled = _profile_run(pipe, model, profiler, lambda: run(steps)) if profiler is not None else None
+    # the profiled run computes every block: it is the reference when that has the plan's step count
+    reference = profiled if profiled is not None and (reference_steps or steps) == steps \
+        else run(reference_steps or steps)
+    if profiler is not None:
+        total = block_search.budget_cells(steps, n, budget)
+        init.append(block_search.allocate_plan(profiler.profile(), total, min(warmup, total // n)))
     start = None
     if search_sigmas:                                     # the scheduler's own K-step sigmas start the search
         pipe.scheduler.set_timesteps(steps)
@@ -339,7 +349,6 @@ def search_block_plan(pipe, prompts, budget: float, *, path=None, seed: int = 70
         finally:
             disable_nimble_cache(pipe)
 
-    init = [p if isinstance(p, block_search.BlockPlan) else block_search.BlockPlan.from_schedule(p, n) for p in init]
     result = block_search.search_plan(evaluate, steps, n, budget, population=population, generations=generations,
                                       seed=search_seed, init=init, sigmas=start, search_sigmas=search_sigmas,
                                       progress=progress)
@@ -349,3 +358,12 @@ def search_block_plan(pipe, prompts, budget: float, *, path=None, seed: int = 70
                                prompts=prompts, seed=seed, search_seed=search_seed, population=population,
                                generations=generations, history=result["history"])
     return result
+
+
+def _profile_run(pipe, model, profiler, run):
+    """run() with the block profile hooked on the denoiser (every block computes)."""
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_CacheHook(profiler), HOOK)
+    try:
+        return run()
+    finally:
+        disable_nimble_cache(pipe)

@@ -311,6 +311,58 @@ def test_joint_search_moves_the_sigmas_and_keeps_them_valid():
     assert out["error"] < evaluate(BlockPlan(((True,) * 2, (True, False), (False, True)), start))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_allocate_plan_is_the_brute_force_optimum(seed):
+    """allocate_plan's plan has the least summed per-block staleness of every plan with that many block evaluations
+    (the first `warmup` steps computing every block), enumerated by brute force."""
+    from nimblediff.core.caching.search import staleness
+
+    rng = random.Random(seed)
+    steps, n = rng.randint(2, 5), rng.randint(1, 3)
+    warmup = rng.randint(1, steps)
+    changes = [[0.0] * n] + [[rng.random() ** 2 for _ in range(n)] for _ in range(steps - 1)]
+    total = rng.randint(n * warmup, steps * n)
+
+    def cost(cols):
+        return sum(staleness([changes[i][j] for i in range(steps)], cols[j]) for j in range(n))
+    per_block = [c for c in itertools.product((True, False), repeat=steps) if all(c[:warmup])]
+    brute = min(cost(cols) for cols in itertools.product(per_block, repeat=n) if sum(map(sum, cols)) == total)
+    plan = block_search.allocate_plan(changes, total, warmup)
+    cols = [tuple(plan.blocks[i][j] for i in range(steps)) for j in range(n)]
+    assert plan.evaluations() == total and all(all(plan.blocks[i]) for i in range(warmup))
+    assert math.isclose(cost(cols), brute, abs_tol=1e-12), (cost(cols), brute)
+
+
+def test_block_profile_measures_each_blocks_residual_change_by_hand():
+    """BlockProfile's c[i][j] = mean |r_j(step i) - r_j(step i - 1)| with r_j block j's hidden output minus input,
+    recorded here with plain forward hooks on an unpatched twin call."""
+    from nimblediff.pipelines.caching import _CacheHook, disable_nimble_cache
+    from diffusers.hooks import HookRegistry
+
+    model = _sd3_transformer()
+    ts = (1000.0, 600.0, 200.0)
+    xs = [_inputs(seed) for seed in (1, 2, 3)]
+    residuals = []
+    hooks = [b.register_forward_hook(lambda _m, a, k, out, j=j: residuals[-1].__setitem__(
+        j, out[1] - k["hidden_states"]), with_kwargs=True) for j, b in enumerate(model.transformer_blocks)]
+    with torch.no_grad():
+        for x, t in zip(xs, ts):
+            residuals.append([None] * 3)
+            model(**x, timestep=torch.full((2,), t))
+    for h in hooks:
+        h.remove()
+    profiler = block_search.BlockProfile(model)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_CacheHook(profiler), "nimblediff_cache")
+    with torch.no_grad():
+        for x, t in zip(xs, ts):
+            model(**x, timestep=torch.full((2,), t))
+    disable_nimble_cache(model)
+    want = [[0.0] * 3] + [[float((residuals[i][j] - residuals[i - 1][j]).abs().mean()) for j in range(3)]
+                          for i in (1, 2)]
+    got = profiler.profile()
+    assert all(math.isclose(g, w, rel_tol=1e-6) for gr, wr in zip(got, want) for g, w in zip(gr, wr)), (got, want)
+
+
 @pytest.mark.parametrize("kwargs, match", [({"budget": 0.1}, "step 0 alone"), ({"budget": 1.5}, "budget=1.5"),
                                            ({"search_sigmas": True}, "needs the starting sigmas"),
                                            ({"population": 1}, "population=1")])
@@ -342,7 +394,8 @@ def test_search_block_plan_on_an_sd3_pipeline(sd3, tmp_path):
         return float(((got - ref) ** 2).mean())
     assert math.isclose(error(plan), out["error"], rel_tol=1e-6)
     assert math.isclose(out["init_errors"][0], error(BlockPlan.from_schedule(schedule, 3)), rel_tol=1e-6)
-    assert out["error"] <= out["init_errors"][0] and out["error"] > 0
+    assert len(out["init_errors"]) == 2                               # and the profile allocation
+    assert out["error"] <= min(out["init_errors"]) and out["error"] > 0
 
 
 def test_joint_search_on_an_sd3_pipeline_runs_the_plans_sigmas(sd3):

@@ -107,6 +107,89 @@ class BlockPlanCache:
 
 # --------------------------------------------------------------------------------------------------- search
 
+class BlockProfile:
+    """Stands in for a cache in either surface (same call): every block computes, and per step the mean absolute
+    change of each block's hidden residual since the previous step of the same stream is recorded -- the per-block
+    counterpart of search.ResidualProfile, for `allocate_plan`."""
+
+    def __init__(self, model, blocks=None, clock: StepClock | None = None):
+        self.paths = list(blocks) if blocks is not None else dit_block_paths(model)
+        resolve(model, self.paths)
+        self.model, self.io, self.clock = model, block_io(model), clock or StepClock()
+        self.last: dict = {}
+        self.changes: dict[int, list[list[float]]] = {}      # step -> one [per block] list per call
+        self._run = None
+
+    def __call__(self, forward, t, *args, stream=None, step: int | None = None, **kwargs):
+        step = self.clock.observe(t) if step is None else self.clock.set(step)
+        if self._run != self.clock.run:
+            self.last.clear()
+            self._run = self.clock.run
+        rs = [None] * len(self.paths)
+
+        def block(j):
+            def run(original, *a, **k):
+                hid = _io(self.io, a, k)[0]
+                out = original(*a, **k)
+                rs[j] = (_split(out)[1] - hid).detach().float()     # (B, N, D) block j's residual
+                return out
+            return run
+
+        with ModelPatch(self.model, {p: block(j) for j, p in enumerate(self.paths)}):
+            out = forward(*args, **kwargs)
+        key = (stream, tuple(rs[0].shape))
+        prev = self.last.get(key)
+        if prev is not None and step > 0:
+            self.changes.setdefault(step, []).append([float((r - q).abs().mean()) for r, q in zip(rs, prev)])
+        self.last[key] = rs
+        return out
+
+    def profile(self) -> list[list[float]]:
+        """c[i][j]: mean change of block j's residual into step i over the recorded runs (c[0] = zeros)."""
+        steps = max(self.changes, default=0) + 1
+        missing = [i for i in range(1, steps) if i not in self.changes]
+        if steps < 2 or missing:
+            raise InvalidParameterError(f"no complete profile: steps without a measurement {missing or 'all'}; run "
+                                        "the uncached model through this profile for every step first")
+        n = len(self.paths)
+        return [[0.0] * n] + [[sum(c[j] for c in self.changes[i]) / len(self.changes[i]) for j in range(n)]
+                              for i in range(1, steps)]
+
+    def reset(self) -> None:
+        self.clock.reset()
+        self.last.clear()
+
+
+def allocate_plan(changes, total: int, warmup: int = 1) -> BlockPlan:
+    """The plan of least summed staleness (search.staleness per block, on absolute residual changes c[i][j]) with
+    `total` block evaluations: for each block j and count k, the dynamic programme of search.search_schedule gives
+    its best steps and cost f_j(k); a second dynamic programme over the blocks splits the total,
+    g_j(t) = min_k g_{j-1}(t - k) + f_j(k). A per-step schedule is the case where every block gets the same steps;
+    this lets blocks whose residual changes slowly compute less often. Used to seed the evolutionary search."""
+    from .search import search_schedule, staleness
+
+    steps, n = len(changes), len(changes[0])
+    if not n * warmup <= total <= steps * n:
+        raise InvalidParameterError(f"total={total}: need between {n * warmup} (warm-up steps of every block) and "
+                                    f"{steps * n} block evaluations")
+    best = []                                      # best[j][k] = (cost, flags) with k computing steps
+    for j in range(n):
+        col = [float(changes[i][j]) for i in range(steps)]
+        best.append({k: (staleness(col, sch.compute), sch.compute)
+                     for k in range(warmup, steps + 1) for sch in [search_schedule(col, k, warmup)]})
+    g = {0: (0.0, [])}                             # evaluations so far -> (cost, counts per block)
+    for j in range(n):
+        nxt = {}
+        for t, (cost, counts) in g.items():
+            for k, (f, _) in best[j].items():
+                if t + k <= total and (t + k not in nxt or cost + f < nxt[t + k][0]):
+                    nxt[t + k] = (cost + f, counts + [k])
+        g = nxt
+    counts = g[total][1]
+    cols = [best[j][k][1] for j, k in enumerate(counts)]
+    return BlockPlan(tuple(tuple(cols[j][i] for j in range(n)) for i in range(steps)))
+
+
 def latent_mse(latents, reference) -> float:
     """The search's fitness: mean squared error of final latents to the uncached reference (same prompts, noise)."""
     err = float(((latents.float() - reference.float()) ** 2).mean())
@@ -274,5 +357,5 @@ def load_plan(path, model) -> BlockPlan:
     return BlockPlan.from_json(path, family, len(dit_block_paths(model)))[0]
 
 
-__all__ = ["BlockPlanCache", "FAMILIES", "budget_cells", "latent_mse", "load_plan", "model_family", "save_plan",
-           "search_plan"]
+__all__ = ["BlockPlanCache", "BlockProfile", "FAMILIES", "allocate_plan", "budget_cells", "latent_mse", "load_plan",
+           "model_family", "save_plan", "search_plan"]
