@@ -43,14 +43,16 @@ CONFIGS = [("teacher DPM++", "dpm", 50, CFG, False), ("teacher DPM++", "dpm", 25
 # NimbleDiff-Tiny-DiT (rectified flow, StableDiffusion3Pipeline): (name, sampler, steps, guidance, weights)
 DIT_ZERO_ROWS = 24  # the T5 stand-in's length: the card's recommended value (3x faster than the default 256)
 # (weights: None = the teacher; "flash" = the teacher with its Flash LoRA, weights/tiny/nimblediff-tiny-dit-flash-lora
-# .safetensors, loaded by the stock load_lora_weights; else the student transformer folder
+# .safetensors, through FewStepSD3Pipeline.load_acceleration_lora and its recipe (the product path; sampler "lcm" =
+# the recipe's, "flow-euler" = the same LoRA on flow Euler); else the student transformer folder
 # weights/tiny/nimblediff-tiny-dit-<weights>)
 DIT_CFG = dit.CFG  # chosen on the calibration split (bench/dit_calibrate.py), never on these held-out prompts
 DIT_CONFIGS = [("DiT teacher flow Euler", "flow-euler", k, DIT_CFG, None) for k in (25, 8, 4, 2, 1)] + [
     ("DiT teacher BOSS", "boss", 4, DIT_CFG, None)] + [
     ("DiT 2-rectified flow", "flow-euler", k, 1.0, "2rf") for k in (1, 2, 4)] + [
     ("DiT InstaFlow student", "flow-euler", 1, 1.0, "instaflow")] + [
-    ("DiT Flash LoRA", "flow-euler", k, 1.0, "flash") for k in (4, 2, 1)]
+    ("DiT Flash LoRA", "lcm", k, 1.0, "flash") for k in (4, 2, 1)] + [
+    ("DiT Flash LoRA (flow Euler)", "flow-euler", 4, 1.0, "flash")]
 # Quantized denoisers (issue 14), each model at one near-converged setting: the UNet with DPM++ 8 steps at CFG, the
 # DiT with uniform flow Euler 8 steps at DIT_CFG. (name, sampler, steps, guidance, (model, scheme, calibrated)):
 # scheme None = the float model; "Q4_K" = a GGUF file written by weights.gguf_io (our Q4_K block writer, byte-exact
@@ -192,15 +194,22 @@ def dit_jobs(a):
     pipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     teacher = pipe.transformer
+    fast = None
     if any(c[4] == "flash" for c in configs):
-        pipe.load_lora_weights(os.path.dirname(flash_lora), weight_name=os.path.basename(flash_lora))
+        from nimblediff.pipelines.dit import FewStepSD3Pipeline
+
+        fast = FewStepSD3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+        fast.set_progress_bar_config(disable=True)
+        fast.load_acceleration_lora(flash_lora, recipe="nimblediff-tiny-dit-flash")
     for config in configs:
         _, kind, steps, guidance, weights = config
-        pipe.transformer = teacher if weights in (None, "flash") else \
-            SD3Transformer2DModel.from_pretrained(student[weights], dtype=torch.float32).eval()
-        if pipe.transformer is teacher and getattr(teacher, "peft_config", None):
-            pipe.enable_lora() if weights == "flash" else pipe.disable_lora()
         extra = {"max_sequence_length": DIT_ZERO_ROWS}
+        if weights == "flash":  # the recipe's uniform flow grid; "lcm" is its sampler, "flow-euler" the ODE's
+            extra["sampler"] = "euler" if kind == "flow-euler" else kind
+            yield config, lambda caps, seeds, extra=extra: generate(fast, caps, steps, guidance, seeds, **extra)
+            continue
+        pipe.transformer = teacher if weights is None else \
+            SD3Transformer2DModel.from_pretrained(student[weights], dtype=torch.float32).eval()
         if kind == "boss":
             import json
 
@@ -209,8 +218,7 @@ def dit_jobs(a):
         else:  # uniform flow Euler, t = 1, (k-1)/k, ..., 1/k, as rectified-flow papers count steps; FlowMatchEuler's
             # own grid ends at sigma 1/1000, so its last step does nothing (2 stock steps are 1 step's image)
             extra["sigmas"] = np.linspace(1.0, 0.0, steps + 1)[:-1].tolist()
-        yield config, lambda caps, seeds: generate(pipe, caps, None if "sigmas" in extra else steps, guidance,
-                                                   seeds, **extra)
+        yield config, lambda caps, seeds, extra=extra: generate(pipe, caps, None, guidance, seeds, **extra)
 
 
 def _stored_bits(model, float_model):
@@ -441,7 +449,10 @@ def main():
         dit_note = (f"\n\nDiT rows: stock StableDiffusion3Pipeline without T5, max_sequence_length={DIT_ZERO_ROWS}; "
                     "flow Euler on uniform sigmas 1, (k-1)/k, ..., 1/k (passed as sigmas=: FlowMatchEuler's default "
                     "grid ends at 1/1000 and wastes the last of a few steps); the teacher at CFG "
-                    f"{DIT_CFG:g} (chosen on the calibration split), the students and the Flash LoRA at CFG 1 (both bake guidance in).")
+                    f"{DIT_CFG:g} (chosen on the calibration split), the students and the Flash LoRA at CFG 1 (both bake guidance in). The Flash LoRA "
+                    "rows run FewStepSD3Pipeline with its recipe nimblediff-tiny-dit-flash (LCM re-noising on the same "
+                    "uniform grid, noise from each prompt's generator; chosen over flow Euler on the calibration split, "
+                    "`python bench/dit_calibrate.py --flash`); the flow Euler row is the same LoRA on the ODE.")
         write_result("quality_dit", __file__, table + "\n\n" + dit_comparisons(results) + dit_note + note,
                      mode=mode)
     if all(c in results for c in QUANT_CONFIGS):  # every quant row ran (both models present, no --only left one out)
@@ -483,6 +494,10 @@ def dit_comparisons(results):
              ("Flash LoRA at 4 steps minus the 25-step teacher", ("DiT Flash LoRA", 4), ("DiT teacher flow Euler", 25)),
              ("Flash LoRA at 4 steps minus the teacher's flow Euler at 4 steps", ("DiT Flash LoRA", 4),
               ("DiT teacher flow Euler", 4)),
+             ("Flash LoRA at 4 steps, its recipe's LCM re-noising minus flow Euler", ("DiT Flash LoRA", 4),
+              ("DiT Flash LoRA (flow Euler)", 4)),
+             ("Flash LoRA at 4 steps minus 2-rectified flow at 4 steps", ("DiT Flash LoRA", 4),
+              ("DiT 2-rectified flow", 4)),
              ("Flash LoRA at 4 steps minus the teacher's BOSS schedule at 4 steps", ("DiT Flash LoRA", 4),
               ("DiT teacher BOSS", 4)),
              ("Flash LoRA at 2 steps minus the teacher's flow Euler at 2 steps", ("DiT Flash LoRA", 2),

@@ -173,6 +173,7 @@ class FewStepDiTMixin(LoRAOpsMixin, NimbleCacheMixin):
             call = kwargs
         self._check_limits(call)
         scheduler = self._nimble_scheduler(sampler, schedule)
+        scheduler.default_generator = call.get("generator")   # stochastic steps draw from the call's generator
         if kwargs.get("eta") is None and "eta" in accepted and "gamma" in scheduler._options():
             kwargs["eta"] = scheduler._options()["gamma"]     # the stock default eta=0 would set TCD's gamma to 0
         if (self.family == "flux" and kwargs.get("sigmas") is None and kwargs.get("timesteps") is None

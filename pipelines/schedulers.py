@@ -89,6 +89,9 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._generator = None
+        # noise for stochastic samplers when a pipeline's step() call passes no generator (SD3 and Flux pipelines
+        # never do): FewStepDiTMixin sets the call's `generator` here, so a seeded call stays reproducible
+        self.default_generator = None
 
     # --- schedule -------------------------------------------------------------------------------------------------
 
@@ -215,7 +218,8 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
             raise InvalidParameterError("call set_timesteps before step")
         if self._step_index is None:
             self._step_index = self._begin_index or 0
-        self._generator, self._ref = generator, model_output
+        self._generator = generator if generator is not None else self.default_generator
+        self._ref = model_output
         dtype = torch.promote_types(sample.dtype, torch.float32)
         sample_up = _cast(sample, dtype)
         if self._steps is None:

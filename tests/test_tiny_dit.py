@@ -118,22 +118,32 @@ def test_flash_teacher_target_is_the_stock_pipeline_from_sigma_s(folder):
 
 
 def test_shipped_dit_flash_lora_recipe_matches_stock_lora_loading():
-    """The shipped Flash LoRA through FewStepSD3Pipeline.load_acceleration_lora and its recipe (flow Euler on
-    1, 0.75, 0.5, 0.25, CFG 1) gives the stock pipeline's load_lora_weights run on those sigmas."""
+    """The shipped Flash LoRA through FewStepSD3Pipeline.load_acceleration_lora and its recipe (LCM re-noising on
+    1, 0.75, 0.5, 0.25, CFG 1) gives the stock pipeline's load_lora_weights run on those sigmas with
+    FlowMatchEuler's stochastic sampling (x0, then fresh noise to the next sigma); the stock SD3 pipeline passes no
+    generator to step(), so its noise comes from the global RNG seeded alike. Ours draws from the call's generator:
+    the same seed twice gives the same image, another seed another image."""
     import nimblediff
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from nimblediff.pipelines.dit import FewStepSD3Pipeline
 
     kw = dict(text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
     stock = StableDiffusion3Pipeline.from_pretrained(nimblediff.TINY_DIT, **kw)
+    stock.scheduler = FlowMatchEulerDiscreteScheduler.from_config(stock.scheduler.config, stochastic_sampling=True)
     stock.load_lora_weights(os.path.dirname(nimblediff.TINY_DIT_FLASH_LORA),
                             weight_name=os.path.basename(nimblediff.TINY_DIT_FLASH_LORA))
     ours = FewStepSD3Pipeline.from_pretrained(nimblediff.TINY_DIT, **kw)
     ours.load_acceleration_lora(nimblediff.TINY_DIT_FLASH_LORA, recipe="nimblediff-tiny-dit-flash")
     prompt, z = "a blue square at the top", torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    want = stock(prompt, height=64, width=64, guidance_scale=1.0, sigmas=[1.0, 0.75, 0.5, 0.25], latents=z.clone(),
-                 output_type="latent", max_sequence_length=24).images
-    got = ours(prompt, height=64, width=64, latents=z.clone(), output_type="latent", max_sequence_length=24).images
+    common = dict(height=64, width=64, latents=z, output_type="latent", max_sequence_length=24)
+    torch.manual_seed(7)
+    want = stock(prompt, guidance_scale=1.0, sigmas=[1.0, 0.75, 0.5, 0.25], **common).images
+    torch.manual_seed(123)    # ours must not read the global RNG
+    got = ours(prompt, generator=torch.Generator().manual_seed(7), **common).images
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    again = ours(prompt, generator=torch.Generator().manual_seed(7), **common).images
+    other = ours(prompt, generator=torch.Generator().manual_seed(8), **common).images
+    assert torch.equal(again, got) and (other - got).abs().max() > 1e-2
 
 
 def test_couples_then_flash_stage_save_a_diffusers_sd3_lora(folder, tmp_path):

@@ -74,7 +74,7 @@ def write_card(runs, dest, pipe, students):
     couples = os.path.join(runs, "couples")
     n_couples = len([f for f in os.listdir(couples) if f.endswith(".pt")]) if os.path.isdir(couples) else 0
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    student_lines = "\n".join(f"- `{FLASH_FILE}`: Flash Diffusion LoRA for 4 flow-Euler steps at CFG 1, rank "
+    student_lines = "\n".join(f"- `{FLASH_FILE}`: Flash Diffusion LoRA for 4 steps (LCM re-noising on the flow grid) at CFG 1, rank "
                               f"{flash.DIT_RANK}, {mb:.1f} MB" if k == "flash" else
                               f"- `{PIPELINE_DIR}-{k}/`: {STUDENTS[k][1]}, {mb:.1f} MB" for k, mb in students.items()) \
         or "- none shipped yet (see Training)"
@@ -137,7 +137,9 @@ Students:
   0.25) in one evaluation on the teacher's CFG sample from there (round({flash_steps} s) flow-Euler steps from a
   real latent noised to sigma s; at sigma 1, the couples); modes drawn from Flash's shifting mixture, low noise
   first. Flash's adversarial and DMD terms are left out. Its logged loss rises over the run because the mixture
-  moves to the noisy modes, whose targets are far from the input.
+  moves to the noisy modes, whose targets are far from the input. It samples as it was trained: each mode's input
+  is an x0 estimate noised with fresh noise (LCM re-noising, the recipe's sampler), which beat flow Euler, whose
+  next input reuses the first noise, on the calibration split (`python bench/dit_calibrate.py --flash`).
 
 | stage | steps | wall min | first logged loss | last loss (mean of 10 logs) | final |
 |---|---|---|---|---|---|
@@ -177,10 +179,15 @@ pipe.transformer = SD3Transformer2DModel.from_pretrained("weights/tiny/nimbledif
 img = pipe("a red circle on the left", height=64, width=64, num_inference_steps=1, guidance_scale=1,
            max_sequence_length=24).images[0]
 
-# the Flash LoRA on the teacher: 4 flow-Euler steps on sigmas 1, 0.75, 0.5, 0.25, CFG 1
+# the Flash LoRA on the teacher: 4 steps on sigmas 1, 0.75, 0.5, 0.25 with LCM re-noising (x0, then fresh
+# noise to the next sigma: FlowMatchEuler's stochastic_sampling), CFG 1. The stock SD3 pipeline draws that noise
+# from torch's global generator; NimbleDiff's FewStepSD3Pipeline draws it from the call's generator.
+from diffusers import FlowMatchEulerDiscreteScheduler
 pipe = StableDiffusion3Pipeline.from_pretrained("weights/tiny/nimblediff-tiny-dit", text_encoder_3=None,
                                                 tokenizer_3=None, dtype=torch.float32)
+pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
 pipe.load_lora_weights("weights/tiny", weight_name="nimblediff-tiny-dit-flash-lora.safetensors")
+torch.manual_seed(0)
 img = pipe("a red circle on the left", height=64, width=64, sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1,
            max_sequence_length=24).images[0]
 ```
