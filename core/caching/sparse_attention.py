@@ -4,8 +4,10 @@ attention for DiTs whose dropped softmax mass is restored from statistics kept f
 Pattern (our choice, stated once): queries are cut into blocks of `block` consecutive tokens; every query of a
 block attends to the same top ceil(keep * N_k) keys, ranked by the block's summed scores sum_{i in block} q_i . k_j
 (block=1 is exact per-query top-k). Kept keys and values are gathered and the block's queries attend to them with
-`F.scaled_dot_product_attention`, so the kernel does keep x the dense attention FLOPs. (Re-ttention's own code uses
-a local window mask; any pattern works with the reshape below.)
+`F.scaled_dot_product_attention`, so the kernel does keep x the dense attention FLOPs. The pattern is chosen at the
+dense step that records the statistics and kept until the next one (attention drifts slowly across denoising steps,
+the temporal redundancy the paper builds on), so sparse steps pay for no selection. (Re-ttention's own code uses a
+local window mask; any pattern works with the reshape below.)
 
 The reshape. For query i with scores s_ij, Z_i = sum_j e^{s_ij}, kept set S, Z^S_i = sum_{j in S} e^{s_ij}:
 
@@ -64,10 +66,11 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, d).index_select(0, (index + offset).reshape(-1)).view(*index.shape, d)
 
 
-def select_keys(scores: torch.Tensor, keep: float, block: int) -> torch.Tensor:
-    """scores (B, H, N_q, N_k) -> index (B, H, nb, kk): per query block, the kk keys of largest summed score."""
-    pooled = _blocks(scores, block).sum(3)                          # (B, H, nb, N_k); padded rows add 0
-    return pooled.topk(kept_count(keep, scores.shape[-1]), dim=-1, sorted=False).indices
+def select_keys(q: torch.Tensor, k: torch.Tensor, keep: float, block: int) -> torch.Tensor:
+    """q (B, H, N_q, D), k (B, H, N_k, D) -> index (B, H, nb, kk): per query block, the kk = ceil(keep N_k) keys of
+    largest summed score sum_{i in block} q_i . k_j = (sum_i q_i) . k_j (one matmul 1/block the size of Q K^T)."""
+    pooled = _blocks(q, block).sum(3) @ k.transpose(-1, -2)          # (B, H, nb, N_k); padded rows add 0
+    return pooled.topk(kept_count(keep, k.shape[2]), dim=-1, sorted=False).indices
 
 
 def sparse_attention(q, k, v, index, block: int, scale: float | None = None) -> torch.Tensor:
@@ -82,22 +85,35 @@ def sparse_attention(q, k, v, index, block: int, scale: float | None = None) -> 
     return _unblock(out.view(b, h, nb, block, -1), q.shape[2])
 
 
-def drop_mask(index: torch.Tensor, n_q: int, n_k: int, block: int) -> torch.Tensor:
-    """index (B, H, nb, kk) -> (B, H, N_q, N_k) boolean, True where a query's block dropped the key."""
-    kept = torch.zeros(*index.shape[:3], n_k, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
-    return ~kept.repeat_interleave(block, 2)[:, :, :n_q]
+def sdpa_with_lse(q, k, v, scale: float | None = None):
+    """(SDPA output, logsumexp of the scaled scores (B, H, N_q)). On CPU, PyTorch's fused flash kernel returns both
+    in one pass (the very kernel F.scaled_dot_product_attention runs, so o is bit-identical to it); elsewhere the
+    explicit form."""
+    if q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        try:
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+            return o, lse
+        except (RuntimeError, TypeError):                           # a dtype or layout the kernel refuses
+            pass
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    lse = torch.logsumexp((q @ k.transpose(-1, -2)).float() * scale, -1)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale), lse
 
 
 def dense_with_statistics(q, k, v, keep: float, block: int, scale: float | None = None):
-    """One dense attention that also records what the sparse pattern drops (explicit softmax, so the score matrix is
-    computed once). Returns (o, index, alpha, r): o (B, H, N_q, D) dense output, index (B, H, nb, kk) the pattern,
-    alpha (B, H, N_q) kept share of the softmax mass, r (B, H, N_q, D) the dropped keys' part of o."""
+    """Dense attention that also records what the sparse pattern drops. Returns (o, index, alpha, r): o
+    (B, H, N_q, D) the dense output, index (B, H, nb, kk) the pattern, alpha (B, H, N_q) the kept share of the
+    softmax mass, exp(log Z^S - log Z), and r = o - alpha o^S (B, H, N_q, D), the dropped keys' part of o.
+    Costs dense attention + the pooled scores + attention over the kept keys."""
+    n = q.shape[2]
+    o, lse = sdpa_with_lse(q, k, v, scale)                          # o, log Z
+    index = select_keys(q, k, keep, block)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale                           # (B, H, N_q, N_k)
-    p = torch.softmax(s.float(), -1).to(q.dtype)
-    index = select_keys(s, keep, block)
-    p_drop = p * drop_mask(index, q.shape[2], k.shape[2], block)
-    return p @ v, index, 1 - p_drop.sum(-1), p_drop @ v
+    s_kept = (_blocks(q, block) @ _gather(k, index).transpose(-1, -2)).float() * scale   # (B, H, nb, block, kk)
+    lse_kept = _unblock(torch.logsumexp(s_kept, -1), n)             # log Z^S
+    o_kept = _unblock(torch.softmax(s_kept, -1).to(v.dtype) @ _gather(v, index), n)   # o^S
+    alpha = torch.exp(lse_kept - lse.float()).to(q.dtype)
+    return o, index, alpha, o - alpha.unsqueeze(-1) * o_kept
 
 
 def reshape(o_sparse: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -107,7 +123,7 @@ def reshape(o_sparse: torch.Tensor, alpha: torch.Tensor, r: torch.Tensor) -> tor
 
 def attention_flops(q: torch.Tensor, n_keys: int) -> int:
     """Multiply-adds x 2 of QK^T and PV for q (..., N_q, D) against n_keys keys (a dense step that records the
-    statistics adds the dropped keys' PV: 1.5 x this)."""
+    statistics adds the kept keys' attention and the pooled scores: (1 + keep + 1 / (2 block)) x this)."""
     return 4 * q.numel() * n_keys
 
 
@@ -132,9 +148,9 @@ class Rettention:
     warmup >= 1: first steps dense (they record the pattern and statistics). refresh >= 0: after the warm-up, one
     step in every `refresh` is dense again and re-records (0 = never). reshape: restore the dropped mass from the
     statistics (False = plain renormalised top-k on the recorded pattern, the ablation). block >= 1: queries that
-    share one key set. Only a dense step followed by a sparse one records (explicit softmax, 1.5 x the FLOPs); the
-    other dense steps are plain SDPA. Counters: flops (attention FLOPs computed, statistics included) and dense_flops (what dense
-    attention would have cost); dense_calls / sparse_calls count attention calls."""
+    share one key set. Only a dense step followed by a sparse one records (about (1 + keep) x the FLOPs); the other
+    dense steps are plain SDPA. Counters: flops (attention FLOPs computed, statistics included) and dense_flops
+    (what dense attention would have cost); dense_calls / sparse_calls count attention calls."""
 
     def __init__(self, keep: float, warmup: int = 5, refresh: int = 0, *, reshape: bool = True, block: int = 16,
                  clock: StepClock | None = None):
@@ -200,7 +216,7 @@ class Rettention:
             return dense() if dense is not None else F.scaled_dot_product_attention(q, k, v, scale=scale)
         o, index, alpha, r = dense_with_statistics(q, k, v, self.keep, self.block, scale)
         self.stats[key] = (index, alpha, r) if self.use_reshape else (index,)
-        self.flops += cost + cost // 2                                # + the dropped keys' P V
+        self.flops += cost + attention_flops(q, index.shape[-1]) + cost // (2 * self.block)  # + kept, + pooled
         return o
 
     @property
