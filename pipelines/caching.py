@@ -323,9 +323,14 @@ def search_block_plan(pipe, prompts, budget: float, *, path=None, seed: int = 70
 
     def run(k, sigmas=None):
         gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        with torch.no_grad():
-            return pipe(prompts, num_inference_steps=k, generator=gens, output_type="latent",
-                        **({"sigmas": sigmas} if sigmas is not None else {}), **call).images
+        bars = dict(getattr(pipe, "_progress_bar_config", {}))     # no bar per evaluation; the caller's kept
+        pipe.set_progress_bar_config(**{**bars, "disable": True})
+        try:
+            with torch.no_grad():
+                return pipe(prompts, num_inference_steps=k, generator=gens, output_type="latent",
+                            **({"sigmas": sigmas} if sigmas is not None else {}), **call).images
+        finally:
+            pipe._progress_bar_config = bars
 
     disable_nimble_cache(pipe)
     init = [p if isinstance(p, block_search.BlockPlan) else block_search.BlockPlan.from_schedule(p, n) for p in init]
