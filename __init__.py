@@ -17,6 +17,7 @@ TINY_DIT_BOSS4 = str(_TINY / "nimblediff-tiny-dit-boss4.json")              # BO
 TINY_DIT_INSTAFLOW = str(_TINY / "nimblediff-tiny-dit-instaflow")            # its one-step InstaFlow transformer
 TINY_DIT_2RF = str(_TINY / "nimblediff-tiny-dit-2rf")                        # its 2-rectified-flow transformer
 TINY_DIT_FLASH_LORA = str(_TINY / "nimblediff-tiny-dit-flash-lora.safetensors")  # its 4-step Flash LoRA
+TINY_DIT_CLEAR_LORA = str(_TINY / "nimblediff-tiny-dit-clear-lora.safetensors")  # its CLEAR local-attention LoRA
 
 from .errors import NimbleDiffError  # noqa: E402
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
@@ -24,5 +25,5 @@ from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 WEB_DIRECTORY = None
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "NimbleDiffError", "TINY_DIT", "TINY_DIT_2RF",
-           "TINY_DIT_BOSS4", "TINY_DIT_FLASH_LORA", "TINY_DIT_INSTAFLOW", "TINY_FIT4", "TINY_FLASH_LORA", "TINY_MODEL",
-           "__version__"]
+           "TINY_DIT_BOSS4", "TINY_DIT_CLEAR_LORA", "TINY_DIT_FLASH_LORA", "TINY_DIT_INSTAFLOW", "TINY_FIT4",
+           "TINY_FLASH_LORA", "TINY_MODEL", "__version__"]

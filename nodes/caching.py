@@ -229,32 +229,39 @@ class SparseAttentionModel:
         # raises naming the model type (a UNet, ComfyUI's Flux) or the bad value before anything is cloned
         sparse_attention.check_model(diffusion_model_of(model))
         state = Rettention(keep, warmup, refresh, reshape=reshape, block=block)
-        patched = _wrap(model, lambda call, args: _cache_call(state, call, args))
-        options = patched.model_options.setdefault("transformer_options", {})
-        previous = options.get("optimized_attention_override")
+        return (_attention_patch(model, state),)
 
-        def override(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False,
-                     **kwargs):
-            def dense():
-                if previous is not None:
-                    return previous(func, q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
-                                    skip_output_reshape=skip_output_reshape, **kwargs)
-                return func(q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
-                            skip_output_reshape=skip_output_reshape, **kwargs)
-            if mask is not None or args:              # masked (or positional extras): not a joint attention call
-                return dense()
-            b = q.shape[0]
-            d = q.shape[-1] if skip_reshape else q.shape[-1] // heads
-            qh, kh, vh = (x if skip_reshape else x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
-            def dense_bhnd():                         # ComfyUI's own attention, (B, H, N, D)
-                out = dense()
-                return out if skip_output_reshape else out.reshape(b, -1, heads, d).transpose(1, 2)
-            out = state.attend(qh, kh, vh, state.next_layer(), dense=dense_bhnd)     # (B, H, N, D)
-            return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * d)
 
-        options["optimized_attention_override"] = override
-        override.state = patched.model_options["model_function_wrapper"].state = state   # for inspection
-        return (patched,)
+def _attention_patch(model, state):
+    """Clone `model` with its attention calls handed to a core attention state (Rettention, LocalAttention):
+    ComfyUI's transformer_options["optimized_attention_override"] (the hook comfy.ldm.modules.attention.wrap_attn
+    calls) plus a model function wrapper that gives the state each call's latent, step and cond / uncond stream."""
+    patched = _wrap(model, lambda call, args: _cache_call(state, call, args))
+    options = patched.model_options.setdefault("transformer_options", {})
+    previous = options.get("optimized_attention_override")
+
+    def override(func, q, k, v, heads, *args, mask=None, skip_reshape=False, skip_output_reshape=False,
+                 **kwargs):
+        def dense():
+            if previous is not None:
+                return previous(func, q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
+                                skip_output_reshape=skip_output_reshape, **kwargs)
+            return func(q, k, v, heads, *args, mask=mask, skip_reshape=skip_reshape,
+                        skip_output_reshape=skip_output_reshape, **kwargs)
+        if mask is not None or args:              # masked (or positional extras): not a joint attention call
+            return dense()
+        b = q.shape[0]
+        d = q.shape[-1] if skip_reshape else q.shape[-1] // heads
+        qh, kh, vh = (x if skip_reshape else x.reshape(b, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+        def dense_bhnd():                         # ComfyUI's own attention, (B, H, N, D)
+            out = dense()
+            return out if skip_output_reshape else out.reshape(b, -1, heads, d).transpose(1, 2)
+        out = state.attend(qh, kh, vh, state.next_layer(), dense=dense_bhnd)     # (B, H, N, D)
+        return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * d)
+
+    options["optimized_attention_override"] = override
+    override.state = patched.model_options["model_function_wrapper"].state = state   # for inspection
+    return patched
 
 
 NODES = {
@@ -327,3 +334,79 @@ def _plan_sigmas(model, plan):
 
 
 NODES["NimbleDiffBlockPlan"] = (BlockPlanModel, "NimbleDiff Block Plan (DiT)")
+
+
+CLEAR_EMBEDDED = "nimblediff-tiny-dit-clear (embedded)"
+CLEAR_NONE = "none (window only)"
+
+
+def _clear_adapter_path(name: str):
+    """The file of a CLEAR adapter choice: the embedded one, none, or a LoRA in models/loras."""
+    from .adapters import lora_path
+
+    if name == CLEAR_NONE:
+        return None
+    if name == CLEAR_EMBEDDED:
+        from .. import TINY_DIT_CLEAR_LORA
+
+        return TINY_DIT_CLEAR_LORA
+    return lora_path(name)
+
+
+class ClearLocalAttentionModel:
+    """CLEAR (Liu et al. 2024) for DiT MODELs (ComfyUI's SD3 MMDiT): every image query attends only to the image
+    tokens within `radius` of its own position (and to all text tokens; text queries keep full attention), with the
+    attention LoRA distilled for that window applied through ComfyUI's own weight patches (NimbleDiff's LoRA loader,
+    nodes/adapters.py). The window is nimblediff.core.caching.local_attention.LocalAttention, the object
+    enable_nimble_cache(pipe, "clear") uses, installed as transformer_options["optimized_attention_override"]."""
+
+    CATEGORY = "NimbleDiff/caching"
+    DESCRIPTION = ("CLEAR local-window attention for DiTs (SD3 MMDiT): each image token attends only to the image "
+                   "tokens within a radius of it plus all text tokens, with the attention-layer LoRA distilled from "
+                   "the full model for that window. Same rule and adapter as the diffusers pipelines' "
+                   "enable_nimble_cache('clear', adapter=...).")
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .adapters import lora_choices
+
+        choices = [CLEAR_EMBEDDED, CLEAR_NONE] + [c for c in lora_choices() if "(embedded)" not in c]
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "a DiT model (ComfyUI's SD3 MMDiT); a patched copy is returned"}),
+            "adapter": (choices, {"tooltip": (
+                "the attention LoRA distilled for the window (nimblediff.tiny.train_dit --stage clear): the embedded "
+                "one is for NimbleDiff-Tiny-DiT at radius 2 on its 8x8 token grid (64x64 images); 'none' = the "
+                "window alone, untrained (further from the full model)")}),
+            "radius": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 1024.0, "step": 0.5, "tooltip": (
+                "window radius in image tokens (latent patches), Euclidean; use the radius the adapter was "
+                "distilled for; a radius past the grid diagonal = full attention")}),
+        }, "optional": {
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": (
+                "strength of the attention LoRA (1 = as distilled, 0 = window only)")}),
+        }}
+
+    def patch(self, model, adapter, radius, strength=1.0):
+        import logging
+
+        from ..core.caching.local_attention import LocalAttention
+        from .adapters import load_lora
+
+        dit = diffusion_model_of(model)
+        sparse_attention.check_model(dit)                  # names a UNet / Flux / PixArt before anything is cloned
+        state = LocalAttention(radius, int(getattr(dit, "patch_size", 2)))     # raises on a bad radius
+        path = _clear_adapter_path(adapter)
+        if path is not None:
+            from ..weights.clear import read_clear_adapter       # the file's checks and its trained radius
+
+            _, meta = read_clear_adapter(path)
+            if "radius" in meta and float(meta["radius"]) != float(radius):
+                logging.getLogger("nimblediff").warning("NimbleDiff CLEAR: %s was distilled for radius %s, running "
+                                                        "at %s", adapter, meta["radius"], radius)
+            if strength != 0:
+                model, _, _ = load_lora(model, None, path, strength, 0.0)
+        return (_attention_patch(model, state),)
+
+
+NODES["NimbleDiffClearAttention"] = (ClearLocalAttentionModel, "NimbleDiff CLEAR Local Attention (DiT)")

@@ -8,6 +8,7 @@ pipe.transformer) hands each call and its timestep to the core cache, which patc
     enable_nimble_cache(pipe, "prune", config="laptop.json")      # LAPTOP-Diff layer skipping
     enable_nimble_cache(pipe, "block_plan", plan="plan.json")     # DiT: searched blocks per step (search_block_plan)
     enable_nimble_cache(pipe, "rettention", keep=0.1, warmup=5)   # SD3: Re-ttention sparse attention
+    enable_nimble_cache(pipe, "clear", adapter=TINY_DIT_CLEAR_LORA)  # SD3: CLEAR local window + distilled LoRA
     disable_nimble_cache(pipe)
 
 Methods: "deepcache" (branch=(block, layer), interval or schedule), "reuse" (paths=[module paths], interval or
@@ -174,6 +175,8 @@ def enable_nimble_cache(pipe, method: str = "deepcache", *, config=None, skip=No
     model = denoiser_of(pipe)
     if method == "block_plan":                            # AutoDiffusion's per-step, per-block plan (below)
         return _enable_block_plan(pipe, model, **options)
+    if method == "clear":                                 # CLEAR local-window attention (+ its LoRA), below
+        return _enable_clear(pipe, model, **options)
     if method == "prune":
         paths = laptop.load_config(config, model) if config is not None else list(skip or [])
         if not paths:
@@ -203,6 +206,9 @@ def disable_nimble_cache(pipe) -> None:
     processors = model.__dict__.pop("_nimble_processors", None)
     if processors is not None:
         model.set_attn_processor(processors)
+    adapter = model.__dict__.pop("_nimble_clear_adapter", None)
+    if adapter is not None:                               # CLEAR's attention LoRA goes with its window
+        _remove_adapter(model, adapter)
 
 
 class NimbleCacheMixin:
@@ -372,3 +378,61 @@ def _profile_run(pipe, model, profiler, run):
         return run()
     finally:
         disable_nimble_cache(pipe)
+
+
+# ---------------------------------------------------------------------------------------- CLEAR local attention
+METHODS = METHODS + ("clear",)
+CLEAR_ADAPTER = "nimblediff_clear"
+
+
+def _enable_clear(pipe, model, radius=None, adapter=None, **rest):
+    """CLEAR on an SD3 transformer: every JointAttnProcessor2_0 attends within a window of `radius` image tokens
+    (core/caching/local_attention.py), and `adapter` (a LoRA distilled for that window by `python -m
+    nimblediff.tiny.train_dit --stage clear`) is loaded with diffusers' own LoRA loader. radius defaults to the
+    adapter's. Returns the core LocalAttention (its flops_kept). A failed enable leaves the pipeline as it was."""
+    import warnings
+
+    from ..core.caching.local_attention import LocalAttention
+    from ..weights.clear import read_clear_adapter
+
+    if rest:
+        raise InvalidParameterError(f"{', '.join(sorted(rest))}: method='clear' takes radius= and adapter= only")
+    state, meta = read_clear_adapter(adapter) if adapter is not None else ({}, {})
+    trained = float(meta["radius"]) if "radius" in meta else None
+    if radius is None:
+        if trained is None:
+            raise InvalidParameterError("method='clear' needs radius= (window radius in image tokens) or an adapter= "
+                                        "whose metadata names the radius it was distilled for")
+        radius = trained
+    elif trained is not None and float(radius) != trained:
+        warnings.warn(f"CLEAR adapter {adapter} was distilled for radius {trained:g}; running it at radius {radius}",
+                      stacklevel=3)
+    local = LocalAttention(radius, int(model.config.get("patch_size", 2)))       # raises on a bad radius
+    _joint_processors(model)                                                     # raises for other models
+    disable_nimble_cache(pipe)
+    if state:
+        try:
+            model.load_lora_adapter({k: v.float() for k, v in state.items()}, prefix="transformer",
+                                    adapter_name=CLEAR_ADAPTER)
+        except Exception:
+            if CLEAR_ADAPTER in getattr(model, "peft_config", {}):
+                _remove_adapter(model, CLEAR_ADAPTER)
+            raise
+        model._nimble_clear_adapter = CLEAR_ADAPTER
+    model._nimble_processors = _install_rettention(model, local)  # Re-ttention's processor, our state
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(_CacheHook(local), HOOK)
+    return local
+
+
+def _remove_adapter(model, name):
+    """Delete a LoRA we loaded; the last adapter on the model takes PEFT's wrapper layers with it (the model's own
+    modules back), others' adapters stay."""
+    if set(getattr(model, "peft_config", {})) <= {name}:
+        model.unload_lora()
+    else:
+        model.delete_adapters(name)
+
+
+def load_clear(pipe, path, radius=None):
+    """enable_nimble_cache(pipe, "clear", adapter=path, radius=radius): the CLEAR LoRA plus its window."""
+    return enable_nimble_cache(pipe, "clear", adapter=path, radius=radius)

@@ -15,6 +15,9 @@ The students bake CFG in (couples are guided), so they run at guidance 1.
 
 Stage flash: Flash Diffusion (tiny/flash.py) into a LoRA on the teacher for 4 flow-Euler steps at guidance 1; its
 sigma-1 targets are the couples, so it runs after the couples stage.
+
+Stage clear: CLEAR (tiny/clear.py): local-window attention (--radius) with a LoRA on the attention projections,
+distilled from the full-attention teacher (--teacher, default <out>/dit/pipeline) on the couples' samples.
 """
 
 import os
@@ -24,12 +27,12 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from . import data, dit, flash, vocab
+from . import clear, data, dit, flash, vocab
 from .train import EmaLoop, Loop, build_parser, product_dir
 
-STAGE_K = {"dit": 4, "reflow": 5, "distill": 6, "flash": 7}
+STAGE_K = {"dit": 4, "reflow": 5, "distill": 6, "flash": 7, "clear": 8}
 DEFAULTS = {"dit": (48, 5e-4, 90.0), "couples": (48, 0.0, 30.0), "reflow": (48, 2e-4, 45.0),
-            "distill": (48, 1e-4, 30.0), "flash": (24, 1e-3, 50.0)}
+            "distill": (48, 1e-4, 30.0), "flash": (24, 1e-3, 50.0), "clear": (16, 1e-3, 28.0)}
 COUPLE_STEPS, COUPLE_CFG = 16, dit.CFG
 SHIPPED_VAE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "tiny", "nimblediff-tiny", "vae")
 
@@ -102,8 +105,9 @@ def train_dit(args):
 def load_teacher(args):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(args.out, "dit", "pipeline"), text_encoder_3=None,
-                                                    tokenizer_3=None, dtype=torch.float32)
+    folder = getattr(args, "teacher", None) or os.path.join(args.out, "dit", "pipeline")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=torch.float32)
     for m in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         m.eval().requires_grad_(False)
     return pipe
@@ -225,7 +229,39 @@ def train_flash(args):
         loop.log(f"final: flash lora rank {flash.DIT_RANK}, params {sum(p.numel() for p in lora)}")
 
 
-STAGES = {"dit": train_dit, "flash": train_flash, "couples": make_couples,
+def train_clear(args):
+    """CLEAR: the windowed student (teacher + attention LoRA) matches the full-attention teacher's velocity on the
+    couples' samples noised to sigma ~ U(0, 1), with and without their captions."""
+    import copy
+
+    pipe = load_teacher(args)
+    teacher = pipe.transformer                                   # full attention, no LoRA, frozen
+    student = copy.deepcopy(teacher)
+    lora, local = clear.make_student(student, args.radius)
+    _, lr, _ = DEFAULTS["clear"]
+    opt = torch.optim.AdamW(lora, lr=args.lr or lr, weight_decay=0.0)
+    loop = Loop(args, "clear", {"lora": flash.LoraParams(student)}, opt, defaults=DEFAULTS)
+    _, z0_all, caps_all = load_couples(args)
+    gen = torch.Generator()
+
+    def step_fn(step):
+        seed = batch_seed(args, "clear", step)
+        gen.manual_seed(seed)
+        idx = torch.randint(0, len(z0_all), (loop.batch,), generator=gen)
+        zs, s = clear.noised(z0_all[idx], gen)
+        with torch.no_grad():   # T5 stand-in rows: the card's recommended max_sequence_length (text keeps full attention)
+            e, p = dit.encode(pipe, [caps_all[i] for i in idx] + [""] * len(idx), clear.ZERO_ROWS)
+        return clear.distill_loss(student, teacher, torch.cat([zs, zs]), torch.cat([s, s]), e, p)
+
+    loop.run(step_fn)
+    path = clear.save_adapter(student, product_dir(args, loop, "lora"), radius=args.radius, steps=loop.step,
+                              teacher=getattr(args, "teacher", None) or "")
+    if not args.export:
+        loop.log(f"final: clear radius {args.radius:g} lora rank {clear.RANK}, params {sum(p.numel() for p in lora)}, "
+                 f"attention FLOPs kept {local.flops_kept:.3f}, {path}")
+
+
+STAGES = {"dit": train_dit, "flash": train_flash, "couples": make_couples, "clear": train_clear,
           "reflow": lambda args: train_student(args, "reflow", os.path.join(args.out, "dit", "pipeline",
                                                                             "transformer")),
           "distill": lambda args: train_student(args, "distill", os.path.join(args.out, "reflow", "transformer"))}
@@ -235,6 +271,9 @@ def parse_args(argv=None):
     p = build_parser(stages=STAGES, out="runs/tiny-dit", doc=__doc__)
     p.add_argument("--layers", type=int, default=8, help="joint transformer blocks")
     p.add_argument("--init", help="stage dit: start from this pipeline folder's weights (e.g. the shipped one)")
+    p.add_argument("--teacher", help="stages couples / flash / clear: the teacher pipeline folder "
+                   "(default <out>/dit/pipeline)")
+    p.add_argument("--radius", type=float, default=clear.RADIUS, help="stage clear: window radius in image tokens")
     p.add_argument("--init-steps", type=int, default=0,
                    help="with --init: the steps those weights already had (the model card says), so data seeds go on")
     return p.parse_args(argv)
