@@ -210,12 +210,12 @@ class SparseAttentionModel:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "a DiT model (ComfyUI's SD3 MMDiT); a patched copy is returned"}),
-            "keep": ("FLOAT", {"default": 0.25, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
+            "keep": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
                 "share of keys each query block attends to on sparse steps; 1 = dense attention, lower = fewer "
                 "attention FLOPs and further from the dense image")}),
-            "warmup": ("INT", {"default": 5, "min": 1, "max": 100, "tooltip": (
+            "warmup": ("INT", {"default": 3, "min": 1, "max": 100, "tooltip": (
                 "first steps computed with dense attention; they choose the kept keys and record the statistics")}),
-            "refresh": ("INT", {"default": 0, "min": 0, "max": 100, "tooltip": (
+            "refresh": ("INT", {"default": 5, "min": 0, "max": 100, "tooltip": (
                 "after the warm-up, one dense step in every N re-records the statistics; 0 = never")}),
             "reshape": ("BOOLEAN", {"default": True, "tooltip": (
                 "restore the dropped keys' softmax mass and contribution from the recorded statistics (Re-ttention); "
@@ -225,7 +225,7 @@ class SparseAttentionModel:
                 "consecutive query tokens that share one set of kept keys; 1 = per-query top-k")}),
         }}
 
-    def patch(self, model, keep, warmup, refresh=0, reshape=True, block=16):
+    def patch(self, model, keep, warmup, refresh=5, reshape=True, block=16):
         # raises naming the model type (a UNet, ComfyUI's Flux) or the bad value before anything is cloned
         sparse_attention.check_model(diffusion_model_of(model))
         state = Rettention(keep, warmup, refresh, reshape=reshape, block=block)

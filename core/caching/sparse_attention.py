@@ -152,7 +152,7 @@ class Rettention:
     dense steps are plain SDPA. Counters: flops (attention FLOPs computed, statistics included) and dense_flops
     (what dense attention would have cost); dense_calls / sparse_calls count attention calls."""
 
-    def __init__(self, keep: float, warmup: int = 5, refresh: int = 0, *, reshape: bool = True, block: int = 16,
+    def __init__(self, keep: float, warmup: int = 3, refresh: int = 5, *, reshape: bool = True, block: int = 16,
                  clock: StepClock | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep) \
                 or not 0 < keep <= 1:
