@@ -411,9 +411,12 @@ def _enable_clear(pipe, model, radius=None, adapter=None, **rest):
     _joint_processors(model)                                                     # raises for other models
     disable_nimble_cache(pipe)
     if state:
+        active = list(model.active_adapters()) if getattr(model, "peft_config", None) else []
         try:
             model.load_lora_adapter({k: v.float() for k, v in state.items()}, prefix="transformer",
                                     adapter_name=CLEAR_ADAPTER)
+            if active:                                    # loading makes ours the only active one: keep the user's
+                model.set_adapters(active + [CLEAR_ADAPTER])
         except Exception:
             if CLEAR_ADAPTER in getattr(model, "peft_config", {}):
                 _remove_adapter(model, CLEAR_ADAPTER)

@@ -332,3 +332,23 @@ def test_node_refuses_other_model_types_naming_them(comfy, name):
     with pytest.raises(InvalidParameterError, match=f"model type {name} is not supported"):
         comfy.ClearLocalAttentionModel().patch(model, "none (window only)", 2.0)
     assert model.model_options == {"transformer_options": {}}
+
+
+def test_a_users_lora_stays_active_with_the_clear_adapter_and_after(tmp_path):
+    """Loading the CLEAR LoRA activates it next to the user's adapter (diffusers would make it the only active one);
+    disable deletes ours only."""
+    from peft import LoraConfig
+
+    from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
+    from nimblediff.tiny import clear
+    from nimblediff.tiny.flash import add_lora
+
+    source = tiny_sd3_pipeline(0).transformer
+    add_lora(source, 4, clear.TARGET_MODULES)
+    path = clear.save_adapter(source, tmp_path, radius=1.5, grid=(8, 8), rank=4)
+    pipe = tiny_sd3_pipeline(0)
+    pipe.transformer.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="user")
+    state = enable_nimble_cache(pipe, "clear", adapter=path)
+    assert state.radius == 1.5 and pipe.transformer.active_adapters() == ["user", "nimblediff_clear"]
+    disable_nimble_cache(pipe)
+    assert pipe.transformer.active_adapters() == ["user"] and list(pipe.transformer.peft_config) == ["user"]

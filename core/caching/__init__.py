@@ -9,6 +9,9 @@
   programming over which steps compute), saved as JSON that `FirstBlockCache(schedule=...)` follows in both surfaces.
 - `Rettention`: Re-ttention (Chen et al. 2025) sparse attention for DiTs; sparse steps attend to the top keys per
   query block and restore the dropped softmax mass from statistics recorded at the last dense step.
+- `LocalAttention`: CLEAR (Liu et al. 2024) local-window attention for DiTs; each image token attends to the image
+  tokens within a radius and to all text tokens (`local_attention.py`; the attention LoRA that makes a DiT work with
+  it is distilled by tiny/clear.py).
 - `block_search`: AutoDiffusion's architecture half -- a per-step, per-block plan (`BlockPlan`: which blocks compute
   at each step; a skipped block adds its residual from the last step it computed), applied by `BlockPlanCache` and
   searched offline by evolution under a budget of block evaluations, jointly with the sigmas if asked.
@@ -21,11 +24,13 @@ timestep and call these objects; the per-step state lives in `StepClock` and the
 from .block_search import BlockPlanCache
 from .first_block import FirstBlockCache
 from .layouts import deepcache_paths, detect_layout, dit_block_paths
+from .local_attention import LocalAttention
 from .patch import ModelPatch, count_calls
 from .reuse import BlockReuse
 from .schedule import BlockPlan, CacheSchedule
 from .sparse_attention import Rettention
 from .state import StepClock
 
-__all__ = ["BlockPlan", "BlockPlanCache", "BlockReuse", "CacheSchedule", "FirstBlockCache", "ModelPatch", "Rettention", "StepClock", "count_calls",
+__all__ = ["BlockPlan", "BlockPlanCache", "BlockReuse", "CacheSchedule", "FirstBlockCache", "LocalAttention", "ModelPatch",
+           "Rettention", "StepClock", "count_calls",
            "deepcache_paths", "detect_layout", "dit_block_paths"]
