@@ -19,7 +19,7 @@ import torch
 from ..errors import InvalidParameterError, WeightsFormatError
 from ..weights.gguf_io import install, read_gguf, to_diffusers
 
-__all__ = ["load_gguf_denoiser", "load_gguf_into", "DENOISER_CLASSES"]
+__all__ = ["load_gguf_denoiser", "load_gguf_into", "empty_denoiser", "DENOISER_CLASSES"]
 
 # architecture -> (diffusers class name, pipeline sub-folder)
 DENOISER_CLASSES = {"sd15": ("UNet2DConditionModel", "unet"), "sdxl": ("UNet2DConditionModel", "unet"),
@@ -47,22 +47,32 @@ def _config(config, subfolder: str) -> dict:
                              f"folder, the {subfolder} folder, or its config dict")
 
 
-def load_gguf_denoiser(path, config, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A diffusers UNet / transformer built from `config` (a pipeline folder, a component folder or a config dict)
-    with the weights of the GGUF file at `path`. Unquantized tensors are cast to `torch_dtype`."""
+def empty_denoiser(cfg: dict, cls_name: str, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The diffusers class `cls_name` built from `cfg` with parameters on the meta device (buffers such as position
+    tables computed as usual), for `install` to fill: no float copy of quantized layers is ever made."""
     import diffusers
     from accelerate import init_empty_weights
 
+    cls = getattr(diffusers, str(cls_name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+        raise InvalidParameterError(f"_class_name {cls_name!r} is not a diffusers model class (e.g. "
+                                    "UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)")
+    with init_empty_weights():
+        model = cls.from_config(cfg)
+    if torch_dtype != torch.float32:
+        model.to(torch_dtype)
+    return model
+
+
+def load_gguf_denoiser(path, config, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A diffusers UNet / transformer built from `config` (a pipeline folder, a component folder or a config dict)
+    with the weights of the GGUF file at `path`. Unquantized tensors are cast to `torch_dtype`."""
     f = read_gguf(path)
     cls_name, subfolder = DENOISER_CLASSES[f.arch]
     cfg = _config(config, subfolder)
     named = cfg.get("_class_name", cls_name)
     if named not in (cls_name, "Transformer2DModel"):
         raise InvalidParameterError(f"{path} holds a {f.arch} denoiser ({cls_name}) but the config is for {named}")
-    cls = getattr(diffusers, cls_name)
-    with init_empty_weights():  # parameters on the meta device; buffers (position tables) are computed as usual
-        model = cls.from_config(cfg)
-    if torch_dtype != torch.float32:
-        model.to(torch_dtype)
+    model = empty_denoiser(cfg, cls_name, torch_dtype)
     install(model, to_diffusers(f, model), source=str(path))
     return model.eval()

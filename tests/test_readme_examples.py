@@ -67,7 +67,8 @@ def user_dir(tmp_path_factory):
     subs = {"path/to/stable-diffusion-v1-5": str(ROOT / "weights" / "tiny" / "nimblediff-tiny"),
             "path/to/style-lora.safetensors": style,
             "path/to/base-folder": str(ROOT / "weights" / "tiny" / "nimblediff-tiny"),
-            "path/to/tuned-folder": str(mine / "tuned")}
+            "path/to/tuned-folder": str(mine / "tuned"),
+            "path/to/sd3-quanto-int8/transformer": str(ROOT / "tests" / "data" / "quanto" / "int8")}
     return root, subs
 
 
