@@ -1,6 +1,7 @@
-"""optimum-quanto checkpoints (weights/quanto_io.py, pipelines/quantized_quanto.py) against quanto itself: the
-fixtures in tests/data/quanto were written by diffusers' QuantoConfig with optimum-quanto 0.2.7
-(tests/data/quanto/make_fixture.py), with quanto's own dequantized weights and forward output beside them."""
+"""optimum-quanto and torchao checkpoints (weights/quanto_io.py, weights/torchao_io.py and their pipelines/ loaders)
+against the peers themselves: the fixtures in tests/data/quanto were written by diffusers' QuantoConfig with
+optimum-quanto 0.2.7 and TorchAoConfig with torchao 0.18 (tests/data/quanto/make_fixture.py), with the peer's own
+dequantized weights and forward output beside them."""
 
 import shutil
 from pathlib import Path
@@ -104,3 +105,36 @@ def test_not_quanto_and_broken_files_are_named(tmp_path):
         load_quanto_denoiser(tmp_path / "missing")
     with pytest.raises(InvalidParameterError, match="no model config"):
         load_quanto_denoiser(file)
+
+
+def test_torchao_int8_weight_only_keeps_its_codes(reference):
+    """torchao Int8Tensor (per row) -> Int8Weight with its codes and scales: our fp32 dequantization equals
+    torchao's bf16 one to bf16 rounding, and the model's output torchao's (computed in bf16) to 2%."""
+    pytest.importorskip("torchao")
+    from nimblediff.pipelines.quantized_torchao import load_torchao_denoiser
+
+    model = load_torchao_denoiser(DATA / "torchao_int8")
+    modules = dict(model.named_modules())
+    for name in LAYERS:
+        w, want = modules[name].qweight, reference[f"torchao_int8.{name}.weight"]
+        assert isinstance(w, Int8Weight)
+        assert (w.dequantize() - want).abs().max() <= 2 ** -8 * want.abs().max()
+    want = reference["torchao_int8.output"]
+    assert (_forward(model, reference, fast=False) - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_torchao_errors_are_named(tmp_path):
+    """A folder without .bin files, a plain pickle and a missing config are named errors."""
+    pytest.importorskip("torchao")
+    from nimblediff.pipelines.quantized_torchao import load_torchao_denoiser
+
+    with pytest.raises(WeightsFormatError, match="no .bin"):
+        load_torchao_denoiser(DATA / "int8")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(DATA / "torchao_int8" / "config.json", plain / "config.json")
+    torch.save({"x.weight": torch.zeros(2, 2)}, plain / "diffusion_pytorch_model.bin")
+    with pytest.raises(WeightsFormatError, match="plain checkpoint"):
+        load_torchao_denoiser(plain)
+    with pytest.raises(InvalidParameterError, match="no model config"):
+        load_torchao_denoiser(DATA / "torchao_int8" / "diffusion_pytorch_model.bin")

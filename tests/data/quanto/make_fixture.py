@@ -1,7 +1,7 @@
-"""Writes the quanto fixtures (run with optimum-quanto installed: pip install --no-deps optimum-quanto==0.2.7):
-a tiny SD3 transformer quantized by diffusers' QuantoConfig (int8, int4) and saved by save_pretrained, plus
-reference.safetensors: quanto's own dequantized weights and forward output on a fixed input (the peer's numbers
-that tests/test_quant_quanto.py compares NimbleDiff's reader against).
+"""Writes the quanto and torchao fixtures (run with both installed: pip install --no-deps optimum-quanto==0.2.7
+torchao==0.18.0): a tiny SD3 transformer quantized by diffusers' QuantoConfig (int8, int4) and TorchAoConfig (int8
+weight-only, bf16) and saved by save_pretrained, plus reference.safetensors: the peer's own dequantized weights and
+forward output on a fixed input (what tests/test_quant_quanto.py compares NimbleDiff's readers against).
 
     python tests/data/quanto/make_fixture.py
 """
@@ -39,6 +39,18 @@ def main():
         modules = dict(q.named_modules())
         for name in LAYERS:
             ref[f"{dtype}.{name}.weight"] = modules[name].weight.dequantize().float().contiguous()
+    from diffusers import TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    q = SD3Transformer2DModel.from_pretrained(float_dir, quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+                                              torch_dtype=torch.bfloat16)
+    q.save_pretrained(HERE / "torchao_int8", safe_serialization=False)
+    with torch.no_grad():
+        ref["torchao_int8.output"] = q(**{k: v.bfloat16() if v.is_floating_point() else v
+                                          for k, v in inputs().items()}).sample.float()
+    modules = dict(q.named_modules())
+    for name in LAYERS:
+        ref[f"torchao_int8.{name}.weight"] = modules[name].weight.dequantize().float().contiguous()
     save_file(ref, HERE / "reference.safetensors")
     import shutil
 
