@@ -2,8 +2,8 @@
 wall time on CPU, and what it costs in accuracy, with and without the statistical reshape.
 
 Two tables:
-1. Kernel: one attention call at the tiny DiT's head shape (CFG batch 2, 4 heads of 32) for N = 88 tokens (the tiny
-   DiT at 64x64: 64 image + 24 text tokens), 1024 and 4096 (SD3 at 1024x1024 has 4096 image tokens): dense
+1. Kernel: one attention call at the tiny DiT's head shape (CFG batch 2, 4 heads of 32) for N = 88 tokens (near the tiny
+   DiT's 112 at 64x64: 64 image + 48 text tokens), 1024 and 4096 (SD3 at 1024x1024 has 4096 image tokens): dense
    `F.scaled_dot_product_attention` against a sparse step (gather each query block's kept keys, SDPA, reshape) at
    each keep share and query-block size, and against a refresh step (dense attention that records the statistics).
    This says where the gather-then-SDPA kernel saves time on CPU at all.
