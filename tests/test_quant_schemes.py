@@ -174,6 +174,22 @@ def test_int8_kernel_matches_dequantized_linear(k):
     assert rel(q.linear(x), ref) < 1e-2  # bf16 activations inside the kernel
 
 
+@pytest.mark.parametrize("kernel", ["bf16", "aten", "dequant"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernels_fold_the_bias(kernel, symmetric, dtype):
+    """Every int8 path with a bias (folded into the output pass) equals F.linear(x, W, b) on the dequantized weight,
+    in the activations' dtype (bf16 in, bf16 out; fp32 in, fp32 out)."""
+    q = quantize_int8(outlier_weight(64, 256), symmetric=symmetric)
+    q.kernel = kernel
+    x, b = torch.randn(5, 256).to(dtype), torch.randn(64) * 3
+    ref = F.linear(x.float(), q.dequantize(), b)
+    y = q.linear(x, b)
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert rel(y.float(), ref) < 1e-2
+    assert rel(q.linear(x).float(), ref - b) < 1e-2
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_int4_kernel_matches_dequantized_linear(symmetric):
     q = quantize_int4(outlier_weight(64, 256), group=64, symmetric=symmetric)

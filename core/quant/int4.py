@@ -83,13 +83,14 @@ class Int4Weight(QuantizedWeight):
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and self.shape[1] % self.group == 0
                 and self.shape[0] % 16 == 0)  # the packer requires N divisible by 16
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self._fast_ok(x):
-            return F.linear(x, self.dequantize(x.dtype))
+            return F.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
         packed, sz = self._kernel_args()
         xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations take a ~30x slower path
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group, sz)
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group, sz).to(x.dtype)
+        y = y if bias is None else y + bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
 
     def _apply(self, fn, recurse=True):
         self._kernel = None  # device/dtype moves invalidate the derived kernel layout

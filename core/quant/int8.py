@@ -55,24 +55,31 @@ class Int8Weight(QuantizedWeight):
     KERNELS = ("bf16", "aten", "dequant")
     kernel = "bf16"
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         k = self.kernel if self.fast else "dequant"
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             k = "dequant"
         if k == "aten" and not (self.symmetric and _HAS_INT8_MM and self.q.shape[1] % 16 == 0):
             k = "bf16"
         if k == "dequant":
-            return F.linear(x, self.dequantize(x.dtype))
+            return F.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
         lead = x.shape[:-1]
         xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # fp32 activations hit aten's slow kernel path
         if k == "aten":
-            y = torch._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16)).float()
+            y = torch._weight_int8pack_mm(xb, self.q, self.scale.to(torch.bfloat16)).to(x.dtype)
+            y = y if bias is None else y + bias.to(x.dtype)
+        elif x.dtype == torch.bfloat16 and self.zero is None:
+            # bf16 in and out: scale (and bias) in one bf16 pass over the output, no fp32 round trip
+            y = F.linear(xb, self.q.reshape(self.q.shape[0], -1).to(torch.bfloat16))
+            scale = self.scale.to(torch.bfloat16)
+            y = y * scale if bias is None else torch.addcmul(bias.to(torch.bfloat16), y, scale)
         else:
             y = F.linear(xb, self.q.reshape(self.q.shape[0], -1).to(torch.bfloat16)).float()
             if self.zero is not None:  # x (q - z)^T = x q^T - z sum(x)
                 y = y - xb.float().sum(-1, keepdim=True) * self.zero.float()
-            y = y * self.scale.float()
-        return y.to(x.dtype).reshape(*lead, -1)
+            scale = self.scale.float()
+            y = (y * scale if bias is None else torch.addcmul(bias.float(), y, scale)).to(x.dtype)
+        return y.reshape(*lead, -1)
 
     def config(self) -> dict:
         return {"symmetric": self.symmetric}

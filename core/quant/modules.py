@@ -141,9 +141,11 @@ class QuantLinear(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
         w = self.active_weight()
-        y = w.linear(x) if self.act_quant is None else self.act_quant.linear(x, w)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if self.act_quant is None:
+            y = w.linear(x, self.bias)                        # the kernel folds the bias into its output pass
+        else:
+            y = self.act_quant.linear(x, w)
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
         if self._merged is None:
             for d in self.lora:
                 y = y + d.scale * F.linear(F.linear(x, d.down.to(x.dtype)), d.up.to(x.dtype).flatten(1))

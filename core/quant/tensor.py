@@ -85,9 +85,10 @@ class QuantizedWeight(torch.nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return next(iter(self.tensors().values())).device
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) @ W^T -> (..., out). Default: dequantize to x's dtype on every call (no full-model copy)."""
-        return F.linear(x, self.dequantize(x.dtype))
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in) @ W^T + bias -> (..., out). Default: dequantize to x's dtype on every call (no full-model
+        copy). Kinds with their own kernel fold the bias into their output pass where they can."""
+        return F.linear(x, self.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, shape={tuple(self.shape)}, bpw={self.bits_per_weight:.3f}"
