@@ -22,6 +22,12 @@ test: $(BIN)/.installed
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow
 
+# The torchao-checkpoint tests need torchao, which is kept out of the demo / test environment (importing it prints
+# kernel-loading noise in every diffusers process): install it for this run only, then remove it.
+test-torchao: $(BIN)/.installed
+	$(BIN)/pip install -q --no-deps -c constraints.txt torchao
+	$(BIN)/python -m pytest -q tests/test_quant_quanto.py; status=$$?; $(BIN)/pip uninstall -q -y torchao; exit $$status
+
 # Report only (never fails): the suite on the newest releases requirements.txt allows, as a ComfyUI user may have.
 report-newest:
 	test -x $(NEWEST)/bin/python || $(PY) -m venv $(NEWEST)
@@ -35,4 +41,4 @@ lock: $(BIN)/.installed
 	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
 	mv constraints.new constraints.txt
 
-.PHONY: demo test test-slow report-newest lock
+.PHONY: demo test test-slow test-torchao report-newest lock
