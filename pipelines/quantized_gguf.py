@@ -19,7 +19,7 @@ import torch
 from ..errors import InvalidParameterError, WeightsFormatError
 from ..weights.gguf_io import install, read_gguf, to_diffusers
 
-__all__ = ["load_gguf_denoiser", "load_gguf_into", "empty_denoiser", "DENOISER_CLASSES"]
+__all__ = ["load_gguf_denoiser", "load_gguf_into", "empty_denoiser", "denoiser_from_checkpoint", "DENOISER_CLASSES"]
 
 # architecture -> (diffusers class name, pipeline sub-folder)
 DENOISER_CLASSES = {"sd15": ("UNet2DConditionModel", "unet"), "sdxl": ("UNet2DConditionModel", "unet"),
@@ -62,6 +62,24 @@ def empty_denoiser(cfg: dict, cls_name: str, torch_dtype: torch.dtype = torch.fl
     if torch_dtype != torch.float32:
         model.to(torch_dtype)
     return model
+
+
+def denoiser_from_checkpoint(path, config, torch_dtype, method: str, files, load_into) -> torch.nn.Module:
+    """A diffusers denoiser built empty from a config and filled by `load_into(model, path)`: the config is the
+    checkpoint folder's own (files(path) -> (files, config)) unless `config` (a dict or a component folder) is given;
+    a config naming another quantization method than `method` is refused."""
+    _, cfg = files(path)
+    if config is not None:
+        cfg = config if isinstance(config, dict) else files(config)[1]
+    if not isinstance(cfg, dict) or "_class_name" not in cfg:
+        raise InvalidParameterError(f"{path}: no model config; pass config= (a config dict with _class_name or the "
+                                    "component folder holding config.json)")
+    found = (cfg.get("quantization_config") or {}).get("quant_method", method)
+    if found != method:
+        raise WeightsFormatError(f"{path}: config says quant_method={found!r}, not {method!r}")
+    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    model = empty_denoiser(cfg, cfg["_class_name"], torch_dtype)
+    return load_into(model, path).eval()
 
 
 def load_gguf_denoiser(path, config, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:

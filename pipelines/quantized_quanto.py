@@ -9,14 +9,11 @@ int8 layers run NimbleDiff's int8 kernel on the file's own codes and scales; int
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from ..errors import InvalidParameterError, WeightsFormatError
 from ..weights.gguf_io import install
 from ..weights.quanto_io import quanto_files, read_quanto
-from .quantized_gguf import empty_denoiser
+from .quantized_gguf import denoiser_from_checkpoint
 
 __all__ = ["load_quanto_denoiser", "load_quanto_into"]
 
@@ -32,16 +29,4 @@ def load_quanto_denoiser(path, config=None, *, torch_dtype: torch.dtype = torch.
     """A diffusers UNet / transformer from a quanto checkpoint: `path` a component folder (config.json beside the
     safetensors, as diffusers saves a QuantoConfig model) or a safetensors file with `config` (a config dict or a
     component folder). Unquantized tensors are cast to `torch_dtype`."""
-    _, folder_config = quanto_files(path)
-    cfg = folder_config if config is None else config
-    if isinstance(cfg, (str, Path)):
-        _, cfg = quanto_files(cfg)
-    if not isinstance(cfg, dict) or "_class_name" not in cfg:
-        raise InvalidParameterError(f"{path}: no model config; pass config= (a config dict with _class_name or the "
-                                    "component folder holding config.json)")
-    method = (cfg.get("quantization_config") or {}).get("quant_method", "quanto")
-    if method != "quanto":
-        raise WeightsFormatError(f"{path}: config says quant_method={method!r}, not 'quanto'")
-    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    model = empty_denoiser(cfg, cfg["_class_name"], torch_dtype)
-    return load_quanto_into(model, path).eval()
+    return denoiser_from_checkpoint(path, config, torch_dtype, "quanto", quanto_files, load_quanto_into)

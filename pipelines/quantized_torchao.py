@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidParameterError, WeightsFormatError
 from ..weights.gguf_io import install
 from ..weights.torchao_io import read_torchao, torchao_files
-from .quantized_gguf import empty_denoiser
+from .quantized_gguf import denoiser_from_checkpoint
 
 __all__ = ["load_torchao_denoiser", "load_torchao_into"]
 
@@ -26,16 +25,4 @@ def load_torchao_into(model: torch.nn.Module, path) -> torch.nn.Module:
 def load_torchao_denoiser(path, config=None, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A diffusers UNet / transformer from a torchao checkpoint folder (config.json beside the .bin files) or a
     .bin / .pt file with `config` (a config dict or the component folder)."""
-    _, folder_config = torchao_files(path)
-    cfg = folder_config if config is None else config
-    if not isinstance(cfg, dict):
-        cfg = torchao_files(cfg)[1] if cfg is not None else None
-    if not isinstance(cfg, dict) or "_class_name" not in cfg:
-        raise InvalidParameterError(f"{path}: no model config; pass config= (a config dict with _class_name or the "
-                                    "component folder holding config.json)")
-    method = (cfg.get("quantization_config") or {}).get("quant_method", "torchao")
-    if method != "torchao":
-        raise WeightsFormatError(f"{path}: config says quant_method={method!r}, not 'torchao'")
-    cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
-    model = empty_denoiser(cfg, cfg["_class_name"], torch_dtype)
-    return load_torchao_into(model, path).eval()
+    return denoiser_from_checkpoint(path, config, torch_dtype, "torchao", torchao_files, load_torchao_into)

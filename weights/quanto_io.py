@@ -18,7 +18,6 @@ scales and -shift stored in fp16, as NimbleDiff's int4 keeps them); float8 and i
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from ..core.quant.int4 import GROUPS, Int4Weight
 from ..core.quant.int8 import Int8Weight
 from ..core.quant.packing import pack4
 from ..errors import WeightsFormatError
-from .safetensors_io import load_state_dict
+from .safetensors_io import component_files, load_state_dict
 
 __all__ = ["read_quanto", "is_quanto", "quanto_files"]
 
@@ -40,20 +39,9 @@ def is_quanto(keys) -> bool:
 
 
 def quanto_files(path) -> tuple[list[Path], dict | None]:
-    """The safetensors files of a checkpoint (a file, or a diffusers component folder, sharded or not) and the
-    folder's config.json (None for a bare file)."""
-    path = Path(path)
-    if path.is_file():
-        return [path], None
-    if not path.is_dir():
-        raise WeightsFormatError(f"{path}: no such file or folder")
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise WeightsFormatError(f"{path}: no .safetensors file in the folder (a quanto checkpoint saved by "
-                                 "diffusers has diffusion_pytorch_model*.safetensors beside config.json)")
-    return files, config
+    """The safetensors files of a quanto checkpoint (a file, or a diffusers component folder) and its config."""
+    return component_files(path, (".safetensors",), "a quanto checkpoint saved by diffusers has "
+                           "diffusion_pytorch_model*.safetensors beside config.json")
 
 
 def _unpack(packed: torch.Tensor, rows: int, bits: int) -> torch.Tensor:

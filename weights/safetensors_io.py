@@ -16,9 +16,26 @@ import torch
 
 from ..errors import WeightsFormatError
 
-__all__ = ["load_state_dict", "load_with_metadata", "read_metadata", "read_header", "save_state_dict"]
+__all__ = ["load_state_dict", "load_with_metadata", "read_metadata", "read_header", "save_state_dict", "component_files"]
 
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def component_files(path, suffixes: tuple[str, ...], hint: str) -> tuple[list[Path], dict | None]:
+    """The weight files of a checkpoint -- a file, or a diffusers component folder (config.json beside one or more
+    files with these suffixes, sharded or not) -- and the folder's config (None for a bare file). `hint` says what
+    the folder should hold, for the error."""
+    path = Path(path)
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise WeightsFormatError(f"{path}: no such file or folder")
+    config_path = path / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    files = sorted(f for f in path.iterdir() if f.suffix in suffixes)
+    if not files:
+        raise WeightsFormatError(f"{path}: no {' / '.join(suffixes)} file in the folder ({hint})")
+    return files, config
 
 
 def _check_exists(path: Path) -> None:

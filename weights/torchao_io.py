@@ -10,7 +10,6 @@ warning naming it.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 
 from ..core.quant.int8 import Int8Weight
 from ..errors import WeightsFormatError
-from .safetensors_io import load_state_dict
+from .safetensors_io import component_files, load_state_dict
 
 __all__ = ["read_torchao", "torchao_files"]
 
@@ -27,19 +26,9 @@ _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def torchao_files(path) -> tuple[list[Path], dict | None]:
-    """The pickle files of a checkpoint (a file, or a diffusers component folder) and the folder's config.json."""
-    path = Path(path)
-    if path.is_file():
-        return [path], None
-    if not path.is_dir():
-        raise WeightsFormatError(f"{path}: no such file or folder")
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
-    files = sorted(f for f in path.iterdir() if f.suffix in _PICKLES)
-    if not files:
-        raise WeightsFormatError(f"{path}: no .bin / .pt file in the folder (diffusers saves a TorchAoConfig model "
-                                 "as diffusion_pytorch_model*.bin beside config.json)")
-    return files, config
+    """The pickle files of a torchao checkpoint (a file, or a diffusers component folder) and its config."""
+    return component_files(path, _PICKLES, "diffusers saves a TorchAoConfig model as diffusion_pytorch_model*.bin "
+                           "beside config.json")
 
 
 def _import_torchao(path):
