@@ -50,6 +50,33 @@ def skip_without_comfyui() -> Path:
     return comfy
 
 
+def skip_without_embedded_dit() -> None:
+    """At a test module's top: skip the module unless the pack ships NimbleDiff-Tiny-DiT."""
+    import pytest
+
+    from nimblediff.nodes.dit_loaders import EMBEDDED_DIR
+
+    if not (EMBEDDED_DIR / "model_index.json").is_file():
+        pytest.skip(f"{EMBEDDED_DIR} is not in the pack", allow_module_level=True)
+
+
+def script_main(argv: list[str], parity, doc: str) -> None:
+    """The script side of a two-sided test module: `python <module> parity <comfyui> <pack>` prints parity()'s
+    JSON (run under the ComfyUI interpreter by `script_parity`)."""
+    if argv[:1] == ["parity"] and len(argv) == 3:
+        print(json.dumps(parity(*argv[1:])))
+    else:
+        raise SystemExit(doc)
+
+
+def script_parity(script: Path, comfy: Path) -> dict:
+    """Run a test module's script side under COMFYUI_PYTHON and return the JSON it printed last."""
+    proc = subprocess.run([comfyui_python(), str(script), "parity", str(comfy), str(PACK_DIR)], capture_output=True,
+                          text=True, timeout=1800, cwd=str(PACK_DIR), check=False)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def max_diff(a, b) -> float:
     """Largest absolute difference of two tensors; inf when their shapes differ."""
     return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")

@@ -22,7 +22,6 @@ The comparisons run in one process under COMFYUI_PYTHON (this file as a script: 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -142,32 +141,18 @@ def _parity(comfy: str, pack: str) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    if argv[:1] == ["parity"] and len(argv) == 3:
-        print(json.dumps(_parity(*argv[1:])))
-    else:
-        raise SystemExit(__doc__)
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    comfy_harness.script_main(sys.argv[1:], _parity, __doc__)
 else:  # ------------------------------------------------------------------------------------- pytest side
     import pytest
 
     pytestmark = pytest.mark.comfyui
     COMFY = comfy_harness.skip_without_comfyui()
-    from nimblediff.nodes.dit_loaders import EMBEDDED_DIR
-
-    if not (EMBEDDED_DIR / "model_index.json").is_file():
-        pytest.skip(f"{EMBEDDED_DIR} is not in the pack", allow_module_level=True)
+    comfy_harness.skip_without_embedded_dit()
 
     @pytest.fixture(scope="module")
     def parity() -> dict:
-        proc = subprocess.run([comfy_harness.comfyui_python(), str(HERE), "parity", str(COMFY),
-                               str(comfy_harness.PACK_DIR)], capture_output=True, text=True, timeout=1800,
-                              cwd=str(comfy_harness.PACK_DIR), check=False)
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return comfy_harness.script_parity(HERE, COMFY)
 
     def test_full_plan_is_the_unpatched_model_and_default_sigmas_are_ksamplers(parity):
         for run in parity["runs"]:
