@@ -77,6 +77,54 @@ def script_parity(script: Path, comfy: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+class DiTRig:
+    """For a two-sided module's script side (after `_import_pack`): the embedded DiT twice -- ComfyUI's MODEL / CLIP
+    from NimbleDiff Diffusers DiT Loader and the stock SD3 pipeline -- with one sampling call on each side (euler,
+    `steps`, `cfg`; both return latents in the pipeline's space)."""
+
+    def __init__(self, steps: int, cfg: float, zero_rows: int = 24):
+        import torch
+        from diffusers import StableDiffusion3Pipeline
+
+        from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, NimbleDiffusersDiTLoader, resolve_dit_model
+
+        torch.set_num_threads(1)
+        self.steps, self.cfg, self.zero_rows = steps, cfg, zero_rows
+        self.model, self.clip, _ = NimbleDiffusersDiTLoader().load(EMBEDDED_CHOICE)
+        self.folder = resolve_dit_model(EMBEDDED_CHOICE)
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(self.folder, text_encoder_3=None, tokenizer_3=None,
+                                                             torch_dtype=torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.mm = self.model.model
+        self.negative = self.encode("")
+
+    def encode(self, text):
+        cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
+        return [[cond, {"pooled_output": pooled}]]
+
+    def comfy_run(self, m, positive, z, sigmas=None):
+        import comfy.sample
+        import comfy.samplers
+        import torch
+
+        if sigmas is None:
+            samples = comfy.sample.sample(m, z, self.steps, self.cfg, "euler", "normal", positive, self.negative,
+                                          torch.zeros_like(z), seed=0, disable_pbar=True)
+        else:
+            samples = comfy.sample.sample_custom(m, z, self.cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                                                 positive, self.negative, torch.zeros_like(z), disable_pbar=True,
+                                                 seed=0)
+        return self.mm.process_latent_in(samples)            # the pipeline's latent space
+
+    def pipe_run(self, prompt, z, **kw):
+        import torch
+
+        with torch.no_grad():
+            return self.pipe(prompt, height=64, width=64, guidance_scale=self.cfg, latents=z.clone(),
+                             output_type="latent", max_sequence_length=self.zero_rows,
+                             **({"num_inference_steps": self.steps} | kw)).images
+
+
 def max_diff(a, b) -> float:
     """Largest absolute difference of two tensors; inf when their shapes differ."""
     return float((a.float() - b.float()).abs().max()) if a.shape == b.shape else float("inf")

@@ -43,48 +43,21 @@ def _parity(comfy: str, pack: str) -> dict:
     import torch
 
     comfy_harness._import_pack(comfy, pack)
-    import comfy.sample
-    import comfy.samplers
     import folder_paths
-    from diffusers import StableDiffusion3Pipeline
     from nimblediff.core.caching import BlockPlan, block_search
     from nimblediff.errors import NimbleDiffError
     from nimblediff.nodes.caching import BlockPlanModel
-    from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, NimbleDiffusersDiTLoader, resolve_dit_model
     from nimblediff.pipelines.caching import (disable_nimble_cache, enable_nimble_cache, plan_sigmas,
                                               search_block_plan)
 
-    torch.set_num_threads(1)
-    model, clip, _ = NimbleDiffusersDiTLoader().load(EMBEDDED_CHOICE)
-    folder = resolve_dit_model(EMBEDDED_CHOICE)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    mm, node, out = model.model, BlockPlanModel(), {"runs": []}
+    rig = comfy_harness.DiTRig(STEPS, CFG, ZERO_ROWS)
+    model, pipe, mm = rig.model, rig.pipe, rig.mm
+    encode, comfy_run, pipe_run = rig.encode, rig.comfy_run, rig.pipe_run
+    node, out = BlockPlanModel(), {"runs": []}
     dit = mm.diffusion_model
     inputs = Path(tempfile.mkdtemp())
     folder_paths.set_input_directory(str(inputs))
     n = len(block_search.dit_block_paths(dit))
-
-    def encode(text):
-        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
-
-    negative = encode("")
-
-    def comfy_run(m, positive, z, sigmas=None):
-        if sigmas is None:
-            samples = comfy.sample.sample(m, z, STEPS, CFG, "euler", "normal", positive, negative, torch.zeros_like(z),
-                                          seed=0, disable_pbar=True)
-        else:
-            samples = comfy.sample.sample_custom(m, z, CFG, comfy.samplers.sampler_object("euler"), sigmas, positive,
-                                                 negative, torch.zeros_like(z), disable_pbar=True, seed=0)
-        return mm.process_latent_in(samples)            # the pipeline's latent space
-
-    def pipe_run(prompt, z, **kw):
-        with torch.no_grad():
-            return pipe(prompt, height=64, width=64, guidance_scale=CFG, latents=z.clone(), output_type="latent",
-                        max_sequence_length=ZERO_ROWS, **({"num_inference_steps": STEPS} | kw)).images
 
     rng = random.Random(0)
     half = BlockPlan(((True,) * n,) + tuple(tuple(rng.random() < 0.5 for _ in range(n)) for _ in range(STEPS - 1)))

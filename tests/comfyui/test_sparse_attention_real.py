@@ -36,35 +36,14 @@ def _parity(comfy: str, pack: str) -> dict:
     import torch
 
     comfy_harness._import_pack(comfy, pack)
-    import comfy.sample
-    from diffusers import StableDiffusion3Pipeline
     from nimblediff.errors import NimbleDiffError
     from nimblediff.nodes.caching import SparseAttentionModel
-    from nimblediff.nodes.dit_loaders import EMBEDDED_CHOICE, NimbleDiffusersDiTLoader, resolve_dit_model
     from nimblediff.pipelines.caching import disable_nimble_cache, enable_nimble_cache
 
-    torch.set_num_threads(1)
-    model, clip, _ = NimbleDiffusersDiTLoader().load(EMBEDDED_CHOICE)
-    pipe = StableDiffusion3Pipeline.from_pretrained(resolve_dit_model(EMBEDDED_CHOICE), text_encoder_3=None,
-                                                    tokenizer_3=None, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    mm, node, out = model.model, SparseAttentionModel(), {"runs": []}
-
-    def encode(text):
-        cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
-        return [[cond, {"pooled_output": pooled}]]
-
-    negative = encode("")
-
-    def comfy_run(m, positive, z):
-        samples = comfy.sample.sample(m, z, STEPS, CFG, "euler", "normal", positive, negative, torch.zeros_like(z),
-                                      seed=0, disable_pbar=True)
-        return mm.process_latent_in(samples)
-
-    def pipe_run(prompt, z):
-        with torch.no_grad():
-            return pipe(prompt, height=64, width=64, num_inference_steps=STEPS, guidance_scale=CFG, latents=z.clone(),
-                        output_type="latent", max_sequence_length=ZERO_ROWS).images
+    rig = comfy_harness.DiTRig(STEPS, CFG, ZERO_ROWS)
+    model, pipe = rig.model, rig.pipe
+    encode, comfy_run, pipe_run = rig.encode, rig.comfy_run, rig.pipe_run
+    node, out = SparseAttentionModel(), {"runs": []}
 
     gen = torch.Generator().manual_seed(0)
     for prompt in PROMPTS:
