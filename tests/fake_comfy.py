@@ -72,6 +72,23 @@ class FakeModelPatcher:
         return out
 
 
+class OptionsPatcher(FakeModelPatcher):
+    """FakeModelPatcher with ModelPatcher's model_options (transformer_options, model_function_wrapper), copied one
+    level deep by clone() as ComfyUI does: what model patches and wrappers install on a clone."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        c = type(self)(self.model)
+        c.model_options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model_options.items()}
+        return c
+
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
+
 class FakeCLIP:
     def __init__(self, module):
         self.patcher = FakeModelPatcher(module)

@@ -338,18 +338,7 @@ class Base(torch.nn.Module):
         return self.diffusion_model(x, t, transformer_options=transformer_options)
 
 
-class Patcher(fake_comfy.FakeModelPatcher):
-    def __init__(self, module):
-        super().__init__(module)
-        self.model_options = {"transformer_options": {}}
-
-    def clone(self):
-        c = Patcher(self.model)
-        c.model_options = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.model_options.items()}
-        return c
-
-    def set_model_unet_function_wrapper(self, fn):
-        self.model_options["model_function_wrapper"] = fn
+Patcher = fake_comfy.OptionsPatcher
 
 
 SIGMAS = torch.linspace(1.0, 0.0, 7)
