@@ -28,6 +28,8 @@ import traceback
 import numpy as np
 import torch
 
+import nimblediff
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from quality import DIT_ZERO_ROWS, generate  # noqa: E402
 from timing import Conditions, interleave, ratio, write_result  # noqa: E402
@@ -195,7 +197,7 @@ def dit_units(n):
             if not (u == "ff_context" and i == n - 1)]
 
 
-def dit_schedules(pipe, ks=(17, 13, 10, 8), n=4, warmup=3, write=True, **extra):
+def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8), n=4, warmup=3, write=True, **extra):
     """Per-step cache schedules searched offline (core/caching/search.py): the uncached pipeline's block-stack residual
     change profiled on the 4 calibration prompts MagCache calibrates on, then K of 25 steps chosen by dynamic
     programming for each K. Saved as bench/results/compute_dit_schedule_k<K>.json, the files the node's
@@ -239,6 +241,18 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
     for k, sched in (schedules or {}).items():
         arms.append((f"NimbleDiff searched schedule {k}/{STEPS} steps", "ours",
                      ours_cache("first_block", schedule=sched), "NimbleDiff searched schedule"))
+    # AutoDiffusion's per-step, per-block plans (bench/block_search.py searched them on calibration prompts; read
+    # here from its saved JSON), Re-ttention at bench/sparse_attention.py's chosen setting, and CLEAR's shipped window
+    # with its distilled attention LoRA (bench/clear.py): the same prompts and distances as every other arm.
+    for k in (17, 13, 8):
+        plan = os.path.join(ROOT, "bench", "results", f"block_search_plan_k{k}.json")
+        if os.path.exists(plan):
+            arms.append((f"NimbleDiff block plan {k}/{STEPS} budget", "ours", ours_cache("block_plan", plan=plan),
+                         "NimbleDiff block plan"))
+    arms.append(("NimbleDiff Re-ttention keep 0.03, warm-up 3, refresh 5", "ours",
+                 ours_cache("rettention", keep=0.03, warmup=3, refresh=5), "NimbleDiff Re-ttention"))
+    arms.append(("NimbleDiff CLEAR (shipped window + distilled LoRA)", "ours",
+                 ours_cache("clear", adapter=nimblediff.TINY_DIT_CLEAR_LORA), "NimbleDiff CLEAR"))
     units = dit_units(n_blocks)
     for k in (2, 3):
         arms.append((f"NimbleDiff unit reuse (attn + ff) N={k}", "ours", ours_cache("reuse", paths=units, interval=k),
@@ -445,11 +459,12 @@ def run_block(pipe, arms, a, held, net, log, steps, cfg, tag, extra=None):
 
 def table(results, n):
     head = ("| arm | family | speedup [95% CI] | FLOPs skipped | blocks skipped | whole prompt [95% CI] | vs uncached, "
-            "points [95% CI] | shape | colour | position | background | RMSE to uncached (px) | FD to uncached |")
-    lines = [head, "|" + "---|" * 13]
+            "points [95% CI] | shape | colour | position | background | RMSE to uncached (px) | RMSE p90 / max | "
+            "FD to uncached |")
+    lines = [head, "|" + "---|" * 14]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | {r['family']} | n/a: {r['error']} |" + " |" * 10)
+            lines.append(f"| {name} | {r['family']} | n/a: {r['error']} |" + " |" * 11)
             continue
         acc, ci = r["eval"]["accuracy"], r["eval"]["interval"]["whole"]
         d, (lo, hi) = r["diff"]
@@ -458,7 +473,8 @@ def table(results, n):
         lines.append(f"| {name} | {r['family']} | {sp.median:.2f}x [{sp.low:.2f}, {sp.high:.2f}] | "
                      f"{100 * r['skipped']:.0f}% | {bs} | {acc['whole']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] | "
                      f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {acc['shape']:.3f} | {acc['colour']:.3f} | "
-                     f"{acc['position']:.3f} | {acc['background']:.3f} | {r['rmse'].mean():.2f} | {r['fd']:.2f} |")
+                     f"{acc['position']:.3f} | {acc['background']:.3f} | {r['rmse'].mean():.2f} | "
+                     f"{np.quantile(r['rmse'], 0.9):.2f} / {r['rmse'].max():.2f} | {r['fd']:.2f} |")
     return "\n".join(lines)
 
 
@@ -667,7 +683,8 @@ def main():
             "of a whole one-prompt generation (FlopCounterMode), 1 - arm / uncached; blocks skipped (DiT): transformer "
             "blocks that did not compute (a leaf inside each block counted), 1 - arm / uncached. Whole prompt: evaluator v2, Wilson 95% interval; "
             "'vs uncached': paired bootstrap over prompts. RMSE: per-image pixel RMSE to the uncached image of the same "
-            "prompt and noise, mean over prompts. FD: Frechet distance of evaluator object features, arm vs uncached "
+            "prompt and noise, mean over prompts; p90 / max: its 90th percentile and worst image over prompts (a layout that "
+            "changed reads as tens of px). FD: Frechet distance of evaluator object features, arm vs uncached "
             "(biased upward at small n; rank only). 'n/a' rows: the peer raised or hooked nothing on this model; the "
             f"message is its own.\n\n{cond} Whole run {time.perf_counter() - t_start:.0f} s.\n")
     body = "\n".join(out) + "\n" + note
