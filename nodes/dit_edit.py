@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 
 from ..core.editing.eim import check_joint_model, direction, edit
+from ..core.editing.hsds import DEFAULT_LEVELS, check_options, refine_direction
 from ..core.editing.inversion import invert
 from ..core.editing.pti import interpolate, tune_prompt
 from ..core.sampling import run
 from ..core.sampling.driver import as_floats
 from ..errors import InvalidParameterError
 from .editing import param_of
-from .widgets import NEGATIVE, cfg_input, fixed_point_input
+from .widgets import NEGATIVE, cfg_input, fixed_point_input, seed_input
 
 # ComfyUI diffusion_model classes with joint text-image attention (comfy.ldm ... mmdit.py, flux/model.py)
 _JOINT = {"OpenAISignatureMMDITWrapper": "sd3", "MMDiT": "sd3", "Flux": "flux"}
@@ -150,6 +151,7 @@ class DiTSemanticEdit:
     CATEGORY = "NimbleDiff/editing"
     DESCRIPTION = ("DiT semantic edit (EIM): inverts the latent under the source prompt, moves the joint text "
                    "embedding along (target - source) by strength and regenerates; strength 0 is the reconstruction. "
+                   "hsds_steps > 0 first refines the direction with Hessian Score Distillation Sampling. "
                    "SD3 / Flux-type MM-DiT models only.")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "edit"
@@ -173,16 +175,37 @@ class DiTSemanticEdit:
                 "details")}),
             "fixed_point": fixed_point_input("extra model calls per inversion step that make it the exact inverse of "
                                              "euler sampling"),
+        }, "optional": {
+            "hsds_steps": ("INT", {"default": 0, "min": 0, "max": 500, "tooltip": (
+                "Hessian Score Distillation Sampling: Adam steps that refine the direction on the source latent "
+                "before editing (each costs 2 model calls and their backward per noise level); 0 = the plain "
+                "target - source difference")}),
+            "hsds_lr": ("FLOAT", {"default": 0.05, "min": 0.001, "max": 1.0, "step": 0.001, "tooltip": (
+                "HSDS learning rate, relative to the direction's size")}),
+            "hsds_curvature": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": (
+                "HSDS weight of the Hessian term (changes that appear whichever way the embedding moves, i.e. "
+                "not the edit); 0 = score distillation term only")}),
+            "hsds_seed": seed_input("seed of the noise HSDS adds to the source latent"),
         }}
 
-    def edit(self, model, source, target, negative, latent, sigmas, strength, cfg, window, fixed_point):
+    def edit(self, model, source, target, negative, latent, sigmas, strength, cfg, window, fixed_point,
+             hsds_steps=0, hsds_lr=0.05, hsds_curvature=1.0, hsds_seed=0):
         check_joint_model(architecture(model))
+        check_options(hsds_steps, hsds_lr, hsds_curvature, DEFAULT_LEVELS)
         param = param_of(model.get_model_object("model_sampling"))
         s_tokens, s_pooled, s_extras = _entry(source, "source")
         t_tokens, t_pooled, _ = _entry(target, "target")
         x0 = _latent_in(model, latent)
         src, tgt = _streams(s_tokens, s_pooled), _streams(t_tokens, t_pooled)
         delta = direction(src, tgt)                       # checks the shapes before any model call
+        if hsds_steps > 0:
+            # ComfyUI runs nodes under inference_mode; the direction's gradient needs ordinary tensors
+            with torch.inference_mode(False), torch.enable_grad():
+                differentiable = comfy_denoiser(model, negative, 1.0, x0.shape, s_extras, differentiable=True)
+                delta = refine_direction(
+                    differentiable, x0.clone(), tuple(t.clone() for t in src), tuple(d.clone() for d in delta),
+                    param=param, steps=hsds_steps, lr=hsds_lr, curvature=hsds_curvature,
+                    generator=torch.Generator().manual_seed(hsds_seed), callback=_progress(hsds_steps))
         plain = comfy_denoiser(model, negative, 1.0, x0.shape, s_extras)
         guided = comfy_denoiser(model, negative, cfg, x0.shape, s_extras)
         out, _ = edit(guided, x0, sigmas, src, tgt, strength, param=param, fixed_point=fixed_point, window=window,

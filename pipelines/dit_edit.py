@@ -3,6 +3,7 @@ ODE, move the joint text embedding along (target - source) by a strength, regene
 
     >>> pipe = DiTEditPipeline.from_pretrained(folder)       # an SD3 folder; without T5 as NimbleDiff-Tiny-DiT
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", strength=1.5)
+    >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", hsds_steps=10)   # HSDS direction
 
 The math is `nimblediff.core.editing.eim`; this file turns images, prompts and the transformer into its inputs.
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..core import schedules
-from ..core.editing.eim import check_joint_model, edit
+from ..core.editing.eim import check_joint_model, direction, edit
+from ..core.editing.hsds import DEFAULT_LEVELS, check_options, refine_direction
 from ..core.editing.inversion import invert, latent_psnr, truncate
 from ..core.editing.pti import run_per_step
 from ..core.parameterization import Flow
@@ -156,17 +158,22 @@ class DiTEditPipeline(FewStepSD3Pipeline):
     def __call__(self, image=None, prompt=None, source_prompt="", *, strength: float = 1.0, latents=None,
                  num_inference_steps: int = 28, guidance_scale: float = 1.0, negative_prompt=None,
                  depth: float = 1.0, window: float = 1.0, fixed_point: int = 0, max_sequence_length: int = 256,
-                 output_type: str = "pil", return_dict: bool = True, **_unused):
+                 output_type: str = "pil", return_dict: bool = True, hsds_steps: int = 0, hsds_lr: float = 0.05,
+                 hsds_curvature: float = 1.0, hsds_levels=DEFAULT_LEVELS, generator=None, **_unused):
         """Edit `image` (described by `source_prompt`) along the direction source -> `prompt` by `strength`.
 
         strength 0 regenerates the inversion under the source prompt (the reconstruction); 1 is the target prompt;
         larger values move further along the direction. depth: share of the schedule inverted (1 = to pure
         noise); window: share of the regeneration steps (from the noisy end) that see the edited embedding;
         guidance_scale applies while regenerating (inversion runs unguided).
+        hsds_steps > 0 refines the direction with Hessian Score Distillation Sampling first (core/editing/hsds.py:
+        Adam steps at learning rate hsds_lr on the source latent noised at hsds_levels, Hessian-term weight
+        hsds_curvature, noise from `generator`); 0 keeps the plain prompt difference.
         """
         if prompt is None:
             raise InvalidParameterError("pass prompt= (the target description; the direction is prompt minus "
                                         "source_prompt)")
+        check_options(hsds_steps, hsds_lr, hsds_curvature, hsds_levels)
         param = self.editing_param()
         x0 = self.encode_image(image) if latents is None else latents.float()
         n = len(x0)
@@ -174,10 +181,16 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         target, _ = self.embeds(prompt, n, max_sequence_length=max_sequence_length)
         sigmas = self._sigmas(param, num_inference_steps, depth)
         steps = len(sigmas) - 1
-        bar = self.progress_bar(total=steps * (fixed_point + 2))           # inversion, then regeneration
+        bar = self.progress_bar(total=hsds_steps + steps * (fixed_point + 2))   # HSDS, inversion, regeneration
+        delta = direction(source, target)
+        if hsds_steps > 0:          # unguided: CFG scales HSDS's objective by cfg^2 and leaves its optimum
+            delta = refine_direction(self.denoiser(param), x0, source, delta, hsds_levels, param=param,
+                                     steps=hsds_steps, lr=hsds_lr, curvature=hsds_curvature,
+                                     generator=generator[0] if isinstance(generator, list) else generator,
+                                     callback=lambda info: bar.update())
         out, _ = edit(self.denoiser(param, uncond, guidance_scale), x0, sigmas, source, target, strength,
                       param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param),
-                      callback=lambda info: bar.update())
+                      delta=delta, callback=lambda info: bar.update())
         bar.close()
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()

@@ -6,8 +6,10 @@ Editing").
    The pair (x_T, c_s) is the image's joint embedding, and regenerating it reproduces the image.
 2. Identify: take the editing direction from a pair of prompts in every text stream the DiT reads (token
    embeddings, pooled vector): delta = c_t - c_s. In an MM-DiT the text tokens go through the same attention as
-   the image tokens, so moving c moves the joint embedding. (The paper refines delta with Hessian Score
-   Distillation Sampling; that refinement is not implemented here: the direction is the plain prompt difference.)
+   the image tokens, so moving c moves the joint embedding. The paper refines delta with Hessian Score
+   Distillation Sampling; hsds.refine_direction is our reading of it (an option, off by default: score
+   distillation towards the target's prediction on the noised source latent plus a finite-difference Hessian
+   penalty on the change that is even in delta; its docstring says where it departs from the paper).
 3. Manipulate: regenerate x_T under c_s + lambda * delta. lambda = 0 gives the reconstruction, lambda = 1 the target
    prompt, and lambda > 1 extrapolates along the direction. `window` limits the edit to the first sampling steps
    (layout and colour are settled early), so the last steps keep the source's details.
