@@ -296,24 +296,82 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
     return arms
 
 
+FLASH_STEPS = 4
+
+
+def dit_flash_arms(pipe, n_blocks=DIT_BLOCKS, **extra):
+    """What a cache still buys on the distilled DiT (the Flash LoRA at 4 steps, CFG 1, its recipe's LCM sampler):
+    our schedules searched on the calibration prompts at 4 steps (1 or 2 of the 4 steps skip every block; the first
+    step always computes) and first-block thresholds, against the peers that apply at 4 steps (MagCache calibrated on
+    the same pipeline, 1 step retained; TaylorSeer on blocks 0..n-2 every 2nd step after the first; the FirstBlockCache
+    rule). Returns (arms, schedule patterns)."""
+    from nimblediff.core.caching import search
+
+    _, changes = search_dit_schedule(pipe, calibration_captions(4), FLASH_STEPS - 1, warmup=1, seed=7000,
+                                     num_inference_steps=FLASH_STEPS, guidance_scale=1.0, height=64, width=64, **extra)
+    ratios = mag_calibrate(pipe, steps=FLASH_STEPS, cfg=1.0, **extra)
+    arms, patterns = [("uncached", "-", None, "uncached")], {}
+    for k in (3, 2):
+        sched = search.search_schedule(changes, k, 1)
+        patterns[k] = "".join("X" if f else "." for f in sched.compute)
+        arms.append((f"NimbleDiff searched schedule {k}/{FLASH_STEPS} steps `{patterns[k]}`", "ours",
+                     ours_cache("first_block", schedule=sched), "NimbleDiff searched schedule"))
+    for thr in (0.2, 0.45):
+        arms.append((f"NimbleDiff first-block cache {thr:g}", "ours", ours_cache("first_block", threshold=thr),
+                     "NimbleDiff first-block cache"))
+        arms.append((f"FirstBlockCache rule (diffusers', via ours) {thr:g}", "peer",
+                     ours_cache("first_block", threshold=thr, rule="reference"), "FirstBlockCache rule"))
+    for thr, k in ((0.12, 1), (0.25, 2)):
+        arms.append((f"diffusers MagCache {thr:g} K={k}", "peer",
+                     diffusers_arm("mag", threshold=thr, max_skip_steps=k, retention_ratio=0.25, mag_ratios=ratios,
+                                   num_inference_steps=FLASH_STEPS), "diffusers MagCache"))
+    arms.append((f"diffusers TaylorSeer blocks 0-{n_blocks - 2} N=2", "peer",
+                 diffusers_arm("taylorseer", cache_interval=2, max_order=1, disable_cache_before_step=1,
+                               taylor_factors_dtype=torch.float32,
+                               cache_identifiers=[f"transformer_blocks\\.[0-{n_blocks - 2}]"]),
+                 "diffusers TaylorSeer blocks"))
+    return arms, {"schedules": patterns, "profile": [round(c, 3) for c in changes],
+                  "mag_ratios": [round(r, 4) for r in ratios]}
+
+
+def dit_flash_block(a, held, net, log):
+    """The DiT Flash block: FewStepSD3Pipeline with the shipped Flash LoRA and its recipe (the product path, as
+    bench/quality.py runs it). Returns the markdown section."""
+    from nimblediff.pipelines.dit import FewStepSD3Pipeline
+
+    fast = FewStepSD3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None, dtype=torch.float32)
+    fast.set_progress_bar_config(disable=True)
+    fast.load_acceleration_lora(f"{a.dit.rstrip(os.sep)}-flash-lora.safetensors", recipe="nimblediff-tiny-dit-flash")
+    extra = {"max_sequence_length": DIT_ZERO_ROWS}
+    arms, info = dit_flash_arms(fast, len(fast.transformer.transformer_blocks), **extra)
+    res = run_block(fast, arms, a, held, net, log, FLASH_STEPS, 1.0, "dit-flash", extra)
+    return "\n".join([
+        f"### NimbleDiff-Tiny-DiT + its Flash LoRA (recipe nimblediff-tiny-dit-flash: LCM, {FLASH_STEPS} steps, CFG 1): "
+        "what a cache still buys on the distilled model\n", table(res, a.n), "",
+        "Matched speedup (as above):\n", matched_dit(res), "",
+        f"Searched on 4 calibration prompts at {FLASH_STEPS} steps (X = step computes): "
+        + "; ".join(f"{k}/{FLASH_STEPS} `{p}`" for k, p in info["schedules"].items())
+        + f"; block-stack residual change per step {info['profile']}; MagCache ratios {info['mag_ratios']}.", ""])
+
+
 def calibration_captions(n, seed=4242):
     """Prompts from tiny.data's generator with a seed the held-out set never uses (settings are chosen here)."""
     rng = np.random.default_rng(seed)
     return [data.sample_scene(rng).caption for _ in range(n)]
 
 
-def mag_calibrate(pipe, n=4, **extra):
+def mag_calibrate(pipe, n=4, steps=STEPS, cfg=CFG, **extra):
     """MagCache's documented calibration (MagCacheConfig(calibrate=True), one run; it prints the ratios) on
     calibration prompts; returns the ratios it printed."""
     import contextlib
     import io
     import re
 
-    undo = diffusers_arm("mag", calibrate=True, num_inference_steps=STEPS)(pipe)
+    undo = diffusers_arm("mag", calibrate=True, num_inference_steps=steps)(pipe)
     buf = io.StringIO()
     try:
         with contextlib.redirect_stdout(buf):
-            generate(pipe, calibration_captions(n), STEPS, CFG, list(range(7000, 7000 + n)), **extra)
+            generate(pipe, calibration_captions(n), steps, cfg, list(range(7000, 7000 + n)), **extra)
     finally:
         undo()
     found = re.findall(r"\[([-0-9.,e\s]+)\]", buf.getvalue())
@@ -604,6 +662,8 @@ def main():
     p.add_argument("--dit", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit"),
                    help="NimbleDiff-Tiny-DiT folder (its block runs if the folder exists)")
     p.add_argument("--only-dit", action="store_true", help="run only the DiT block")
+    p.add_argument("--dit-flash", action="store_true",
+                   help="run only the DiT + Flash LoRA block (4 steps; writes bench/results/compute_dit_flash.md)")
     p.add_argument("--arm", action="append", default=[],
                    help="DiT block: run only arms whose name contains this text (repeatable; uncached always runs); "
                         "such a run never writes the result file")
@@ -620,7 +680,9 @@ def main():
     held = heldout.heldout_scenes(a.n)
     net = evaluate.load_evaluator()
     out = []
-    if os.path.isdir(a.dit):
+    if a.dit_flash:
+        out.append(dit_flash_block(a, held, net, log))
+    elif os.path.isdir(a.dit):
         from diffusers import StableDiffusion3Pipeline
 
         dpipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None,
@@ -656,7 +718,7 @@ def main():
                     + "; ".join(f"{k}/{STEPS} `{''.join('X' if f else '.' for f in s.compute)}`"
                                 for k, s in schedules.items())
                     + f". Block-stack residual change per step: {[round(c, 3) for c in profile]}", ""]
-    if not a.only_dit:
+    if not a.only_dit and not a.dit_flash:
         pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         base_config = pipe.scheduler.config
@@ -690,7 +752,8 @@ def main():
     body = "\n".join(out) + "\n" + note
     print("\n" + body)
     if not a.no_write:
-        write_result("compute_dit" if a.only_dit else "compute", __file__, body, mode=f"{a.n} held-out prompts")
+        name = "compute_dit_flash" if a.dit_flash else ("compute_dit" if a.only_dit else "compute")
+        write_result(name, __file__, body, mode=f"{a.n} held-out prompts")
 
 
 if __name__ == "__main__":
