@@ -10,13 +10,16 @@ matched strength (the peer), teacher and Flash LoRA at 4 steps.
 
 Part dit: the same one-attribute edits on NimbleDiff-Tiny-DiT by EIM (inversion under the source caption, the joint
 text embedding moved along target - source by a strength; strength, CFG and inversion depth chosen on the
-calibration split), by inversion + prompt swap (EIM at strength 1) and by diffusers'
+calibration split), by EIM + HSDS (the direction first refined by Hessian Score Distillation Sampling,
+core/editing/hsds.py; its settings chosen on the calibration split the same way, plus the Hessian weight), by
+inversion + prompt swap (EIM at strength 1) and by diffusers'
 StableDiffusion3Img2ImgPipeline at matched depth (the peer); teacher rows and few-step rows with the 2-rectified-flow
 student (nimblediff.TINY_DIT_2RF) and the teacher's Flash LoRA, both at CFG 1.
 
     python bench/editing.py --part gmm [--quick]
     python bench/editing.py --part tiny [--n 96] [--quick]
     python bench/editing.py --part dit [--n 64] [--dit-models teacher 2-RF 'Flash LoRA'] [--eim-strengths 1 1.5]
+        [--hsds-steps 10] [--hsds-lr 0.05] [--hsds-curvatures 1]
 """
 
 from __future__ import annotations
@@ -226,6 +229,10 @@ def main(argv=None):
     p.add_argument("--dit-depths", type=float, nargs="+", default=[1.0, 0.8],
                    help="dit: share of the schedule inverted (several = chosen on calibration scenes)")
     p.add_argument("--n-cal", type=int, default=16, help="dit: calibration scenes per attribute")
+    p.add_argument("--hsds-steps", type=int, default=10, help="dit: EIM + HSDS Adam steps (0 = leave the arm out)")
+    p.add_argument("--hsds-lr", type=float, default=0.05, help="dit: EIM + HSDS learning rate (relative)")
+    p.add_argument("--hsds-curvatures", type=float, nargs="+", default=[1.0],
+                   help="dit: EIM + HSDS Hessian-term weights (several = chosen on calibration scenes)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -441,13 +448,17 @@ def fidelity(images, items, attribute, net):
     return np.array(kept_all), np.array(psnr)
 
 
-def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32):
-    """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1) or the SD3 img2img peer.
-    setting: (strength, CFG, depth) for eim / swap; the peer runs at strength = depth, its documented CFG and our
-    schedule (uniform flow-Euler sigmas, passed to its FlowMatchEuler scheduler)."""
+def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=None):
+    """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1; 'hsds' is EIM + HSDS) or the
+    SD3 img2img peer. setting: (strength, CFG, depth) for eim / swap, (strength, CFG, depth, Hessian weight) for
+    hsds; hsds: {"steps", "lr"}; the peer runs at strength = depth, its documented CFG and our schedule (uniform
+    flow-Euler sigmas, passed to its FlowMatchEuler scheduler)."""
     from nimblediff.tiny import data
 
-    strength, cfg, depth = setting
+    strength, cfg, depth = setting[:3]
+    extra = {}
+    if method == "hsds":
+        extra = dict(hsds_steps=hsds["steps"], hsds_lr=hsds["lr"], hsds_curvature=setting[3])
     images = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
@@ -461,8 +472,11 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32):
                        guidance_scale=peer_cfg, generator=gens, max_sequence_length=DIT_ROWS,
                        output_type="np").images
         else:
+            if extra:
+                extra["generator"] = torch.Generator().manual_seed(777 + i)
             out = pipe(pixels, prompt=tgt_caps, source_prompt=src_caps, strength=strength, num_inference_steps=steps,
-                       guidance_scale=cfg, depth=depth, max_sequence_length=DIT_ROWS, output_type="np").images
+                       guidance_scale=cfg, depth=depth, max_sequence_length=DIT_ROWS, output_type="np",
+                       **extra).images
         images.append(_np_images(out))
     return np.concatenate(images)
 
@@ -496,7 +510,12 @@ def part_dit(args) -> str:
              "eim = inversion under the source caption (flow-Euler, CFG 1), then regeneration with the joint "
              "text embedding (token states and pooled vector) at source + strength x (target - source) and CFG "
              "while regenerating; swap = the same at strength 1 (inversion + prompt swap, diffusers' recipe "
-             "written for flow models); img2img = diffusers StableDiffusion3Img2ImgPipeline at strength = the "
+             "written for flow models); eim+hsds = eim with the direction first refined by Hessian Score "
+             f"Distillation Sampling (core/editing/hsds.py, our reading of the paper: {args.hsds_steps} Adam steps "
+             f"at relative lr {args.hsds_lr:g} on the source latent noised at flow sigmas 0.3 / 0.5 / 0.7 / 0.9, "
+             "unguided model), settings chosen like eim's plus the Hessian weight over "
+             f"{' / '.join(map(str, args.hsds_curvatures))}; img2img = diffusers StableDiffusion3Img2ImgPipeline "
+             "at strength = the "
              "inversion depth, the model's documented CFG and the same sigmas (the peer); input = the unedited "
              f"image. Settings chosen per model, method and attribute on {n_cal} scenes of the calibration split "
              "(tiny/heldout.calibration_scenes, other seeds than the held-out prompts) by the 'both' rate, ties by "
@@ -528,11 +547,12 @@ def part_dit(args) -> str:
                   "| attribute | method | strength, CFG, depth | changed | kept | both | goal met | kept, all | "
                   "PSNR (dB) |", "|---|---|---|---|---|---|---|---|---|"]
         cache = {}
+        hsds = {"steps": args.hsds_steps, "lr": args.hsds_lr}
 
         def measure(method, items, setting, split, attribute):
             key = ("eim" if method == "swap" else method, split, attribute, setting)
             if key not in cache:
-                images = run_dit(method, pipe, peer, items, setting, steps, peer_cfg)
+                images = run_dit(method, pipe, peer, items, setting, steps, peer_cfg, hsds=hsds)
                 cache[key] = judge(images, items, attribute, net) + fidelity(images, items, attribute, net)
             return cache[key]
 
@@ -549,15 +569,28 @@ def part_dit(args) -> str:
                       f"{scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
             best_eim = max(scores, key=scores.get)
             best_swap = max((s for s in scores if s[0] == 1.0), key=scores.get, default=(1.0, cfgs[-1], 1.0))
-            for method, setting in (("input", (0.0, 1.0, 1.0)), ("eim", best_eim), ("swap", best_swap),
-                                    ("img2img", (1.0, peer_cfg, best_swap[2]))):
+            arms = [("input", (0.0, 1.0, 1.0)), ("eim", best_eim)]
+            if args.hsds_steps > 0:
+                h_scores = {}
+                for setting in [g + (mu,) for g in grid for mu in args.hsds_curvatures]:
+                    t0 = time.time()
+                    c, k, _, p = measure("hsds", cal, setting, "cal", attribute)
+                    h_scores[setting] = (float((c & k).mean()), float(p.mean()))
+                    print(f"  calibration {model} {attribute} hsds {setting}: both {h_scores[setting][0]:.2f}, "
+                          f"PSNR {h_scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+                arms.append(("hsds", max(h_scores, key=h_scores.get)))
+            arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
+            for method, setting in arms:
                 t0 = time.time()
                 c, k, ka, p = measure(method, items, setting, "held", attribute)
                 goal = "yes" if c.mean() >= 0.8 and k.mean() >= 0.95 else "no"
                 st = "-" if method == "input" else f"{setting[0]:g}, {setting[1]:g}, {setting[2]:g}"
                 if method == "img2img":
                     st = f"-, {setting[1]:g}, {setting[2]:g}"
-                lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} | "
+                if method == "hsds":
+                    st += f", mu {setting[3]:g}"
+                label = "eim+hsds" if method == "hsds" else method
+                lines.append(f"| {attribute} | {label} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} | "
                              f"{_rate(ka)} | {_mean_ci(p)} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
         lines.append("")
