@@ -2,9 +2,10 @@
 
 - NimbleDiTSemanticEdit: LATENT + source / target CONDITIONING -> edited LATENT (core/editing/eim.py).
 - NimblePromptTuningInversion: LATENT + source CONDITIONING -> the noise LATENT and tuned CONDITIONING, one entry per
-  sampling step, each limited to its step's sigma (core/editing/pti.py stage 1).
-- NimbleInterpolateConditioning: alpha * tuned + (1 - alpha) * target per entry (PTI stage 2), for SamplerCustom
-  with add_noise off, an euler sampler and the same SIGMAS.
+  sampling step, each limited to its step's sigma (core/editing/pti.py stage 1). With SD3 / Flux conditioning the
+  pooled vector (pooled_output) is tuned together with the token states.
+- NimbleInterpolateConditioning: alpha * tuned + (1 - alpha) * target per entry (PTI stage 2; the pooled vector too
+  when both carry one), for SamplerCustom with add_noise off, an euler sampler and the same SIGMAS.
 
 The denoiser these nodes hand to core is the MODEL's own BaseModel.apply_model (k-space x0, ComfyUI's convention),
 classifier-free guided here; the math is nimblediff.core.editing.
@@ -17,7 +18,7 @@ import torch
 from ..core.editing.eim import check_joint_model, direction, edit
 from ..core.editing.hsds import DEFAULT_LEVELS, check_options, refine_direction
 from ..core.editing.inversion import invert
-from ..core.editing.pti import interpolate, tune_prompt
+from ..core.editing.pti import interpolate, run_per_step, tune_prompt
 from ..core.sampling import run
 from ..core.sampling.driver import as_floats
 from ..errors import InvalidParameterError
@@ -224,17 +225,22 @@ def _step_windows(sigmas) -> list[tuple[float, float]]:
 
 
 class PromptTuningInversion:
-    """PTI stage 1: invert the latent (unguided), then tune one text embedding per sampling step so that guided
-    euler sampling from the noise retraces the inversion. Outputs the noise and the tuned CONDITIONING (each entry
-    active at its own step's sigma only: sample with the same SIGMAS)."""
+    """PTI stage 1: invert the latent (unguided), then tune one text embedding per sampling step (token states and,
+    for SD3 / Flux, the pooled vector together) so that guided euler sampling from the noise retraces the inversion.
+    Outputs the noise and the tuned CONDITIONING (each entry active at its own step's sigma only: sample with the
+    same SIGMAS), and the edit sampled here (stage 2 with the optional target and alpha; the reconstruction without a
+    target). Flow models (SD3) need that output at full depth: SamplerCustom with add_noise off starts a CONST model
+    from sigma * 0 + (1 - sigma) * latent, i.e. from zeros at sigma 1, not from the inverted noise."""
 
     CATEGORY = "NimbleDiff/editing"
     DESCRIPTION = ("Prompt Tuning Inversion: inverts the latent and optimises the source prompt's embedding per "
-                   "sampling step so that guided sampling reconstructs the image. Interpolate the result with a "
-                   "target prompt (NimbleDiff PTI Interpolate Conditioning) and sample the noise with the same SIGMAS, "
-                   "add_noise off, euler.")
-    RETURN_TYPES = ("LATENT", "CONDITIONING")
-    RETURN_NAMES = ("noise", "tuned")
+                   "sampling step (with SD3 / Flux conditioning, the pooled vector too) so that guided sampling "
+                   "reconstructs the image. 'edited' is the edit sampled here with the optional target prompt and "
+                   "alpha (euler, the same SIGMAS and cfg); or interpolate 'tuned' with a target (NimbleDiff PTI "
+                   "Interpolate Conditioning) and sample 'noise' with SamplerCustom, the same SIGMAS, add_noise off, "
+                   "euler (VP models such as SD1.5; flow models such as SD3 need 'edited').")
+    RETURN_TYPES = ("LATENT", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("noise", "tuned", "edited")
     FUNCTION = "tune"
 
     @classmethod
@@ -253,32 +259,55 @@ class PromptTuningInversion:
                              "tooltip": "Adam learning rate on the embedding"}),
             "fixed_point": fixed_point_input("extra model calls per inversion step (exact inverse of euler "
                                              "sampling)"),
+        }, "optional": {
+            "target": ("CONDITIONING", {"tooltip": (
+                "the target prompt of the 'edited' output (encoded like the source); unconnected: 'edited' is the "
+                "reconstruction (alpha 1)")}),
+            "alpha": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": (
+                "'edited' output: weight of the tuned embedding, 1 = reconstruction, 0 = the target prompt")}),
         }}
 
-    def tune(self, model, positive, negative, latent, sigmas, cfg, iters, lr, fixed_point):
+    def tune(self, model, positive, negative, latent, sigmas, cfg, iters, lr, fixed_point, target=None, alpha=0.8):
         param = param_of(model.get_model_object("model_sampling"))
         tokens, pooled, extras = _entry(positive, "positive")
+        goal = None
+        if target is not None:            # checked before any model call
+            t_tokens, t_pooled, _ = _entry(target, "target")
+            goal = _streams(t_tokens, t_pooled if pooled is not None else None)
+            if len(goal) != len(_streams(tokens, pooled)) or t_tokens.shape[1:] != tokens.shape[1:]:
+                raise InvalidParameterError(f"target is {tuple(t_tokens.shape)} (pooled: {t_pooled is not None}) but "
+                                            f"positive is {tuple(tokens.shape)} (pooled: {pooled is not None}): "
+                                            "encode both with the same text encoders and length")
+        if not 0.0 <= alpha <= 1.0:
+            raise InvalidParameterError(f"alpha={alpha}: need 0 <= alpha <= 1 (1 = reconstruction, 0 = target)")
         if len(as_floats(sigmas)) < 2:
             raise InvalidParameterError("sigmas has no step; connect a schedule with at least one step")
         # ComfyUI runs nodes under inference_mode; the embedding's gradient needs ordinary tensors
         with torch.inference_mode(False), torch.enable_grad():
             x0 = _latent_in(model, latent).clone()
-            tokens = tokens.clone().float()
-            pooled = None if pooled is None else pooled.clone()
+            source = _streams(tokens.clone().float(), None if pooled is None else pooled.clone().float())
             plain = comfy_denoiser(model, negative, 1.0, x0.shape, extras)
             guided = comfy_denoiser(model, negative, cfg, x0.shape, extras, differentiable=True)
             with torch.no_grad():
-                trajectory = run(invert, lambda x, s, **_: plain(x, s, _streams(tokens, pooled)), x0, sigmas,
-                                 param=param, fixed_point=fixed_point)
-            tuned = tune_prompt(lambda x, s, c: guided(x, s, _streams(c, pooled)), trajectory, sigmas, tokens,
-                                iters=iters, lr=lr, callback=_progress(len(as_floats(sigmas)) - 1))
-        entries = [[c.detach(), {**extras, "timestep_start": start, "timestep_end": end}]
+                trajectory = run(invert, lambda x, s, **_: plain(x, s, source), x0, sigmas, param=param,
+                                 fixed_point=fixed_point)
+            # both streams (SD3: tokens and pooled vector) tuned together, as DiTEditPipeline(method="pti")
+            tuned = tune_prompt(guided, trajectory, sigmas, source, iters=iters, lr=lr,
+                                callback=_progress(len(as_floats(sigmas)) - 1))
+            tuned = [tuple(t.detach() for t in c) for c in tuned]
+            # stage 2 here: euler from the noise with the per-step interpolation (core run_per_step)
+            conds = tuned if goal is None else interpolate(tuned, tuple(t.clone().float() for t in goal), alpha)
+            edited = run_per_step(comfy_denoiser(model, negative, cfg, x0.shape, extras), trajectory[-1], sigmas,
+                                  conds, param=param)
+        entries = [[c[0], {**extras, **({"pooled_output": c[1]} if len(c) > 1 else {}),
+                           "timestep_start": start, "timestep_end": end}]
                    for c, (start, end) in zip(tuned, _step_windows(sigmas))]
-        return (_latent_out(model, latent, trajectory[-1].detach()), entries)
+        return (_latent_out(model, latent, trajectory[-1].detach()), entries, _latent_out(model, latent, edited))
 
 
 class InterpolateConditioning:
-    """PTI stage 2: alpha * tuned + (1 - alpha) * target, entry by entry (each keeps its step window)."""
+    """PTI stage 2: alpha * tuned + (1 - alpha) * target, entry by entry (each keeps its step window); the pooled
+    vector (pooled_output) is interpolated too when the tuned entry and the target both carry one."""
 
     CATEGORY = "NimbleDiff/editing"
     DESCRIPTION = ("Interpolates Prompt Tuning Inversion's tuned conditioning with a target prompt: alpha = 1 "
@@ -296,7 +325,7 @@ class InterpolateConditioning:
         }}
 
     def interpolate(self, tuned, target, alpha):
-        t_tokens, _, _ = _entry(target, "target")
+        t_tokens, t_pooled, _ = _entry(target, "target")
         if not tuned:
             raise InvalidParameterError("tuned: empty CONDITIONING; connect NimbleDiff Prompt Tuning Inversion")
         for i, (c, _) in enumerate(tuned):
@@ -304,8 +333,20 @@ class InterpolateConditioning:
                 raise InvalidParameterError(f"tuned entry {i} is {tuple(c.shape)} but target is "
                                             f"{tuple(t_tokens.shape)}: encode the target with the same text "
                                             "encoder and length as the source")
-        mixed = interpolate([c for c, _ in tuned], t_tokens, alpha)
-        return ([[m, dict(extras)] for m, (_, extras) in zip(mixed, tuned)],)
+        out = []
+        for c, extras in tuned:
+            pooled = extras.get("pooled_output")
+            if pooled is None or t_pooled is None:
+                (m,) = interpolate([c], t_tokens, alpha)
+                out.append([m, dict(extras)])
+            else:
+                if pooled.shape[1:] != t_pooled.shape[1:]:
+                    raise InvalidParameterError(f"tuned pooled_output is {tuple(pooled.shape)} but the target's is "
+                                                f"{tuple(t_pooled.shape)}: encode the target with the same text "
+                                                "encoders as the source")
+                ((m, q),) = interpolate([(c, pooled)], (t_tokens, t_pooled), alpha)
+                out.append([m, {**extras, "pooled_output": q}])
+        return (out,)
 
 
 NODES = {

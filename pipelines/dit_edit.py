@@ -1,11 +1,16 @@
-"""DiT semantic editing (EIM) on a StableDiffusion3Pipeline: invert an image under its source prompt along the flow
-ODE, move the joint text embedding along (target - source) by a strength, regenerate, decode.
+"""DiT editing on a StableDiffusion3Pipeline: invert an image under its source prompt along the flow ODE, then
+either move the joint text embedding along (target - source) by a strength (EIM, the default) or tune the source
+embedding so that guided sampling retraces the inversion and interpolate it with the target's (Prompt Tuning
+Inversion, method="pti": the same API as EditPipeline's for UNets), regenerate, decode.
 
     >>> pipe = DiTEditPipeline.from_pretrained(folder)       # an SD3 folder; without T5 as NimbleDiff-Tiny-DiT
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", strength=1.5)
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", hsds_steps=10)   # HSDS direction
+    >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", method="pti", alpha=0.6,
+    ...            guidance_scale=3.0)
 
-The math is `nimblediff.core.editing.eim`; this file turns images, prompts and the transformer into its inputs.
+The math is `nimblediff.core.editing.eim` and `.pti`; this file turns images, prompts and the transformer into
+their inputs.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from ..core import schedules
 from ..core.editing.eim import check_joint_model, direction, edit
 from ..core.editing.hsds import DEFAULT_LEVELS, check_options, refine_direction
 from ..core.editing.inversion import invert, latent_psnr, truncate
-from ..core.editing.pti import run_per_step
+from ..core.editing.pti import interpolate, run_per_step, tune_prompt
 from ..core.parameterization import Flow
 from ..core.sampling import run
 from ..errors import InvalidParameterError
@@ -36,8 +41,9 @@ def architecture_of(denoiser) -> str:
 
 
 class DiTEditPipeline(FewStepSD3Pipeline):
-    """EIM editing (encode, identify, manipulate) for SD3-type MM-DiTs; `invert()` gives the joint embedding's
-    noise half and the trajectory, calling the pipeline edits. The stock text-to-image call stays as `generate`."""
+    """EIM editing (encode, identify, manipulate) and Prompt Tuning Inversion (method="pti") for SD3-type MM-DiTs;
+    `invert()` gives the joint embedding's noise half and the trajectory, calling the pipeline edits. The stock
+    text-to-image call stays as `generate`."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -159,8 +165,11 @@ class DiTEditPipeline(FewStepSD3Pipeline):
                  num_inference_steps: int = 28, guidance_scale: float = 1.0, negative_prompt=None,
                  depth: float = 1.0, window: float = 1.0, fixed_point: int = 0, max_sequence_length: int = 256,
                  output_type: str = "pil", return_dict: bool = True, hsds_steps: int = 0, hsds_lr: float = 0.05,
-                 hsds_curvature: float = 1.0, hsds_levels=DEFAULT_LEVELS, generator=None, **_unused):
-        """Edit `image` (described by `source_prompt`) along the direction source -> `prompt` by `strength`.
+                 hsds_curvature: float = 1.0, hsds_levels=DEFAULT_LEVELS, generator=None, method: str = "eim",
+                 alpha: float = 0.8, pti_iters: int = 10, pti_lr: float = 1e-2, **_unused):
+        """Edit `image` (described by `source_prompt`) towards `prompt`.
+
+        method "eim" (default): along the direction source -> `prompt` by `strength`.
 
         strength 0 regenerates the inversion under the source prompt (the reconstruction); 1 is the target prompt;
         larger values move further along the direction. depth: share of the schedule inverted (1 = to pure
@@ -169,10 +178,25 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         hsds_steps > 0 refines the direction with Hessian Score Distillation Sampling first (core/editing/hsds.py:
         Adam steps at learning rate hsds_lr on the source latent noised at hsds_levels, Hessian-term weight
         hsds_curvature, noise from `generator`); 0 keeps the plain prompt difference.
+
+        method "pti" (Prompt Tuning Inversion, as EditPipeline's): after the same unguided inversion, tune one
+        embedding per step, both streams (token states and pooled vector) together, with `pti_iters` Adam steps at
+        `pti_lr` so that sampling at `guidance_scale` retraces the inversion, then regenerate with
+        alpha * tuned + (1 - alpha) * target (alpha 1 = reconstruction, 0 = the target prompt). strength,
+        window and hsds_* are EIM's and not used; pti_iters 0 is the plain inversion + regeneration path.
         """
+        if method not in ("eim", "pti"):
+            raise InvalidParameterError(f"method={method!r}; valid: 'eim' (semantic edit by strength; strength 1 "
+                                        "= inversion + prompt swap), 'pti' (Prompt Tuning Inversion, alpha)")
         if prompt is None:
             raise InvalidParameterError("pass prompt= (the target description; the direction is prompt minus "
                                         "source_prompt)")
+        if method == "pti":
+            return self._pti(image, prompt, source_prompt, latents=latents, steps=num_inference_steps,
+                             guidance_scale=guidance_scale, negative_prompt=negative_prompt, depth=depth,
+                             fixed_point=fixed_point, max_sequence_length=max_sequence_length, alpha=alpha,
+                             iters=pti_iters, lr=pti_lr, hsds_steps=hsds_steps, output_type=output_type,
+                             return_dict=return_dict)
         check_options(hsds_steps, hsds_lr, hsds_curvature, hsds_levels)
         param = self.editing_param()
         x0 = self.encode_image(image) if latents is None else latents.float()
@@ -191,6 +215,42 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         out, _ = edit(self.denoiser(param, uncond, guidance_scale), x0, sigmas, source, target, strength,
                       param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param),
                       delta=delta, callback=lambda info: bar.update())
+        bar.close()
+        images = self.decode(out, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return EditOutput(images=images, source_latents=x0)
+
+    def _pti(self, image, prompt, source_prompt, *, latents, steps, guidance_scale, negative_prompt, depth,
+             fixed_point, max_sequence_length, alpha, iters, lr, hsds_steps, output_type, return_dict):
+        """Prompt Tuning Inversion (core/editing/pti.py) on the joint embedding (prompt_embeds, pooled)."""
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+            raise InvalidParameterError(f"pti_iters={iters!r}: need an integer >= 0 (Adam steps per sampling step; "
+                                        "0 = plain inversion + regeneration)")
+        if not lr > 0:
+            raise InvalidParameterError(f"pti_lr={lr!r}: need a learning rate > 0")
+        if not 0.0 <= alpha <= 1.0:
+            raise InvalidParameterError(f"alpha={alpha!r}: need 0 <= alpha <= 1 (1 = reconstruction, 0 = target "
+                                        "prompt)")
+        if hsds_steps:
+            raise InvalidParameterError(f"hsds_steps={hsds_steps}: HSDS refines EIM's direction; method 'pti' has "
+                                        "none (use method='eim' or hsds_steps=0)")
+        param = self.editing_param()
+        # 1. invert under the source prompt along the flow ODE, unguided (DiTEditPipeline.invert)
+        inv = self.invert(image, source_prompt, latents=latents, num_inference_steps=steps, depth=depth,
+                          fixed_point=fixed_point, max_sequence_length=max_sequence_length)
+        x0, sigmas = inv.trajectory[0], inv.sigmas
+        source, uncond = self.embeds(source_prompt, len(x0), negative_prompt, guidance_scale, max_sequence_length)
+        target, _ = self.embeds(prompt, len(x0), max_sequence_length=max_sequence_length)
+        guided = self.denoiser(param, uncond, guidance_scale)
+        n = len(sigmas) - 1
+        bar = self.progress_bar(total=2 * n)                              # tuning, regeneration
+        # 2. tune both streams per step against guided sampling, 3. regenerate with the interpolation
+        tuned = tune_prompt(guided, inv.trajectory, sigmas, source, iters=iters, lr=lr,
+                            callback=lambda info: bar.update())
+        out = run_per_step(guided, inv.latents, sigmas, interpolate(tuned, target, alpha), param=param)
+        bar.update(n)
         bar.close()
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()

@@ -5,8 +5,9 @@
   (hand-derived: every Euler step is affine in the conditioning's mean);
 - pipeline: a tiny random SD3 (tests/factories.py) edited by DiTEditPipeline agrees with the stock
   StableDiffusion3Pipeline sampling our inverted noise under the source (strength 0) or target (strength 1) prompt;
-- nodes: through the stub ComfyUI surface on the same analytic denoiser; PTI's tuned conditioning reconstructs
-  better than the source prompt under guidance, and each tuned entry is active at its own step only.
+- nodes: through the stub ComfyUI surface on the same analytic denoiser; PTI's tuned conditioning (token states and
+  pooled vector) reconstructs better than the source prompt under guidance, and each tuned entry is active at its
+  own step only.
 """
 
 import sys
@@ -366,20 +367,38 @@ def test_pti_node_tunes_per_step_conditioning_that_reconstructs_under_guidance(c
     cfg = 4.0
     with torch.inference_mode():                 # ComfyUI runs every node inside it (its CONDITIONING too)
         inputs = [_conditioning(tuple(t.clone() for t in c)) for c in (src, neg)]
-        noise, tuned = PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 60, 0.1, 2)
+        noise, tuned, recon = PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 60, 0.1,
+                                                           2)
+        tgt = _conditioning(_cond(3))
+        _, _, edited = PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 60, 0.1, 2,
+                                                    target=tgt, alpha=0.3)
     assert len(tuned) == 6
     for i, s in enumerate(sigmas[:-1].tolist()):
         assert _active(tuned, s) == [i]                      # exactly its own step's entry
     trajectory = run(invert, lambda x, s: model(x, s, src), x0, sigmas, param=PARAM, fixed_point=2)
     torch.testing.assert_close(noise["samples"].double(), trajectory[-1], rtol=0, atol=1e-5)
 
-    def guided(x, s, tokens):
+    def guided(x, s, c):
         u = model(x, s, neg)
-        return u + cfg * (model(x, s, (tokens, src[1])) - u)
+        return u + cfg * (model(x, s, c) - u)
 
-    plain = run_per_step(guided, trajectory[-1], sigmas, [src[0]] * 6, param=PARAM)
-    pti = run_per_step(guided, trajectory[-1], sigmas, [c.double() for c, _ in tuned], param=PARAM)
+    assert all(not torch.equal(d["pooled_output"].double(), src[1]) for _, d in tuned)   # tuned together
+    plain = run_per_step(guided, trajectory[-1], sigmas, [src] * 6, param=PARAM)
+    pti = run_per_step(guided, trajectory[-1], sigmas, [(c.double(), d["pooled_output"].double()) for c, d in tuned],
+                       param=PARAM)
     assert latent_psnr(pti, x0) > latent_psnr(plain, x0) + 10, (latent_psnr(pti, x0), latent_psnr(plain, x0))
+    # 'edited': that sampling done in the node; without a target the reconstruction, with one the interpolation
+    torch.testing.assert_close(recon["samples"].double(), pti, rtol=0, atol=1e-5)
+    mixed = [(0.3 * c.double() + 0.7 * _cond(3)[0], 0.3 * d["pooled_output"].double() + 0.7 * _cond(3)[1])
+             for c, d in tuned]
+    torch.testing.assert_close(edited["samples"].double(), run_per_step(guided, trajectory[-1], sigmas, mixed,
+                                                                        param=PARAM), rtol=0, atol=1e-5)
+    with pytest.raises(InvalidParameterError, match=r"target is \(2, 4, 5\) \(pooled: False\)"):
+        PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 1, 0.1, 0,
+                                     target=[[torch.zeros(2, 4, D), {}]])
+    with pytest.raises(InvalidParameterError, match="alpha=2"):
+        PromptTuningInversion().tune(_model(), *inputs, {"samples": x0}, sigmas, cfg, 1, 0.1, 0, target=tgt,
+                                     alpha=2)
 
 
 def test_interpolate_conditioning_node(comfy):
@@ -391,7 +410,10 @@ def test_interpolate_conditioning_node(comfy):
     (mixed,) = InterpolateConditioning().interpolate(tuned, _conditioning((b, q)), 0.25)
     for i, (c, d) in enumerate(mixed):
         torch.testing.assert_close(c, 0.25 * (a + i) + 0.75 * b, rtol=0, atol=1e-12)
-        assert d == tuned[i][1] and d is not tuned[i][1]
+        torch.testing.assert_close(d.pop("pooled_output"), 0.25 * p + 0.75 * q, rtol=0, atol=1e-12)
+        assert d == {k: v for k, v in tuned[i][1].items() if k != "pooled_output"} and d is not tuned[i][1]
+    (tokens_only,) = InterpolateConditioning().interpolate(tuned, [[b, {}]], 0.25)   # target without a pooled
+    assert all(d["pooled_output"] is p for _, d in tokens_only)
     (one,) = InterpolateConditioning().interpolate(tuned, _conditioning((b, q)), 1.0)
     assert all(torch.equal(c, t[0]) for (c, _), t in zip(one, tuned))
     with pytest.raises(InvalidParameterError, match=r"tuned entry 0 is \(2, 3, 5\) but target is \(2, 4, 5\)"):

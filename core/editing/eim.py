@@ -27,7 +27,7 @@ import torch
 from ...errors import InvalidParameterError
 from ..sampling.driver import as_floats, run
 from .inversion import invert
-from .pti import run_per_step
+from .pti import _like, _streams, run_per_step
 
 # architectures whose text tokens share attention with the image tokens (the joint space EIM edits)
 JOINT_ARCHITECTURES = ("sd3", "flux", "mmdit")
@@ -39,14 +39,6 @@ def check_joint_model(architecture: str, operator: str = "DiT semantic editing (
         raise InvalidParameterError(
             f"{operator} needs an MM-DiT (SD3 / Flux type: text and image tokens in one attention); got a "
             f"{architecture} model. For a UNet, edit with inversion + prompt swap or Prompt Tuning Inversion")
-
-
-def _streams(c) -> tuple:
-    return tuple(c) if isinstance(c, (tuple, list)) else (c,)
-
-
-def _like(c, streams):
-    return type(c)(streams) if isinstance(c, (tuple, list)) else streams[0]
 
 
 def direction(source, target):

@@ -20,7 +20,8 @@ def tune_prompt(model, trajectory, sigmas, cond, *, iters: int = 10, lr: float =
 
     model(x, sigma, cond) -> denoised, differentiable in cond (guidance inside: the embeddings compensate for CFG,
     which breaks plain DDIM inversion); trajectory: `invert`'s output on `sigmas` (the sampling schedule);
-    cond: the source prompt's embedding. Returns the list of tuned embeddings, one per step.
+    cond: the source prompt's embedding, one tensor or a tuple of streams (SD3: (prompt_embeds, pooled)), all
+    streams tuned together by one Adam. Returns the list of tuned embeddings (same structure), one per step.
     """
     sigmas = as_floats(sigmas)
     n = len(sigmas) - 1
@@ -30,35 +31,54 @@ def tune_prompt(model, trajectory, sigmas, cond, *, iters: int = 10, lr: float =
     if iters < 0 or lr <= 0:
         raise InvalidParameterError(f"iters={iters}, lr={lr}: need iters >= 0 and lr > 0")
     x = trajectory[-1]
-    c = cond.detach()
+    c = _streams(cond)
     tuned = []
     for i in range(n):
         target = trajectory[n - 1 - i]
-        c = c.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([c], lr=lr)
+        c = tuple(t.detach().clone().requires_grad_(True) for t in c)
+        opt = torch.optim.Adam(c, lr=lr)
         for _ in range(iters):
             with torch.enable_grad():
-                loss = ((_euler(x, model(x, sigmas[i], c), sigmas[i], sigmas[i + 1]) - target) ** 2).mean()
+                denoised = model(x, sigmas[i], _like(cond, c))
+                loss = ((_euler(x, denoised, sigmas[i], sigmas[i + 1]) - target) ** 2).mean()
                 if float(loss.detach()) <= tol:
                     break
-                # grad of c only: the model's own parameters stay untouched (no .grad left on them)
-                (c.grad,) = torch.autograd.grad(loss, [c])
+                # grads of c only: the model's own parameters stay untouched (no .grad left on them)
+                grads = torch.autograd.grad(loss, c, allow_unused=True)
+            for t, g in zip(c, grads):
+                t.grad = torch.zeros_like(t) if g is None else g     # a stream the model ignores stays put
             opt.step()
-        c = c.detach()
+        c = tuple(t.detach() for t in c)
         with torch.no_grad():
-            x = _euler(x, model(x, sigmas[i], c), sigmas[i], sigmas[i + 1])
-        tuned.append(c)
+            x = _euler(x, model(x, sigmas[i], _like(cond, c)), sigmas[i], sigmas[i + 1])
+        tuned.append(_like(cond, c))
         if callback is not None:
-            callback({"i": i, "x": x, "cond": c})
+            callback({"i": i, "x": x, "cond": tuned[-1]})
     return tuned
+
+
+def _streams(c) -> tuple:
+    return tuple(c) if isinstance(c, (tuple, list)) else (c,)
+
+
+def _like(c, streams):
+    """streams in c's structure: a tuple / list of streams, or the one tensor."""
+    return type(c)(streams) if isinstance(c, (tuple, list)) else streams[0]
 
 
 def interpolate(tuned, target, alpha: float):
     """Stage 2 (editing): alpha * tuned + (1 - alpha) * target per step. alpha = 1 reconstructs, alpha = 0 is the
-    target prompt alone; in between trades fidelity against editability."""
+    target prompt alone; in between trades fidelity against editability. Tuples are interpolated stream by stream."""
     if not 0.0 <= alpha <= 1.0:
         raise InvalidParameterError(f"alpha={alpha}: need 0 <= alpha <= 1 (1 = reconstruction, 0 = target prompt)")
-    return [torch.lerp(target.to(c.dtype), c, alpha) for c in tuned]
+    t = _streams(target)
+    out = []
+    for c in tuned:
+        if len(_streams(c)) != len(t):
+            raise InvalidParameterError(f"tuned embedding has {len(_streams(c))} streams, target {len(t)}: encode "
+                                        "the target with the same text encoders as the source")
+        out.append(_like(c, tuple(torch.lerp(b.to(a.dtype), a, alpha) for a, b in zip(_streams(c), t))))
+    return out
 
 
 def sample_per_step(x, sigmas, *, param, noise, conds):
