@@ -12,14 +12,15 @@ Part dit: the same one-attribute edits on NimbleDiff-Tiny-DiT by EIM (inversion 
 text embedding moved along target - source by a strength; strength, CFG and inversion depth chosen on the
 calibration split), by EIM + HSDS (the direction first refined by Hessian Score Distillation Sampling,
 core/editing/hsds.py; its settings chosen on the calibration split the same way, plus the Hessian weight), by
-inversion + prompt swap (EIM at strength 1) and by diffusers'
+Prompt Tuning Inversion (DiTEditPipeline method="pti": both text streams tuned per step, alpha chosen with CFG and
+depth on the calibration split), by inversion + prompt swap (EIM at strength 1) and by diffusers'
 StableDiffusion3Img2ImgPipeline at matched depth (the peer); teacher rows and few-step rows with the 2-rectified-flow
 student (nimblediff.TINY_DIT_2RF) and the teacher's Flash LoRA, both at CFG 1.
 
     python bench/editing.py --part gmm [--quick]
     python bench/editing.py --part tiny [--n 96] [--quick]
     python bench/editing.py --part dit [--n 64] [--dit-models teacher 2-RF 'Flash LoRA'] [--eim-strengths 1 1.5]
-        [--hsds-steps 10] [--hsds-lr 0.05] [--hsds-curvatures 1]
+        [--hsds-steps 10] [--hsds-lr 0.05] [--hsds-curvatures 1] [--dit-pti-steps 3] [--dit-pti-alphas 0.25 0.5]
 """
 
 from __future__ import annotations
@@ -233,6 +234,11 @@ def main(argv=None):
     p.add_argument("--hsds-lr", type=float, default=0.05, help="dit: EIM + HSDS learning rate (relative)")
     p.add_argument("--hsds-curvatures", type=float, nargs="+", default=[1.0],
                    help="dit: EIM + HSDS Hessian-term weights (several = chosen on calibration scenes)")
+    p.add_argument("--dit-pti-steps", type=int, default=3,
+                   help="dit: PTI Adam steps per sampling step (0 = leave the pti arm out)")
+    p.add_argument("--dit-pti-lr", type=float, default=0.05, help="dit: PTI learning rate")
+    p.add_argument("--dit-pti-alphas", type=float, nargs="+", default=[0.25, 0.5],
+                   help="dit: PTI weights of the tuned embedding (several = chosen on calibration scenes)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -448,17 +454,20 @@ def fidelity(images, items, attribute, net):
     return np.array(kept_all), np.array(psnr)
 
 
-def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=None):
-    """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1; 'hsds' is EIM + HSDS) or the
-    SD3 img2img peer. setting: (strength, CFG, depth) for eim / swap, (strength, CFG, depth, Hessian weight) for
-    hsds; hsds: {"steps", "lr"}; the peer runs at strength = depth, its documented CFG and our schedule (uniform
-    flow-Euler sigmas, passed to its FlowMatchEuler scheduler)."""
+def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=None, pti=None):
+    """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1; 'hsds' is EIM + HSDS), Prompt
+    Tuning Inversion ('pti') or the SD3 img2img peer. setting: (strength, CFG, depth) for eim / swap, (strength,
+    CFG, depth, Hessian weight) for hsds, (alpha, CFG, depth) for pti; hsds / pti: {"steps", "lr"}; the peer runs at
+    strength = depth, its documented CFG and our schedule (uniform flow-Euler sigmas, passed to its FlowMatchEuler
+    scheduler)."""
     from nimblediff.tiny import data
 
     strength, cfg, depth = setting[:3]
     extra = {}
     if method == "hsds":
         extra = dict(hsds_steps=hsds["steps"], hsds_lr=hsds["lr"], hsds_curvature=setting[3])
+    if method == "pti":
+        extra = dict(method="pti", alpha=setting[0], pti_iters=pti["steps"], pti_lr=pti["lr"])
     images = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
@@ -472,7 +481,7 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
                        guidance_scale=peer_cfg, generator=gens, max_sequence_length=DIT_ROWS,
                        output_type="np").images
         else:
-            if extra:
+            if method == "hsds":
                 extra["generator"] = torch.Generator().manual_seed(777 + i)
             out = pipe(pixels, prompt=tgt_caps, source_prompt=src_caps, strength=strength, num_inference_steps=steps,
                        guidance_scale=cfg, depth=depth, max_sequence_length=DIT_ROWS, output_type="np",
@@ -514,7 +523,12 @@ def part_dit(args) -> str:
              f"Distillation Sampling (core/editing/hsds.py, our reading of the paper: {args.hsds_steps} Adam steps "
              f"at relative lr {args.hsds_lr:g} on the source latent noised at flow sigmas 0.3 / 0.5 / 0.7 / 0.9, "
              "unguided model), settings chosen like eim's plus the Hessian weight over "
-             f"{' / '.join(map(str, args.hsds_curvatures))}; img2img = diffusers StableDiffusion3Img2ImgPipeline "
+             f"{' / '.join(map(str, args.hsds_curvatures))}; pti = Prompt Tuning Inversion (DiTEditPipeline "
+             f"method='pti': the same unguided inversion, then {args.dit_pti_steps} Adam steps at lr "
+             f"{args.dit_pti_lr:g} per sampling step on the joint embedding, token states and pooled vector "
+             "together, so that sampling at the row's CFG retraces the inversion; regenerated with alpha x tuned + "
+             "(1 - alpha) x target), alpha chosen with CFG and depth over alpha "
+             f"{' / '.join(map(str, args.dit_pti_alphas))}; img2img = diffusers StableDiffusion3Img2ImgPipeline "
              "at strength = the "
              "inversion depth, the model's documented CFG and the same sigmas (the peer); input = the unedited "
              f"image. Settings chosen per model, method and attribute on {n_cal} scenes of the calibration split "
@@ -548,11 +562,16 @@ def part_dit(args) -> str:
                   "PSNR (dB) |", "|---|---|---|---|---|---|---|---|---|"]
         cache = {}
         hsds = {"steps": args.hsds_steps, "lr": args.hsds_lr}
+        pti = {"steps": args.dit_pti_steps, "lr": args.dit_pti_lr}
+        seconds = {}                              # method -> [total s, images] of fresh runs (cost per image)
 
         def measure(method, items, setting, split, attribute):
             key = ("eim" if method == "swap" else method, split, attribute, setting)
             if key not in cache:
-                images = run_dit(method, pipe, peer, items, setting, steps, peer_cfg, hsds=hsds)
+                t0 = time.time()
+                images = run_dit(method, pipe, peer, items, setting, steps, peer_cfg, hsds=hsds, pti=pti)
+                spent = seconds.setdefault("eim" if method == "swap" else method, [0.0, 0])
+                spent[0], spent[1] = spent[0] + time.time() - t0, spent[1] + len(items)
                 cache[key] = judge(images, items, attribute, net) + fidelity(images, items, attribute, net)
             return cache[key]
 
@@ -579,6 +598,15 @@ def part_dit(args) -> str:
                     print(f"  calibration {model} {attribute} hsds {setting}: both {h_scores[setting][0]:.2f}, "
                           f"PSNR {h_scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
                 arms.append(("hsds", max(h_scores, key=h_scores.get)))
+            if args.dit_pti_steps > 0:
+                p_scores = {}
+                for setting in [(a, c, d) for a in args.dit_pti_alphas for c in cfgs for d in args.dit_depths]:
+                    t0 = time.time()
+                    c, k, _, p = measure("pti", cal, setting, "cal", attribute)
+                    p_scores[setting] = (float((c & k).mean()), float(p.mean()))
+                    print(f"  calibration {model} {attribute} pti {setting}: both {p_scores[setting][0]:.2f}, "
+                          f"PSNR {p_scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+                arms.append(("pti", max(p_scores, key=p_scores.get)))
             arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
             for method, setting in arms:
                 t0 = time.time()
@@ -589,11 +617,15 @@ def part_dit(args) -> str:
                     st = f"-, {setting[1]:g}, {setting[2]:g}"
                 if method == "hsds":
                     st += f", mu {setting[3]:g}"
+                if method == "pti":
+                    st = f"alpha {setting[0]:g}, {setting[1]:g}, {setting[2]:g}"
                 label = "eim+hsds" if method == "hsds" else method
                 lines.append(f"| {attribute} | {label} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} | "
                              f"{_rate(ka)} | {_mean_ci(p)} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
-        lines.append("")
+        lines += ["", "Seconds per image (all runs of this model: calibration and held-out, 1 thread): " + ", ".join(
+            f"{'eim+hsds' if m == 'hsds' else m} {t / max(k, 1):.2f}" for m, (t, k) in seconds.items()
+            if m != "input") + ".", ""]
         if lora is not None:
             pipe.unload_loras()
     pipe.transformer = peer.transformer = teacher
