@@ -216,6 +216,18 @@ def test_streamed_kth_largest_equals_a_full_sort_also_when_the_bracket_misses():
                 assert M._kth_largest_abs(B, A, 0.3, k, blocks, ws, bracket=wrong) == float(full[k - 1])
 
 
+def test_streamed_kth_largest_on_layers_with_fewer_rows_or_columns_than_sample_blocks():
+    g = torch.Generator().manual_seed(5)
+    ws = M._Workspace()
+    for m, n in ((8, 20_000), (20_000, 8)):
+        B, A = torch.randn(m, 3, generator=g), torch.randn(3, n, generator=g)
+        rows = max(1, M._BLOCK // n)
+        blocks = [(i, min(i + rows, m)) for i in range(0, m, rows)]
+        full = (B @ A).abs().flatten().sort(descending=True).values
+        for k in (1, 1000, 80_000, 160_000):
+            assert M._kth_largest_abs(B, A, 1.0, k, blocks, ws) == float(full[k - 1]), (m, k)
+
+
 def test_streamed_merge_keeps_per_layer_progress_the_rank_cap_and_leaves_the_inputs_alone():
     adapters = [{"unet.a": lora((400, 700), 4, 1), "unet.conv_out": lora((4, 320, 3, 3), 4, 2)},
                 {"unet.a": lora((400, 700), 8, 3), "unet.conv_out": lora((4, 320, 3, 3), 4, 4)}]

@@ -158,8 +158,11 @@ def randomized_svd(M: torch.Tensor, k: int, *, oversample: int = 8, niter: int =
     for _ in range(niter):
         Q = torch.linalg.qr((Q.T @ M).T).Q                                              # (n, q): row space
         Q = torch.linalg.qr(M @ Q).Q                                                    # (m, q)
-    Uc, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)                         # (q, q), (q,), (q, n)
-    return (Q @ Uc)[:, :k], S[:k], Vh[:k]
+    # the SVD of the short, wide Q^T M = R^T P^T through the QR of its transpose: the SVD of a (q, n) matrix costs
+    # 3x the QR of its (n, q) transpose plus the SVD of the (q, q) core
+    P, R = torch.linalg.qr((Q.T @ M).T)                                                 # (n, q), (q, q)
+    Uc, S, Wh = torch.linalg.svd(R.T)                                                   # (q, q), (q,), (q, q)
+    return (Q @ Uc)[:, :k], S[:k], Wh[:k] @ P.T
 
 
 def _check_selector(rank, thresholds: dict) -> None:
