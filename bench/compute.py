@@ -197,21 +197,30 @@ def dit_units(n):
             if not (u == "ff_context" and i == n - 1)]
 
 
-def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8), n=4, warmup=3, write=True, **extra):
+# The warm-up of each budget's schedule (its first steps always compute), chosen on 128 calibration prompts (seed 99,
+# never the held-out set) by mean pixel RMSE to the uncached images among 3 / 4 / 5:
+# `python bench/compute.py --choose-warmup` prints the table it was chosen from (bench/results/compute_dit_warmup.md).
+# An earlier choice on 12 prompts (3 for every budget) met one held-out image whose layout changed when step 3 was
+# skipped; 12 prompts are too few to see an error that rare.
+WARMUPS = (3, 4, 5)
+SCHEDULE_WARMUP = {17: 5, 15: 3, 13: 4, 12: 5, 10: 4, 8: 3, 7: 4}
+
+
+def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7), n=4, warmups=None, write=True, **extra):
     """Per-step cache schedules searched offline (core/caching/search.py): the uncached pipeline's block-stack residual
     change profiled on the 4 calibration prompts MagCache calibrates on, then K of 25 steps chosen by dynamic
-    programming for each K. Saved as bench/results/compute_dit_schedule_k<K>.json, the files the node's
-    schedule_file and enable_nimble_cache(schedule=path) read. Returns ({K: CacheSchedule}, profile).
-    warmup 3 (the first 3 steps always compute) was chosen on 12 calibration prompts (seed 99, never the held-out
-    set) among 1 / 3 / 5: mean pixel RMSE to uncached at K = 13 / 10 / 8 was 1.05 / 1.39 / 10.8 with 1, 0.73 / 1.04 /
-    1.79 with 3, 0.72 / 1.72 / 3.13 with 5 (warm-up 1 lets K = 8 skip step 2, where some layouts still form)."""
+    programming for each K, with the first SCHEDULE_WARMUP[K] steps always computed. Saved as
+    bench/results/compute_dit_schedule_k<K>.json, the files the node's schedule_file and
+    enable_nimble_cache(schedule=path) read. Returns ({K: CacheSchedule}, profile)."""
     from nimblediff.core.caching import search
 
-    first, changes = search_dit_schedule(pipe, calibration_captions(n), ks[0], warmup=warmup, seed=7000,
-                                         num_inference_steps=STEPS, guidance_scale=CFG, height=64, width=64, **extra)
+    warmups = warmups or SCHEDULE_WARMUP
+    _, changes = search_dit_schedule(pipe, calibration_captions(n), ks[0], warmup=warmups[ks[0]], seed=7000,
+                                     num_inference_steps=STEPS, guidance_scale=CFG, height=64, width=64, **extra)
     out = {}
     for k in ks:
-        out[k] = first if k == ks[0] else search.search_schedule(changes, k, warmup)
+        warmup = warmups[k]
+        out[k] = search.search_schedule(changes, k, warmup)
         if write:
             search.save_schedule(os.path.join(ROOT, "bench", "results", f"compute_dit_schedule_k{k}.json"), out[k],
                                  len(pipe.transformer.transformer_blocks), warmup=warmup,
@@ -219,6 +228,37 @@ def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8), n=4, warmup=3, write=True, *
                                  cost=search.staleness(changes, out[k].compute),
                                  made_by="python bench/compute.py --only-dit (dit_schedules)")
     return out, changes
+
+
+def choose_warmups(pipe, ks=(17, 15, 13, 12, 10, 8, 7), n=128, seed=99, **extra):
+    """For each budget K, the schedule searched with each warm-up in WARMUPS run on n calibration prompts (seed
+    `seed`, noise seeds 9000 + i; never the held-out set); the table of mean / p90 / worst pixel RMSE to the uncached
+    images and the warm-up of least mean RMSE per K (what SCHEDULE_WARMUP holds)."""
+    caps, seeds = calibration_captions(n, seed), list(range(9000, 9000 + n))
+    _, profile = dit_schedules(pipe, ks, write=False, **extra)
+    base = generate(pipe, caps, STEPS, CFG, seeds, **extra)
+    from nimblediff.core.caching import search
+
+    lines = [f"Warm-up per schedule budget on {n} calibration prompts (seed {seed}; noise seeds 9000 + i), flow Euler "
+             f"{STEPS} steps, CFG {CFG:g}: pixel RMSE to the uncached images.\n",
+             "| K | warm-up | schedule | mean RMSE | p90 | worst | images > 20 px |", "|---|---|---|---|---|---|---|"]
+    chosen = {}
+    for k in ks:
+        scores = {}
+        for w in WARMUPS:
+            sched = search.search_schedule(profile, k, w)
+            undo = ours_cache("first_block", schedule=sched)(pipe)
+            try:
+                r = rmse(generate(pipe, caps, STEPS, CFG, seeds, **extra), base)
+            finally:
+                undo()
+            scores[w] = r.mean()
+            pattern = "".join("X" if f else "." for f in sched.compute)
+            lines.append(f"| {k} | {w} | `{pattern}` | {r.mean():.3f} | {np.quantile(r, 0.9):.2f} | {r.max():.1f} | "
+                         f"{int((r > 20).sum())} |")
+        chosen[k] = min(scores, key=scores.get)
+    lines += ["", f"Chosen (least mean RMSE): {chosen}"]
+    return "\n".join(lines), chosen
 
 
 def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
@@ -662,6 +702,9 @@ def main():
     p.add_argument("--dit", default=os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit"),
                    help="NimbleDiff-Tiny-DiT folder (its block runs if the folder exists)")
     p.add_argument("--only-dit", action="store_true", help="run only the DiT block")
+    p.add_argument("--choose-warmup", action="store_true",
+                   help="choose each DiT schedule budget's warm-up on calibration prompts (writes "
+                        "bench/results/compute_dit_warmup.md); nothing else runs")
     p.add_argument("--dit-flash", action="store_true",
                    help="run only the DiT + Flash LoRA block (4 steps; writes bench/results/compute_dit_flash.md)")
     p.add_argument("--arm", action="append", default=[],
@@ -680,6 +723,18 @@ def main():
     held = heldout.heldout_scenes(a.n)
     net = evaluate.load_evaluator()
     out = []
+    if a.choose_warmup:
+        from diffusers import StableDiffusion3Pipeline
+
+        dpipe = StableDiffusion3Pipeline.from_pretrained(a.dit, text_encoder_3=None, tokenizer_3=None,
+                                                         dtype=torch.float32)
+        dpipe.set_progress_bar_config(disable=True)
+        body, chosen = choose_warmups(dpipe, max_sequence_length=DIT_ZERO_ROWS)
+        body += f"\n\n{cond.finish() or cond} Whole run {time.perf_counter() - t_start:.0f} s.\n"
+        print(body)
+        if not a.no_write:
+            write_result("compute_dit_warmup", __file__, body)
+        return
     if a.dit_flash:
         out.append(dit_flash_block(a, held, net, log))
     elif os.path.isdir(a.dit):
@@ -713,7 +768,9 @@ def main():
         if ratios is not None:
             out += [f"MagCache ratios (calibrated here, 4 calibration prompts): {[round(r, 4) for r in ratios]}", ""]
         if schedules is not None:
-            out += ["Searched schedules (same 4 calibration prompts, first 3 steps always computed; X = step computes, . = every block skipped; "
+            out += ["Searched schedules (same 4 calibration prompts; the first SCHEDULE_WARMUP[K] steps always compute, "
+                    f"{SCHEDULE_WARMUP} as chosen by `python bench/compute.py --choose-warmup`; X = step computes, . = "
+                    "every block skipped; "
                     "`bench/results/compute_dit_schedule_k<K>.json`): "
                     + "; ".join(f"{k}/{STEPS} `{''.join('X' if f else '.' for f in s.compute)}`"
                                 for k, s in schedules.items())
