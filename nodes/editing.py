@@ -55,7 +55,9 @@ class InvertLatent:
     CATEGORY = "NimbleDiff/editing"
     DESCRIPTION = ("Inverts a latent along the model's ODE (DDIM / rectified-flow inversion, optional fixed-point "
                    "refinement) into the noise that regenerates it; edit by sampling that noise with a new prompt "
-                   "(SamplerCustom, add_noise off, the same SIGMAS).")
+                   "(SamplerCustom, add_noise off, the same SIGMAS). That recipe is for UNet (eps / v) models: "
+                   "SamplerCustom starts a flow model (SD3 / Flux) from (1 - sigma) x latent, zeros at sigma 1, so "
+                   "for those edit with NimbleDiff DiT Semantic Edit or Prompt Tuning Inversion's edited output.")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "invert"
 
