@@ -203,10 +203,10 @@ def dit_units(n):
 # An earlier choice on 12 prompts (3 for every budget) met one held-out image whose layout changed when step 3 was
 # skipped; 12 prompts are too few to see an error that rare.
 WARMUPS = (3, 4, 5)
-SCHEDULE_WARMUP = {17: 5, 15: 3, 13: 4, 12: 5, 10: 4, 8: 3, 7: 4}
+SCHEDULE_WARMUP = {17: 5, 15: 3, 13: 4, 12: 5, 10: 4, 8: 3, 7: 4, 6: 4, 5: 4}
 
 
-def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7), n=4, warmups=None, write=True, **extra):
+def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7, 6, 5), n=4, warmups=None, write=True, **extra):
     """Per-step cache schedules searched offline (core/caching/search.py): the uncached pipeline's block-stack residual
     change profiled on the 4 calibration prompts MagCache calibrates on, then K of 25 steps chosen by dynamic
     programming for each K, with the first SCHEDULE_WARMUP[K] steps always computed. Saved as
@@ -230,7 +230,7 @@ def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7), n=4, warmups=None, write=
     return out, changes
 
 
-def choose_warmups(pipe, ks=(17, 15, 13, 12, 10, 8, 7), n=128, seed=99, **extra):
+def choose_warmups(pipe, ks=(17, 15, 13, 12, 10, 8, 7, 6, 5), n=128, seed=99, **extra):
     """For each budget K, the schedule searched with each warm-up in WARMUPS run on n calibration prompts (seed
     `seed`, noise seeds 9000 + i; never the held-out set); the table of mean / p90 / worst pixel RMSE to the uncached
     images and the warm-up of least mean RMSE per K (what SCHEDULE_WARMUP holds)."""
@@ -268,7 +268,7 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
     MagCache threshold 0.06, K=3, retention 0.2 with ratios calibrated on this model; TaylorSeer interval 5, order 1,
     3 warm-up steps, float32 factors; PAB spatial 2 in t (100, 800); FasterCache as its CogVideoX example."""
     arms = [("uncached", "-", None, "uncached")]
-    for thr in (0.15, 0.2, 0.3, 0.45):
+    for thr in (0.15, 0.2, 0.3, 0.45, 0.6):
         arms.append((f"NimbleDiff first-block cache {thr:g}", "ours", ours_cache("first_block", threshold=thr),
                      "NimbleDiff first-block cache"))
     # Chosen on calibration prompts (seed 99, never the held-out set): skipping in the first steps, while the
@@ -302,11 +302,11 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
                      "diffusers FirstBlockCache"))
     # diffusers' FirstBlockCache raises on SD3 (its tail block returns no context); its exact rule, which our
     # rule="reference" reproduces bit for bit where diffusers runs (tests/test_caching_core.py), stands in for it.
-    for thr in (0.05, 0.2, 0.3):
+    for thr in (0.05, 0.2, 0.3, 0.45):
         arms.append((f"FirstBlockCache rule (diffusers', via ours) {thr:g}", "peer",
                      ours_cache("first_block", threshold=thr, rule="reference"), "FirstBlockCache rule"))
     if mag_ratios is not None:
-        for thr, k in ((0.06, 3), (0.12, 3), (0.25, 5), (0.5, 8)):
+        for thr, k in ((0.06, 3), (0.12, 3), (0.25, 5), (0.5, 8), (1.0, 12)):
             arms.append((f"diffusers MagCache {thr:g} K={k}", "peer",
                          diffusers_arm("mag", threshold=thr, max_skip_steps=k, retention_ratio=0.2,
                                        mag_ratios=mag_ratios, num_inference_steps=STEPS), "diffusers MagCache"))
@@ -314,7 +314,7 @@ def dit_arms(mag_ratios=None, n_blocks=DIT_BLOCKS, schedules=None):
         arms.append((f"diffusers TaylorSeer attention N={k}", "peer",
                      diffusers_arm("taylorseer", cache_interval=k, max_order=1, disable_cache_before_step=3,
                                    taylor_factors_dtype=torch.float32), "diffusers TaylorSeer attention"))
-    for k in (2, 3):
+    for k in (2, 3, 4, 5):
         arms.append((f"diffusers TaylorSeer blocks 0-{n_blocks - 2} N={k}", "peer",
                      diffusers_arm("taylorseer", cache_interval=k, max_order=1, disable_cache_before_step=3,
                                    taylor_factors_dtype=torch.float32,
