@@ -216,11 +216,7 @@ class DiTEditPipeline(FewStepSD3Pipeline):
                       param=param, fixed_point=fixed_point, window=window, invert_model=self.denoiser(param),
                       delta=delta, callback=lambda info: bar.update())
         bar.close()
-        images = self.decode(out, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return EditOutput(images=images, source_latents=x0)
+        return self._finish(out, x0, output_type, return_dict)
 
     def _pti(self, image, prompt, source_prompt, *, latents, steps, guidance_scale, negative_prompt, depth,
              fixed_point, max_sequence_length, alpha, iters, lr, hsds_steps, output_type, return_dict):
@@ -252,7 +248,11 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         out = run_per_step(guided, inv.latents, sigmas, interpolate(tuned, target, alpha), param=param)
         bar.update(n)
         bar.close()
-        images = self.decode(out, output_type)
+        return self._finish(out, x0, output_type, return_dict)
+
+    def _finish(self, latents, x0, output_type, return_dict):
+        """Decode the edited latents, release offloaded models, and return as diffusers pipelines do."""
+        images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
