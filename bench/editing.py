@@ -575,37 +575,31 @@ def part_dit(args) -> str:
                 cache[key] = judge(images, items, attribute, net) + fidelity(images, items, attribute, net)
             return cache[key]
 
+        def calibrate(method, cal, settings, attribute):
+            """{setting: (both rate, mean PSNR)} of a method on the calibration scenes (max picks the setting)."""
+            scores = {}
+            for setting in settings:
+                t0 = time.time()
+                c, k, _, p = measure(method, cal, setting, "cal", attribute)
+                scores[setting] = (float((c & k).mean()), float(p.mean()))
+                print(f"  calibration {model} {attribute} {method} {setting}: both {scores[setting][0]:.2f}, PSNR "
+                      f"{scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+            return scores
+
         for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
             cal = edit_set(calibration, attribute, n_cal, seed=2)
             grid = [(st, c, d) for st in strengths for c in cfgs for d in args.dit_depths]
-            scores = {}
-            for setting in grid:
-                t0 = time.time()
-                c, k, _, p = measure("eim", cal, setting, "cal", attribute)
-                scores[setting] = (float((c & k).mean()), float(p.mean()))
-                print(f"  calibration {model} {attribute} {setting}: both {scores[setting][0]:.2f}, PSNR "
-                      f"{scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+            scores = calibrate("eim", cal, grid, attribute)
             best_eim = max(scores, key=scores.get)
             best_swap = max((s for s in scores if s[0] == 1.0), key=scores.get, default=(1.0, cfgs[-1], 1.0))
             arms = [("input", (0.0, 1.0, 1.0)), ("eim", best_eim)]
             if args.hsds_steps > 0:
-                h_scores = {}
-                for setting in [g + (mu,) for g in grid for mu in args.hsds_curvatures]:
-                    t0 = time.time()
-                    c, k, _, p = measure("hsds", cal, setting, "cal", attribute)
-                    h_scores[setting] = (float((c & k).mean()), float(p.mean()))
-                    print(f"  calibration {model} {attribute} hsds {setting}: both {h_scores[setting][0]:.2f}, "
-                          f"PSNR {h_scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+                h_scores = calibrate("hsds", cal, [g + (mu,) for g in grid for mu in args.hsds_curvatures], attribute)
                 arms.append(("hsds", max(h_scores, key=h_scores.get)))
             if args.dit_pti_steps > 0:
-                p_scores = {}
-                for setting in [(a, c, d) for a in args.dit_pti_alphas for c in cfgs for d in args.dit_depths]:
-                    t0 = time.time()
-                    c, k, _, p = measure("pti", cal, setting, "cal", attribute)
-                    p_scores[setting] = (float((c & k).mean()), float(p.mean()))
-                    print(f"  calibration {model} {attribute} pti {setting}: both {p_scores[setting][0]:.2f}, "
-                          f"PSNR {p_scores[setting][1]:.1f} ({time.time() - t0:.0f} s)", file=sys.stderr)
+                p_scores = calibrate("pti", cal, [(a, c, d) for a in args.dit_pti_alphas for c in cfgs
+                                                  for d in args.dit_depths], attribute)
                 arms.append(("pti", max(p_scores, key=p_scores.get)))
             arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
             for method, setting in arms:
