@@ -19,7 +19,8 @@ import torch
 from ..errors import InvalidParameterError, WeightsFormatError
 from ..weights.gguf_io import install, read_gguf, to_diffusers
 
-__all__ = ["load_gguf_denoiser", "load_gguf_into", "empty_denoiser", "denoiser_from_checkpoint", "DENOISER_CLASSES"]
+__all__ = ["load_gguf_denoiser", "load_gguf_into", "empty_denoiser", "denoiser_from_checkpoint", "install_checkpoint",
+           "DENOISER_CLASSES"]
 
 # architecture -> (diffusers class name, pipeline sub-folder)
 DENOISER_CLASSES = {"sd15": ("UNet2DConditionModel", "unet"), "sdxl": ("UNet2DConditionModel", "unet"),
@@ -64,10 +65,19 @@ def empty_denoiser(cfg: dict, cls_name: str, torch_dtype: torch.dtype = torch.fl
     return model
 
 
-def denoiser_from_checkpoint(path, config, torch_dtype, method: str, files, load_into) -> torch.nn.Module:
-    """A diffusers denoiser built empty from a config and filled by `load_into(model, path)`: the config is the
-    checkpoint folder's own (files(path) -> (files, config)) unless `config` (a dict or a component folder) is given;
-    a config naming another quantization method than `method` is refused."""
+def install_checkpoint(model: torch.nn.Module, path, read) -> torch.nn.Module:
+    """Fill an existing diffusers denoiser (in place, all or nothing) from the checkpoint at `path`, read by
+    `read(path, shapes)` (weights.quanto_io.read_quanto, weights.torchao_io.read_torchao: the model's parameter
+    shapes in, its state dict with quantized tensors out); returns the model."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    install(model, read(path, shapes), source=str(path))
+    return model
+
+
+def denoiser_from_checkpoint(path, config, torch_dtype, method: str, files, read) -> torch.nn.Module:
+    """A diffusers denoiser built empty from a config and filled by install_checkpoint(model, path, read): the
+    config is the checkpoint folder's own (files(path) -> (files, config)) unless `config` (a dict or a component
+    folder) is given; a config naming another quantization method than `method` is refused."""
     _, cfg = files(path)
     if config is not None:
         cfg = config if isinstance(config, dict) else files(config)[1]
@@ -79,7 +89,7 @@ def denoiser_from_checkpoint(path, config, torch_dtype, method: str, files, load
         raise WeightsFormatError(f"{path}: config says quant_method={found!r}, not {method!r}")
     cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
     model = empty_denoiser(cfg, cfg["_class_name"], torch_dtype)
-    return load_into(model, path).eval()
+    return install_checkpoint(model, path, read).eval()
 
 
 def load_gguf_denoiser(path, config, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from ..weights.gguf_io import install
 from ..weights.torchao_io import read_torchao, torchao_files
-from .quantized_gguf import denoiser_from_checkpoint
+from .quantized_gguf import denoiser_from_checkpoint, install_checkpoint
 
 __all__ = ["load_torchao_denoiser", "load_torchao_into"]
 
 
 def load_torchao_into(model: torch.nn.Module, path) -> torch.nn.Module:
     """Load a torchao checkpoint into an existing diffusers denoiser (in place, all or nothing); returns it."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    install(model, read_torchao(path, shapes), source=str(path))
-    return model
+    return install_checkpoint(model, path, read_torchao)
 
 
 def load_torchao_denoiser(path, config=None, *, torch_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A diffusers UNet / transformer from a torchao checkpoint folder (config.json beside the .bin files) or a
     .bin / .pt file with `config` (a config dict or the component folder)."""
-    return denoiser_from_checkpoint(path, config, torch_dtype, "torchao", torchao_files, load_torchao_into)
+    return denoiser_from_checkpoint(path, config, torch_dtype, "torchao", torchao_files, read_torchao)
