@@ -77,6 +77,21 @@ def script_parity(script: Path, comfy: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def dit_parity_fixture(script: Path):
+    """At a two-sided DiT module's pytest side: skip the module without a ComfyUI checkout or the embedded DiT, and
+    return its module-scoped `parity` fixture (the script side's JSON, run once under COMFYUI_PYTHON). Assign it to
+    the name `parity` in the module."""
+    import pytest
+
+    comfy = skip_without_comfyui()
+    skip_without_embedded_dit()
+
+    @pytest.fixture(scope="module")
+    def parity() -> dict:
+        return script_parity(script, comfy)
+    return parity
+
+
 class DiTRig:
     """For a two-sided module's script side (after `_import_pack`): the embedded DiT twice -- ComfyUI's MODEL / CLIP
     from NimbleDiff Diffusers DiT Loader and the stock SD3 pipeline -- with one sampling call on each side (euler,

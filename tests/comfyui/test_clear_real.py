@@ -94,12 +94,7 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.skip_without_comfyui()
-    comfy_harness.skip_without_embedded_dit()
-
-    @pytest.fixture(scope="module")
-    def parity() -> dict:
-        return comfy_harness.script_parity(HERE, COMFY)
+    parity = comfy_harness.dit_parity_fixture(HERE)
 
     def test_full_window_is_the_unpatched_model_and_the_input_is_untouched(parity):
         for run in parity["runs"]:

@@ -137,12 +137,8 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.skip_without_comfyui()
-    comfy_harness.skip_without_embedded_dit()
-
-    @pytest.fixture(scope="module")
-    def parity() -> dict:
-        return comfy_harness.script_parity(HERE, COMFY)
+    parity = comfy_harness.dit_parity_fixture(HERE)
+    COMFY = comfy_harness.comfyui_path()                  # the server fixture below starts it
 
     def test_threshold_zero_is_the_uncached_model(parity):
         for run in parity["runs"]:

@@ -108,12 +108,7 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.skip_without_comfyui()
-    comfy_harness.skip_without_embedded_dit()
-
-    @pytest.fixture(scope="module")
-    def parity() -> dict:
-        return comfy_harness.script_parity(HERE, COMFY)
+    parity = comfy_harness.dit_parity_fixture(HERE)
 
     def test_zero_steps_is_the_plain_inversion_path(parity):
         """Untuned at alpha 1, the node's 'edited' and ComfyUI's euler on its tuned CONDITIONING are ComfyUI's euler

@@ -99,12 +99,7 @@ else:  # -----------------------------------------------------------------------
     import pytest
 
     pytestmark = pytest.mark.comfyui
-    COMFY = comfy_harness.skip_without_comfyui()
-    comfy_harness.skip_without_embedded_dit()
-
-    @pytest.fixture(scope="module")
-    def parity() -> dict:
-        return comfy_harness.script_parity(HERE, COMFY)
+    parity = comfy_harness.dit_parity_fixture(HERE)
 
     def test_keep_one_is_the_unpatched_model(parity):
         for run in parity["runs"]:
