@@ -48,7 +48,8 @@ import math
 import torch
 
 from ...errors import InvalidParameterError, SamplingError
-from .eim import _like, _streams
+from .eim import manipulate
+from .pti import _like, _streams
 
 DEFAULT_LEVELS = (0.3, 0.5, 0.7, 0.9)       # flow sigmas at which the source latent is noised
 
@@ -73,8 +74,7 @@ def check_options(steps: int, lr: float, curvature: float, levels) -> tuple:
 def objective(model, xs, source, delta, targets, sources, curvature: float) -> torch.Tensor:
     """E(delta) of the module docstring on the noised latents xs [(sigma_k, x_k)], with the target's and the
     source's predictions D(x_k, c_t), D(x_k, c_s) precomputed."""
-    plus = _like(source, tuple(a + d for a, d in zip(_streams(source), _streams(delta))))
-    minus = _like(source, tuple(a - d for a, d in zip(_streams(source), _streams(delta))))
+    plus, minus = manipulate(source, delta, 1.0), manipulate(source, delta, -1.0)
     total = 0.0
     for (sigma, x), t, s in zip(xs, targets, sources):
         d_plus = model(x, sigma, plus)
@@ -104,7 +104,7 @@ def refine_direction(model, x0, source, delta, levels=DEFAULT_LEVELS, *, param, 
     x0 = x0.detach()
     source = _like(source, tuple(a.detach() for a in _streams(source)))
     d0 = tuple(d.detach().to(a.dtype) for a, d in zip(_streams(source), _streams(delta)))
-    target = _like(source, tuple(a + d for a, d in zip(_streams(source), d0)))
+    target = manipulate(source, d0, 1.0)
 
     # 1. one noise draw per level: x_k = (1 - sigma_k) x0 + sigma_k eps_k, and the fixed predictions
     xs = [(s, param.noise_scaling(s, torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device), x0))
