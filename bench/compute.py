@@ -206,7 +206,7 @@ WARMUPS = (3, 4, 5)
 SCHEDULE_WARMUP = {17: 5, 15: 3, 13: 4, 12: 5, 10: 4, 8: 3, 7: 4, 6: 4, 5: 4}
 
 
-def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7, 6, 5), n=4, warmups=None, write=True, **extra):
+def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7, 6, 5), n=4, write=True, **extra):
     """Per-step cache schedules searched offline (core/caching/search.py): the uncached pipeline's block-stack residual
     change profiled on the 4 calibration prompts MagCache calibrates on, then K of 25 steps chosen by dynamic
     programming for each K, with the first SCHEDULE_WARMUP[K] steps always computed. Saved as
@@ -214,12 +214,11 @@ def dit_schedules(pipe, ks=(17, 15, 13, 12, 10, 8, 7, 6, 5), n=4, warmups=None, 
     enable_nimble_cache(schedule=path) read. Returns ({K: CacheSchedule}, profile)."""
     from nimblediff.core.caching import search
 
-    warmups = warmups or SCHEDULE_WARMUP
-    _, changes = search_dit_schedule(pipe, calibration_captions(n), ks[0], warmup=warmups[ks[0]], seed=7000,
+    _, changes = search_dit_schedule(pipe, calibration_captions(n), ks[0], warmup=SCHEDULE_WARMUP[ks[0]], seed=7000,
                                      num_inference_steps=STEPS, guidance_scale=CFG, height=64, width=64, **extra)
     out = {}
     for k in ks:
-        warmup = warmups[k]
+        warmup = SCHEDULE_WARMUP[k]
         out[k] = search.search_schedule(changes, k, warmup)
         if write:
             search.save_schedule(os.path.join(ROOT, "bench", "results", f"compute_dit_schedule_k{k}.json"), out[k],
