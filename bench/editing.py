@@ -214,10 +214,11 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=40, help="tiny: held-out prompts per edited attribute")
     p.add_argument("--strengths", type=float, nargs="+", help="tiny, teacher: strengths (several = calibrate)")
     p.add_argument("--flash-strengths", type=float, nargs="+", help="tiny, Flash LoRA: strengths")
+    p.add_argument("--cfgs", type=float, nargs="+", help=f"tiny, teacher: CFG scales (default {CFG:g})")
     p.add_argument("--alpha", type=float, default=0.25, help="tiny: PTI interpolation weight of the tuned "
                                                              "embedding")
-    p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "img2img"],
-                   choices=["input", "swap", "pti", "img2img"])
+    p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "img2img", "t2i"],
+                   choices=["input", "swap", "pti", "img2img", "t2i"])
     p.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     p.add_argument("--models", nargs="+", default=["teacher", "Flash LoRA"], choices=["teacher", "Flash LoRA"])
     p.add_argument("--eim-strengths", type=float, nargs="+", default=[1.0, 1.5],
@@ -229,7 +230,7 @@ def main(argv=None):
                    help="dit, teacher: guidance while regenerating (several = chosen on calibration scenes)")
     p.add_argument("--dit-depths", type=float, nargs="+", default=[1.0, 0.8],
                    help="dit: share of the schedule inverted (several = chosen on calibration scenes)")
-    p.add_argument("--n-cal", type=int, default=16, help="dit: calibration scenes per attribute")
+    p.add_argument("--n-cal", type=int, default=16, help="tiny and dit: calibration scenes per attribute")
     p.add_argument("--hsds-steps", type=int, default=10, help="dit: EIM + HSDS Adam steps (0 = leave the arm out)")
     p.add_argument("--hsds-lr", type=float, default=0.05, help="dit: EIM + HSDS learning rate (relative)")
     p.add_argument("--hsds-curvatures", type=float, nargs="+", default=[1.0],
@@ -325,7 +326,8 @@ def _np_images(out):
 
 
 def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, batch=32):
-    """Edited images (N, 64, 64, 3) uint8 of one method over the items, in batches."""
+    """Edited images (N, 64, 64, 3) uint8 of one method over the items, in batches (peer.t2i: the text-to-image
+    pipeline on the same components, for the 't2i' reference)."""
     from nimblediff.tiny import data
 
     images = []
@@ -337,6 +339,9 @@ def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, ba
         schedule = "lcm" if flash else "trailing"
         if method == "input":
             out = pixels.permute(0, 2, 3, 1).numpy()
+        elif method == "t2i":                     # the model's own ceiling: the target caption from fresh noise
+            out = peer.t2i(tgt_caps, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+                           output_type="np").images
         elif method == "img2img":
             out = peer(tgt_caps, image=pixels, strength=strength, num_inference_steps=steps, guidance_scale=cfg,
                        generator=gens, output_type="np").images
@@ -356,7 +361,7 @@ def _rate(v) -> str:
 
 
 def part_tiny(args) -> str:
-    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
     from nimblediff.pipelines import EditPipeline
     from nimblediff.tiny.data import sample_scene
@@ -368,50 +373,69 @@ def part_tiny(args) -> str:
     pipe.set_progress_bar_config(disable=True)
     peer = StableDiffusionImg2ImgPipeline(**{k: v for k, v in pipe.components.items()})
     peer.set_progress_bar_config(disable=True)
+    peer.t2i = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()})
+    peer.t2i.set_progress_bar_config(disable=True)
     held = heldout_scenes(512).scenes
     cal_rng = np.random.default_rng(4242)                 # calibration scenes: not the held-out draw
     calibration = [sample_scene(cal_rng, p_two=0.0) for _ in range(400)]
-    n, n_cal = (16, 8) if args.quick else (args.n, 16)
-    # (name, steps, CFG, LoRA, strengths tried on the calibration scenes; one value = fixed, no calibration)
-    configs = [("teacher", 20, CFG, False, tuple(args.strengths or (0.8,))),
-               ("Flash LoRA", 4, 1.0, True, tuple(args.flash_strengths or (0.75,)))]
-    configs = [c for c in configs if (not c[3] or os.path.exists(LORA)) and c[0] in args.models]
+    n, n_cal = (16, 8) if args.quick else (args.n, args.n_cal)
+    # (name, steps, LoRA, strengths, CFGs): the grid each method's (strength, CFG) is chosen from on the calibration
+    # scenes; a single value is fixed beforehand
+    configs = [("teacher", 20, False, tuple(args.strengths or (0.8,)), tuple(args.cfgs or (CFG,))),
+               ("Flash LoRA", 4, True, tuple(args.flash_strengths or (0.75,)), (1.0,))]
+    configs = [c for c in configs if (not c[2] or os.path.exists(LORA)) and c[0] in args.models]
     alpha = args.alpha
     lines = [f"Sources: rendered one-shape held-out scenes (tiny/heldout.py), {n} per attribute; the target caption "
              "changes one attribute to another palette value. Judge: evaluator v2 reads the edited image against "
              "the target scene. changed = the edited attribute reads as the target; kept = every other stated "
              "attribute and the object count read right; both = one image does both. Rates with Wilson 95% "
-             "intervals. Strength: where several are listed per model, chosen per method and attribute on "
-             f"{n_cal} calibration scenes (another seed) by the 'both' rate; a single value is fixed beforehand "
-             "(not tuned). swap = DDIM inversion under the source caption + regeneration under the target (ours); "
-             f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g}); img2img = diffusers StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM "
-             "scheduler for the teacher, LCMScheduler for the Flash LoRA); input = the unedited image (the judge's "
-             "floor). Issue goal: changed >= 0.80 with kept >= 0.95.", ""]
-    for name, steps, cfg, flash, strengths in configs:
+             "intervals. Strength and CFG: where several are listed per model, chosen per method and attribute on "
+             f"{n_cal} calibration scenes (another seed) by the 'both' rate (pti: strength only, at swap's CFG); a "
+             "single value is fixed beforehand (not tuned). swap = DDIM inversion under the source caption + "
+             "regeneration under the target (ours); "
+             f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g}); img2img = diffusers "
+             "StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM scheduler for the teacher, "
+             "LCMScheduler for the Flash LoRA); t2i = diffusers StableDiffusionPipeline on the target caption from "
+             "fresh noise, the source image unused (the model's own ceiling: an edit that regenerates cannot read "
+             "better than the model draws the caption); input = the unedited image (the judge's floor). Issue "
+             "goal: changed >= 0.80 with kept >= 0.95.", ""]
+    for name, steps, flash, strengths, cfgs in configs:
         if flash:
             pipe.load_acceleration_lora(LORA, recipe="nimblediff-tiny-flash")
             peer.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         else:
             peer.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        lines += [f"**{name}, {steps} steps, CFG {cfg:g}, strength {' / '.join(map(str, strengths))}**", "",
-                  "| attribute | method | strength | changed | kept | both | goal met |", "|---|---|---|---|---|---|---|"]
+        peer.t2i.scheduler = peer.scheduler
+        lines += [f"**{name}, {steps} steps, strength {' / '.join(map(str, strengths))}, CFG "
+                  f"{' / '.join(map(str, cfgs))}**", "",
+                  "| attribute | method | strength, CFG | changed | kept | both | goal met |",
+                  "|---|---|---|---|---|---|---|"]
         for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
             cal = edit_set(calibration, attribute, n_cal, seed=2)
+            chosen = {}
             for method in args.methods:
-                best = strengths[0]
-                if method != "input" and len(strengths) > 1:
+                grid = [(strengths[0], cfgs[-1])]
+                if method in ("swap", "img2img"):
+                    grid = [(st, c) for st in strengths for c in cfgs]
+                elif method == "pti":
+                    grid = [(st, chosen.get("swap", (0, cfgs[-1]))[1]) for st in strengths]
+                elif method == "t2i":
+                    grid = [(1.0, c) for c in cfgs]
+                best = grid[0]
+                if method != "input" and len(grid) > 1:
                     scores = {}
-                    for st in strengths:
-                        c, k = judge(run_method(method, pipe, peer, cal, st, steps, cfg, alpha, flash), cal,
+                    for st, c_ in grid:
+                        c, k = judge(run_method(method, pipe, peer, cal, st, steps, c_, alpha, flash), cal,
                                      attribute, net)
-                        scores[st] = float((c & k).mean())
+                        scores[(st, c_)] = float((c & k).mean())
                     best = max(scores, key=scores.get)
+                chosen[method] = best
                 t0 = time.time()
-                images = run_method(method, pipe, peer, items, best, steps, cfg, alpha, flash)
+                images = run_method(method, pipe, peer, items, best[0], steps, best[1], alpha, flash)
                 c, k = judge(images, items, attribute, net)
                 goal = "yes" if c.mean() >= 0.8 and k.mean() >= 0.95 else "no"
-                st = "-" if method == "input" else f"{best:g}"
+                st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, f"{best[0]:g}, {best[1]:g}")
                 lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
         lines.append("")
@@ -475,6 +499,9 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
         src_caps, tgt_caps = [c[2] for c in chunk], [c[3] for c in chunk]
         if method == "input":
             out = pixels.permute(0, 2, 3, 1).numpy()
+        elif method == "t2i":                     # the model's own ceiling: the target caption from fresh noise
+            out = peer.t2i(tgt_caps, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
+                           output_type="np").images
         elif method == "img2img":
             gens = [torch.Generator().manual_seed(12345 + i + j) for j in range(len(chunk))]
             out = peer(tgt_caps, image=pixels, strength=depth, sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
@@ -522,12 +549,12 @@ def part_dit(args) -> str:
              "written for flow models); eim+hsds = eim with the direction first refined by Hessian Score "
              f"Distillation Sampling (core/editing/hsds.py, our reading of the paper: {args.hsds_steps} Adam steps "
              f"at relative lr {args.hsds_lr:g} on the source latent noised at flow sigmas 0.3 / 0.5 / 0.7 / 0.9, "
-             "unguided model), settings chosen like eim's plus the Hessian weight over "
+             "unguided model) at eim's chosen strength, CFG and depth, the Hessian weight chosen over "
              f"{' / '.join(map(str, args.hsds_curvatures))}; pti = Prompt Tuning Inversion (DiTEditPipeline "
              f"method='pti': the same unguided inversion, then {args.dit_pti_steps} Adam steps at lr "
              f"{args.dit_pti_lr:g} per sampling step on the joint embedding, token states and pooled vector "
              "together, so that sampling at the row's CFG retraces the inversion; regenerated with alpha x tuned + "
-             "(1 - alpha) x target), alpha chosen with CFG and depth over alpha "
+             "(1 - alpha) x target) at eim's chosen CFG and depth, alpha chosen over "
              f"{' / '.join(map(str, args.dit_pti_alphas))}; img2img = diffusers StableDiffusion3Img2ImgPipeline "
              "at strength = the "
              "inversion depth, the model's documented CFG and the same sigmas (the peer); input = the unedited "
@@ -594,12 +621,12 @@ def part_dit(args) -> str:
             best_eim = max(scores, key=scores.get)
             best_swap = max((s for s in scores if s[0] == 1.0), key=scores.get, default=(1.0, cfgs[-1], 1.0))
             arms = [("input", (0.0, 1.0, 1.0)), ("eim", best_eim)]
+            # the refinements are calibrated at eim's chosen (strength,) CFG and depth: each costs about five eims
             if args.hsds_steps > 0:
-                h_scores = calibrate("hsds", cal, [g + (mu,) for g in grid for mu in args.hsds_curvatures], attribute)
+                h_scores = calibrate("hsds", cal, [best_eim + (mu,) for mu in args.hsds_curvatures], attribute)
                 arms.append(("hsds", max(h_scores, key=h_scores.get)))
             if args.dit_pti_steps > 0:
-                p_scores = calibrate("pti", cal, [(a, c, d) for a in args.dit_pti_alphas for c in cfgs
-                                                  for d in args.dit_depths], attribute)
+                p_scores = calibrate("pti", cal, [(a,) + best_eim[1:] for a in args.dit_pti_alphas], attribute)
                 arms.append(("pti", max(p_scores, key=p_scores.get)))
             arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
             for method, setting in arms:
