@@ -250,8 +250,8 @@ def main(argv=None):
     print(body)
     if not args.no_write:
         write_part(args.part, body, argv if argv is not None else sys.argv[1:])
-        if args.part == "dit":              # also on its own, for README's bench:editing_dit block
-            write_result("editing_dit", "editing.py", body, argv if argv is not None else sys.argv[1:])
+        if args.part in ("tiny", "dit"):    # also on its own, for README's bench:editing_tiny / _dit blocks
+            write_result(f"editing_{args.part}", "editing.py", body, argv if argv is not None else sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------------ part tiny
