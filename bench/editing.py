@@ -499,9 +499,6 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
         src_caps, tgt_caps = [c[2] for c in chunk], [c[3] for c in chunk]
         if method == "input":
             out = pixels.permute(0, 2, 3, 1).numpy()
-        elif method == "t2i":                     # the model's own ceiling: the target caption from fresh noise
-            out = peer.t2i(tgt_caps, num_inference_steps=steps, guidance_scale=cfg, generator=gens,
-                           output_type="np").images
         elif method == "img2img":
             gens = [torch.Generator().manual_seed(12345 + i + j) for j in range(len(chunk))]
             out = peer(tgt_caps, image=pixels, strength=depth, sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1].tolist(),
