@@ -65,6 +65,16 @@ def _positive_int(text: str, what: str = "an integer >= 1") -> int:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0")
+    return value
+
+
 def _threads_arg(text: str):
     return text if text == "auto" else _positive_int(text, "a number of threads >= 1, or auto")
 
@@ -301,8 +311,9 @@ def _schedule_search(args) -> int:
         bar.n = done
         bar.refresh()
 
-    extra = {"boss": {"grid_size": args.grid}, "fit": {"iterations": args.iterations,
-                                                       "prior_shift": args.prior_shift}}.get(args.method, {})
+    extra = {"boss": {"grid_size": args.grid},
+             "fit": {"iterations": args.iterations, "prior_shift": args.prior_shift, "time_shift": args.time_shift,
+                     "fit_start": args.fit_start, "tail": args.tail}}.get(args.method, {})
     with torch.set_grad_enabled(args.method == "fit"):     # only the fit differentiates through the model
         result = search_schedule(args.method, denoiser, param, args.nfe, batch=args.batch, seed=args.seed,
                                  shape=(channels, size, size), sampler=args.sampler,
@@ -788,6 +799,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--iterations", type=int, default=200, help="fit: Adam iterations")
     search.add_argument("--prior-shift", action="store_true",
                         help="fit: start from x + D(x), the true prior mean of SD-type (nonzero terminal SNR) models")
+    search.add_argument("--time-shift", action="store_true",
+                        help="fit: also fit, per step, the noise level the model is asked at (bench/sampler_accuracy.py "
+                             "chooses it on most problems at NFE 4)")
+    search.add_argument("--fit-start", action="store_true",
+                        help="fit: also fit the first sigma (at or below the model's top; the noise is scaled to it)")
+    search.add_argument("--tail", type=_nonnegative_float, default=1.0,
+                        help="fit: weight of the mean of the worst 10%% of calibration errors beside the mean (3 "
+                             "trades mean error for lighter tails)")
     search.add_argument("--nfe", type=_positive_int, default=4)
     search.add_argument("--prompt", action="append", help="calibration prompt (repeat for several; default: empty)")
     search.add_argument("--cfg", type=float, default=1.0, help="search for the CFG-guided denoiser at this scale")

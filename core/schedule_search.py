@@ -341,7 +341,7 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
                lr: float = 0.03, corrector: bool = True, prior_shift: bool = False, progress=None,
                substeps: int = 8, rho_range=(2e-3, 1e3), tail: float = 1.0, tail_quantile: float = 0.9,
                guard_quantile: float = 0.9, guard: str = "best", restarts: int = 3, validation: float = 0.25,
-               model_fingerprint: str | None = None) -> dict:
+               fit_start: bool = False, time_shift: bool = False, model_fingerprint: str | None = None) -> dict:
     """Fit the `fitted` sampler to a model: its nfe - 1 interior sigmas, the per-step mixing weights of up to
     `depth` past x0 predictions and (corrector=True) one corrector gain per step, by Adam through the model.
 
@@ -357,6 +357,10 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
        the guard: guard="best" the lightest tail of any named start, "start" the best-ranked start's. That
        start itself qualifies, so the fit never returns a heavier validation tail than it.
     prior_shift=True (VP) fits the solver that starts from x + D(x), against a reference from that start too.
+    fit_start=True also fits the first sigma, at or below the start: the noise is then scaled to that sigma, as
+    a host does with any schedule (noise x sigmas[0]), which skips the top of the path without a model call, at
+    the cost of assuming the data's mean there (diffusers' "leading" spacing does the same with a fixed sigma).
+    time_shift=True also fits, per step, the noise level the model is asked at (the sampler's `shifts`).
     The result records what it was fitted on (`fitted_on`: model type, noise schedule, a fingerprint of the
     model, `model_fingerprint` or probed with `fingerprint()`); `warn_if_fitted_elsewhere` compares it where it is used.
     Costs iterations * nfe forward and backward model calls on the fit part.
@@ -381,21 +385,39 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
     lo, hi = math.log(rho_range[0]), math.log(min(_rho(param, start), rho_range[1]))
 
     def sigmas_of(u):
-        rho = u.clamp(lo, hi).sort(descending=True).values.exp()
+        """u: the interior log-rhos, then (fit_start) the log of the first sigma over the start."""
+        first = start * u[-1].clamp(max=0).exp() if fit_start else u.new_tensor(start)
+        top = first.log() if param.kind == "vp" else first.clamp(max=1 - 1e-6).logit()   # rho of the first sigma
+        rho = torch.minimum(u[:nfe - 1].clamp(lo, hi), top).sort(descending=True).values.exp()
         inner = rho if param.kind == "vp" else rho / (1 + rho)
-        return torch.cat([inner.new_tensor([start]), inner, inner.new_zeros(1)])
+        return torch.cat([first.reshape(1), inner, inner.new_zeros(1)])
 
-    def errors(x, target, sigmas, coeffs, gains):
+    def shifts_of(sigmas, raw):
+        """The time shifts kept inside the model's range: a VP model is never asked above the start sigma (its
+        timestep would clamp) nor below its lowest trained sigma or rho_range's low end; a flow model's formula
+        stays below sigma 1."""
+        if not len(raw):
+            return []
+        if param.kind != "vp":
+            return list(raw.clamp(lo - sigmas[:-1].clamp(max=1 - 1e-6).logit()))
+        log_rho = sigmas[:-1].log()
+        floor = max(lo, math.log(param.sigma_min))
+        return list(torch.maximum(torch.minimum(raw, math.log(start) - log_rho), floor - log_rho))
+
+    def errors(x, target, sigmas, coeffs, gains, shifts=()):
+        x = x * (sigmas[0] / start) if fit_start else x        # the noise, scaled to the first sigma
         out = run(SAMPLERS["fitted"], denoiser, x, sigmas, param=param, noise=None, seed=0,
-                  coeffs=coeffs, gains=list(gains), prior_shift=prior_shift)
+                  coeffs=coeffs, gains=list(gains), prior_shift=prior_shift, shifts=shifts_of(sigmas, shifts))
         return (out - target).flatten(1).norm(dim=1)
 
     def variables(sigmas, named_coeffs, gain=0.0):
-        u = torch.tensor([math.log(_rho(param, float(s))) for s in sigmas[1:-1]], dtype=torch.float64)
+        u = torch.tensor([math.log(_rho(param, float(s))) for s in sigmas[1:-1]] + [0.0] * fit_start,
+                         dtype=torch.float64)
+        u[:nfe - 1] = u[:nfe - 1].clamp(lo, hi)
         coeffs = [torch.zeros(min(i, depth), dtype=torch.float64) for i in range(nfe)]
         for c, named in zip(coeffs, named_coeffs):
             c[:len(named)] = torch.tensor(list(named)[:len(c)], dtype=torch.float64)
-        return u.clamp(lo, hi).requires_grad_(), [c.requires_grad_() for c in coeffs], \
+        return u.requires_grad_(), [c.requires_grad_() for c in coeffs], \
             torch.full((nfe - 1 if corrector else 0,), gain, dtype=torch.float64, requires_grad=True)
 
     # 1-3: rank the named starts on the fit part and measure their validation tails
@@ -426,20 +448,21 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
     done = 0
     for (_, _, label, sig, named, gain), share in zip(runs, shares):
         u, coeffs, gains = variables(sig, named, gain)
-        opt = torch.optim.Adam([u, gains, *coeffs[1:]], lr=lr)
+        shifts = torch.zeros(nfe if time_shift else 0, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([u, gains, shifts, *coeffs[1:]], lr=lr)
         decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(share, 1), eta_min=lr / 10)
         for it in range(share + 1):
             if it % 5 == 0 or it == share:              # 4: judge the iterate on the validation part
                 with torch.no_grad():
-                    e_val = errors(x_val, t_val, sigmas_of(u), coeffs, gains)
+                    e_val = errors(x_val, t_val, sigmas_of(u), coeffs, gains, shifts)
                     j = float(_tail_objective(e_val, tail, tail_quantile))
                     tail_val = float(_cvar(e_val, guard_quantile))
-                if math.isfinite(j) and j < best[0] and tail_val <= limit * (1 + 1e-9):
-                    best = (j, (sigmas_of(u).tolist(), [c.detach().tolist() for c in coeffs],
-                                gains.detach().tolist(), label, float(e_val.mean())))
+                    if math.isfinite(j) and j < best[0] and tail_val <= limit * (1 + 1e-9):
+                        best = (j, (sigmas_of(u).tolist(), [c.tolist() for c in coeffs], gains.tolist(),
+                                    [float(v) for v in shifts_of(sigmas_of(u), shifts)], label, float(e_val.mean())))
             if it == share:
                 break
-            loss = _tail_objective(errors(x_fit, t_fit, sigmas_of(u), coeffs, gains), tail, tail_quantile)
+            loss = _tail_objective(errors(x_fit, t_fit, sigmas_of(u), coeffs, gains, shifts), tail, tail_quantile)
             if not torch.isfinite(loss):
                 break
             opt.zero_grad()
@@ -453,10 +476,10 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
         progress(iterations, iterations)
     if best[1] is None:
         raise InvalidParameterError("fit_solver: the model gave non-finite results for every candidate solver")
-    objective, (sigmas, c, g, label, mean_err) = best
+    objective, (sigmas, c, g, sh, label, mean_err) = best
     return {"model_type": param.kind, "sampler": "fitted", "nfe": nfe, "sigmas": sigmas, "created_by": "fit",
             "error": mean_err, "objective": objective, "start": label,
-            "options": {"coeffs": c, "gains": g, "prior_shift": prior_shift},
+            "options": {"coeffs": c, "gains": g, "prior_shift": prior_shift, **({"shifts": sh} if time_shift else {})},
             "fitted_on": {"model_type": param.kind, "schedule": describe_noise_schedule(param),
                           "model": model_fingerprint or fingerprint(denoiser, param, tuple(x.shape[1:])),
                           "calibration_noises": len(x)}}

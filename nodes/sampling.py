@@ -80,7 +80,7 @@ def make_sigmas_for_model(model, schedule: str, steps: int, denoise: float = 1.0
 TCD_GAMMA = SAMPLER_OPTIONS["tcd"]["gamma"]
 
 # Options whose value is a list (of lists) of numbers, with the nesting depth: the fitted solver's weights.
-LIST_OPTIONS = {"coeffs": 2, "gains": 1}
+LIST_OPTIONS = {"coeffs": 2, "gains": 1, "shifts": 1}
 
 FITTED_HINT = ("the fitted sampler needs the coefficients fitted for its sigmas: load the file written by "
                "`nimblediff schedule search --method fit` with the NimbleDiff Schedule from File node, which outputs "
@@ -231,7 +231,7 @@ def _parse_value(sampler_name: str, name: str, text: str):
 
 def _list_example(name: str) -> str:
     return {"coeffs": "of lists of numbers, one list per step, e.g. [[], [0.5], [0.3, -0.1]]",
-            "gains": "of numbers, e.g. [0.2, 0.1]"}[name]
+            "gains": "of numbers, e.g. [0.2, 0.1]", "shifts": "of numbers, one per step, e.g. [0, -0.1, 0.05]"}[name]
 
 
 def parse_sampler_options(sampler_name: str, text: str) -> dict:

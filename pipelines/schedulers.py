@@ -123,7 +123,8 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         else:
             sig = self._named_sigmas(num_inference_steps)
         self.sigmas = sig.to(device)
-        t = self.param.sigma_to_t(self._evaluation_sigmas(sig))
+        self._asked = self._evaluation_sigmas(sig)          # where the sampler will ask for the model
+        t = self.param.sigma_to_t(self._asked)
         rounded = t.round()
         self.timesteps = (rounded.long() if (t - rounded).abs().max() < 1e-3 else t).to(device)
         self.num_inference_steps = len(self.timesteps)
@@ -186,7 +187,17 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         self._begin_index = begin_index
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        """The sample as the model's input. Only the first call differs: the start latents are at the schedule's
+        first sigma, while a sampler with a time shift (`fitted`, `shifts`) asks the model at another level; the
+        model must see the input of that level (later samples are already returned at the asked level)."""
+        if self._steps is not None or self.sigmas is None:
+            return sample
+        begin = self._begin_index or 0
+        start = float(self.sigmas[begin])
+        asked = float(self._asked[0]) if begin == 0 else float(self._evaluation_sigmas(self.sigmas[begin:].cpu())[0])
+        if asked == start:
+            return sample
+        return self._from_k(self._to_k(sample, start), asked)
 
     # --- stepping -------------------------------------------------------------------------------------------------
 
@@ -222,10 +233,15 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         self._ref = model_output
         dtype = torch.promote_types(sample.dtype, torch.float32)
         sample_up = _cast(sample, dtype)
+        sigma = None
         if self._steps is None:
-            self._start(self._to_k(sample_up, float(self.sigmas[self._begin_index or 0])), eta)
-        sigma = self._sigma              # where the sampler asked for this evaluation (a python float)
-        denoised = self.param.denoised(self._to_k(sample_up, sigma), sigma, _cast(model_output, dtype))
+            x_k = self._to_k(sample_up, float(self.sigmas[self._begin_index or 0]))
+            self._start(x_k, eta)
+            sigma = self._sigma
+        else:
+            sigma = self._sigma          # where the sampler asked for this evaluation (a python float)
+            x_k = self._to_k(sample_up, sigma)
+        denoised = self.param.denoised(x_k, sigma, _cast(model_output, dtype))
         try:
             x_next, self._sigma = self._steps.send(denoised)
             prev = self._from_k(x_next, self._sigma)

@@ -168,3 +168,60 @@ def test_fit_is_tail_safe_on_held_out_noise():
         assert e.mean() < e_base.mean(), (name, e.mean(), e_base.mean())
         assert torch.quantile(e, 0.99) < torch.quantile(e_base, 0.99), (name, torch.quantile(e, 0.99),
                                                                         torch.quantile(e_base, 0.99))
+
+
+@pytest.mark.parametrize("param", [VP(), Flow()], ids=["vp", "flow"])
+def test_shifts_ask_the_model_at_the_shifted_noise_level(param):
+    """shifts[i] scales rho = sigma / alpha of step i's model call by exp(shifts[i]) and nothing else: a DDIM step
+    worked by hand with D at the shifted level gives the same result, and zero shifts change no bit."""
+    den = GaussianMixture.circle().denoiser(param)
+    x = _noise(param, 8)
+    sigmas = schedules.make_sigmas("logsnr", 3, param).double()
+    shifts = [0.0, -0.3, 0.2]
+    asked = []
+
+    def recording(x, s):
+        asked.append(float(s[0]))
+        return den(x, s)
+
+    out = run(SAMPLERS["fitted"], recording, x, sigmas, param=param, shifts=shifts)
+    ref = x.clone()
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1].tolist(), sigmas[1:].tolist())):
+        rho = s / (1 - s) if param.kind == "flow" and s < 1 else s
+        rho_eval = rho * math.exp(shifts[i])
+        s_eval = s if param.kind == "flow" and s >= 1 else (rho_eval if param.kind == "vp" else rho_eval / (1 + rho_eval))
+        assert asked[i] == pytest.approx(s_eval, rel=1e-12)
+        d = den(ref, torch.full((len(ref),), s_eval, dtype=torch.float64))
+        alpha = (lambda v: 1 - v) if param.kind == "flow" else (lambda v: 1.0)
+        ref = (s_next / s) * ref + (alpha(s_next) - alpha(s) * s_next / s) * d
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    plain = run(SAMPLERS["fitted"], den, x, sigmas, param=param)
+    assert torch.equal(run(SAMPLERS["fitted"], den, x, sigmas, param=param, shifts=[0.0, 0.0, 0.0]), plain)
+    with pytest.raises(InvalidParameterError, match="shifts has 4 entries"):
+        run(SAMPLERS["fitted"], den, x, sigmas, param=param, shifts=[0.0] * 4)
+
+
+def test_time_shift_and_fitted_start_beat_the_plain_fit_on_held_out_noise():
+    """16-D VP clusters at NFE 4, where the plain fit's typical sample was no closer to the exact ODE than diffusers'
+    DEIS on 'leading' spacing: fitting the model's noise level per step (and the first sigma, the noise scaled to
+    it as a host does), with the tail weighted 3x (time shifts alone can trade the tail for the mean), lowers the
+    mean error against the exact RK4 solution on other noise by a fifth or more,
+    without a heavier tail (the mean of the worst 5 %, steadier than a p99 of 1000 draws, within 10 %), and the
+    first sigma stays at or below the start."""
+    param, gmm = VP(), GaussianMixture.family("clusters", 16, 1)
+    den = gmm.denoiser(param)
+    cal, x = _noise(param, 512, dim=16, seed=21), _noise(param, 1000, dim=16, seed=22)
+    exact = gmm.ode_solve(x, "vp", float(param.sigma_max), steps=400)
+
+    def held_out(fit):
+        x0 = x * (fit["sigmas"][0] / float(param.sigma_max))
+        out = run(SAMPLERS["fitted"], den, x0, torch.tensor(fit["sigmas"], dtype=torch.float64), param=param,
+                  **fit["options"])
+        e = (out - exact).norm(dim=1)
+        return float(e.mean()), float(e.topk(50).values.mean())
+
+    plain = held_out(search.fit_solver(den, param, 4, x=cal, iterations=240))
+    fit = search.fit_solver(den, param, 4, x=cal, iterations=240, time_shift=True, fit_start=True, tail=3)
+    assert len(fit["options"]["shifts"]) == 4 and fit["sigmas"][0] <= float(param.sigma_max)
+    shifted = held_out(fit)
+    assert shifted[0] < 0.8 * plain[0] and shifted[1] < 1.1 * plain[1], (shifted, plain)

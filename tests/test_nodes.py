@@ -327,9 +327,10 @@ def test_fitted_coefficients_in_the_options_string_reach_the_sampler(comfy):
     """JSON lists in the options string (commas inside brackets) equal the same options given to run()."""
     from nimblediff.nodes.sampling import FewStepSampler, parse_sampler_options
 
-    text = "coeffs=[[], [-0.3], [-0.5, 0.1]], gains=[0.25, 0.5], prior_shift=true"
-    coeffs, gains = [[], [-0.3], [-0.5, 0.1]], [0.25, 0.5]
-    assert parse_sampler_options("fitted", text) == {"coeffs": coeffs, "gains": gains, "prior_shift": True}
+    text = "coeffs=[[], [-0.3], [-0.5, 0.1]], gains=[0.25, 0.5], prior_shift=true, shifts=[-0.4, 0, 0.2]"
+    coeffs, gains, shifts = [[], [-0.3], [-0.5, 0.1]], [0.25, 0.5], [-0.4, 0, 0.2]
+    assert parse_sampler_options("fitted", text) == {"coeffs": coeffs, "gains": gains, "prior_shift": True,
+                                                     "shifts": shifts}
     ms = _vp_model_sampling()
     data = GaussianData()
     sigmas = schedules.make_sigmas("trailing", 3, VP()).float()
@@ -337,7 +338,7 @@ def test_fitted_coefficients_in_the_options_string_reach_the_sampler(comfy):
     model = fake_comfy.GuidedModel(data.denoiser(VP()), ms)
     out = FewStepSampler().build("fitted", 0.3, text)[0].sampler_function(model, x, sigmas, extra_args={})
     ref = run(SAMPLERS["fitted"], data.denoiser(VP()), x, sigmas, param=VP(), coeffs=coeffs, gains=gains,
-              prior_shift=True)
+              prior_shift=True, shifts=shifts)
     torch.testing.assert_close(out, ref)
     assert not torch.allclose(out, run(SAMPLERS["fitted"], data.denoiser(VP()), x, sigmas, param=VP()))
 
@@ -436,7 +437,8 @@ def test_typed_widgets_default_to_each_samplers_own_defaults(comfy):
     from nimblediff.core.sampling import SAMPLER_OPTIONS
     from nimblediff.nodes.sampling import AUTO_OPTIONS, TYPED_OPTIONS, FewStepSampler
 
-    names = {n for opts in SAMPLER_OPTIONS.values() for n in opts} - {"gamma", "coeffs", "gains", "prior_shift"}
+    names = {n for opts in SAMPLER_OPTIONS.values() for n in opts} - {"gamma", "coeffs", "gains", "prior_shift",
+                                                                            "shifts"}
     assert set(TYPED_OPTIONS) == names
     for name, (_, spec) in TYPED_OPTIONS.items():
         owners = [s for s, opts in SAMPLER_OPTIONS.items() if name in opts]

@@ -278,9 +278,11 @@ def test_unfused_lora_mode_matches_fused(tmp_path):
     assert abs(images[0] - images[1]).max() <= 1e-4
 
 
-def test_scheduler_from_a_fitted_schedule_file(tmp_path):
-    """A fitted solver's file drives the scheduler: the same sample as the library loop on the same noise, and
-    num_inference_steps must be the file's step count."""
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "shifted"])
+def test_scheduler_from_a_fitted_schedule_file(tmp_path, shifted):
+    """A fitted solver's file drives the scheduler: the same sample as the library loop on the same noise (scaled
+    to the file's first sigma, which a fitted start may put below the schedule's top), with the model asked at the
+    fitted time shifts, and num_inference_steps must be the file's step count."""
     from diffusers import StableDiffusionPipeline
 
     from nimblediff.core.sampling import SAMPLERS, run
@@ -290,7 +292,10 @@ def test_scheduler_from_a_fitted_schedule_file(tmp_path):
     param, data = VP(), GaussianData()
     denoise = data.denoiser(param)
     cal = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(3)) * param.sigma_max
-    fit = fit_solver(denoise, param, 3, x=cal, iterations=5, prior_shift=True)
+    fit = fit_solver(denoise, param, 3, x=cal, iterations=5, prior_shift=True, time_shift=shifted,
+                     fit_start=shifted)
+    if shifted:         # a start below the top and a first call below it: the scheduler must rescale its input
+        fit["sigmas"][0], fit["options"]["shifts"] = 9.0, [-0.3, 0.2, 0.1]
     save_schedule(tmp_path / "fit.json", fit)
     sched = NimbleScheduler.from_schedule_file(tmp_path / "fit.json", **SD_SCHEDULE)
     assert sched.config.sampler == "fitted" and sched.config.sampler_options["prior_shift"] is True
@@ -298,7 +303,8 @@ def test_scheduler_from_a_fitted_schedule_file(tmp_path):
     model = _eps_model(param, denoise)
 
     ours = _run_scheduler(sched, model, 3, torch.float32)
-    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * (1 + param.sigma_max**2) ** 0.5
+    s0 = fit["sigmas"][0]
+    x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(1)) * (1 + s0**2) ** 0.5
     ref = run(SAMPLERS["fitted"], denoise, x, torch.tensor(fit["sigmas"]).float(), param=param, **fit["options"])
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(InvalidParameterError, match="fixed 3-step"):

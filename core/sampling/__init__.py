@@ -31,7 +31,7 @@ SAMPLER_OPTIONS = {
     "scott": {"eta": 1.0, "substeps": 0},
     "pc": {"snr": 0.16, "corrector_steps": 1},
     "fkc": {"mode": "anneal", "beta": 1.0, "guidance": 3.0, "ess_threshold": 0.5},
-    "fitted": {"coeffs": (), "gains": (), "prior_shift": False},   # from a `schedule search --method fit` file
+    "fitted": {"coeffs": (), "gains": (), "prior_shift": False, "shifts": ()},   # from a `schedule search --method fit` file
 }
 
 __all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "k_diffusion_sampler", "noise_from_seed", "run"]
