@@ -47,6 +47,28 @@ def test_attached_equals_fused_and_detach_restores():
     assert (hooked - base).abs().max() > 1e-3
 
 
+def test_hooked_forward_under_autograd_equals_no_grad_and_backpropagates():
+    """The hooks add in place only when no graph is recorded: with autograd on (PTI tunes an embedding through the
+    model) the output is the same and gradients reach the input, equal to the fused model's."""
+    unet = factories.tiny_sd15_unet(0).eval()
+    deltas = _lora_for(unet, seed=1)
+    x = torch.randn(1, 4, 8, 8)
+    ctx = torch.randn(1, 5, unet.config.cross_attention_dim)
+    handle = attach({"unet": unet}, deltas, 0.7)
+    with torch.no_grad():
+        plain = unet(x, 500, ctx).sample
+    c = ctx.clone().requires_grad_()
+    out = unet(x, 500, c).sample
+    out.square().sum().backward()
+    handle.detach()
+    fused_handle = fuse({"unet": unet}, deltas, 0.7)
+    c_ref = ctx.clone().requires_grad_()
+    unet(x, 500, c_ref).sample.square().sum().backward()
+    fused_handle.unfuse()
+    torch.testing.assert_close(out.detach(), plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c.grad, c_ref.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_attach_rejects_bad_delta_without_hooking():
     unet = factories.tiny_sd15_unet(0)
     deltas = _lora_for(unet)

@@ -17,24 +17,32 @@ from .apply import ModuleIndex, validate
 from .delta import LoRA
 
 
+def _add(out: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+    """out + lora; in place when no graph is recorded (sampling), which saves a pass over the layer's output.
+    A Linear / Conv2d output is a fresh tensor that its own backward does not keep, but under autograd (PTI tunes
+    an embedding through the model) the sum stays out of place."""
+    return out.add_(lora) if not torch.is_grad_enabled() else out + lora
+
+
 def _lora_hook(layer: torch.nn.Module, delta: LoRA, scale: float):
-    """out + scale * up(down(x)), the factors shaped once for the layer (validate() checked they fit it)."""
+    """out + scale * up(down(x)), the factors shaped once for the layer (validate() checked they fit it) and the
+    scale folded into up, so a forward adds two small matmuls and one sum per layer."""
     w = layer.weight
     if isinstance(layer, torch.nn.Linear):
-        down, up = delta.down.flatten(1), delta.up.flatten(1)                   # (r, in), (out, r)
+        down, up = delta.down.flatten(1).to(w), (scale * delta.up.flatten(1)).to(w)     # (r, in), (out, r)
 
         def hook(module, args, out):
             x = args[0]
-            return out + scale * F.linear(F.linear(x, down.to(x)), up.to(x))
+            return _add(out, F.linear(F.linear(x, down.to(x)), up.to(x)))
 
         return hook
-    down = delta.down.reshape(delta.rank, *w.shape[1:])                         # (r, in, kh, kw)
-    up = delta.up.reshape(w.shape[0], delta.rank, 1, 1)                         # (out, r, 1, 1)
+    down = delta.down.reshape(delta.rank, *w.shape[1:]).to(w)                            # (r, in, kh, kw)
+    up = (scale * delta.up.reshape(w.shape[0], delta.rank, 1, 1)).to(w)                 # (out, r, 1, 1)
 
     def hook(module, args, out):
         x = args[0]
         h = F.conv2d(x, down.to(x), None, module.stride, module.padding, module.dilation)
-        return out + scale * F.conv2d(h, up.to(x))
+        return _add(out, F.conv2d(h, up.to(x)))
 
     return hook
 
