@@ -285,6 +285,40 @@ def test_schedule_denoise_zero_is_refused_by_the_widget(server):
     assert "400" in str(err.value) and "value_smaller_than_min" in str(err.value) and "denoise" in str(err.value)
 
 
+def _fitted_schedule_run(server, base, shifts, sampler: str = "file") -> "np.ndarray":
+    """A fitted schedule pasted into Schedule from File, sampled by SamplerCustom with the file's SAMPLER (or with
+    our euler sampler on the file's SIGMAS): the saved image's pixels."""
+    import numpy as np
+    from PIL import Image
+
+    schedule = {"model_type": "vp", "sampler": "fitted", "nfe": 4, "created_by": "fit",
+                "sigmas": [14.614646, 3.0, 0.9, 0.3, 0.0],
+                "options": {"coeffs": [[], [0.0], [0.0, 0.0], [0.0, 0.0, 0.0]], "gains": [0.0, 0.0, 0.0],
+                            "prior_shift": False, "shifts": shifts}}
+    graph = _custom_sampling(EMBEDDED, {"sampler_name": "euler"})
+    graph["6"] = {"class_type": "NimbleScheduleFile", "inputs": {"model": ["1", 0], "path": "",
+                                                                   "schedule_json": json.dumps(schedule)}}
+    graph["7"]["inputs"]["sigmas"] = ["6", 0]
+    if sampler == "file":
+        graph["7"]["inputs"]["sampler"] = ["6", 1]
+    images = comfy_harness.output_images(server.run_prompt(graph))
+    with Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]) as im:
+        return np.asarray(im, dtype=np.int16)
+
+
+def test_fitted_schedule_with_time_shifts_runs_in_comfyui(server, base):
+    """On the shipped model: a fitted schedule with zero weights and zero shifts is DDIM = Euler in k-space, the same
+    image (to PNG rounding) as our euler sampler on its sigmas; time shifts reach the model through ComfyUI's
+    sampler (another image)."""
+    euler = _fitted_schedule_run(server, base, [0.0, 0.0, 0.0, 0.0], sampler="euler")
+    fitted = _fitted_schedule_run(server, base, [0.0, 0.0, 0.0, 0.0])
+    shifted = _fitted_schedule_run(server, base, [0.0, -1.0, 1.0, 0.5])
+    rounding = abs(fitted - euler)
+    assert rounding.max() <= 1
+    assert abs(shifted - fitted).mean() > max(2.0, 5 * rounding.mean()), \
+        (abs(shifted - fitted).max(), abs(shifted - fitted).mean(), rounding.mean())
+
+
 # ----------------------------------------------------------------------------------------- parity with diffusers
 @pytest.mark.parametrize("name", [SPEC, TINY, TINY16, EMBEDDED])
 def test_loader_matches_diffusers(model_folders, name):
