@@ -233,14 +233,12 @@ class NimbleScheduler(SchedulerMixin, ConfigMixin):
         self._ref = model_output
         dtype = torch.promote_types(sample.dtype, torch.float32)
         sample_up = _cast(sample, dtype)
-        sigma = None
-        if self._steps is None:
+        if self._steps is None:          # the start latents are at the schedule's first sigma
             x_k = self._to_k(sample_up, float(self.sigmas[self._begin_index or 0]))
             self._start(x_k, eta)
-            sigma = self._sigma
-        else:
-            sigma = self._sigma          # where the sampler asked for this evaluation (a python float)
-            x_k = self._to_k(sample_up, sigma)
+        else:                            # later ones at the level the sampler asked at (_from_k below)
+            x_k = self._to_k(sample_up, self._sigma)
+        sigma = self._sigma              # where the sampler asked for this evaluation (a python float)
         denoised = self.param.denoised(x_k, sigma, _cast(model_output, dtype))
         try:
             x_next, self._sigma = self._steps.send(denoised)
