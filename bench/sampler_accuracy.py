@@ -320,6 +320,18 @@ def goal_score(m: dict, peer: dict) -> float:
     return max(m["mean"] / (GOALS["mean"] * peer["mean"]), m["p99"] / (GOALS["p99"] * peer["p99"]))
 
 
+def peer_metrics(problem: Problem, split: Split, nfe: int, chosen: dict) -> dict:
+    """{metric: that metric on `split`} of each metric's chosen diffusers configuration, running each distinct
+    configuration once (the mean and p99 peers are often the same one)."""
+    runs = {}
+    for cfg in chosen.values():
+        if cfg[0] not in runs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runs[cfg[0]] = metrics(problem, split, diffusers_runner(problem, split, cfg, nfe)[0], full=False)
+    return {metric: runs[cfg[0]][metric] for metric, cfg in chosen.items()}
+
+
 def choose_fit(problem: Problem, cal: Split, sel: Split, nfe: int, iterations: int, variants, peer: dict):
     """Fit each variant on the calibration split; keep the one whose goal score on the selection split (fresh
     noise, not fitted on) is lowest. peer: the calibration-chosen diffusers configurations' metrics on `sel`."""
@@ -339,6 +351,7 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
                                               else (1536, 2000, 1000, 1000, 400))
     variants = QUICK_VARIANTS if args.quick else FIT_VARIANTS
     d_cfgs, o_cfgs = diffusers_configs(kind, args.quick), named_configs(kind, args.quick)
+    d_by_label = {c[0]: c for c in d_cfgs}
     results, cal_scores, fits, tests = {}, {}, {}, {}
     for k, pb in enumerate(problems):
         t0 = time.perf_counter()
@@ -352,14 +365,8 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
                 warnings.simplefilter("ignore")
                 sd = calibrate(pb, cal, nfe, d_cfgs, diffusers_runner)
             so = calibrate(pb, cal, nfe, o_cfgs, named_runner)
-            by_label = {c[0]: c for c in d_cfgs}
-            peer = {}
-            for metric in ("mean", "p99"):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out, _ = diffusers_runner(pb, sel, by_label[min(sd, key=lambda lbl: sd[lbl][metric])], nfe)
-                peer[metric] = metrics(pb, sel, out, full=False)[metric]
-            fit = choose_fit(pb, cal, sel, nfe, iters, variants, peer)
+            chosen = {metric: d_by_label[min(sd, key=lambda lbl: sd[lbl][metric])] for metric in ("mean", "p99")}
+            fit = choose_fit(pb, cal, sel, nfe, iters, variants, peer_metrics(pb, sel, nfe, chosen))
             fits[(pb.label, nfe)] = fit
             cal_scores[(pb.label, nfe)] = (sd, so)
             row = {}
