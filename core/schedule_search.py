@@ -454,12 +454,13 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
         for it in range(share + 1):
             if it % 5 == 0 or it == share:              # 4: judge the iterate on the validation part
                 with torch.no_grad():
-                    e_val = errors(x_val, t_val, sigmas_of(u), coeffs, gains, shifts)
+                    sig_now = sigmas_of(u)
+                    e_val = errors(x_val, t_val, sig_now, coeffs, gains, shifts)
                     j = float(_tail_objective(e_val, tail, tail_quantile))
                     tail_val = float(_cvar(e_val, guard_quantile))
                     if math.isfinite(j) and j < best[0] and tail_val <= limit * (1 + 1e-9):
-                        best = (j, (sigmas_of(u).tolist(), [c.tolist() for c in coeffs], gains.tolist(),
-                                    [float(v) for v in shifts_of(sigmas_of(u), shifts)], label, float(e_val.mean())))
+                        best = (j, (sig_now.tolist(), [c.tolist() for c in coeffs], gains.tolist(),
+                                    [float(v) for v in shifts_of(sig_now, shifts)], label, float(e_val.mean())))
             if it == share:
                 break
             loss = _tail_objective(errors(x_fit, t_fit, sigmas_of(u), coeffs, gains, shifts), tail, tail_quantile)
