@@ -384,10 +384,14 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
     x_val, t_val = (x[-n_val:], target[-n_val:]) if n_val else (x, target)
     lo, hi = math.log(rho_range[0]), math.log(min(_rho(param, start), rho_range[1]))
 
+    def log_rho(sigma):
+        """log(sigma / alpha) of a sigma tensor (a flow sigma of 1 stays finite)."""
+        return sigma.log() if param.kind == "vp" else sigma.clamp(max=1 - 1e-6).logit()
+
     def sigmas_of(u):
         """u: the interior log-rhos, then (fit_start) the log of the first sigma over the start."""
         first = start * u[-1].clamp(max=0).exp() if fit_start else u.new_tensor(start)
-        top = first.log() if param.kind == "vp" else first.clamp(max=1 - 1e-6).logit()   # rho of the first sigma
+        top = log_rho(first)
         rho = torch.minimum(u[:nfe - 1].clamp(lo, hi), top).sort(descending=True).values.exp()
         inner = rho if param.kind == "vp" else rho / (1 + rho)
         return torch.cat([first.reshape(1), inner, inner.new_zeros(1)])
@@ -398,11 +402,11 @@ def fit_solver(denoiser, param, nfe: int, *, x, reference=None, init=None, depth
         stays below sigma 1."""
         if not len(raw):
             return []
+        here = log_rho(sigmas[:-1])
         if param.kind != "vp":
-            return list(raw.clamp(lo - sigmas[:-1].clamp(max=1 - 1e-6).logit()))
-        log_rho = sigmas[:-1].log()
+            return list(raw.clamp(lo - here))
         floor = max(lo, math.log(param.sigma_min))
-        return list(torch.maximum(torch.minimum(raw, math.log(start) - log_rho), floor - log_rho))
+        return list(torch.maximum(torch.minimum(raw, math.log(start) - here), floor - here))
 
     def errors(x, target, sigmas, coeffs, gains, shifts=()):
         x = x * (sigmas[0] / start) if fit_start else x        # the noise, scaled to the first sigma
