@@ -193,6 +193,7 @@ def write_part(name: str, body: str, argv) -> None:
     """bench/results/editing.md keeps one section per part, each headed by the command that produced it."""
     titles = {"gmm": "## DDS vs replacement restoration on Gaussian-mixture priors",
               "tiny": "## One-attribute edits on NimbleDiff-Tiny (evaluator v2, held-out prompts)",
+              "tiny_mask": "## Mask-guided one-attribute edits (DiffEdit) on NimbleDiff-Tiny (evaluator v2, held-out prompts)",
               "dit": "## One-attribute edits on NimbleDiff-Tiny-DiT, its 2-RF student and its Flash LoRA: EIM (evaluator v2, held-out prompts)"}
     sections = {}
     if os.path.exists(RESULT):
@@ -217,8 +218,9 @@ def main(argv=None):
     p.add_argument("--cfgs", type=float, nargs="+", help=f"tiny, teacher: CFG scales (default {CFG:g})")
     p.add_argument("--alpha", type=float, default=0.25, help="tiny: PTI interpolation weight of the tuned "
                                                              "embedding")
-    p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "img2img", "t2i"],
-                   choices=["input", "swap", "pti", "img2img", "t2i"])
+    p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "diffedit", "img2img", "diffedit_peer",
+                                                    "t2i"],
+                   choices=["input", "swap", "pti", "diffedit", "img2img", "diffedit_peer", "t2i"])
     p.add_argument("--attributes", nargs="+", default=list(ATTRIBUTES), choices=list(ATTRIBUTES))
     p.add_argument("--models", nargs="+", default=["teacher", "Flash LoRA"], choices=["teacher", "Flash LoRA"])
     p.add_argument("--eim-strengths", type=float, nargs="+", default=[1.0, 1.5],
@@ -240,6 +242,10 @@ def main(argv=None):
     p.add_argument("--dit-pti-lr", type=float, default=0.05, help="dit: PTI learning rate")
     p.add_argument("--dit-pti-alphas", type=float, nargs="+", default=[0.25, 0.5],
                    help="dit: PTI weights of the tuned embedding (several = chosen on calibration scenes)")
+    p.add_argument("--mask-thresholds", type=float, nargs="+", default=[0.25, 0.5],
+                   help="tiny: diffedit mask thresholds (several = chosen on calibration scenes)")
+    p.add_argument("--label", choices=("mask",), help="tiny: write the result as its own part, editing_tiny_LABEL "
+                                                       "(a run of some methods beside the full table)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -249,9 +255,10 @@ def main(argv=None):
     body += f"\n\n{cond.finish()} Wall time {time.time() - t0:.0f} s."
     print(body)
     if not args.no_write:
-        write_part(args.part, body, argv if argv is not None else sys.argv[1:])
+        part = args.part + (f"_{args.label}" if args.label else "")
+        write_part(part, body, argv if argv is not None else sys.argv[1:])
         if args.part in ("tiny", "dit"):    # also on its own, for README's bench:editing_tiny / _dit blocks
-            write_result(f"editing_{args.part}", "editing.py", body, argv if argv is not None else sys.argv[1:])
+            write_result(f"editing_{part}", "editing.py", body, argv if argv is not None else sys.argv[1:])
 
 
 # ------------------------------------------------------------------------------------------------ part tiny
@@ -325,9 +332,12 @@ def _np_images(out):
     return (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, batch=32):
+MASK_OPTIONS = {"mask_strength": 0.8, "mask_blur": 1.0, "mask_ratio": 3.0}   # fixed on 16 calibration scenes
+
+
+def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, batch=32, mask_threshold=0.5):
     """Edited images (N, 64, 64, 3) uint8 of one method over the items, in batches (peer.t2i: the text-to-image
-    pipeline on the same components, for the 't2i' reference)."""
+    pipeline on the same components, for the 't2i' reference; peer.diffedit: diffusers' DiffEdit pipeline)."""
     from nimblediff.tiny import data
 
     images = []
@@ -345,12 +355,43 @@ def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, ba
         elif method == "img2img":
             out = peer(tgt_caps, image=pixels, strength=strength, num_inference_steps=steps, guidance_scale=cfg,
                        generator=gens, output_type="np").images
+        elif method == "diffedit_peer":       # diffusers' DiffEdit: generate_mask, invert, masked decoding
+            out = diffedit_peer(peer.diffedit, pixels, src_caps, tgt_caps, strength, steps, cfg, gens)
         else:
             out = pipe(pixels, prompt=tgt_caps, source_prompt=src_caps, strength=strength,
                        num_inference_steps=steps, guidance_scale=cfg, method=method, alpha=alpha, pti_iters=3,
-                       pti_lr=2e-2, schedule=schedule, output_type="np").images
+                       pti_lr=2e-2, schedule=schedule, mask_threshold=mask_threshold, **MASK_OPTIONS,
+                       output_type="np").images
         images.append(_np_images(out))
     return np.concatenate(images)
+
+
+def diffedit_components(pipe) -> dict:
+    """Our pipeline's modules as StableDiffusionDiffEditPipeline takes them (it has no image encoder slot)."""
+    keep = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    return {**{k: pipe.components[k] for k in keep}, "safety_checker": None, "feature_extractor": None,
+            "requires_safety_checker": False}
+
+
+def diffedit_peer(pipe, pixels, src_caps, tgt_caps, strength, steps, cfg, gens):
+    """diffusers' StableDiffusionDiffEditPipeline at its documented recipe (mask from 10 noise maps at encode
+    strength 0.5, ratio 3; DDIM inversion under the source caption; masked DDIM decoding under the target), one
+    image at a time: generate_mask normalises by the batch's mean, so a batch would couple the images' masks.
+
+    generate_mask fails at guidance_scale 1 (diffusers 0.42: its source embeddings stay None without CFG). Its map
+    is |guided target - guided source|, and both share the unconditional branch, so at any scale > 1 it is a
+    constant times the unguided |target - source|; the normalisation cancels the constant. At CFG 1 it runs at 2.
+    """
+    out = []
+    for j in range(len(pixels)):
+        image = pixels[j:j + 1]
+        mask = pipe.generate_mask(image=image, source_prompt=src_caps[j], target_prompt=tgt_caps[j],
+                                  guidance_scale=max(cfg, 2.0), num_inference_steps=steps, generator=gens[j])
+        latents = pipe.invert(prompt=src_caps[j], image=image, inpaint_strength=strength, guidance_scale=1.0,
+                              num_inference_steps=steps).latents
+        out.append(pipe(prompt=tgt_caps[j], mask_image=mask, image_latents=latents, inpaint_strength=strength,
+                        guidance_scale=cfg, num_inference_steps=steps, output_type="np").images)
+    return np.concatenate(out)
 
 
 def _rate(v) -> str:
@@ -361,7 +402,8 @@ def _rate(v) -> str:
 
 
 def part_tiny(args) -> str:
-    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import (DDIMInverseScheduler, DDIMScheduler, LCMScheduler, StableDiffusionDiffEditPipeline,
+                           StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 
     from nimblediff.pipelines import EditPipeline
     from nimblediff.tiny.data import sample_scene
@@ -375,6 +417,10 @@ def part_tiny(args) -> str:
     peer.set_progress_bar_config(disable=True)
     peer.t2i = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()})
     peer.t2i.set_progress_bar_config(disable=True)
+    peer.diffedit = StableDiffusionDiffEditPipeline(**diffedit_components(pipe),
+                                                    inverse_scheduler=DDIMInverseScheduler.from_config(
+                                                        pipe.scheduler.config))
+    peer.diffedit.set_progress_bar_config(disable=True)
     held = heldout_scenes(512).scenes
     cal_rng = np.random.default_rng(4242)                 # calibration scenes: not the held-out draw
     calibration = [sample_scene(cal_rng, p_two=0.0) for _ in range(400)]
@@ -392,7 +438,13 @@ def part_tiny(args) -> str:
              "intervals. Strength and CFG: where several are listed per model, chosen per method and attribute on "
              f"{n_cal} calibration scenes (another seed) by the 'both' rate (pti: strength only, at swap's CFG); a "
              "single value is fixed beforehand (not tuned). swap = DDIM inversion under the source caption + "
-             "regeneration under the target (ours); "
+             "regeneration under the target (ours); diffedit = swap inside DiffEdit's automatic mask, the rest kept "
+             "on the inversion path (ours; mask from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent "
+             "cell, clipped at 3x its mean, threshold chosen from "
+             f"{' / '.join(map(str, args.mask_thresholds))} with strength and CFG; strength, blur and 0.8 were set "
+             "on 16 calibration scenes); diffedit_peer = diffusers' StableDiffusionDiffEditPipeline at its "
+             "documented recipe (generate_mask: 10 maps, encode strength 0.5, ratio 3; DDIM inversion; masked DDIM "
+             "decoding), strength = its inpaint_strength; "
              f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g}); img2img = diffusers "
              "StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM scheduler for the teacher, "
              "LCMScheduler for the Flash LoRA); t2i = diffusers StableDiffusionPipeline on the target caption from "
@@ -408,7 +460,7 @@ def part_tiny(args) -> str:
         peer.t2i.scheduler = peer.scheduler
         lines += [f"**{name}, {steps} steps, strength {' / '.join(map(str, strengths))}, CFG "
                   f"{' / '.join(map(str, cfgs))}**", "",
-                  "| attribute | method | strength, CFG | changed | kept | both | goal met |",
+                  "| attribute | method | strength, CFG (, threshold) | changed | kept | both | goal met |",
                   "|---|---|---|---|---|---|---|"]
         for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
@@ -416,8 +468,10 @@ def part_tiny(args) -> str:
             chosen = {}
             for method in args.methods:
                 grid = [(strengths[0], cfgs[-1])]
-                if method in ("swap", "img2img"):
+                if method in ("swap", "img2img", "diffedit_peer"):
                     grid = [(st, c) for st in strengths for c in cfgs]
+                elif method == "diffedit":
+                    grid = [(st, c, th) for st in strengths for c in cfgs for th in args.mask_thresholds]
                 elif method == "pti":
                     grid = [(st, chosen.get("swap", (0, cfgs[-1]))[1]) for st in strengths]
                 elif method == "t2i":
@@ -425,17 +479,18 @@ def part_tiny(args) -> str:
                 best = grid[0]
                 if method != "input" and len(grid) > 1:
                     scores = {}
-                    for st, c_ in grid:
-                        c, k = judge(run_method(method, pipe, peer, cal, st, steps, c_, alpha, flash), cal,
-                                     attribute, net)
-                        scores[(st, c_)] = float((c & k).mean())
+                    for setting in grid:
+                        c, k = judge(run_method(method, pipe, peer, cal, setting[0], steps, setting[1], alpha, flash,
+                                                mask_threshold=(setting[2:] or (0.5,))[0]), cal, attribute, net)
+                        scores[setting] = float((c & k).mean())
                     best = max(scores, key=scores.get)
                 chosen[method] = best
                 t0 = time.time()
-                images = run_method(method, pipe, peer, items, best[0], steps, best[1], alpha, flash)
+                images = run_method(method, pipe, peer, items, best[0], steps, best[1], alpha, flash,
+                                    mask_threshold=(best[2:] or (0.5,))[0])
                 c, k = judge(images, items, attribute, net)
                 goal = "yes" if c.mean() >= 0.8 and k.mean() >= 0.95 else "no"
-                st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, f"{best[0]:g}, {best[1]:g}")
+                st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, ", ".join(f"{v:g}" for v in best))
                 lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
         lines.append("")

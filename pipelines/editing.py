@@ -1,7 +1,8 @@
 """Editing and restoration pipelines for Stable-Diffusion-family UNets, on FewStepPipeline's components.
 
 - `EditPipeline`: DDIM inversion (optionally fixed-point exact) of an image under its source prompt, then
-  regeneration under a target prompt (prompt swap) or with Prompt Tuning Inversion embeddings (PTI, alpha).
+  regeneration under a target prompt (prompt swap), with Prompt Tuning Inversion embeddings (PTI, alpha), or of
+  only the region where the two prompts disagree (DiffEdit: automatic mask, the rest kept on the inversion path).
 - `RestorePipeline`: inpainting (per-step blend, soft or differential masks) and linear restoration with the
   Decomposed Diffusion Sampler (mask, super-resolution, deblur) in latent space.
 
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
 from ..core import schedules
-from ..core.editing import (Blur, Downsample, Mask, check_mask, interpolate, invert, latent_psnr, run_per_step,
-                            sample_dds, sample_inpaint, truncate, tune_prompt)
+from ..core.editing import (Blur, Downsample, Mask, check_mask, edit_mask, interpolate, invert, latent_psnr,
+                            run_per_step, sample_dds, sample_inpaint, sample_masked_edit, truncate, tune_prompt)
 from ..core.limits import check_latent_size, image_size
 from ..core.parameterization import VP, Flow, sd_alphas_cumprod
 from ..core.sampling import run
@@ -42,6 +43,7 @@ class EditOutput(BaseOutput):
     images: object
     source_latents: torch.Tensor
     reconstruction_psnr: float | None = None
+    mask: torch.Tensor | None = None     # method "diffedit": the latent-size mask edited (1) and kept (0)
 
 
 class _Editing:
@@ -130,6 +132,20 @@ class _Editing:
 
         return callback
 
+    def _mask_latent(self, mask_image, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
+        from diffusers.image_processor import VaeImageProcessor
+
+        if isinstance(mask_image, torch.Tensor):
+            mask = mask_image.float()
+        else:       # grey, in [0, 1], not binarised: soft and differential masks keep their values
+            mask = VaeImageProcessor(do_normalize=False, do_convert_grayscale=True).preprocess(mask_image)
+        mask = mask if mask.ndim == 4 else mask.reshape(1, 1, *mask.shape[-2:])
+        if tuple(mask.shape[-2:]) != (height, width):
+            raise InvalidParameterError(f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
+                                        f"{width}x{height}; give a mask of the image's size")
+        # area average: a latent cell is as "to generate" as the share of its pixels the mask covers
+        return F.interpolate(mask.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
+
     def _sigmas(self, param, steps: int, schedule: str):
         if not isinstance(steps, int) or steps < 1:
             raise InvalidParameterError(f"num_inference_steps={steps!r}: need an integer >= 1")
@@ -163,20 +179,55 @@ class EditPipeline(_Editing, FewStepPipeline):
         return InversionOutput(latents=trajectory[-1], trajectory=trajectory, sigmas=sigmas,
                                reconstruction_psnr=psnr)
 
+    def edit_mask(self, image=None, prompt=None, source_prompt="", *, latents=None, num_inference_steps: int = 50,
+                  guidance_scale: float = 1.0, negative_prompt=None, mask_strength: float = 0.5,
+                  mask_noises: int = 10, mask_ratio: float = 3.0, mask_threshold: float = 0.5,
+                  mask_blur: float = 0.0, schedule: str = "trailing", generator=None) -> torch.Tensor:
+        """DiffEdit's mask of what changes from `source_prompt` to `prompt`: (B, 1, h, w) at latent size, 1 = edit.
+
+        The image is noised `mask_noises` times to the level `mask_strength` of the schedule reaches; the mask is
+        where the two prompts' predictions differ by more than `mask_threshold` of `mask_ratio` times their mean
+        difference (diffusers' generate_mask: num_maps_per_mask, mask_encode_strength, mask_thresholding_ratio);
+        mask_ratio None scales the map min-max instead; mask_blur smooths it first (std in latent cells).
+        """
+        if prompt is None:
+            raise InvalidParameterError("pass prompt= (the target description)")
+        if isinstance(mask_noises, bool) or not isinstance(mask_noises, int) or mask_noises < 1:
+            raise InvalidParameterError(f"mask_noises={mask_noises!r}: need an integer >= 1 (noise draws averaged)")
+        if not 0 < mask_strength <= 1:
+            raise InvalidParameterError(f"mask_strength={mask_strength}: need 0 < strength <= 1 (how far into the "
+                                        "schedule the image is noised to compare the prompts)")
+        param = self.editing_param()
+        x0 = self.encode_image(image) if latents is None else latents.float()
+        sigma = truncate(self._sigmas(param, num_inference_steps, schedule), mask_strength)[0]
+        source, uncond = self._embeds(source_prompt, len(x0), guidance_scale, negative_prompt)
+        target, _ = self._embeds(prompt, len(x0), guidance_scale, negative_prompt)
+        generator = generator or torch.Generator().manual_seed(0)
+        noises = torch.randn((mask_noises, *x0.shape), generator=generator, dtype=x0.dtype).to(x0.device)
+        with torch.no_grad():
+            return edit_mask(self.denoiser(param, source, uncond, guidance_scale),
+                             self.denoiser(param, target, uncond, guidance_scale), x0, sigma, param=param,
+                             noises=noises, ratio=mask_ratio, threshold=mask_threshold, blur=mask_blur)
+
     def __call__(self, image=None, prompt=None, source_prompt="", *, latents=None, strength: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 1.0, negative_prompt=None,
                  method: str = "swap", alpha: float = 0.8, pti_iters: int = 10, pti_lr: float = 1e-2,
-                 fixed_point: int = 0, schedule: str = "trailing", output_type: str = "pil",
-                 return_dict: bool = True, **_unused):
+                 fixed_point: int = 0, schedule: str = "trailing", mask_image=None, mask_strength: float = 0.5,
+                 mask_noises: int = 10, mask_ratio: float = 3.0, mask_threshold: float = 0.5, mask_blur: float = 0.0,
+                 generator=None,
+                 output_type: str = "pil", return_dict: bool = True, **_unused):
         """Edit `image` from `source_prompt` (what it shows) towards `prompt`.
 
         method "swap": invert under the source prompt up to `strength` (as img2img's strength), regenerate under
         the target prompt with CFG `guidance_scale`. method "pti": tune per-step embeddings that make guided
         sampling retrace the inversion, then regenerate with alpha * tuned + (1 - alpha) * target.
+        method "diffedit": as swap, but only inside a mask (`mask_image`, white = edit, or else DiffEdit's
+        automatic mask, see `edit_mask`); outside it the latent is the source's, exactly.
         strength 0 runs no step and returns the input (the reconstruction).
         """
-        if method not in ("swap", "pti"):
-            raise InvalidParameterError(f"method={method!r}; valid: 'swap' (inversion + prompt swap), 'pti'")
+        if method not in ("swap", "pti", "diffedit"):
+            raise InvalidParameterError(f"method={method!r}; valid: 'swap' (inversion + prompt swap), 'pti', "
+                                        "'diffedit' (swap inside a mask)")
         if prompt is None:
             raise InvalidParameterError("pass prompt= (the target description)")
         param = self.editing_param()
@@ -184,10 +235,23 @@ class EditPipeline(_Editing, FewStepPipeline):
                           fixed_point=fixed_point, strength=strength, schedule=schedule)
         x0, sigmas = inv.trajectory[0], inv.sigmas
         target, uncond = self._embeds(prompt, len(x0), guidance_scale, negative_prompt)
-        if method == "swap":
+        mask = None
+        if method == "diffedit":
+            mask = self._diffedit_mask(x0, prompt, source_prompt, mask_image, num_inference_steps, guidance_scale,
+                                       negative_prompt, mask_strength, mask_noises, mask_ratio, mask_threshold,
+                                       mask_blur, schedule, generator)
+        if method == "swap" or method == "diffedit" and len(sigmas) > 1:
             model = self.denoiser(param, target, uncond, guidance_scale)
             with torch.no_grad():
-                out = run(sample_euler, model, inv.latents, sigmas, param=param)
+                if method == "swap":
+                    out = run(sample_euler, model, inv.latents, sigmas, param=param)
+                elif not (mask > 0).any():         # the prompts agree everywhere: nothing to edit
+                    out = x0
+                else:
+                    out = run(sample_masked_edit, model, inv.latents, sigmas, param=param, trajectory=inv.trajectory,
+                              mask=mask)
+        elif method == "diffedit":
+            out = x0
         else:
             source, _ = self._embeds(source_prompt, len(x0), guidance_scale, negative_prompt)
             model = self.denoiser(param, source, uncond, guidance_scale)
@@ -198,7 +262,19 @@ class EditPipeline(_Editing, FewStepPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return EditOutput(images=images, source_latents=x0)
+        return EditOutput(images=images, source_latents=x0, mask=mask)
+
+    def _diffedit_mask(self, x0, prompt, source_prompt, mask_image, steps, guidance_scale, negative_prompt,
+                       strength, noises, ratio, threshold, blur, schedule, generator):
+        """The given mask_image at latent size (binarised), or DiffEdit's automatic one."""
+        if mask_image is not None:
+            height, width = x0.shape[-2] * self.vae_scale_factor, x0.shape[-1] * self.vae_scale_factor
+            mask = self._mask_latent(mask_image, height, width, x0)
+            return check_mask((mask >= 0.5).to(x0.dtype), x0, "mask_image")
+        return self.edit_mask(latents=x0, prompt=prompt, source_prompt=source_prompt, num_inference_steps=steps,
+                              guidance_scale=guidance_scale, negative_prompt=negative_prompt, mask_strength=strength,
+                              mask_noises=noises, mask_ratio=ratio, mask_threshold=threshold, mask_blur=blur, schedule=schedule,
+                              generator=generator)
 
 
 class RestorePipeline(_Editing, FewStepPipeline):
@@ -211,20 +287,6 @@ class RestorePipeline(_Editing, FewStepPipeline):
     """
 
     TASKS = {"inpaint": ("blend", "dds"), "super_resolution": ("dds",), "deblur": ("dds",)}
-
-    def _mask_latent(self, mask_image, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
-        from diffusers.image_processor import VaeImageProcessor
-
-        if isinstance(mask_image, torch.Tensor):
-            mask = mask_image.float()
-        else:       # grey, in [0, 1], not binarised: soft and differential masks keep their values
-            mask = VaeImageProcessor(do_normalize=False, do_convert_grayscale=True).preprocess(mask_image)
-        mask = mask if mask.ndim == 4 else mask.reshape(1, 1, *mask.shape[-2:])
-        if tuple(mask.shape[-2:]) != (height, width):
-            raise InvalidParameterError(f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
-                                        f"{width}x{height}; give a mask of the image's size")
-        # area average: a latent cell is as "to generate" as the share of its pixels the mask covers
-        return F.interpolate(mask.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
 
     def __call__(self, prompt=None, image=None, mask_image=None, *, task: str = "inpaint", method: str = "dds",
                  num_inference_steps: int = 20, guidance_scale: float = 1.0, negative_prompt=None,

@@ -69,20 +69,21 @@ def differential_masks(mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 
 def sample_inpaint(x, sigmas, *, param, noise, known, mask, method=sample_euler, differential: bool = False,
-                   **options):
+                   path=None, **options):
     """`method` (any ask/tell sampler) with the known region replaced, at every ask, by `known` re-noised to the
     asked sigma, and the model's x0 replaced by `known` there. The result equals `known` exactly where mask == 0.
 
     known: clean latent (B, C, H, W); mask: see check_mask (soft values blend; differential=True reads it as
     per-pixel strength). The known region follows one noise draw, so a deterministic sampler keeps it on the
-    noised-known path between steps.
+    noised-known path between steps; `path` (sigma -> latent), when given, replaces that path, e.g. the inversion
+    trajectory of `known` (diffedit.trajectory_path).
     """
     check_model_kind(param, "inpainting")
     mask = check_mask(mask, known)
     sigmas = as_floats(sigmas)
     per_step = differential_masks(mask, len(sigmas) - 1) if differential else None
     final = (mask > 0).to(mask.dtype) if differential else mask
-    n_known = noise(sigmas[0], sigmas[-1])                          # (B, C, H, W), drawn once
+    n_known = noise(sigmas[0], sigmas[-1]) if path is None else None     # (B, C, H, W), drawn once
     steps = method(x, sigmas, param=param, noise=noise, **options)
     try:
         x_ask, sigma = next(steps)
@@ -91,7 +92,8 @@ def sample_inpaint(x, sigmas, *, param, noise, known, mask, method=sample_euler,
                 m = mask
             else:                                                   # the step this sigma belongs to
                 m = per_step[max(i for i in range(len(sigmas) - 1) if sigmas[i] >= sigma)]
-            x_in = m * x_ask + (1 - m) * param.noise_scaling(sigma, n_known, known)
+            noised = param.noise_scaling(sigma, n_known, known) if path is None else path(sigma)
+            x_in = m * x_ask + (1 - m) * noised
             denoised = yield x_in, sigma
             x_ask, sigma = steps.send(m * denoised + (1 - m) * known)
     except StopIteration as done:
