@@ -3,9 +3,11 @@
 Node ids, input names and widget order never change once shipped: saved workflows depend on them.
 """
 
-from . import adapter_ops, adapters, caching, compose, dit_edit, dit_loaders, editing, loaders, quant, sampling
+from . import (adapter_ops, adapters, caching, compose, diffedit, dit_edit, dit_loaders, editing, loaders, quant,
+               sampling)
 
-_FAMILIES = (sampling, adapters, loaders, adapter_ops, quant, editing, dit_loaders, caching, compose, dit_edit)
+_FAMILIES = (sampling, adapters, loaders, adapter_ops, quant, editing, diffedit, dit_loaders, caching, compose,
+             dit_edit)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
