@@ -319,6 +319,50 @@ def test_fitted_schedule_with_time_shifts_runs_in_comfyui(server, base):
         (abs(shifted - fitted).max(), abs(shifted - fitted).mean(), rounding.mean())
 
 
+def _saved_latent(base: Path, entry: dict, node: str) -> "torch.Tensor":
+    from safetensors.torch import load_file
+
+    (saved,) = entry["outputs"][node]["latents"]
+    return load_file(base / "output" / saved["subfolder"] / saved["filename"])["latent_tensor"]
+
+
+def test_diffedit_node_matches_the_diffusers_pipeline(server, base):
+    """The shipped DiffEdit workflow on the shipped model, its source and edited latents saved (SaveLatent), against
+    EditPipeline(method='diffedit') on the same source latent, prompts, schedule and noise seed: the same mask, and
+    the same edited latent up to ComfyUI's and diffusers' float paths. Outside the mask both equal the source."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from nimblediff.pipelines import EditPipeline
+
+    graph = json.loads((PACK / "workflows" / "api" / "nimblediff_edit_diffedit.json").read_text())
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "de_source"}}
+    graph["91"] = {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": "de_edited"}}
+    entry = server.run_prompt(graph)
+    source, edited = _saved_latent(base, entry, "90"), _saved_latent(base, entry, "91")
+    (mask_png,) = entry["outputs"]["17"]["images"]
+    with Image.open(base / "output" / mask_png["subfolder"] / mask_png["filename"]) as im:
+        comfy_mask = torch.as_tensor(np.asarray(im.convert("L"), dtype=np.float32)[::4, ::4] / 255).round()
+
+    pipe = EditPipeline.from_pretrained(EMBEDDED_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    scale = pipe.vae.config.scaling_factor
+    node = graph["12"]["inputs"]
+    out = pipe(latents=source.float() * scale, prompt=graph["3"]["inputs"]["text"],
+               source_prompt=graph["2"]["inputs"]["text"], method="diffedit",
+               num_inference_steps=graph["11"]["inputs"]["steps"], guidance_scale=node["cfg"],
+               mask_strength=node["mask_strength"], mask_noises=node["mask_noises"], mask_ratio=node["mask_ratio"],
+               mask_threshold=node["mask_threshold"], mask_blur=node["mask_blur"],
+               generator=torch.Generator().manual_seed(node["seed"]), output_type="latent")
+    ours = out.mask[0, 0]
+    assert 0 < int(ours.sum()) < ours.numel() and int((ours != comfy_mask).sum()) <= 2, (ours.sum(), comfy_mask.sum())
+    keep = (comfy_mask == 0).expand_as(source[0])
+    assert torch.equal(edited[0][keep], source[0][keep])
+    rel = float((edited.float() * scale - out.images).norm() / (out.images - source.float() * scale).norm())
+    assert rel < 0.05, rel
+
+
 # ----------------------------------------------------------------------------------------- parity with diffusers
 @pytest.mark.parametrize("name", [SPEC, TINY, TINY16, EMBEDDED])
 def test_loader_matches_diffusers(model_folders, name):
