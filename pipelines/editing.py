@@ -11,6 +11,7 @@ All math is in `nimblediff.core.editing`; this file turns images, prompts and th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from diffusers.utils import BaseOutput
 from ..core import schedules
 from ..core.editing import (Blur, Downsample, Mask, check_mask, edit_mask, interpolate, invert, latent_psnr,
                             run_per_step, sample_dds, sample_inpaint, sample_masked_edit, truncate, tune_prompt)
+from ..core.editing.diffedit import NOTHING_TO_EDIT
 from ..core.limits import check_latent_size, image_size
 from ..core.parameterization import VP, Flow, sd_alphas_cumprod
 from ..core.sampling import run
@@ -246,6 +248,7 @@ class EditPipeline(_Editing, FewStepPipeline):
                 if method == "swap":
                     out = run(sample_euler, model, inv.latents, sigmas, param=param)
                 elif not (mask > 0).any():         # the prompts agree everywhere: nothing to edit
+                    warnings.warn(NOTHING_TO_EDIT, stacklevel=2)
                     out = x0
                 else:
                     out = run(sample_masked_edit, model, inv.latents, sigmas, param=param, trajectory=inv.trajectory,

@@ -195,6 +195,15 @@ def test_automatic_mask_edit_changes_only_inside_its_mask(pipe, scene):
     assert 0 < int(out.mask.sum()) < out.mask.numel() and torch.equal(out.images[keep], x0[keep])
 
 
+def test_the_same_prompt_twice_finds_nothing_to_edit_and_says_so(pipe, scene):
+    pixels, caption = scene
+    x0 = pipe.encode_image(pixels)
+    with pytest.warns(UserWarning, match="DiffEdit mask is empty"):
+        out = pipe(latents=x0, source_prompt=caption, prompt=caption, method="diffedit", num_inference_steps=4,
+                   mask_noises=2, output_type="latent")
+    assert torch.equal(out.images, x0) and not out.mask.any()
+
+
 def test_strength_zero_returns_the_input(pipe, scene):
     pixels, caption = scene
     x0 = pipe.encode_image(pixels)

@@ -92,3 +92,5 @@ def test_node_takes_a_mask_instead_and_refuses_a_wrong_size():
     assert [c[0] for c in CALLS] == ["source", "target"]                  # no comparison pass
     with pytest.raises(InvalidParameterError, match="mask is 5x5 but the latent is 6x6"):
         _run(mask=torch.ones(1, 5, 5))
+    with pytest.raises(InvalidParameterError, match="mask is empty"):
+        _run(mask=torch.zeros(1, 12, 12))

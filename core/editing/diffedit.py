@@ -85,6 +85,11 @@ def edit_mask(source, target, x0, sigma: float, *, param, noises, ratio: float |
     return threshold_map(edit_map(source, target, x0, sigma, param=param, noises=noises), ratio, threshold, blur)
 
 
+NOTHING_TO_EDIT = ("the DiffEdit mask is empty: the source and target prompts give the same prediction everywhere at "
+                   "this mask_strength / mask_threshold, so the source comes back unchanged; raise mask_strength or "
+                   "lower mask_threshold (or mask_ratio)")
+
+
 def trajectory_path(trajectory, sigmas):
     """sigma -> the inversion trajectory's latent at that sigma (`invert` returns it from sigma 0 up), for
     `sample_inpaint(path=...)`: the kept region then retraces the image's own ODE path."""
@@ -108,4 +113,4 @@ def sample_masked_edit(x, sigmas, *, param, noise, trajectory, mask, method=None
                                       path=trajectory_path(trajectory, sigmas), **extra, **options))
 
 
-__all__ = ["edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path", "sample_masked_edit"]
+__all__ = ["NOTHING_TO_EDIT", "edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path", "sample_masked_edit"]
