@@ -5,8 +5,10 @@ priors, where the exact posterior of every problem is known. Settings of DDS (cg
 design families (core/gmm.py DESIGN_FAMILIES) and reported on held-out families, at equal NFE.
 
 Part tiny: one-attribute edits of NimbleDiff-Tiny images on held-out prompts (tiny/heldout.py), judged by the
-evaluator v2: inversion + prompt swap, Prompt Tuning Inversion, and diffusers' StableDiffusionImg2ImgPipeline at
-matched strength (the peer), teacher and Flash LoRA at 4 steps.
+evaluator v2: inversion + prompt swap, Prompt Tuning Inversion, DiffEdit (swap inside the automatic mask, the rest
+kept on the inversion path), and as peers diffusers' StableDiffusionImg2ImgPipeline at matched strength and
+StableDiffusionDiffEditPipeline at its documented recipe; teacher and Flash LoRA at 4 steps. `--label mask` writes a
+run of some methods as a part of its own (bench/results/editing_tiny_mask.md).
 
 Part dit: the same one-attribute edits on NimbleDiff-Tiny-DiT by EIM (inversion under the source caption, the joint
 text embedding moved along target - source by a strength; strength, CFG and inversion depth chosen on the
@@ -19,6 +21,7 @@ student (nimblediff.TINY_DIT_2RF) and the teacher's Flash LoRA, both at CFG 1.
 
     python bench/editing.py --part gmm [--quick]
     python bench/editing.py --part tiny [--n 96] [--quick]
+    python bench/editing.py --part tiny --label mask --methods swap diffedit diffedit_peer [--mask-thresholds 0.25 0.5]
     python bench/editing.py --part dit [--n 64] [--dit-models teacher 2-RF 'Flash LoRA'] [--eim-strengths 1 1.5]
         [--hsds-steps 10] [--hsds-lr 0.05] [--hsds-curvatures 1] [--dit-pti-steps 3] [--dit-pti-alphas 0.25 0.5]
 """
