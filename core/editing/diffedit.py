@@ -113,4 +113,5 @@ def sample_masked_edit(x, sigmas, *, param, noise, trajectory, mask, method=None
                                       path=trajectory_path(trajectory, sigmas), **extra, **options))
 
 
-__all__ = ["NOTHING_TO_EDIT", "edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path", "sample_masked_edit"]
+__all__ = ["NOTHING_TO_EDIT", "edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path",
+           "sample_masked_edit"]
