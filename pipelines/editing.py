@@ -276,8 +276,8 @@ class EditPipeline(_Editing, FewStepPipeline):
             return check_mask((mask >= 0.5).to(x0.dtype), x0, "mask_image")
         return self.edit_mask(latents=x0, prompt=prompt, source_prompt=source_prompt, num_inference_steps=steps,
                               guidance_scale=guidance_scale, negative_prompt=negative_prompt, mask_strength=strength,
-                              mask_noises=noises, mask_ratio=ratio, mask_threshold=threshold, mask_blur=blur, schedule=schedule,
-                              generator=generator)
+                              mask_noises=noises, mask_ratio=ratio, mask_threshold=threshold, mask_blur=blur,
+                              schedule=schedule, generator=generator)
 
 
 class RestorePipeline(_Editing, FewStepPipeline):
