@@ -404,6 +404,16 @@ def _rate(v) -> str:
     return f"{v.mean():.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def paired_gap(a, b, rounds: int = 10000, seed: int = 0) -> str:
+    """Mean of a - b over the same images (booleans), with a 95% paired bootstrap interval: two arms' rates can
+    overlap in their own intervals and still differ, image by image."""
+    rng = np.random.default_rng(seed)
+    diff = a.astype(float) - b.astype(float)
+    means = diff[rng.integers(0, len(diff), (rounds, len(diff)))].mean(1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return f"{diff.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def part_tiny(args) -> str:
     from diffusers import (DDIMInverseScheduler, DDIMScheduler, LCMScheduler, StableDiffusionDiffEditPipeline,
                            StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
@@ -440,8 +450,10 @@ def part_tiny(args) -> str:
              "attribute and the object count read right; both = one image does both. Rates with Wilson 95% "
              "intervals. Strength and CFG: where several are listed per model, chosen per method and attribute on "
              f"{n_cal} calibration scenes (another seed) by the 'both' rate (pti: strength only, at swap's CFG); a "
-             "single value is fixed beforehand (not tuned). swap = DDIM inversion under the source caption + "
-             "regeneration under the target (ours); diffedit = swap inside DiffEdit's automatic mask, the rest kept "
+             "single value is fixed beforehand (not tuned). both - swap: the row's 'both' minus swap's on the same "
+             "images, with a 95% paired bootstrap interval (a difference is stated only where it excludes 0). swap = "
+             "DDIM inversion under the source caption + regeneration under the target (ours); diffedit = swap "
+             "inside DiffEdit's automatic mask, the rest kept "
              "on the inversion path (ours; mask from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent "
              "cell, clipped at 3x its mean, threshold chosen from "
              f"{' / '.join(map(str, args.mask_thresholds))} with strength and CFG; strength, blur and 0.8 were set "
@@ -463,12 +475,13 @@ def part_tiny(args) -> str:
         peer.t2i.scheduler = peer.scheduler
         lines += [f"**{name}, {steps} steps, strength {' / '.join(map(str, strengths))}, CFG "
                   f"{' / '.join(map(str, cfgs))}**", "",
-                  "| attribute | method | strength, CFG (, threshold) | changed | kept | both | goal met |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| attribute | method | strength, CFG (, threshold) | changed | kept | both | both - swap, paired "
+                  "| goal met |",
+                  "|---|---|---|---|---|---|---|---|"]
         for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
             cal = edit_set(calibration, attribute, n_cal, seed=2)
-            chosen = {}
+            chosen, both = {}, {}
             for method in args.methods:
                 grid = [(strengths[0], cfgs[-1])]
                 if method in ("swap", "img2img", "diffedit_peer"):
@@ -494,7 +507,10 @@ def part_tiny(args) -> str:
                 c, k = judge(images, items, attribute, net)
                 goal = "yes" if c.mean() >= 0.8 and k.mean() >= 0.95 else "no"
                 st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, ", ".join(f"{v:g}" for v in best))
-                lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} |")
+                both[method] = c & k
+                gap = paired_gap(both[method], both["swap"]) if "swap" in both and method != "swap" else "-"
+                lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {gap} "
+                             f"| {goal} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
         lines.append("")
         if flash:
