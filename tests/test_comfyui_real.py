@@ -329,7 +329,7 @@ def _saved_latent(base: Path, entry: dict, node: str) -> "torch.Tensor":
 def test_diffedit_node_matches_the_diffusers_pipeline(server, base):
     """The shipped DiffEdit workflow on the shipped model, its source and edited latents saved (SaveLatent), against
     EditPipeline(method='diffedit') on the same source latent, prompts, schedule and noise seed: the same mask, and
-    the same edited latent up to ComfyUI's and diffusers' float paths. Outside the mask both equal the source."""
+    the same edited latent up to float rounding. Outside the mask both equal the source."""
     import numpy as np
     import torch
     from PIL import Image
@@ -356,11 +356,11 @@ def test_diffedit_node_matches_the_diffusers_pipeline(server, base):
                mask_threshold=node["mask_threshold"], mask_blur=node["mask_blur"],
                generator=torch.Generator().manual_seed(node["seed"]), output_type="latent")
     ours = out.mask[0, 0]
-    assert 0 < int(ours.sum()) < ours.numel() and int((ours != comfy_mask).sum()) <= 2, (ours.sum(), comfy_mask.sum())
+    assert 0 < int(ours.sum()) < ours.numel() and int((ours != comfy_mask).sum()) <= 1, (ours.sum(), comfy_mask.sum())
     keep = (comfy_mask == 0).expand_as(source[0])
     assert torch.equal(edited[0][keep], source[0][keep])
     rel = float((edited.float() * scale - out.images).norm() / (out.images - source.float() * scale).norm())
-    assert rel < 0.05, rel
+    assert rel < 1e-4, rel            # measured 4e-7 (ComfyUI a125cd84): the same computation in two hosts
 
 
 def test_diffedit_node_edits_a_flow_dit(server, base):
