@@ -444,6 +444,22 @@ def part_tiny(args) -> str:
                ("Flash LoRA", 4, True, tuple(args.flash_strengths or (0.75,)), (1.0,))]
     configs = [c for c in configs if (not c[2] or os.path.exists(LORA)) and c[0] in args.models]
     alpha = args.alpha
+    arms = {
+        "swap": "swap = DDIM inversion under the source caption + regeneration under the target (ours)",
+        "pti": f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g})",
+        "diffedit": "diffedit = swap inside DiffEdit's automatic mask, the rest kept on the inversion path (ours; mask "
+                    "from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent cell, clipped at 3x its "
+                    f"mean, threshold chosen from {' / '.join(map(str, args.mask_thresholds))} with strength and CFG; "
+                    "strength, blur and 0.8 were set on 16 calibration scenes)",
+        "img2img": "img2img = diffusers StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM scheduler "
+                   "for the teacher, LCMScheduler for the Flash LoRA)",
+        "diffedit_peer": "diffedit_peer = diffusers' StableDiffusionDiffEditPipeline at its documented recipe "
+                         "(generate_mask: 10 maps, encode strength 0.5, ratio 3; DDIM inversion; masked DDIM "
+                         "decoding), strength = its inpaint_strength",
+        "t2i": "t2i = diffusers StableDiffusionPipeline on the target caption from fresh noise, the source image "
+               "unused (the model's own ceiling: an edit that regenerates cannot read better than the model draws "
+               "the caption)",
+        "input": "input = the unedited image (the judge's floor)"}
     lines = [f"Sources: rendered one-shape held-out scenes (tiny/heldout.py), {n} per attribute; the target caption "
              "changes one attribute to another palette value. Judge: evaluator v2 reads the edited image against "
              "the target scene. changed = the edited attribute reads as the target; kept = every other stated "
@@ -451,21 +467,8 @@ def part_tiny(args) -> str:
              "intervals. Strength and CFG: where several are listed per model, chosen per method and attribute on "
              f"{n_cal} calibration scenes (another seed) by the 'both' rate (pti: strength only, at swap's CFG); a "
              "single value is fixed beforehand (not tuned). both - swap: the row's 'both' minus swap's on the same "
-             "images, with a 95% paired bootstrap interval (a difference is stated only where it excludes 0). swap = "
-             "DDIM inversion under the source caption + regeneration under the target (ours); diffedit = swap "
-             "inside DiffEdit's automatic mask, the rest kept "
-             "on the inversion path (ours; mask from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent "
-             "cell, clipped at 3x its mean, threshold chosen from "
-             f"{' / '.join(map(str, args.mask_thresholds))} with strength and CFG; strength, blur and 0.8 were set "
-             "on 16 calibration scenes); diffedit_peer = diffusers' StableDiffusionDiffEditPipeline at its "
-             "documented recipe (generate_mask: 10 maps, encode strength 0.5, ratio 3; DDIM inversion; masked DDIM "
-             "decoding), strength = its inpaint_strength; "
-             f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g}); img2img = diffusers "
-             "StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM scheduler for the teacher, "
-             "LCMScheduler for the Flash LoRA); t2i = diffusers StableDiffusionPipeline on the target caption from "
-             "fresh noise, the source image unused (the model's own ceiling: an edit that regenerates cannot read "
-             "better than the model draws the caption); input = the unedited image (the judge's floor). Issue "
-             "goal: changed >= 0.80 with kept >= 0.95.", ""]
+             "images, with a 95% paired bootstrap interval (a difference is stated only where it excludes 0). "
+             + "; ".join(arms[m] for m in args.methods) + ". Issue goal: changed >= 0.80 with kept >= 0.95.", ""]
     for name, steps, flash, strengths, cfgs in configs:
         if flash:
             pipe.load_acceleration_lora(LORA, recipe="nimblediff-tiny-flash")
