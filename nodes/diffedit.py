@@ -4,18 +4,13 @@ regenerate only there. The math is nimblediff.core.editing.diffedit; this file r
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..core.editing import check_mask, edit_mask, invert, sample_masked_edit, truncate
-from ..core.editing.diffedit import NOTHING_TO_EDIT
 from ..core.sampling import run
 from ..errors import InvalidParameterError
 from .editing import _guided_param, _latent_mask, _source_latent
 from .widgets import NEGATIVE, cfg_input, seed_input
-
-logger = logging.getLogger(__name__)
 
 
 def _noises(x0: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -57,13 +52,9 @@ def _target_pass(state, mask, ratio, threshold, blur):
             recorded = iter(state["source"])               # replayed in the order edit_map asks for them
             m = edit_mask(lambda *_: next(recorded), lambda x_, s: model(x_, s, **extra_args), x0, state["sigma"],
                           param=param, noises=state["noises"], ratio=ratio, threshold=threshold, blur=blur)
-            if not (m > 0).any():
-                logger.warning("NimbleDiff DiffEdit: %s", NOTHING_TO_EDIT)
         else:
             m = check_mask((_latent_mask(mask, x0, None) >= 0.5).to(x0.dtype), x0, "mask")
         state["mask"] = m
-        if len(sigmas) < 2 or not (m > 0).any():           # nothing to regenerate: the source comes back
-            return x0
         return run(sample_masked_edit, model, trajectory[-1], sigmas, param=param, trajectory=trajectory, mask=m,
                    extra_args=extra_args, callback=callback)
     return sample

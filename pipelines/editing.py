@@ -11,7 +11,6 @@ All math is in `nimblediff.core.editing`; this file turns images, prompts and th
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,6 @@ from diffusers.utils import BaseOutput
 from ..core import schedules
 from ..core.editing import (Blur, Downsample, Mask, check_mask, edit_mask, interpolate, invert, latent_psnr,
                             run_per_step, sample_dds, sample_inpaint, sample_masked_edit, truncate, tune_prompt)
-from ..core.editing.diffedit import NOTHING_TO_EDIT
 from ..core.limits import check_latent_size, image_size
 from ..core.parameterization import VP, Flow, sd_alphas_cumprod
 from ..core.sampling import run
@@ -238,29 +236,23 @@ class EditPipeline(_Editing, FewStepPipeline):
         x0, sigmas = inv.trajectory[0], inv.sigmas
         target, uncond = self._embeds(prompt, len(x0), guidance_scale, negative_prompt)
         mask = None
-        if method == "diffedit":
-            mask = self._diffedit_mask(x0, prompt, source_prompt, mask_image, num_inference_steps, guidance_scale,
-                                       negative_prompt, mask_strength, mask_noises, mask_ratio, mask_threshold,
-                                       mask_blur, schedule, generator)
-        if method == "swap" or method == "diffedit" and len(sigmas) > 1:
-            model = self.denoiser(param, target, uncond, guidance_scale)
-            with torch.no_grad():
-                if method == "swap":
-                    out = run(sample_euler, model, inv.latents, sigmas, param=param)
-                elif not (mask > 0).any():         # the prompts agree everywhere: nothing to edit
-                    warnings.warn(NOTHING_TO_EDIT, stacklevel=2)
-                    out = x0
-                else:
-                    out = run(sample_masked_edit, model, inv.latents, sigmas, param=param, trajectory=inv.trajectory,
-                              mask=mask)
-        elif method == "diffedit":
-            out = x0
-        else:
+        if method == "pti":
             source, _ = self._embeds(source_prompt, len(x0), guidance_scale, negative_prompt)
             model = self.denoiser(param, source, uncond, guidance_scale)
             tuned = tune_prompt(model, inv.trajectory, sigmas, source, iters=pti_iters, lr=pti_lr)
             out = run_per_step(lambda x, s, c: model(x, s, c), inv.latents, sigmas,
                                interpolate(tuned, target, alpha), param=param)
+        elif method == "swap":
+            with torch.no_grad():
+                out = run(sample_euler, self.denoiser(param, target, uncond, guidance_scale), inv.latents, sigmas,
+                          param=param)
+        else:
+            mask = self._diffedit_mask(x0, prompt, source_prompt, mask_image, num_inference_steps, guidance_scale,
+                                       negative_prompt, mask_strength, mask_noises, mask_ratio, mask_threshold,
+                                       mask_blur, schedule, generator)
+            with torch.no_grad():
+                out = run(sample_masked_edit, self.denoiser(param, target, uncond, guidance_scale), inv.latents,
+                          sigmas, param=param, trajectory=inv.trajectory, mask=mask)
         images = self.decode(out, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -104,6 +104,24 @@ def test_masked_edit_keeps_the_source_outside_and_samples_the_target_inside(kind
     assert (edited[..., :3, :] - x0[..., :3, :]).mean() > 1.0
 
 
+def test_a_full_or_empty_automatic_mask_is_a_plain_regeneration_or_the_source():
+    """An automatic mask can cover everything (the blend would keep nothing: the edit is Euler sampling under the
+    target, bit for bit) or nothing (the source, with a warning); a user's mask is checked by the surfaces."""
+    param = VP()
+    source_mix, target_mix = _gaussians((slice(0, 6), slice(0, 6)))
+    x0 = source_mix.sample(1, torch.Generator().manual_seed(4), dtype=torch.float64).reshape(1, 2, 6, 6)
+    sigmas = schedules.make_sigmas("trailing", 8, param).double().tolist()
+    trajectory = run(invert, source_mix.denoiser(param), x0, sigmas, param=param)
+    target = target_mix.denoiser(param)
+    full = run(sample_masked_edit, target, trajectory[-1], sigmas, param=param, trajectory=trajectory,
+               mask=torch.ones(6, 6, dtype=torch.float64))
+    assert torch.equal(full, run(sample_euler, target, trajectory[-1], sigmas, param=param))
+    with pytest.warns(UserWarning, match="DiffEdit mask is empty"):
+        empty = run(sample_masked_edit, target, trajectory[-1], sigmas, param=param, trajectory=trajectory,
+                    mask=torch.zeros(6, 6, dtype=torch.float64))
+    assert torch.equal(empty, x0)
+
+
 def test_trajectory_path_reads_each_level_and_refuses_a_mismatch():
     sigmas = [3.0, 1.0, 0.0]
     trajectory = [torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)]     # at sigma 0, 1, 3

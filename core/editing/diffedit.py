@@ -11,11 +11,14 @@ sigma these differ from x0's by a constant factor, which the normalisation below
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from ...errors import InvalidParameterError
 from ..sampling.driver import as_floats
+from ..sampling.ode import sample_euler
 from .inpaint import sample_inpaint
 from .inversion import check_model_kind
 from .operators import Blur
@@ -105,12 +108,20 @@ def trajectory_path(trajectory, sigmas):
     return path
 
 
-def sample_masked_edit(x, sigmas, *, param, noise, trajectory, mask, method=None, **options):
+def sample_masked_edit(x, sigmas, *, param, noise, trajectory, mask, method=sample_euler, **options):
     """Regenerate the mask's region from the inverted noise x along `sigmas`, keeping the rest on the inversion
-    `trajectory` (DiffEdit's decoding). Outside the mask the result is trajectory[0], the source latent, exactly."""
-    extra = {} if method is None else {"method": method}
+    `trajectory` (DiffEdit's decoding). Outside the mask the result is trajectory[0], the source latent, exactly.
+
+    An automatic mask may be empty (the prompts agree everywhere: the source comes back, with a warning) or full
+    (they disagree everywhere: a plain regeneration, which is what the blend computes with nothing kept)."""
+    mask = torch.as_tensor(mask)
+    if not (mask > 0).any():
+        warnings.warn(NOTHING_TO_EDIT, stacklevel=2)
+        return trajectory[0]
+    if bool((mask >= 1).all()):
+        return (yield from method(x, sigmas, param=param, noise=noise, **options))
     return (yield from sample_inpaint(x, sigmas, param=param, noise=noise, known=trajectory[0], mask=mask,
-                                      path=trajectory_path(trajectory, sigmas), **extra, **options))
+                                      method=method, path=trajectory_path(trajectory, sigmas), **options))
 
 
 __all__ = ["NOTHING_TO_EDIT", "edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path",
