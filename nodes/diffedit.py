@@ -6,26 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from ..core.editing import check_mask, edit_mask, invert, sample_masked_edit, truncate
+from ..core.editing import check_mask, edit_mask, sample_masked_edit, truncate
 from ..core.sampling import run
 from ..errors import InvalidParameterError
-from .editing import _guided_param, _latent_mask, _source_latent
+from .editing import _guided_param, _invert_sampler, _latent_mask, _source_latent
 from .widgets import NEGATIVE, cfg_input, seed_input
 
 
 def _noises(x0: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((count, *x0.shape), generator=generator, dtype=x0.dtype).to(x0.device)
-
-
-def _inversion_pass(state):
-    """Sampler under the source prompt, unguided: the inversion trajectory (its last latent is the noise)."""
-    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
-        x0 = _source_latent(model).to(x)
-        state["trajectory"] = run(invert, model, x0, sigmas, param=_guided_param(model), extra_args=extra_args or {},
-                                  callback=callback)
-        return state["trajectory"][-1]
-    return sample
 
 
 def _probe_pass(state, mask_strength, noises):
@@ -113,7 +103,7 @@ class DiffEdit:
         samples = latent["samples"]
         zeros = torch.zeros_like(samples)
         state = {"seed": seed}
-        passes = [(source, 1.0, _inversion_pass(state))]
+        passes = [(source, 1.0, _invert_sampler(0, keep=state))]
         if mask is None:
             passes.append((source, cfg, _probe_pass(state, mask_strength, mask_noises)))
         passes.append((target, cfg, _target_pass(state, mask, mask_ratio or None, mask_threshold, mask_blur)))

@@ -39,11 +39,14 @@ def _source_latent(model):
     return latent
 
 
-def _invert_sampler(fixed_point: int):
-    """A KSAMPLER function that inverts model.latent_image along the given sigmas (ignores the noised x)."""
+def _invert_sampler(fixed_point: int, keep: dict | None = None):
+    """A KSAMPLER function that inverts model.latent_image along the given sigmas (ignores the noised x); the whole
+    trajectory goes to keep["trajectory"] when a dict is given (a later pass regenerates along it)."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         fn = k_diffusion_sampler(invert, _guided_param, fixed_point=fixed_point)
         trajectory = fn(model, _source_latent(model).to(x), sigmas, extra_args=extra_args, callback=callback)
+        if keep is not None:
+            keep["trajectory"] = trajectory
         return trajectory[-1]
     return sample
 
