@@ -129,8 +129,18 @@ def install(loras: dict | None = None, input_dir=None, output_dir=None):
     del weight_adapter
 
 
+def install_sample(**functions):
+    """A stub comfy.sample holding `functions` (sample_custom, sample, prepare_noise: each test's stand-ins), after
+    install(); uninstall() removes it."""
+    sample = types.ModuleType("comfy.sample")
+    for name, fn in functions.items():
+        setattr(sample, name, fn)
+    sys.modules["comfy.sample"] = sys.modules["comfy"].sample = sample
+
+
 def uninstall():
-    for name in ("comfy", "comfy.samplers", "comfy.model_sampling", "comfy.model_management", "folder_paths"):
+    for name in ("comfy", "comfy.samplers", "comfy.model_sampling", "comfy.model_management", "comfy.sample",
+                 "folder_paths"):
         sys.modules.pop(name, None)
 
 

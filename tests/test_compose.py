@@ -469,16 +469,12 @@ def comfy_stub():
                                         callback=lambda x: callback(x["i"], x["denoised"], x["x"], len(sigmas) - 1))
 
     fake_comfy.install()
-    sample = types.ModuleType("comfy.sample")
-    sample.sample_custom = sample_custom
-    sample.prepare_noise = lambda latent, seed: torch.randn(latent.shape, generator=torch.Generator()
-                                                            .manual_seed(seed), dtype=latent.dtype)
-    sys.modules["comfy.sample"] = sys.modules["comfy"].sample = sample
+    fake_comfy.install_sample(sample_custom=sample_custom, prepare_noise=lambda latent, seed: torch.randn(
+        latent.shape, generator=torch.Generator().manual_seed(seed), dtype=latent.dtype))
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = lambda total: types.SimpleNamespace(update_absolute=lambda i: calls.append(("bar", i, total)))
     sys.modules["comfy.utils"] = sys.modules["comfy"].utils = utils
     yield calls
-    sys.modules.pop("comfy.sample", None)
     sys.modules.pop("comfy.utils", None)
     fake_comfy.uninstall()
 

@@ -3,7 +3,6 @@ source and target disagree on a known box: the mask it returns is the box, the b
 Euler sampling from the inverted noise, and the rest is the input latent to the bit."""
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -47,13 +46,9 @@ def _sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, laten
 @pytest.fixture(autouse=True)
 def comfy():
     fake_comfy.install()
-    sample = types.ModuleType("comfy.sample")
-    sample.sample_custom = _sample_custom
-    sys.modules["comfy.sample"] = sample
-    sys.modules["comfy"].sample = sample
+    fake_comfy.install_sample(sample_custom=_sample_custom)
     CALLS.clear()
     yield
-    sys.modules.pop("comfy.sample", None)
     fake_comfy.uninstall()
 
 

@@ -1,7 +1,6 @@
 """Editing nodes through the stub ComfyUI surface (tests/fake_comfy.py), on an exact mixture denoiser."""
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -34,12 +33,8 @@ def _sample_custom(model, noise, cfg, sampler, sigmas, positive, negative, laten
 @pytest.fixture(autouse=True)
 def comfy():
     fake_comfy.install()
-    sample = types.ModuleType("comfy.sample")
-    sample.sample_custom = _sample_custom
-    sys.modules["comfy.sample"] = sample
-    sys.modules["comfy"].sample = sample
+    fake_comfy.install_sample(sample_custom=_sample_custom)
     yield
-    sys.modules.pop("comfy.sample", None)
     fake_comfy.uninstall()
 
 

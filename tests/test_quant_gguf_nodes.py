@@ -372,10 +372,7 @@ def test_quantize_node_calibrates_on_the_sampling_trajectory(comfy):
         for t in range(steps):
             patcher.model.diffusion_model(latent, torch.tensor([999 - 500 * t]))
 
-    sample_mod = types.ModuleType("comfy.sample")
-    sample_mod.sample, sample_mod.prepare_noise = sample, lambda latent, seed: torch.zeros_like(latent)
-    sys.modules["comfy.sample"] = sample_mod
-    sys.modules["comfy"].sample = sample_mod
+    fake_comfy.install_sample(sample=sample, prepare_noise=lambda latent, seed: torch.zeros_like(latent))
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     with pytest.raises(InvalidParameterError, match="positive, negative and latent_image"):
         qn.NimbleQuantizeModel().quantize(model, "int8", "c", True, 2, 5.0, 0, False)
