@@ -245,10 +245,13 @@ def main(argv=None):
     p.add_argument("--dit-pti-lr", type=float, default=0.05, help="dit: PTI learning rate")
     p.add_argument("--dit-pti-alphas", type=float, nargs="+", default=[0.25, 0.5],
                    help="dit: PTI weights of the tuned embedding (several = chosen on calibration scenes)")
+    p.add_argument("--dit-methods", nargs="+", default=list(DIT_METHODS), choices=list(DIT_METHODS),
+                   help="dit: the arms to run (eim's grid is searched only when eim is among them)")
     p.add_argument("--mask-thresholds", type=float, nargs="+", default=[0.25, 0.5],
-                   help="tiny: diffedit mask thresholds (several = chosen on calibration scenes)")
-    p.add_argument("--label", choices=("mask",), help="tiny: write the result as its own part, editing_tiny_LABEL "
-                                                       "(a run of some methods beside the full table)")
+                   help="tiny and dit: diffedit mask thresholds (several = chosen on calibration scenes)")
+    p.add_argument("--label", choices=("mask",), help="tiny and dit: write the result as its own part, "
+                                                       "editing_PART_LABEL (a run of some methods beside the full "
+                                                       "table)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -526,6 +529,8 @@ DIT = os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit")
 DIT_ROWS = 24                      # T5 stand-in rows (the DiT's bench/quality.py setting)
 # model choice -> (student transformer folder, acceleration LoRA file) or None for the teacher itself; the
 # distilled ones run at CFG 1 (guidance is inside them), the teacher at tiny/dit.CFG
+DIT_METHODS = ("input", "eim", "hsds", "pti", "swap", "img2img", "diffedit")
+NAMES = {"hsds": "eim+hsds", "eim": "eim / swap"}         # in the cost line (swap is eim at strength 1)
 DIT_MODELS = {"teacher": (None, None), "2-RF": (DIT + "-2rf", None),
               "Flash LoRA": (None, os.path.join(ROOT, "weights", "tiny", "nimblediff-tiny-dit-flash-lora.safetensors"))}
 
@@ -557,8 +562,9 @@ def fidelity(images, items, attribute, net):
 
 def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=None, pti=None):
     """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1; 'hsds' is EIM + HSDS), Prompt
-    Tuning Inversion ('pti') or the SD3 img2img peer. setting: (strength, CFG, depth) for eim / swap, (strength,
-    CFG, depth, Hessian weight) for hsds, (alpha, CFG, depth) for pti; hsds / pti: {"steps", "lr"}; the peer runs at
+    Tuning Inversion ('pti'), DiffEdit ('diffedit') or the SD3 img2img peer. setting: (strength, CFG, depth) for eim /
+    swap, (strength, CFG, depth, Hessian weight) for hsds, (alpha, CFG, depth) for pti, (strength, CFG, depth, mask
+    threshold) for diffedit; hsds / pti: {"steps", "lr"}; the peer runs at
     strength = depth, its documented CFG and our schedule (uniform flow-Euler sigmas, passed to its FlowMatchEuler
     scheduler)."""
     from nimblediff.tiny import data
@@ -569,6 +575,8 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
         extra = dict(hsds_steps=hsds["steps"], hsds_lr=hsds["lr"], hsds_curvature=setting[3])
     if method == "pti":
         extra = dict(method="pti", alpha=setting[0], pti_iters=pti["steps"], pti_lr=pti["lr"])
+    if method == "diffedit":
+        extra = dict(method="diffedit", mask_threshold=setting[3], **MASK_OPTIONS)
     images = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
@@ -596,6 +604,11 @@ def _mean_ci(v) -> str:
     return f"{m:.1f} [{lo:.1f}, {hi:.1f}]"
 
 
+def _signed_ci(v) -> str:
+    m, lo, hi = mean_ci(v)
+    return f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+
+
 def part_dit(args) -> str:
     from diffusers import SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline
 
@@ -611,37 +624,47 @@ def part_dit(args) -> str:
     strengths = tuple(args.eim_strengths)
     models = [m for m in DIT_MODELS if m in args.dit_models and all(f is None or os.path.exists(f)
                                                                       for f in DIT_MODELS[m])]
+    arms = {
+        "eim": "eim = inversion under the source caption (flow-Euler, CFG 1), then regeneration with the joint text "
+               "embedding (token states and pooled vector) at source + strength x (target - source) and CFG while "
+               "regenerating",
+        "hsds": "eim+hsds = eim with the direction first refined by Hessian Score Distillation Sampling "
+                f"(core/editing/hsds.py, our reading of the paper: {args.hsds_steps} Adam steps at relative lr "
+                f"{args.hsds_lr:g} on the source latent noised at flow sigmas 0.3 / 0.5 / 0.7 / 0.9, unguided model) "
+                "at eim's chosen strength, CFG and depth, the Hessian weight chosen over "
+                f"{' / '.join(map(str, args.hsds_curvatures))}",
+        "pti": f"pti = Prompt Tuning Inversion (DiTEditPipeline method='pti': the same unguided inversion, then "
+               f"{args.dit_pti_steps} Adam steps at lr {args.dit_pti_lr:g} per sampling step on the joint embedding, "
+               "token states and pooled vector together, so that sampling at the row's CFG retraces the inversion; "
+               "regenerated with alpha x tuned + (1 - alpha) x target) at eim's chosen CFG and depth, alpha chosen "
+               f"over {' / '.join(map(str, args.dit_pti_alphas))}",
+        "swap": "swap = inversion + regeneration under the target caption (eim at strength 1: diffusers' recipe "
+                "written for flow models)",
+        "img2img": "img2img = diffusers StableDiffusion3Img2ImgPipeline at strength = swap's inversion depth, the "
+                   "model's documented CFG and the same sigmas (the peer)",
+        "diffedit": "diffedit = DiTEditPipeline method='diffedit': swap inside DiffEdit's automatic mask, the rest "
+                    "kept on the inversion path (mask as part tiny's: 10 noise draws at 0.8 of the schedule, blurred by 1 "
+                    "latent cell, clipped at 3x its mean; threshold chosen over "
+                    f"{' / '.join(map(str, args.mask_thresholds))} at swap's CFG and depth)",
+        "input": "input = the unedited image"}
+    searched = strengths if {"eim", "hsds", "pti"} & set(args.dit_methods) else (1.0,)
     lines = [f"Sources: rendered one-shape held-out scenes (tiny/heldout.py), {n} per attribute; the target caption "
              "changes one attribute to another palette value; judged as part tiny (changed / kept / both, Wilson "
              "95% intervals). Two fidelity columns the goal does not use: 'kept, all' also asks the attributes the "
              "caption leaves unsaid (size, background) to read as in the source; 'PSNR' is the pixel PSNR in dB "
              "(mean [95% t-interval]) to the ideal edit, the target scene rendered with the source's jitter "
              "(regenerating a new image that fits the caption scores 'kept' but not PSNR). "
-             "eim = inversion under the source caption (flow-Euler, CFG 1), then regeneration with the joint "
-             "text embedding (token states and pooled vector) at source + strength x (target - source) and CFG "
-             "while regenerating; swap = the same at strength 1 (inversion + prompt swap, diffusers' recipe "
-             "written for flow models); eim+hsds = eim with the direction first refined by Hessian Score "
-             f"Distillation Sampling (core/editing/hsds.py, our reading of the paper: {args.hsds_steps} Adam steps "
-             f"at relative lr {args.hsds_lr:g} on the source latent noised at flow sigmas 0.3 / 0.5 / 0.7 / 0.9, "
-             "unguided model) at eim's chosen strength, CFG and depth, the Hessian weight chosen over "
-             f"{' / '.join(map(str, args.hsds_curvatures))}; pti = Prompt Tuning Inversion (DiTEditPipeline "
-             f"method='pti': the same unguided inversion, then {args.dit_pti_steps} Adam steps at lr "
-             f"{args.dit_pti_lr:g} per sampling step on the joint embedding, token states and pooled vector "
-             "together, so that sampling at the row's CFG retraces the inversion; regenerated with alpha x tuned + "
-             "(1 - alpha) x target) at eim's chosen CFG and depth, alpha chosen over "
-             f"{' / '.join(map(str, args.dit_pti_alphas))}; img2img = diffusers StableDiffusion3Img2ImgPipeline "
-             "at strength = the "
-             "inversion depth, the model's documented CFG and the same sigmas (the peer); input = the unedited "
-             f"image. Settings chosen per model, method and attribute on {n_cal} scenes of the calibration split "
-             "(tiny/heldout.calibration_scenes, other seeds than the held-out prompts) by the 'both' rate, ties by "
-             f"PSNR: eim over strength {' / '.join(map(str, strengths))} x CFG "
-             f"{' / '.join(map(str, args.dit_cfgs))} x depth {' / '.join(map(str, args.dit_depths))}, swap over CFG x "
-             "depth, img2img at swap's depth. The teacher runs "
+             + "; ".join(arms[m] for m in args.dit_methods) + ". Settings chosen per model, method and attribute on "
+             f"{n_cal} scenes of the calibration split (tiny/heldout.calibration_scenes, other seeds than the "
+             "held-out prompts) by the 'both' rate, ties by PSNR: strength "
+             f"{' / '.join(map(str, searched))} x CFG {' / '.join(map(str, args.dit_cfgs))} x depth "
+             f"{' / '.join(map(str, args.dit_depths))} (swap: strength 1). The teacher runs "
              f"{args.dit_steps} steps; the 2-rectified-flow student (nimblediff.TINY_DIT_2RF, distilled from the "
              f"teacher at CFG {DIT_CFG:g}: guidance is inside it) and the teacher with its Flash Diffusion LoRA "
              f"(recipe nimblediff-tiny-dit-flash) run {args.rf_steps} steps at CFG 1 (the few-step rows; a "
              "rectified flow's straight paths make few-step inversion near exact). max_sequence_length "
-             f"{DIT_ROWS}. Issue goal: changed >= 0.80 with kept >= 0.95.", ""]
+             f"{DIT_ROWS}. both - swap, PSNR - swap: the row minus swap on the same images, 95% paired intervals "
+             "(bootstrap; t). Issue goal: changed >= 0.80 with kept >= 0.95.", ""]
     pipe = DiTEditPipeline.from_pretrained(DIT, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     teacher = pipe.transformer
@@ -660,7 +683,7 @@ def part_dit(args) -> str:
         cfgs = (1.0,) if distilled else tuple(args.dit_cfgs)
         lines += [f"**{model}, {steps} flow-Euler steps**", "",
                   "| attribute | method | strength, CFG, depth | changed | kept | both | goal met | kept, all | "
-                  "PSNR (dB) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "PSNR (dB) | both - swap | PSNR - swap (dB) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         cache = {}
         hsds = {"steps": args.hsds_steps, "lr": args.hsds_lr}
         pti = {"steps": args.dit_pti_steps, "lr": args.dit_pti_lr}
@@ -690,19 +713,28 @@ def part_dit(args) -> str:
         for attribute in args.attributes:
             items = edit_set(held, attribute, n, seed=1)
             cal = edit_set(calibration, attribute, n_cal, seed=2)
-            grid = [(st, c, d) for st in strengths for c in cfgs for d in args.dit_depths]
+            methods = args.dit_methods
+            grid = [(st, c, d) for st in searched for c in cfgs for d in args.dit_depths]
             scores = calibrate("eim", cal, grid, attribute)
             best_eim = max(scores, key=scores.get)
             best_swap = max((s for s in scores if s[0] == 1.0), key=scores.get, default=(1.0, cfgs[-1], 1.0))
             arms = [("input", (0.0, 1.0, 1.0)), ("eim", best_eim)]
             # the refinements are calibrated at eim's chosen (strength,) CFG and depth: each costs about five eims
-            if args.hsds_steps > 0:
+            if args.hsds_steps > 0 and "hsds" in methods:
                 h_scores = calibrate("hsds", cal, [best_eim + (mu,) for mu in args.hsds_curvatures], attribute)
                 arms.append(("hsds", max(h_scores, key=h_scores.get)))
-            if args.dit_pti_steps > 0:
+            if args.dit_pti_steps > 0 and "pti" in methods:
                 p_scores = calibrate("pti", cal, [(a,) + best_eim[1:] for a in args.dit_pti_alphas], attribute)
                 arms.append(("pti", max(p_scores, key=p_scores.get)))
             arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
+            if "diffedit" in methods:        # at swap's CFG and depth, the threshold chosen on calibration
+                d_scores = calibrate("diffedit", cal, [best_swap + (th,) for th in args.mask_thresholds], attribute)
+                arms.append(("diffedit", max(d_scores, key=d_scores.get)))
+            arms = [(m, setting) for m, setting in arms if m in methods]
+            both, psnr = {}, {}
+            if "swap" in methods:            # the paired reference of every other row (measure caches it)
+                c, k, _, psnr["swap"] = measure("swap", items, best_swap, "held", attribute)
+                both["swap"] = c & k
             for method, setting in arms:
                 t0 = time.time()
                 c, k, ka, p = measure(method, items, setting, "held", attribute)
@@ -714,13 +746,17 @@ def part_dit(args) -> str:
                     st += f", mu {setting[3]:g}"
                 if method == "pti":
                     st = f"alpha {setting[0]:g}, {setting[1]:g}, {setting[2]:g}"
+                if method == "diffedit":
+                    st += f", threshold {setting[3]:g}"
                 label = "eim+hsds" if method == "hsds" else method
+                gaps = "- | -"
+                if "swap" in both and method not in ("swap", "input"):
+                    gaps = f"{paired_gap(c & k, both['swap'])} | {_signed_ci(p - psnr['swap'])}"
                 lines.append(f"| {attribute} | {label} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {goal} | "
-                             f"{_rate(ka)} | {_mean_ci(p)} |")
+                             f"{_rate(ka)} | {_mean_ci(p)} | {gaps} |")
                 print(lines[-1], f"({time.time() - t0:.0f} s)", file=sys.stderr)
         lines += ["", "Seconds per image (all runs of this model: calibration and held-out, 1 thread): " + ", ".join(
-            f"{'eim+hsds' if m == 'hsds' else m} {t / max(k, 1):.2f}" for m, (t, k) in seconds.items()
-            if m != "input") + ".", ""]
+            f"{NAMES.get(m, m)} {t / max(k, 1):.2f}" for m, (t, k) in seconds.items() if m != "input") + ".", ""]
         if lora is not None:
             pipe.unload_loras()
     pipe.transformer = peer.transformer = teacher

@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from ..core.editing import check_mask, edit_mask, sample_masked_edit, truncate
+from ..core.editing import check_mask, draw_noises, edit_mask, mask_sigma, sample_masked_edit
 from ..core.sampling import run
 from ..errors import InvalidParameterError
 from .editing import _guided_param, _invert_sampler, _latent_mask, _source_latent
 from .widgets import NEGATIVE, cfg_input, seed_input
-
-
-def _noises(x0: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn((count, *x0.shape), generator=generator, dtype=x0.dtype).to(x0.device)
 
 
 def _probe_pass(state, mask_strength, noises):
@@ -23,8 +18,9 @@ def _probe_pass(state, mask_strength, noises):
     (the target pass compares them with its own; both guided alike, so the shared unconditional part cancels)."""
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **_):
         param, x0 = _guided_param(model), _source_latent(model).to(x)
-        sigma = truncate(sigmas, mask_strength)[0]
-        state["sigma"], state["noises"] = sigma, _noises(x0, noises, state["seed"])
+        sigma = mask_sigma(sigmas, mask_strength)
+        state["sigma"] = sigma
+        state["noises"] = draw_noises(x0, noises, torch.Generator().manual_seed(state["seed"]))
         state["source"] = [model(param.noise_scaling(sigma, n, x0), sigma * x0.new_ones([len(x0)]),
                                  **(extra_args or {})) for n in state["noises"]]
         return x0

@@ -1,16 +1,18 @@
 """DiT editing on a StableDiffusion3Pipeline: invert an image under its source prompt along the flow ODE, then
 either move the joint text embedding along (target - source) by a strength (EIM, the default) or tune the source
 embedding so that guided sampling retraces the inversion and interpolate it with the target's (Prompt Tuning
-Inversion, method="pti": the same API as EditPipeline's for UNets), regenerate, decode.
+Inversion, method="pti": the same API as EditPipeline's for UNets), regenerate, decode. method="diffedit"
+regenerates only where the two prompts' predictions disagree (or inside a mask_image), as EditPipeline's does.
 
     >>> pipe = DiTEditPipeline.from_pretrained(folder)       # an SD3 folder; without T5 as NimbleDiff-Tiny-DiT
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", strength=1.5)
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", hsds_steps=10)   # HSDS direction
     >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", method="pti", alpha=0.6,
     ...            guidance_scale=3.0)
+    >>> out = pipe(image, prompt="a blue circle", source_prompt="a red circle", method="diffedit", mask_strength=0.8)
 
-The math is `nimblediff.core.editing.eim` and `.pti`; this file turns images, prompts and the transformer into
-their inputs.
+The math is `nimblediff.core.editing.eim`, `.pti` and `.diffedit`; this file turns images, prompts and the
+transformer into their inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 import torch
 
 from ..core import schedules
-from ..core.editing.eim import check_joint_model, direction, edit
+from ..core.editing.diffedit import draw_noises, edit_mask, mask_sigma, sample_masked_edit
+from ..core.editing.eim import check_joint_model, direction, edit, manipulate
 from ..core.editing.hsds import DEFAULT_LEVELS, check_options, refine_direction
 from ..core.editing.inversion import invert, latent_psnr, truncate
 from ..core.editing.pti import interpolate, run_per_step, tune_prompt
@@ -29,7 +32,7 @@ from ..core.parameterization import Flow
 from ..core.sampling import run
 from ..errors import InvalidParameterError
 from .dit import FewStepSD3Pipeline
-from .editing import EditOutput, InversionOutput
+from .editing import EditOutput, InversionOutput, edit_region
 
 _ARCHITECTURES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
@@ -41,7 +44,8 @@ def architecture_of(denoiser) -> str:
 
 
 class DiTEditPipeline(FewStepSD3Pipeline):
-    """EIM editing (encode, identify, manipulate) and Prompt Tuning Inversion (method="pti") for SD3-type MM-DiTs;
+    """EIM editing (encode, identify, manipulate), Prompt Tuning Inversion (method="pti") and DiffEdit
+    (method="diffedit") for SD3-type MM-DiTs;
     `invert()` gives the joint embedding's noise half and the trajectory, calling the pipeline edits. The stock
     text-to-image call stays as `generate`."""
 
@@ -161,12 +165,48 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         return InversionOutput(latents=trajectory[-1], trajectory=trajectory, sigmas=sigmas,
                                reconstruction_psnr=psnr)
 
+    def edit_mask(self, image=None, prompt=None, source_prompt="", *, latents=None, strength: float = 1.0,
+                  num_inference_steps: int = 28, guidance_scale: float = 1.0, negative_prompt=None,
+                  mask_strength: float = 0.5, mask_noises: int = 10, mask_ratio: float = 3.0,
+                  mask_threshold: float = 0.5, mask_blur: float = 0.0, max_sequence_length: int = 256,
+                  generator=None) -> torch.Tensor:
+        """DiffEdit's mask of what changes from `source_prompt` to `prompt` (moved by `strength` along EIM's
+        direction: 1 = the target prompt): (B, 1, h, w) at latent size, 1 = edit. The mask_* options are
+        EditPipeline.edit_mask's."""
+        if prompt is None:
+            raise InvalidParameterError("pass prompt= (the target description)")
+        x0 = self.encode_image(image) if latents is None else latents.float()
+        embeds = self._edit_embeds(prompt, source_prompt, len(x0), negative_prompt, guidance_scale, strength,
+                                   max_sequence_length)
+        return self._auto_mask(x0, embeds, num_inference_steps, guidance_scale, mask_strength=mask_strength,
+                               mask_noises=mask_noises, mask_ratio=mask_ratio, mask_threshold=mask_threshold,
+                               mask_blur=mask_blur, generator=generator)
+
+    def _auto_mask(self, x0, embeds, steps, guidance_scale, *, mask_strength, mask_noises, mask_ratio,
+                   mask_threshold, mask_blur, generator):
+        param = self.editing_param()
+        sigma = mask_sigma(self._sigmas(param, steps, 1.0), mask_strength)
+        noises = draw_noises(x0, mask_noises, generator)
+        source, target, uncond = embeds
+        model = self.denoiser(param, uncond, guidance_scale)
+        with torch.no_grad():
+            return edit_mask(lambda x, s: model(x, s, source), lambda x, s: model(x, s, target), x0, sigma,
+                             param=param, noises=noises, ratio=mask_ratio, threshold=mask_threshold, blur=mask_blur)
+
+    def _edit_embeds(self, prompt, source_prompt, n, negative_prompt, guidance_scale, strength, max_sequence_length):
+        """(source, source + strength * (target - source), unconditional) joint embeddings for n images."""
+        source, uncond = self.embeds(source_prompt, n, negative_prompt, guidance_scale, max_sequence_length)
+        target, _ = self.embeds(prompt, n, max_sequence_length=max_sequence_length)
+        return source, manipulate(source, direction(source, target), strength), uncond
+
     def __call__(self, image=None, prompt=None, source_prompt="", *, strength: float = 1.0, latents=None,
                  num_inference_steps: int = 28, guidance_scale: float = 1.0, negative_prompt=None,
                  depth: float = 1.0, window: float = 1.0, fixed_point: int = 0, max_sequence_length: int = 256,
                  output_type: str = "pil", return_dict: bool = True, hsds_steps: int = 0, hsds_lr: float = 0.05,
                  hsds_curvature: float = 1.0, hsds_levels=DEFAULT_LEVELS, generator=None, method: str = "eim",
-                 alpha: float = 0.8, pti_iters: int = 10, pti_lr: float = 1e-2, **_unused):
+                 alpha: float = 0.8, pti_iters: int = 10, pti_lr: float = 1e-2, mask_image=None,
+                 mask_strength: float = 0.5, mask_noises: int = 10, mask_ratio: float = 3.0,
+                 mask_threshold: float = 0.5, mask_blur: float = 0.0, **_unused):
         """Edit `image` (described by `source_prompt`) towards `prompt`.
 
         method "eim" (default): along the direction source -> `prompt` by `strength`.
@@ -184,10 +224,16 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         `pti_lr` so that sampling at `guidance_scale` retraces the inversion, then regenerate with
         alpha * tuned + (1 - alpha) * target (alpha 1 = reconstruction, 0 = the target prompt). strength,
         window and hsds_* are EIM's and not used; pti_iters 0 is the plain inversion + regeneration path.
+
+        method "diffedit" (as EditPipeline's): after the same unguided inversion, regenerate at `guidance_scale`
+        under source + strength * (target - source) only inside a mask (`mask_image`, white = edit, or else
+        DiffEdit's automatic mask, see `edit_mask`); outside it the latent is the source's, exactly. window and
+        hsds_* are EIM's and not used.
         """
-        if method not in ("eim", "pti"):
+        if method not in ("eim", "pti", "diffedit"):
             raise InvalidParameterError(f"method={method!r}; valid: 'eim' (semantic edit by strength; strength 1 "
-                                        "= inversion + prompt swap), 'pti' (Prompt Tuning Inversion, alpha)")
+                                        "= inversion + prompt swap), 'pti' (Prompt Tuning Inversion, alpha), "
+                                        "'diffedit' (the edit inside a mask)")
         if prompt is None:
             raise InvalidParameterError("pass prompt= (the target description; the direction is prompt minus "
                                         "source_prompt)")
@@ -197,6 +243,17 @@ class DiTEditPipeline(FewStepSD3Pipeline):
                              fixed_point=fixed_point, max_sequence_length=max_sequence_length, alpha=alpha,
                              iters=pti_iters, lr=pti_lr, hsds_steps=hsds_steps, output_type=output_type,
                              return_dict=return_dict)
+        if method == "diffedit":
+            if hsds_steps:
+                raise InvalidParameterError(f"hsds_steps={hsds_steps}: HSDS refines EIM's direction; method "
+                                            "'diffedit' uses the plain one (use method='eim' or hsds_steps=0)")
+            mask_options = dict(mask_strength=mask_strength, mask_noises=mask_noises, mask_ratio=mask_ratio,
+                                mask_threshold=mask_threshold, mask_blur=mask_blur, generator=generator)
+            return self._diffedit(image, prompt, source_prompt, latents=latents, steps=num_inference_steps,
+                                  strength=strength, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                  depth=depth, fixed_point=fixed_point, max_sequence_length=max_sequence_length,
+                                  mask_image=mask_image, mask_options=mask_options, output_type=output_type,
+                                  return_dict=return_dict)
         check_options(hsds_steps, hsds_lr, hsds_curvature, hsds_levels)
         param = self.editing_param()
         x0 = self.encode_image(image) if latents is None else latents.float()
@@ -250,13 +307,34 @@ class DiTEditPipeline(FewStepSD3Pipeline):
         bar.close()
         return self._finish(out, x0, output_type, return_dict)
 
-    def _finish(self, latents, x0, output_type, return_dict):
+    def _diffedit(self, image, prompt, source_prompt, *, latents, steps, strength, guidance_scale, negative_prompt,
+                  depth, fixed_point, max_sequence_length, mask_image, mask_options, output_type, return_dict):
+        """DiffEdit (core/editing/diffedit.py): the unguided inversion's trajectory, then the guided regeneration
+        under the moved embedding inside the mask, the rest kept on the trajectory."""
+        param = self.editing_param()
+        inv = self.invert(image, source_prompt, latents=latents, num_inference_steps=steps, depth=depth,
+                          fixed_point=fixed_point, max_sequence_length=max_sequence_length)
+        x0, sigmas = inv.trajectory[0], inv.sigmas
+        embeds = self._edit_embeds(prompt, source_prompt, len(x0), negative_prompt, guidance_scale, strength,
+                                   max_sequence_length)
+        if mask_image is not None:
+            mask = edit_region(mask_image, x0, self.vae_scale_factor)
+        else:
+            mask = self._auto_mask(x0, embeds, steps, guidance_scale, **mask_options)
+        _, target, uncond = embeds
+        guided = self.denoiser(param, uncond, guidance_scale)
+        with torch.no_grad():
+            out = run(sample_masked_edit, lambda x, s, **_: guided(x, s, target), inv.latents, sigmas, param=param,
+                      trajectory=inv.trajectory, mask=mask)
+        return self._finish(out, x0, output_type, return_dict, mask)
+
+    def _finish(self, latents, x0, output_type, return_dict, mask=None):
         """Decode the edited latents, release offloaded models, and return as diffusers pipelines do."""
         images = self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return EditOutput(images=images, source_latents=x0)
+        return EditOutput(images=images, source_latents=x0, mask=mask)
 
 
 __all__ = ["DiTEditPipeline", "architecture_of"]

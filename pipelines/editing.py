@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from diffusers.utils import BaseOutput
 
 from ..core import schedules
-from ..core.editing import (Blur, Downsample, Mask, check_mask, edit_mask, interpolate, invert, latent_psnr,
-                            run_per_step, sample_dds, sample_inpaint, sample_masked_edit, truncate, tune_prompt)
+from ..core.editing import (Blur, Downsample, Mask, check_mask, draw_noises, edit_mask, interpolate, invert,
+                            latent_psnr, mask_sigma, run_per_step, sample_dds, sample_inpaint, sample_masked_edit,
+                            truncate, tune_prompt)
 from ..core.limits import check_latent_size, image_size
 from ..core.parameterization import VP, Flow, sd_alphas_cumprod
 from ..core.sampling import run
@@ -44,6 +45,29 @@ class EditOutput(BaseOutput):
     source_latents: torch.Tensor
     reconstruction_psnr: float | None = None
     mask: torch.Tensor | None = None     # method "diffedit": the latent-size mask edited (1) and kept (0)
+
+
+def latent_mask(mask_image, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
+    """A mask image (PIL, numpy or tensor; white = 1) of the image's size, area-averaged to the latent grid."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if isinstance(mask_image, torch.Tensor):
+        mask = mask_image.float()
+    else:       # grey, in [0, 1], not binarised: soft and differential masks keep their values
+        mask = VaeImageProcessor(do_normalize=False, do_convert_grayscale=True).preprocess(mask_image)
+    mask = mask if mask.ndim == 4 else mask.reshape(1, 1, *mask.shape[-2:])
+    if tuple(mask.shape[-2:]) != (height, width):
+        raise InvalidParameterError(f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
+                                    f"{width}x{height}; give a mask of the image's size")
+    # area average: a latent cell is as "to generate" as the share of its pixels the mask covers
+    return F.interpolate(mask.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
+
+
+def edit_region(mask_image, x0: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """DiffEdit's region from a user's mask image: at latent size, binarised at 0.5, neither empty nor full."""
+    height, width = x0.shape[-2] * vae_scale_factor, x0.shape[-1] * vae_scale_factor
+    mask = latent_mask(mask_image, height, width, x0)
+    return check_mask((mask >= 0.5).to(x0.dtype), x0, "mask_image")
 
 
 class _Editing:
@@ -132,20 +156,6 @@ class _Editing:
 
         return callback
 
-    def _mask_latent(self, mask_image, height: int, width: int, latents: torch.Tensor) -> torch.Tensor:
-        from diffusers.image_processor import VaeImageProcessor
-
-        if isinstance(mask_image, torch.Tensor):
-            mask = mask_image.float()
-        else:       # grey, in [0, 1], not binarised: soft and differential masks keep their values
-            mask = VaeImageProcessor(do_normalize=False, do_convert_grayscale=True).preprocess(mask_image)
-        mask = mask if mask.ndim == 4 else mask.reshape(1, 1, *mask.shape[-2:])
-        if tuple(mask.shape[-2:]) != (height, width):
-            raise InvalidParameterError(f"mask_image is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
-                                        f"{width}x{height}; give a mask of the image's size")
-        # area average: a latent cell is as "to generate" as the share of its pixels the mask covers
-        return F.interpolate(mask.to(latents.device, torch.float32), size=latents.shape[-2:], mode="area")
-
     def _sigmas(self, param, steps: int, schedule: str):
         if not isinstance(steps, int) or steps < 1:
             raise InvalidParameterError(f"num_inference_steps={steps!r}: need an integer >= 1")
@@ -192,18 +202,12 @@ class EditPipeline(_Editing, FewStepPipeline):
         """
         if prompt is None:
             raise InvalidParameterError("pass prompt= (the target description)")
-        if isinstance(mask_noises, bool) or not isinstance(mask_noises, int) or mask_noises < 1:
-            raise InvalidParameterError(f"mask_noises={mask_noises!r}: need an integer >= 1 (noise draws averaged)")
-        if not 0 < mask_strength <= 1:
-            raise InvalidParameterError(f"mask_strength={mask_strength}: need 0 < strength <= 1 (how far into the "
-                                        "schedule the image is noised to compare the prompts)")
         param = self.editing_param()
         x0 = self.encode_image(image) if latents is None else latents.float()
-        sigma = truncate(self._sigmas(param, num_inference_steps, schedule), mask_strength)[0]
+        sigma = mask_sigma(self._sigmas(param, num_inference_steps, schedule), mask_strength)
+        noises = draw_noises(x0, mask_noises, generator)
         source, uncond = self._embeds(source_prompt, len(x0), guidance_scale, negative_prompt)
         target, _ = self._embeds(prompt, len(x0), guidance_scale, negative_prompt)
-        generator = generator or torch.Generator().manual_seed(0)
-        noises = torch.randn((mask_noises, *x0.shape), generator=generator, dtype=x0.dtype).to(x0.device)
         with torch.no_grad():
             return edit_mask(self.denoiser(param, source, uncond, guidance_scale),
                              self.denoiser(param, target, uncond, guidance_scale), x0, sigma, param=param,
@@ -263,9 +267,7 @@ class EditPipeline(_Editing, FewStepPipeline):
                        strength, noises, ratio, threshold, blur, schedule, generator):
         """The given mask_image at latent size (binarised), or DiffEdit's automatic one."""
         if mask_image is not None:
-            height, width = x0.shape[-2] * self.vae_scale_factor, x0.shape[-1] * self.vae_scale_factor
-            mask = self._mask_latent(mask_image, height, width, x0)
-            return check_mask((mask >= 0.5).to(x0.dtype), x0, "mask_image")
+            return edit_region(mask_image, x0, self.vae_scale_factor)
         return self.edit_mask(latents=x0, prompt=prompt, source_prompt=source_prompt, num_inference_steps=steps,
                               guidance_scale=guidance_scale, negative_prompt=negative_prompt, mask_strength=strength,
                               mask_noises=noises, mask_ratio=ratio, mask_threshold=threshold, mask_blur=blur,
@@ -314,7 +316,7 @@ class RestorePipeline(_Editing, FewStepPipeline):
         if task == "inpaint":
             if mask_image is None:
                 raise InvalidParameterError("task='inpaint' needs mask_image= (white = repaint, black = keep)")
-            mask = check_mask(self._mask_latent(mask_image, height, width, known), known, "mask_image")
+            mask = check_mask(latent_mask(mask_image, height, width, known), known, "mask_image")
             if method == "blend":
                 with torch.no_grad():
                     out = run(sample_inpaint, model, x, sigmas, param=param, seed=_seed(generator), known=known,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nimblediff.core import schedules
-from nimblediff.core.editing import (edit_map, edit_mask, invert, sample_masked_edit, smooth_map, threshold_map,
-                                     trajectory_path)
+from nimblediff.core.editing import (draw_noises, edit_map, edit_mask, invert, mask_sigma, sample_masked_edit,
+                                     smooth_map, threshold_map, trajectory_path)
 from nimblediff.core.gmm import GaussianMixture
 from nimblediff.core.parameterization import VP, Flow
 from nimblediff.core.sampling import run
@@ -129,6 +129,26 @@ def test_trajectory_path_reads_each_level_and_refuses_a_mismatch():
     assert float(path(3.0)) == 2.0 and float(path(1.0)) == 1.0 and float(path(torch.tensor(0.0))) == 0.0
     with pytest.raises(InvalidParameterError, match="trajectory has 2 latents but the schedule 3"):
         trajectory_path(trajectory[:2], sigmas)
+
+
+def test_noise_draws_per_image_generator_are_each_images_own_draws():
+    """One generator per image (diffusers' list form): image i's draws are what its generator alone would give."""
+    x0 = torch.zeros(2, 3, 4, 4)
+    noises = draw_noises(x0, 5, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    assert noises.shape == (5, 2, 3, 4, 4)
+    for i, seed in enumerate((1, 2)):
+        alone = torch.randn((5, 1, 3, 4, 4), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(noises[:, i], alone[:, 0])
+    assert torch.equal(draw_noises(x0, 5), torch.randn((5, 2, 3, 4, 4), generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(InvalidParameterError, match="mask_noises=0"):
+        draw_noises(x0, 0)
+
+
+def test_mask_sigma_is_strength_of_the_way_into_the_schedule():
+    sigmas = [8.0, 4.0, 2.0, 1.0, 0.0]                    # 4 steps: strength 0.5 starts 2 steps from the end
+    assert mask_sigma(sigmas, 0.5) == 2.0 and mask_sigma(sigmas, 1.0) == 8.0 and mask_sigma(sigmas, 0.75) == 4.0
+    with pytest.raises(InvalidParameterError, match="mask_strength=0"):
+        mask_sigma(sigmas, 0.0)
 
 
 def test_edit_map_refuses_noises_of_another_shape():

@@ -20,8 +20,30 @@ from ...errors import InvalidParameterError
 from ..sampling.driver import as_floats
 from ..sampling.ode import sample_euler
 from .inpaint import sample_inpaint
-from .inversion import check_model_kind
+from .inversion import check_model_kind, truncate
 from .operators import Blur
+
+
+def draw_noises(x0: torch.Tensor, count: int, generator=None) -> torch.Tensor:
+    """(count, *x0.shape) standard normal draws for `edit_map`, from `generator` (seed 0 when None: a mask is
+    repeatable unless asked otherwise), or from a list of one generator per image, as diffusers pipelines take."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InvalidParameterError(f"mask_noises={count!r}: need an integer >= 1 (noise draws averaged)")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(x0):
+            raise InvalidParameterError(f"generator: a list of {len(generator)} generators for {len(x0)} images; "
+                                        "give one per image, or a single one")
+        return torch.stack([draw_noises(x[None], count, g)[:, 0] for x, g in zip(x0, generator)], dim=1)
+    generator = generator or torch.Generator().manual_seed(0)
+    return torch.randn((count, *x0.shape), generator=generator, dtype=x0.dtype).to(x0.device)
+
+
+def mask_sigma(sigmas, strength: float) -> float:
+    """The noise level the prompts are compared at: `strength` of the way into the schedule `sigmas`."""
+    if not 0 < strength <= 1:
+        raise InvalidParameterError(f"mask_strength={strength}: need 0 < strength <= 1 (how far into the schedule "
+                                    "the image is noised to compare the prompts)")
+    return truncate(sigmas, strength)[0]
 
 
 def edit_map(source, target, x0, sigma: float, *, param, noises) -> torch.Tensor:
@@ -124,5 +146,5 @@ def sample_masked_edit(x, sigmas, *, param, noise, trajectory, mask, method=samp
                                       method=method, path=trajectory_path(trajectory, sigmas), **options))
 
 
-__all__ = ["NOTHING_TO_EDIT", "edit_map", "smooth_map", "threshold_map", "edit_mask", "trajectory_path",
-           "sample_masked_edit"]
+__all__ = ["NOTHING_TO_EDIT", "draw_noises", "mask_sigma", "edit_map", "smooth_map", "threshold_map", "edit_mask",
+           "trajectory_path", "sample_masked_edit"]
