@@ -197,7 +197,8 @@ def write_part(name: str, body: str, argv) -> None:
     titles = {"gmm": "## DDS vs replacement restoration on Gaussian-mixture priors",
               "tiny": "## One-attribute edits on NimbleDiff-Tiny (evaluator v2, held-out prompts)",
               "tiny_mask": "## Mask-guided one-attribute edits (DiffEdit) on NimbleDiff-Tiny (evaluator v2, held-out prompts)",
-              "dit": "## One-attribute edits on NimbleDiff-Tiny-DiT, its 2-RF student and its Flash LoRA: EIM (evaluator v2, held-out prompts)"}
+              "dit": "## One-attribute edits on NimbleDiff-Tiny-DiT, its 2-RF student and its Flash LoRA: EIM (evaluator v2, held-out prompts)",
+              "dit_mask": "## Mask-guided one-attribute edits (DiffEdit) on NimbleDiff-Tiny-DiT, its 2-RF student and its Flash LoRA (evaluator v2, held-out prompts)"}
     sections = {}
     if os.path.exists(RESULT):
         for chunk in open(RESULT).read().split("<!-- part:")[1:]:
@@ -249,6 +250,8 @@ def main(argv=None):
                    help="dit: the arms to run (eim's grid is searched only when eim is among them)")
     p.add_argument("--mask-thresholds", type=float, nargs="+", default=[0.25, 0.5],
                    help="tiny and dit: diffedit mask thresholds (several = chosen on calibration scenes)")
+    p.add_argument("--mask-ratios", type=float, nargs="+", default=[3.0],
+                   help="tiny and dit: diffedit clip ratios (0 = min-max scaling; several = chosen on calibration)")
     p.add_argument("--label", choices=("mask",), help="tiny and dit: write the result as its own part, "
                                                        "editing_PART_LABEL (a run of some methods beside the full "
                                                        "table)")
@@ -338,10 +341,20 @@ def _np_images(out):
     return (np.asarray(out) * 255).round().clip(0, 255).astype(np.uint8)
 
 
-MASK_OPTIONS = {"mask_strength": 0.8, "mask_blur": 1.0, "mask_ratio": 3.0}   # fixed on 16 calibration scenes
+MASK_OPTIONS = {"mask_strength": 0.8, "mask_blur": 1.0}   # fixed on 16 calibration scenes
 
 
-def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, batch=32, mask_threshold=0.5):
+def mask_options(threshold: float = 0.5, ratio: float = 3.0) -> dict:
+    """DiffEdit's mask settings of one arm: MASK_OPTIONS with a threshold and a clip ratio (0 = min-max scaling)."""
+    return {**MASK_OPTIONS, "mask_threshold": threshold, "mask_ratio": ratio or None}
+
+
+def mask_label(threshold: float, ratio: float) -> str:
+    """A table's note of the mask setting chosen: the threshold, and the ratio where it is not diffusers' 3."""
+    return f"{threshold:g}" + {3.0: "", 0.0: ", min-max"}.get(ratio, f", ratio {ratio:g}")
+
+
+def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, batch=32, mask=(0.5, 3.0)):
     """Edited images (N, 64, 64, 3) uint8 of one method over the items, in batches (peer.t2i: the text-to-image
     pipeline on the same components, for the 't2i' reference; peer.diffedit: diffusers' DiffEdit pipeline)."""
     from nimblediff.tiny import data
@@ -366,8 +379,7 @@ def run_method(method, pipe, peer, items, strength, steps, cfg, alpha, flash, ba
         else:
             out = pipe(pixels, prompt=tgt_caps, source_prompt=src_caps, strength=strength,
                        num_inference_steps=steps, guidance_scale=cfg, method=method, alpha=alpha, pti_iters=3,
-                       pti_lr=2e-2, schedule=schedule, mask_threshold=mask_threshold, **MASK_OPTIONS,
-                       output_type="np").images
+                       pti_lr=2e-2, schedule=schedule, **mask_options(*mask), output_type="np").images
         images.append(_np_images(out))
     return np.concatenate(images)
 
@@ -398,6 +410,12 @@ def diffedit_peer(pipe, pixels, src_caps, tgt_caps, strength, steps, cfg, gens):
         out.append(pipe(prompt=tgt_caps[j], mask_image=mask, image_latents=latents, inpaint_strength=strength,
                         guidance_scale=cfg, num_inference_steps=steps, output_type="np").images)
     return np.concatenate(out)
+
+
+def _ratios(ratios) -> str:
+    """How the map is scaled, for a description: diffusers' clip at r x its mean, or min-max (ratio 0)."""
+    text = " / ".join("min-max scaled" if r == 0 else f"clipped at {r:g}x its mean" for r in ratios)
+    return text + (" (chosen with the threshold)" if len(ratios) > 1 else "")
 
 
 def _rate(v) -> str:
@@ -451,8 +469,9 @@ def part_tiny(args) -> str:
         "swap": "swap = DDIM inversion under the source caption + regeneration under the target (ours)",
         "pti": f"pti = Prompt Tuning Inversion (3 Adam steps per sampling step, alpha {alpha:g})",
         "diffedit": "diffedit = swap inside DiffEdit's automatic mask, the rest kept on the inversion path (ours; mask "
-                    "from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent cell, clipped at 3x its "
-                    f"mean, threshold chosen from {' / '.join(map(str, args.mask_thresholds))} with strength and CFG; "
+                    "from 10 noise draws at 0.8 of the schedule, map blurred by 1 latent cell, "
+                    f"{_ratios(args.mask_ratios)}, threshold chosen from "
+                    f"{' / '.join(map(str, args.mask_thresholds))} with strength and CFG; "
                     "strength, blur and 0.8 were set on 16 calibration scenes)",
         "img2img": "img2img = diffusers StableDiffusionImg2ImgPipeline at the same strength and steps (DDIM scheduler "
                    "for the teacher, LCMScheduler for the Flash LoRA)",
@@ -493,7 +512,8 @@ def part_tiny(args) -> str:
                 if method in ("swap", "img2img", "diffedit_peer"):
                     grid = [(st, c) for st in strengths for c in cfgs]
                 elif method == "diffedit":
-                    grid = [(st, c, th) for st in strengths for c in cfgs for th in args.mask_thresholds]
+                    grid = [(st, c, th, r) for st in strengths for c in cfgs for th in args.mask_thresholds
+                            for r in args.mask_ratios]
                 elif method == "pti":
                     grid = [(st, chosen.get("swap", (0, cfgs[-1]))[1]) for st in strengths]
                 elif method == "t2i":
@@ -503,16 +523,18 @@ def part_tiny(args) -> str:
                     scores = {}
                     for setting in grid:
                         c, k = judge(run_method(method, pipe, peer, cal, setting[0], steps, setting[1], alpha, flash,
-                                                mask_threshold=(setting[2:] or (0.5,))[0]), cal, attribute, net)
+                                                mask=setting[2:] or (0.5, 3.0)), cal, attribute, net)
                         scores[setting] = float((c & k).mean())
                     best = max(scores, key=scores.get)
                 chosen[method] = best
                 t0 = time.time()
                 images = run_method(method, pipe, peer, items, best[0], steps, best[1], alpha, flash,
-                                    mask_threshold=(best[2:] or (0.5,))[0])
+                                    mask=best[2:] or (0.5, 3.0))
                 c, k = judge(images, items, attribute, net)
                 goal = "yes" if c.mean() >= 0.8 and k.mean() >= 0.95 else "no"
-                st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, ", ".join(f"{v:g}" for v in best))
+                st = {"input": "-", "t2i": f"-, {best[1]:g}"}.get(method, ", ".join(f"{v:g}" for v in best[:2]))
+                if method == "diffedit":
+                    st += ", " + mask_label(*best[2:])
                 both[method] = c & k
                 gap = paired_gap(both[method], both["swap"]) if "swap" in both and method != "swap" else "-"
                 lines.append(f"| {attribute} | {method} | {st} | {_rate(c)} | {_rate(k)} | {_rate(c & k)} | {gap} "
@@ -576,7 +598,7 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
     if method == "pti":
         extra = dict(method="pti", alpha=setting[0], pti_iters=pti["steps"], pti_lr=pti["lr"])
     if method == "diffedit":
-        extra = dict(method="diffedit", mask_threshold=setting[3], **MASK_OPTIONS)
+        extra = dict(method="diffedit", **mask_options(*setting[3:]))
     images = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
@@ -643,8 +665,8 @@ def part_dit(args) -> str:
         "img2img": "img2img = diffusers StableDiffusion3Img2ImgPipeline at strength = swap's inversion depth, the "
                    "model's documented CFG and the same sigmas (the peer)",
         "diffedit": "diffedit = DiTEditPipeline method='diffedit': swap inside DiffEdit's automatic mask, the rest "
-                    "kept on the inversion path (mask as part tiny's: 10 noise draws at 0.8 of the schedule, blurred by 1 "
-                    "latent cell, clipped at 3x its mean; threshold chosen over "
+                    "kept on the inversion path (mask as part tiny's: 10 noise draws at 0.8 of the schedule, blurred "
+                    f"by 1 latent cell, {_ratios(args.mask_ratios)}; threshold chosen over "
                     f"{' / '.join(map(str, args.mask_thresholds))} at swap's CFG and depth)",
         "input": "input = the unedited image"}
     searched = strengths if {"eim", "hsds", "pti"} & set(args.dit_methods) else (1.0,)
@@ -728,7 +750,8 @@ def part_dit(args) -> str:
                 arms.append(("pti", max(p_scores, key=p_scores.get)))
             arms += [("swap", best_swap), ("img2img", (1.0, peer_cfg, best_swap[2]))]
             if "diffedit" in methods:        # at swap's CFG and depth, the threshold chosen on calibration
-                d_scores = calibrate("diffedit", cal, [best_swap + (th,) for th in args.mask_thresholds], attribute)
+                grid = [best_swap + (th, r) for th in args.mask_thresholds for r in args.mask_ratios]
+                d_scores = calibrate("diffedit", cal, grid, attribute)
                 arms.append(("diffedit", max(d_scores, key=d_scores.get)))
             arms = [(m, setting) for m, setting in arms if m in methods]
             both, psnr = {}, {}
@@ -747,7 +770,7 @@ def part_dit(args) -> str:
                 if method == "pti":
                     st = f"alpha {setting[0]:g}, {setting[1]:g}, {setting[2]:g}"
                 if method == "diffedit":
-                    st += f", threshold {setting[3]:g}"
+                    st += ", threshold " + mask_label(*setting[3:])
                 label = "eim+hsds" if method == "hsds" else method
                 gaps = "- | -"
                 if "swap" in both and method not in ("swap", "input"):
