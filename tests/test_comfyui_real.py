@@ -364,31 +364,14 @@ def test_diffedit_node_matches_the_diffusers_pipeline(server, base):
 
 
 def test_diffedit_node_edits_a_flow_dit(server, base):
-    """On the shipped DiT (rectified flow, ComfyUI's own SD3 MMDiT): the node inverts and regenerates along a flow
-    schedule; outside its mask the latent is the source's exactly, inside it changes."""
-    import torch
-
-    graph = {
-        "1": {"class_type": "NimbleDiffusersDiTLoader", "inputs": {"model": "nimblediff-tiny-dit (embedded)"}},
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle on the left", "clip": ["1", 1]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a blue circle on the left", "clip": ["1", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-        "5": {"class_type": "NimbleEmptyLatent", "inputs": {"vae": ["1", 2], "width": 64, "height": 64,
-                                                           "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {
-            "model": ["1", 0], "seed": 0, "steps": 25, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["2", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
-        "7": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "simple", "steps": 12,
-                                                         "denoise": 1.0}},
-        "8": {"class_type": "NimbleDiffEdit", "inputs": {
-            "model": ["1", 0], "source": ["2", 0], "target": ["3", 0], "negative": ["4", 0], "latent": ["6", 0],
-            "sigmas": ["7", 0], "cfg": 3.0, "mask_strength": 0.8, "mask_noises": 4, "mask_ratio": 3.0,
-            "mask_threshold": 0.5, "mask_blur": 1.0, "seed": 0}},
-        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "dit_source"}},
-        "10": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": "dit_edited"}},
-    }
+    """The shipped DiT DiffEdit workflow (rectified flow, ComfyUI's own SD3 MMDiT): the node inverts and regenerates
+    along a flow schedule; outside its mask the latent is the source's exactly, inside it changes. (Its agreement
+    with DiTEditPipeline is tests/comfyui/test_dit_diffedit_real.py.)"""
+    graph = json.loads((PACK / "workflows" / "api" / "nimblediff_dit_diffedit.json").read_text())
+    graph["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "dit_source"}}
+    graph["91"] = {"class_type": "SaveLatent", "inputs": {"samples": ["10", 0], "filename_prefix": "dit_edited"}}
     entry = server.run_prompt(graph)
-    source, edited = _saved_latent(base, entry, "9"), _saved_latent(base, entry, "10")
+    source, edited = _saved_latent(base, entry, "90"), _saved_latent(base, entry, "91")
     changed = (edited != source).any(1)[0]
     assert 0 < int(changed.sum()) < changed.numel() // 2, int(changed.sum())
     assert float((edited - source).abs().max()) > 0.1
