@@ -405,10 +405,12 @@ def diffedit_peer(pipe, pixels, src_caps, tgt_caps, strength, steps, cfg, gens):
         image = pixels[j:j + 1]
         mask = pipe.generate_mask(image=image, source_prompt=src_caps[j], target_prompt=tgt_caps[j],
                                   guidance_scale=max(cfg, 2.0), num_inference_steps=steps, generator=gens[j])
+        # invert samples the VAE posterior: from gens[j] (left alone it draws from the global RNG, and the row
+        # would depend on what ran before it in the process)
         latents = pipe.invert(prompt=src_caps[j], image=image, inpaint_strength=strength, guidance_scale=1.0,
-                              num_inference_steps=steps).latents
+                              num_inference_steps=steps, generator=gens[j]).latents
         out.append(pipe(prompt=tgt_caps[j], mask_image=mask, image_latents=latents, inpaint_strength=strength,
-                        guidance_scale=cfg, num_inference_steps=steps, output_type="np").images)
+                        guidance_scale=cfg, num_inference_steps=steps, generator=gens[j], output_type="np").images)
     return np.concatenate(out)
 
 
