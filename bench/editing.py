@@ -588,9 +588,8 @@ def run_dit(method, pipe, peer, items, setting, steps, peer_cfg, batch=32, hsds=
     """Edited images (N, 64, 64, 3) uint8 by EIM ('eim'; 'swap' is EIM at strength 1; 'hsds' is EIM + HSDS), Prompt
     Tuning Inversion ('pti'), DiffEdit ('diffedit') or the SD3 img2img peer. setting: (strength, CFG, depth) for eim /
     swap, (strength, CFG, depth, Hessian weight) for hsds, (alpha, CFG, depth) for pti, (strength, CFG, depth, mask
-    threshold) for diffedit; hsds / pti: {"steps", "lr"}; the peer runs at
-    strength = depth, its documented CFG and our schedule (uniform flow-Euler sigmas, passed to its FlowMatchEuler
-    scheduler)."""
+    threshold, clip ratio) for diffedit; hsds / pti: {"steps", "lr"}; the peer runs at strength = depth, its
+    documented CFG and our schedule (uniform flow-Euler sigmas, passed to its FlowMatchEuler scheduler)."""
     from nimblediff.tiny import data
 
     strength, cfg, depth = setting[:3]
