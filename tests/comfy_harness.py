@@ -117,19 +117,31 @@ class DiTRig:
         cond, pooled = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True)
         return [[cond, {"pooled_output": pooled}]]
 
-    def comfy_run(self, m, positive, z, sigmas=None):
+    def comfy_samples(self, m, positive, z, sigmas=None):
+        """ComfyUI's euler from noise z: the LATENT samples, in ComfyUI's latent space."""
         import comfy.sample
         import comfy.samplers
         import torch
 
         if sigmas is None:
-            samples = comfy.sample.sample(m, z, self.steps, self.cfg, "euler", "normal", positive, self.negative,
-                                          torch.zeros_like(z), seed=0, disable_pbar=True)
-        else:
-            samples = comfy.sample.sample_custom(m, z, self.cfg, comfy.samplers.sampler_object("euler"), sigmas,
-                                                 positive, self.negative, torch.zeros_like(z), disable_pbar=True,
-                                                 seed=0)
-        return self.mm.process_latent_in(samples)            # the pipeline's latent space
+            return comfy.sample.sample(m, z, self.steps, self.cfg, "euler", "normal", positive, self.negative,
+                                       torch.zeros_like(z), seed=0, disable_pbar=True)
+        return comfy.sample.sample_custom(m, z, self.cfg, comfy.samplers.sampler_object("euler"), sigmas, positive,
+                                          self.negative, torch.zeros_like(z), disable_pbar=True, seed=0)
+
+    def comfy_run(self, m, positive, z, sigmas=None):
+        return self.mm.process_latent_in(self.comfy_samples(m, positive, z, sigmas))   # the pipeline's latent space
+
+    def edit_pipeline(self):
+        """DiTEditPipeline on the pipeline's components, and its trailing flow sigmas of `steps` (both hosts edit
+        along these)."""
+        import torch
+
+        from nimblediff.pipelines.dit_edit import DiTEditPipeline
+
+        pipe = DiTEditPipeline(**self.pipe.components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, torch.tensor(pipe._sigmas(pipe.editing_param(), self.steps, 1.0))
 
     def pipe_run(self, prompt, z, **kw):
         import torch
