@@ -220,6 +220,8 @@ def main(argv=None):
     p.add_argument("--strengths", type=float, nargs="+", help="tiny, teacher: strengths (several = calibrate)")
     p.add_argument("--flash-strengths", type=float, nargs="+", help="tiny, Flash LoRA: strengths")
     p.add_argument("--cfgs", type=float, nargs="+", help=f"tiny, teacher: CFG scales (default {CFG:g})")
+    p.add_argument("--flash-cfgs", type=float, nargs="+", help="tiny, Flash LoRA: CFG scales (default 1, the "
+                                                                "distilled recipe's; several = calibrate)")
     p.add_argument("--alpha", type=float, default=0.25, help="tiny: PTI interpolation weight of the tuned "
                                                              "embedding")
     p.add_argument("--methods", nargs="+", default=["input", "swap", "pti", "diffedit", "img2img", "diffedit_peer",
@@ -464,7 +466,7 @@ def part_tiny(args) -> str:
     # (name, steps, LoRA, strengths, CFGs): the grid each method's (strength, CFG) is chosen from on the calibration
     # scenes; a single value is fixed beforehand
     configs = [("teacher", 20, False, tuple(args.strengths or (0.8,)), tuple(args.cfgs or (CFG,))),
-               ("Flash LoRA", 4, True, tuple(args.flash_strengths or (0.75,)), (1.0,))]
+               ("Flash LoRA", 4, True, tuple(args.flash_strengths or (0.75,)), tuple(args.flash_cfgs or (1.0,)))]
     configs = [c for c in configs if (not c[2] or os.path.exists(LORA)) and c[0] in args.models]
     alpha = args.alpha
     arms = {
