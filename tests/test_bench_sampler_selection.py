@@ -1,0 +1,40 @@
+"""bench/sampler_accuracy.py: how the fitted solver's variant is chosen on the selection split, on hand-worked
+error samples."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sampler_accuracy", ROOT / "bench" / "sampler_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_sampler_accuracy"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_uniform_ratio_scores_the_same_in_every_draw(bench):
+    peer = torch.rand(1000, generator=torch.Generator().manual_seed(0)) + 0.1
+    # ours = 0.5 x the peer's per sample: mean ratio 0.5 / 0.7, p99 ratio 0.5, in every bootstrap draw
+    assert bench.cautious_goal_score(0.5 * peer, {"mean": peer, "p99": peer}) == pytest.approx(0.5 / 0.7)
+
+
+def test_a_tail_that_only_just_wins_on_this_draw_loses_to_a_steady_one(bench):
+    peer = torch.ones(1000)
+    # 9 of 1000 samples far off: the p99 (rank 989.01 of 0..999) is still a good sample, so the point score is
+    # mean (991 x 0.3 + 9 x 5) / 1000 / 0.7 = 0.489; a draw with >= 11 of them (P ~ 0.29) has p99 5, so the 90th
+    # percentile over draws is 5
+    fragile = torch.cat([torch.full((991,), 0.3), torch.full((9,), 5.0)])
+    steady = torch.full((1000,), 0.6)                                 # 0.6 / 0.7 = 0.857 in every draw
+    both = {"mean": peer, "p99": peer}
+    m = {"mean": float(fragile.mean()), "p99": float(torch.quantile(fragile, 0.99))}
+    assert bench.goal_score(m, {"mean": 1.0, "p99": 1.0}) == pytest.approx((991 * 0.3 + 45) / 1000 / 0.7)
+    assert bench.cautious_goal_score(fragile, both) == pytest.approx(5.0)
+    assert bench.cautious_goal_score(steady, both) == pytest.approx(0.6 / 0.7)
