@@ -292,18 +292,20 @@ def named_runner(problem, split, cfg, nfe):
     return run_named(problem, split, sampler, options, sched, nfe), nfe
 
 
+def paired_draws(n: int, reps: int, seed: int) -> torch.Tensor:
+    """(reps, n) resampling indices over n noises, the same rows for every contestant (a paired bootstrap)."""
+    return torch.randint(0, n, (reps, n), generator=torch.Generator().manual_seed(seed))
+
+
 def bootstrap_ratio(a: torch.Tensor, b: torch.Tensor, stat, reps: int = 300, seed: int = 0):
     """95% paired-bootstrap interval of stat(a) / stat(b) over the held-out noises."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(a), (reps, len(a)), generator=g)
-    r = torch.tensor([stat(a[i]) / stat(b[i]) for i in idx])
+    r = torch.tensor([stat(a[i]) / stat(b[i]) for i in paired_draws(len(a), reps, seed)])
     return float(torch.quantile(r, 0.025)), float(torch.quantile(r, 0.975))
 
 
 # fit_solver settings the bench chooses between per problem (like a diffusers configuration): which parameters are
-# free (time shifts, the first sigma) and how much the tail weighs
-# the tail weight and the CVaR level trade the mean against the worst samples; which point of that trade-off meets
-# both goals differs per problem, so the selection split decides
+# free (time shifts, the first sigma) and how much the tail weighs; the tail weight and the CVaR level trade the mean
+# against the worst samples, and which point of that trade-off meets both goals differs per problem
 FIT_VARIANTS = (("plain", {}), ("plain, tail 3", {"tail": 3.0}),
                 ("plain, tail 3 q0.95", {"tail": 3.0, "tail_quantile": 0.95}),
                 ("time shift", {"time_shift": True}), ("time shift, tail 3", {"time_shift": True, "tail": 3.0}),
@@ -336,11 +338,10 @@ def cautious_goal_score(e: torch.Tensor, peer: dict, level: float = 0.9, reps: i
     """The `level` quantile of goal_score over a paired bootstrap of the selection noises: a p99 of 1536 samples
     rests on its 15 worst, so a variant whose tail only just beats the peer's on this draw is ranked by how well
     it would do on a less lucky one. e: our per-sample errors; peer: {metric: that peer's per-sample errors}."""
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(e), (reps, len(e)), generator=g)
-    q = lambda v: torch.quantile(v, 0.99)                               # noqa: E731
-    scores = torch.stack([torch.maximum(e[i].mean() / (GOALS["mean"] * peer["mean"][i].mean()),
-                                        q(e[i]) / (GOALS["p99"] * q(peer["p99"][i]))) for i in idx])
+    q = lambda v: float(torch.quantile(v, 0.99))                        # noqa: E731
+    scores = torch.tensor([goal_score({"mean": float(e[i].mean()), "p99": q(e[i])},
+                                      {"mean": float(peer["mean"][i].mean()), "p99": q(peer["p99"][i])})
+                           for i in paired_draws(len(e), reps, 0)], dtype=torch.float64)
     return float(torch.quantile(scores, level))
 
 
