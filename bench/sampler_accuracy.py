@@ -415,7 +415,9 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
     for nfe in args.nfe:
         for who, idx, cfgs, runner in (("diffusers", 0, d_cfgs, diffusers_runner), ("named", 1, o_cfgs, named_runner)):
             tables = [cal_scores[(pb.label, nfe)][idx] for pb in design]
-            common = set.intersection(*(set(t) for t in tables))
+            # in configuration order, so a tie (e.g. UniPC 2 and 3 give the same 4 steps) names the same one in
+            # every run, as the per-problem choices do; a set's order follows string hashing
+            common = [lbl for lbl in tables[0] if all(lbl in t for t in tables[1:])]
             for metric in METRICS:
                 frozen[(who, metric, nfe)] = min(common, key=lambda lbl: sum(t[lbl][metric] for t in tables))
         frozen[("fitted", nfe)] = fits[(design[0].label, nfe)]
