@@ -21,7 +21,8 @@ Protocol (per problem and NFE; the same rule for every contestant):
    the worst 10 / 5 / 2 %); the one kept is the variant with the best cautious goal score on the selection split,
    which no fit saw: the goal score (the larger of mean L2 / 0.7 and p99 over the calibration-chosen diffusers
    peers') at the 90th percentile of a paired bootstrap of those noises, so a p99 that only just wins on one draw
-   of 1536 noises does not decide;
+   of 1536 noises does not decide; where no variant scores <= 1 there, all twelve are refitted at 3x the
+   iterations (1200) and the best of the 24 fits is kept;
 4. report on held-out noise (2000 fresh noises): per-sample L2 to a 1000-step RK4 reference solve from the same
    noise (mean, p50, p90, p99, RMS, paired-bootstrap 95% intervals of the ratios), sliced W2 to the exact data law,
    and exact W2 (optimal assignment, scipy linear_sum_assignment) of 1000 outputs (a) to 1000 fresh data draws
@@ -319,6 +320,9 @@ FIT_VARIANTS = (("plain", {}), ("plain, tail 3", {"tail": 3.0}),
                 ("time shift + start, tail 3 q0.98", {"time_shift": True, "fit_start": True, "tail": 3.0,
                                                       "tail_quantile": 0.98}))
 QUICK_VARIANTS = FIT_VARIANTS[::3]
+# refits at 3x the iterations where no variant meets the goals cautiously; a second 3x (3600 iterations) scored no
+# better on the seed-1 16-D VP clusters cell (best 1.13 against 1.05), so one
+ESCALATIONS = 1
 
 
 def fit_for(problem: Problem, cal: Split, nfe: int, iterations: int, variant=FIT_VARIANTS[0]) -> dict:
@@ -357,18 +361,29 @@ def peer_errors(problem: Problem, split: Split, nfe: int, chosen: dict) -> dict:
     return {metric: runs[cfg[0]] for metric, cfg in chosen.items()}
 
 
-def choose_fit(problem: Problem, cal: Split, sel: Split, nfe: int, iterations: int, variants, peer: dict):
+def choose_fit(problem: Problem, cal: Split, sel: Split, nfe: int, iterations: int, variants, peer: dict,
+               escalations: int = ESCALATIONS):
     """Fit each variant on the calibration split; keep the one whose cautious goal score on the selection split
     (fresh noise, not fitted on) is lowest. peer: the calibration-chosen diffusers configurations' per-sample
-    errors on `sel`."""
+    errors on `sel`. Where no variant scores <= 1 (none meets the goals cautiously), every variant is refitted at
+    three times the iterations (`escalations` times) and the best of all the fits is kept: the fit stops short of
+    its best in some cells (seed-1 16-D VP clusters, NFE 4: p99 1.14x of the peer's at 400 iterations, 0.90x at
+    1200), and the selection split, not the held-out one, decides when to pay for more."""
     scored = []
-    for variant in variants:
-        fit = fit_for(problem, cal, nfe, iterations, variant)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            e = errors(sel, run_fitted(problem, sel, fit))
-        scored.append((cautious_goal_score(e, peer) if bool(e.isfinite().all()) else math.inf, fit))
-    return min(scored, key=lambda r: r[0])[1]
+    for level in range(escalations + 1):
+        budget = iterations * 3 ** level
+        for variant in variants:
+            fit = fit_for(problem, cal, nfe, budget, variant)
+            if level:
+                fit["variant"] += f", {budget} it"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                e = errors(sel, run_fitted(problem, sel, fit))
+            fit["selection_score"] = cautious_goal_score(e, peer) if bool(e.isfinite().all()) else math.inf
+            scored.append(fit)
+        if min(f["selection_score"] for f in scored) <= 1:
+            break
+    return min(scored, key=lambda f: f["selection_score"])
 
 
 def evaluate_case(dim: int, kind: str, problems, args, log):
@@ -392,7 +407,8 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
                 sd = calibrate(pb, cal, nfe, d_cfgs, diffusers_runner)
             so = calibrate(pb, cal, nfe, o_cfgs, named_runner)
             chosen = {metric: d_by_label[min(sd, key=lambda lbl: sd[lbl][metric])] for metric in ("mean", "p99")}
-            fit = choose_fit(pb, cal, sel, nfe, iters, variants, peer_errors(pb, sel, nfe, chosen))
+            fit = choose_fit(pb, cal, sel, nfe, iters, variants, peer_errors(pb, sel, nfe, chosen),
+                             escalations=0 if args.quick else ESCALATIONS)
             fits[(pb.label, nfe)] = fit
             cal_scores[(pb.label, nfe)] = (sd, so)
             row = {}
@@ -631,7 +647,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="about a minute: one design and one held-out problem per case, 500 test noises, "
-                             "fewer configurations, 120 fit iterations")
+                             "fewer configurations, 120 fit iterations, no refits")
     parser.add_argument("--problem-seed", type=int, default=1, help="seed of the held-out mixtures (default 1)")
     parser.add_argument("--problem-file", type=Path, help="a mixture JSON (means, stds, weights) as the held-out "
                                                           "problem; only the cases of its dimension run")
@@ -696,7 +712,8 @@ def main(argv=None):
         report += ["Fitted solvers (sigmas; start):", ""]
         for (label, nfe), fit in fits_all[case].items():
             report.append(f"- {label} / NFE {nfe}: " + ", ".join(f"{s:.3g}" for s in fit["sigmas"])
-                          + f"; {fit['variant']}, start {fit['start']}, calibration mean L2 {fit['error']:.3f}"
+                          + f"; {fit['variant']}, start {fit['start']}, calibration mean L2 {fit['error']:.3f}, "
+                            f"cautious goal score on the selection split {fit['selection_score']:.3f}"
                           + ("; time shifts " + ", ".join(f"{v:+.2f}" for v in fit["options"]["shifts"])
                              if "shifts" in fit["options"] else ""))
         report.append("")
