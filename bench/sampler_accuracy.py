@@ -33,8 +33,8 @@ A second table freezes every choice on the design problems (diffusers' and our n
 calibration metric over the design problems, the solver fitted on design problem 0) and applies it to the held-out
 problems unchanged: what a fitted solver does on a model it was not fitted to.
 
-Usage: python bench/sampler_accuracy.py [--quick] [--problem-seed S | --problem-file mix.json] [--out F]
-       [--summary F]
+Usage: python bench/sampler_accuracy.py [--quick] [--problem-seed S | --problem-file mix.json] [--nfe N ...] [--out F]
+       [--summary F] [--selection-noises N]
 """
 
 from __future__ import annotations
@@ -397,7 +397,8 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
     for k, pb in enumerate(problems):
         t0 = time.perf_counter()
         cal = Split(pb, n_cal, 4321 + 17 * k, ref_steps, min(n_cal, 512))
-        sel = Split(pb, n_cal, 8765 + 17 * k, ref_steps, min(n_cal, 512))      # chooses the fit variant
+        n_sel = args.selection_noises or n_cal
+        sel = Split(pb, n_sel, 8765 + 17 * k, ref_steps, min(n_sel, 512))      # chooses the fit variant
         test = tests[pb.label] = Split(pb, n_test, 1234 + 17 * k, ref_steps, n_w2)
         floor = metrics(pb, test, test.ref, full=True)
         results[pb.label] = {"floor": floor}
@@ -652,6 +653,8 @@ def main(argv=None):
     parser.add_argument("--problem-file", type=Path, help="a mixture JSON (means, stds, weights) as the held-out "
                                                           "problem; only the cases of its dimension run")
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--selection-noises", type=int,
+                        help="size of the split that chooses the fit variant (default: the calibration split's, 1536)")
     parser.add_argument("--out", type=Path, help="write the full Markdown tables to this file")
     parser.add_argument("--summary", type=Path, help="write the compact goal table to this file")
     parser.add_argument("--threads", type=int, default=1)
