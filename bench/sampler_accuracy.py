@@ -386,20 +386,32 @@ def choose_fit(problem: Problem, cal: Split, sel: Split, nfe: int, iterations: i
     return min(scored, key=lambda f: f["selection_score"])
 
 
+def splits_for(problem: Problem, k: int, quick: bool, n_sel: int | None = None) -> tuple[Split, Split, Split]:
+    """The calibration, selection (chooses the fit variant; n_sel noises, default the calibration split's size)
+    and held-out splits of the k-th problem of a case, each from its own seed."""
+    n_cal, n_test, n_w2, ref_steps = (256, 500, 500, 200) if quick else (1536, 2000, 1000, 1000)
+    n_sel = n_sel or n_cal
+    return (Split(problem, n_cal, 4321 + 17 * k, ref_steps, min(n_cal, 512)),
+            Split(problem, n_sel, 8765 + 17 * k, ref_steps, min(n_sel, 512)),
+            Split(problem, n_test, 1234 + 17 * k, ref_steps, n_w2))
+
+
+def peer_configs(scores: dict, by_label: dict) -> dict:
+    """{metric: the diffusers configuration best on calibration for it}, for the goal metrics (mean, p99)."""
+    return {metric: by_label[min(scores, key=lambda lbl: scores[lbl][metric])] for metric in ("mean", "p99")}
+
+
 def evaluate_case(dim: int, kind: str, problems, args, log):
     """All results of one (dim, kind) case: {problem label: {nfe: {contestant: metrics}}} and the choices."""
-    n_cal, n_test, n_w2, ref_steps, iters = ((256, 500, 500, 200, 120) if args.quick
-                                              else (1536, 2000, 1000, 1000, 400))
+    iters = 120 if args.quick else 400
     variants = QUICK_VARIANTS if args.quick else FIT_VARIANTS
     d_cfgs, o_cfgs = diffusers_configs(kind, args.quick), named_configs(kind, args.quick)
     d_by_label = {c[0]: c for c in d_cfgs}
     results, cal_scores, fits, tests = {}, {}, {}, {}
     for k, pb in enumerate(problems):
         t0 = time.perf_counter()
-        cal = Split(pb, n_cal, 4321 + 17 * k, ref_steps, min(n_cal, 512))
-        n_sel = args.selection_noises or n_cal
-        sel = Split(pb, n_sel, 8765 + 17 * k, ref_steps, min(n_sel, 512))      # chooses the fit variant
-        test = tests[pb.label] = Split(pb, n_test, 1234 + 17 * k, ref_steps, n_w2)
+        cal, sel, test = splits_for(pb, k, args.quick, args.selection_noises)
+        tests[pb.label] = test
         floor = metrics(pb, test, test.ref, full=True)
         results[pb.label] = {"floor": floor}
         for nfe in args.nfe:
@@ -407,7 +419,7 @@ def evaluate_case(dim: int, kind: str, problems, args, log):
                 warnings.simplefilter("ignore")
                 sd = calibrate(pb, cal, nfe, d_cfgs, diffusers_runner)
             so = calibrate(pb, cal, nfe, o_cfgs, named_runner)
-            chosen = {metric: d_by_label[min(sd, key=lambda lbl: sd[lbl][metric])] for metric in ("mean", "p99")}
+            chosen = peer_configs(sd, d_by_label)
             fit = choose_fit(pb, cal, sel, nfe, iters, variants, peer_errors(pb, sel, nfe, chosen),
                              escalations=0 if args.quick else ESCALATIONS)
             fits[(pb.label, nfe)] = fit

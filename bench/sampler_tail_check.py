@@ -53,15 +53,12 @@ def main(argv=None):
     k = 2 + HELD_OUT_FAMILIES.index(args.family)          # the bench's split seeds: two design problems first
     pb = sa.Problem(GaussianMixture.family(args.family, args.dim, args.problem_seed), args.kind,
                     f"held-out {args.family} {args.problem_seed}", False)
-    cal = sa.Split(pb, 1536, 4321 + 17 * k, 1000, 512)
-    sel = sa.Split(pb, args.selection_noises, 8765 + 17 * k, 1000, 512)
-    test = sa.Split(pb, 2000, 1234 + 17 * k, 1000, 1000)
+    cal, sel, test = sa.splits_for(pb, k, False, args.selection_noises)
     configs = sa.diffusers_configs(args.kind, False)
-    by_label = {c[0]: c for c in configs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = sa.calibrate(pb, cal, args.nfe, configs, sa.diffusers_runner)
-    chosen = {m: by_label[min(scores, key=lambda lbl: scores[lbl][m])] for m in ("mean", "p99")}
+    chosen = sa.peer_configs(scores, {c[0]: c for c in configs})
     peer_sel, peer_test = sa.peer_errors(pb, sel, args.nfe, chosen), sa.peer_errors(pb, test, args.nfe, chosen)
     q99 = lambda v: float(torch.quantile(v, 0.99))                           # noqa: E731
     lvl_sel, lvl_test = q99(peer_sel["p99"]), q99(peer_test["p99"])
