@@ -82,3 +82,16 @@ def test_a_refit_that_scores_worse_is_not_kept_and_escalations_stop(bench, monke
     fit = bench.choose_fit(None, None, None, 4, 400, VARIANTS, PEER, escalations=1)
     assert len(calls) == 4                      # one refit round only, though none meets the goals after it
     assert fit["variant"] == "a" and fit["selection_score"] == pytest.approx(0.8 / 0.7)
+
+
+def test_the_selection_split_is_fresh_noise_four_times_the_calibration_split(bench):
+    from nimblediff.core.gmm import GaussianMixture
+
+    problem = bench.Problem(GaussianMixture.family("grid", 2, 0), "vp", "held-out grid 0", False)
+    cal, sel, test = bench.splits_for(problem, 2, quick=True)
+    assert (len(cal.x), len(sel.x), len(test.x)) == (256, 1024, 500)
+    assert bench.split_sizes(False)["sel"] == 4 * bench.split_sizes(False)["cal"] == 6144
+    # no selection noise is a calibration (fitted-on) or held-out (reported) noise
+    for other in (cal.latents, test.latents):
+        assert torch.cdist(sel.latents, other).min() > 0
+    assert len(bench.splits_for(problem, 2, quick=True, n_sel=300)[1].x) == 300
