@@ -5,7 +5,7 @@ Each pair is BEFORE AFTER: full reports (--out files) of the same --problem-seed
 file as git committed it at REV (the result a rerun overwrote). Reads the reports' per-problem goal tables and
 their 'Fitted solvers' lists; runs nothing.
 
-Usage: python bench/sampler_compare.py [--labels "1536" "6144"] BEFORE AFTER [BEFORE AFTER ...]
+Usage: python bench/sampler_compare.py [--labels "1536" "6144"] [--out F] BEFORE AFTER [BEFORE AFTER ...]
 """
 
 from __future__ import annotations
@@ -62,18 +62,19 @@ def meets(c: dict) -> bool:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", nargs=2, default=("before", "after"), help="names of the two runs")
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
     parser.add_argument("reports", nargs="+", help="BEFORE AFTER pairs of full reports (REV:PATH for a committed one)")
     args = parser.parse_args(argv)
     if len(args.reports) % 2:
         parser.error("reports come in BEFORE AFTER pairs")
     b, a = args.labels
-    print("Command: `python bench/sampler_compare.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-          + "`\n")
-    print(f"Fitted solver / the calibration-chosen diffusers peer on held-out noise, per held-out cell, in the run "
-          f"'{b}' and the run '{a}' (ratio [95% paired-bootstrap interval]); variant = the fit variant kept, with "
-          f"its cautious goal score on the selection split. Goals: mean L2 <= 0.7, p99 <= 1.0.\n")
-    print(f"| cell | NFE | mean L2, {b} | mean L2, {a} | p99, {b} | p99, {a} | variant, {b} | variant, {a} |")
-    print("|---|---:|---:|---:|---:|---:|---|---|")
+    command = "python bench/sampler_compare.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
+    lines = [f"Command: `{command}`", "",
+             f"Fitted solver / the calibration-chosen diffusers peer on held-out noise, per held-out cell, in the run "
+             f"'{b}' and the run '{a}' (ratio [95% paired-bootstrap interval]); variant = the fit variant kept, "
+             f"with its cautious goal score on the selection split. Goals: mean L2 <= 0.7, p99 <= 1.0.", "",
+             f"| cell | NFE | mean L2, {b} | mean L2, {a} | p99, {b} | p99, {a} | variant, {b} | variant, {a} |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     tally = {b: 0, a: 0}
     total = changed = 0
     for before_spec, after_spec in zip(args.reports[::2], args.reports[1::2]):
@@ -86,11 +87,14 @@ def main(argv=None):
             tally[b] += meets(x)
             tally[a] += meets(y)
             changed += x["variant"] != y["variant"]
-            print(f"| {key[0]} {key[1]} | {key[2]} | {x['mean']} | "
-                  f"{y['mean']} | {x['p99']} | {y['p99']} | {x['variant']} ({x['score']}) | "
-                  f"{y['variant']} ({y['score']}) |")
-    print(f"\nCells meeting both per-sample goals: {b} {tally[b]}/{total}, {a} {tally[a]}/{total}; kept variant "
-          f"changed in {changed} of {total}.")
+            lines.append(f"| {key[0]} {key[1]} | {key[2]} | {x['mean']} | {y['mean']} | {x['p99']} | {y['p99']} | "
+                         f"{x['variant']} ({x['score']}) | {y['variant']} ({y['score']}) |")
+    lines += ["", f"Cells meeting both per-sample goals: {b} {tally[b]}/{total}, {a} {tally[a]}/{total}; kept "
+                  f"variant changed in {changed} of {total}."]
+    text = "\n".join(lines) + "\n"
+    sys.stdout.write(text)
+    if args.out:
+        args.out.write_text(text)
 
 
 if __name__ == "__main__":
