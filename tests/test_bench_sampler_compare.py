@@ -10,6 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 ROWS = """| 16-D vp | design random 0 | 4 | 0.300 [0.29, 0.31] | 0.400 [0.3, 0.5] | x | x | x | x | x | x | x | 4/4 |
 | 16-D vp | held-out grid 9 | 4 | {mean} | {p99} | x | x | x | x | x | x | x | 4/4 |"""
+FIT_DESIGN = ("- design random 0 / NFE 4: 14.6, 0; plain, start ddim/trailing, calibration mean L2 0.1, cautious goal "
+              "score on the selection split 0.500")
+FIT_HELD_OUT = ("- held-out grid 9 / NFE 4: 14.6, 1.5, 0; {variant}, start dpmpp_2m+corrector/trailing, calibration "
+                "mean L2 0.087, cautious goal score on the selection split 0.594; time shifts -0.27")
 
 
 def report(mean: str, p99: str, variant: str) -> str:
@@ -29,8 +33,8 @@ def report(mean: str, p99: str, variant: str) -> str:
 
 Fitted solvers (sigmas; start):
 
-- design random 0 / NFE 4: 14.6, 0; plain, start ddim/trailing, calibration mean L2 0.1, cautious goal score on the selection split 0.500
-- held-out grid 9 / NFE 4: 14.6, 1.5, 0; {variant}, start dpmpp_2m+corrector/trailing, calibration mean L2 0.087, cautious goal score on the selection split 0.594; time shifts -0.27
+{FIT_DESIGN}
+{FIT_HELD_OUT.format(variant=variant)}
 """
 
 
@@ -60,8 +64,8 @@ def test_tallies_a_pair_of_reports(compare, tmp_path, capsys):
     after.write_text(report("0.600 [0.5, 0.7]", "0.800 [0.7, 0.9]", "time shift"))
     compare.main(["--labels", "1536", "6144", str(before), str(after)])
     out = capsys.readouterr().out
-    assert "| 16-D vp held-out grid 9 | 4 | 0.650 [0.6, 0.7] | 0.600 [0.5, 0.7] | 1.050 [0.9, 1.2] | 0.800 [0.7, 0.9] | " \
-           "plain (0.594) | time shift (0.594) |" in out
+    assert ("| 16-D vp held-out grid 9 | 4 | 0.650 [0.6, 0.7] | 0.600 [0.5, 0.7] | 1.050 [0.9, 1.2] | "
+            "0.800 [0.7, 0.9] | plain (0.594) | time shift (0.594) |") in out
     assert "1536 0/1, 6144 1/1; kept variant changed in 1 of 1." in out
 
 
