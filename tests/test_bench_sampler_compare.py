@@ -66,7 +66,12 @@ def test_tallies_a_pair_of_reports(compare, tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("| 16-D vp held-out grid 9 | 4 | 0.650 [0.6, 0.7] | 0.600 [0.5, 0.7] | 1.050 [0.9, 1.2] | "
             "0.800 [0.7, 0.9] | plain (0.594) | time shift (0.594) |") in out
-    assert "1536 0/1, 6144 1/1; kept variant changed in 1 of 1." in out
+    assert "| after.md | 1 | 0 | 1 | 1 |" in out                     # 1 cell: met in 0 before, 1 after; 1 change
+    compare.main(["--brief", str(after), str(after)])                  # met in both runs: not listed
+    brief = capsys.readouterr().out
+    assert "| after.md | 1 | 1 | 1 | 0 |" in brief and "held-out grid 9 | 4 |" not in brief
+    compare.main(["--brief", str(before), str(after)])                 # missed in one run: listed
+    assert "| 16-D vp held-out grid 9 | 4 | 0.650" in capsys.readouterr().out
 
 
 def test_pairs_must_hold_the_same_cells(compare, tmp_path):
