@@ -1,4 +1,8 @@
-"""Test session settings."""
+"""Test session settings, and the loader of bench/ scripts."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,22 @@ def _one_thread():
     """Back to one thread after every test: a CLI test runs with its own --threads, which is process-global."""
     yield
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def load_bench():
+    """load_bench(stem): bench/<stem>.py as the module bench_<stem> (bench/ is a folder of scripts, not a package),
+    registered in sys.modules, since dataclasses look their module up by name."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(stem: str):
+        name = f"bench_{stem}"
+        spec = importlib.util.spec_from_file_location(name, bench / f"{stem}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    return load
 
 
 _REPORTED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "gguf", "tokenizers",

@@ -1,12 +1,6 @@
 """bench/sampler_compare.py reads two sampler_accuracy reports cell by cell: on a hand-written pair of reports."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 ROWS = """| 16-D vp | design random 0 | 4 | 0.300 [0.29, 0.31] | 0.400 [0.3, 0.5] | x | x | x | x | x | x | x | 4/4 |
 | 16-D vp | held-out grid 9 | 4 | {mean} | {p99} | x | x | x | x | x | x | x | 4/4 |"""
@@ -39,12 +33,8 @@ Fitted solvers (sigmas; start):
 
 
 @pytest.fixture(scope="module")
-def compare():
-    spec = importlib.util.spec_from_file_location("bench_sampler_compare", ROOT / "bench" / "sampler_compare.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sampler_compare"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def compare(load_bench):
+    return load_bench("sampler_compare")
 
 
 def test_reads_only_the_held_out_cells_of_the_per_problem_table(compare):

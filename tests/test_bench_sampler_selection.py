@@ -1,23 +1,13 @@
 """bench/sampler_accuracy.py: how the fitted solver's variant is chosen on the selection split, on hand-worked
 error samples."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_sampler_accuracy", ROOT / "bench" / "sampler_accuracy.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_sampler_accuracy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_bench):
+    return load_bench("sampler_accuracy")
 
 
 def test_a_uniform_ratio_scores_the_same_in_every_draw(bench):

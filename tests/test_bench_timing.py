@@ -1,21 +1,11 @@
 """bench/timing.py: the one timing protocol, checked against hand-worked cases."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def timing():
-    spec = importlib.util.spec_from_file_location("bench_timing", ROOT / "bench" / "timing.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_timing"] = mod       # dataclasses look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
+def timing(load_bench):
+    return load_bench("timing")
 
 
 def test_median_interval_order_statistics(timing):

@@ -263,17 +263,10 @@ def test_pipeline_refuses_bad_mask_input(pipe, scene):
         pipe(pixels, mask_strength=0.0, **kw)
 
 
-def test_the_benchs_paired_gap_by_hand():
+def test_the_benchs_paired_gap_by_hand(load_bench):
     """bench/editing.py's paired interval: differences {1, 0, 0, 0, 0} resample to Binomial(5, 0.2) / 5, whose 2.5%
     quantile is 0 (P(0) = 0.33) and 97.5% quantile 0.6 (P(<= 2) = 0.942, P(<= 3) = 0.993)."""
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_editing", root / "bench" / "editing.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("editing")
     a, b = np.array([1, 1, 1, 1, 0], bool), np.array([0, 1, 1, 1, 0], bool)
     assert bench.paired_gap(a, b) == "+0.20 [+0.00, +0.60]"
     assert bench.paired_gap(b, a) == "-0.20 [-0.60, +0.00]"

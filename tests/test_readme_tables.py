@@ -1,6 +1,5 @@
 """README's benchmark tables are copies of bench/results/*.md (bench/update_readme.py), never hand-edited."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,17 +7,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _update_readme():
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "bench" / "update_readme.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def update_readme(load_bench):
+    return load_bench("update_readme")
 
 
-def test_readme_tables_match_bench_results():
+def test_readme_tables_match_bench_results(update_readme):
     """Fails when a table between <!-- bench:NAME --> markers differs from bench/results/NAME.md: rerun the bench
     and `python bench/update_readme.py` instead of editing the table."""
-    assert _update_readme().main(["--check"]) == 0
+    assert update_readme.main(["--check"]) == 0
 
 
 def test_readme_has_the_benchmark_blocks():
@@ -39,29 +36,27 @@ def tree(tmp_path):
     return tmp_path, doc
 
 
-def test_update_then_check_passes_and_keeps_the_rest(tree):
+def test_update_then_check_passes_and_keeps_the_rest(tree, update_readme):
     root, doc = tree
     args = ["--docs", str(doc), "--results", str(root / "results")]
-    mod = _update_readme()
-    assert mod.main(["--check", *args]) == 1                       # stale before the update
-    assert mod.main(args) == 0
+    assert update_readme.main(["--check", *args]) == 1                       # stale before the update
+    assert update_readme.main(args) == 0
     assert doc.read_text() == "intro\n<!-- bench:x -->\n" + RESULT + "<!-- /bench:x -->\nafter\n"
-    assert mod.main(["--check", *args]) == 0
+    assert update_readme.main(["--check", *args]) == 0
 
 
 @pytest.mark.parametrize("edit", [lambda t: t.replace("| 1 | 2 |", "| 1 | 3 |"),          # a hand-edited figure
                                   lambda t: t.replace("| 1 | 2 |\n", "")])               # a dropped row
-def test_hand_edited_table_fails_the_check(tree, edit):
+def test_hand_edited_table_fails_the_check(tree, edit, update_readme):
     root, doc = tree
     args = ["--docs", str(doc), "--results", str(root / "results")]
-    mod = _update_readme()
-    mod.main(args)
+    update_readme.main(args)
     doc.write_text(edit(doc.read_text()))
-    assert mod.main(["--check", *args]) == 1
+    assert update_readme.main(["--check", *args]) == 1
 
 
 @pytest.mark.parametrize("setup", ["missing result", "no command line", "unclosed marker"])
-def test_broken_inputs_are_errors(tree, setup):
+def test_broken_inputs_are_errors(tree, setup, update_readme):
     root, doc = tree
     if setup == "missing result":
         (root / "results" / "x.md").unlink()
@@ -69,4 +64,4 @@ def test_broken_inputs_are_errors(tree, setup):
         (root / "results" / "x.md").write_text("| a | b |\n")
     else:
         doc.write_text("<!-- bench:x -->\nold\n")
-    assert _update_readme().main(["--check", "--docs", str(doc), "--results", str(root / "results")]) == 2
+    assert update_readme.main(["--check", "--docs", str(doc), "--results", str(root / "results")]) == 2
