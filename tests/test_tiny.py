@@ -144,3 +144,36 @@ def test_training_resumes_from_checkpoint(trained):
                 "--no-progress"])
     assert torch.load(trained / "vae" / "ckpt.pt", weights_only=True)["step"] == 2
     assert "resumed at step 1" in (trained / "vae" / "train.log").read_text()
+
+
+def test_unet_stage_continues_from_init_folder(trained, tmp_path):
+    """--init starts the UNet stage from a trained pipeline's weights: at a negligible learning rate the product is
+    that pipeline's UNet and text encoder again, not fresh random weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from nimblediff.tiny import train
+
+    # the smoke run's weights are one tiny step from the seed-0 random init a new run also draws: move them away
+    before = StableDiffusionPipeline.from_pretrained(trained / "unet" / "pipeline")
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in [*before.unet.parameters(), *before.text_encoder.parameters()]:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    before.save_pretrained(tmp_path / "init")
+    train.main(["--stage", "unet", "--init", str(tmp_path / "init"), "--vae", str(trained / "vae" / "final"),
+                "--out", str(tmp_path / "run"), "--max-steps", "1", "--batch", "2", "--lr", "1e-12",
+                "--no-progress"])
+    after = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "unet" / "pipeline")
+    for name in ("unet", "text_encoder"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def test_init_folder_of_another_arch_is_refused(trained, tmp_path):
+    from nimblediff.tiny import train
+
+    with pytest.raises(ValueError, match=r"--init .*unet: its weights do not fit --arch v2"):
+        train.main(["--stage", "unet", "--arch", "v2", "--init", str(trained / "unet" / "pipeline"), "--vae",
+                    str(trained / "vae" / "final"), "--out", str(tmp_path), "--max-steps", "1", "--batch", "2",
+                    "--no-progress"])

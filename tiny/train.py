@@ -43,6 +43,9 @@ def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__
     p.add_argument("--p-two", type=float, default=None,
                    help="share of two-shape scenes in UNet batches (default: the data's own, 0.2)")
     p.add_argument("--vae", default=None, help="trained VAE folder for the unet stage (default: <out>/vae/final)")
+    p.add_argument("--init", default=None,
+                   help="unet stage: start from this pipeline folder's UNet and text encoder (continued training of a "
+                        "shipped model; its arch must match --arch) instead of random weights")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export", action="store_true",
@@ -209,6 +212,24 @@ def snr_weight(alpha_bar, gamma):
     return snr.clamp(max=gamma) / snr
 
 
+def init_from(folder, unet, text_encoder, arch="v1"):
+    """Load a trained pipeline folder's UNet and text encoder into the fresh modules (strict: the arch must match).
+    A checkpoint in <out>/unet, if any, is loaded after this and wins: --init only sets where step 0 starts."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for sub, module, cls in (("unet", unet, UNet2DConditionModel), ("text_encoder", text_encoder, CLIPTextModel)):
+        path = os.path.join(folder, sub)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--init {folder}: no {sub}/ folder; pass a saved StableDiffusionPipeline folder")
+        trained = cls.from_pretrained(path, dtype=torch.float32).state_dict()
+        try:
+            module.load_state_dict(trained)
+        except RuntimeError as e:               # missing / unexpected keys or other shapes: another arch
+            first = str(e).strip().splitlines()[:2]
+            raise ValueError(f"--init {path}: its weights do not fit --arch {arch}: {' '.join(first)}") from None
+
+
 def train_unet(args):
     from diffusers import AutoencoderKL
 
@@ -216,6 +237,8 @@ def train_unet(args):
     vae = AutoencoderKL.from_pretrained(vae_dir, dtype=torch.float32).eval().requires_grad_(False)
     tokenizer = vocab.build_tokenizer()
     text_encoder, unet = model.make_text_encoder(len(tokenizer), args.arch), model.make_unet(args.arch)
+    if args.init:
+        init_from(args.init, unet, text_encoder, args.arch)
     p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
     # Text encoder trained jointly: a random frozen encoder would have to be decoded by the UNet instead.
     params = list(unet.parameters()) + list(text_encoder.parameters())
