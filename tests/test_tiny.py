@@ -177,3 +177,20 @@ def test_init_folder_of_another_arch_is_refused(trained, tmp_path):
         train.main(["--stage", "unet", "--arch", "v2", "--init", str(trained / "unet" / "pipeline"), "--vae",
                     str(trained / "vae" / "final"), "--out", str(tmp_path), "--max-steps", "1", "--batch", "2",
                     "--no-progress"])
+
+
+def test_split_words_moves_two_embeddings_apart_about_their_mean():
+    from nimblediff.tiny import model, train, vocab
+
+    tokenizer = vocab.build_tokenizer()
+    encoder = model.make_text_encoder(len(tokenizer))
+    before = encoder.get_input_embeddings().weight.detach().clone()
+    train.split_words(encoder, tokenizer, ["top", "bottom"], 0.6)
+    after = encoder.get_input_embeddings().weight.detach()
+    i, j = (tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("top", "bottom"))
+    assert torch.allclose((after[i] + after[j]) / 2, (before[i] + before[j]) / 2, atol=1e-6)
+    assert (after[i] - after[j]).norm().item() == pytest.approx(1.2, rel=1e-5)
+    others = [k for k in range(len(after)) if k not in (i, j)]
+    assert torch.equal(after[others], before[others])
+    with pytest.raises(ValueError, match="--split-words top zebra"):
+        train.split_words(encoder, tokenizer, ["top", "zebra"], 0.6)

@@ -47,6 +47,11 @@ def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__
                    help="unet stage: start from this pipeline folder's UNet and text encoder (continued training of a "
                         "shipped model; its arch must match --arch) instead of random weights")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
+    p.add_argument("--split-words", nargs=2, metavar=("A", "B"), default=None,
+                   help="unet stage: before training, set the two words' token embeddings to their mean +- "
+                        "--split-scale along a random direction (breaks a learned symmetry: the shipped v1 teacher "
+                        "drew 'top' and 'bottom' alike, see bench/position_check.py)")
+    p.add_argument("--split-scale", type=float, default=0.6)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export", action="store_true",
                    help="no training: write the checkpoint's (EMA) weights to <out>/<stage>/snapshot for evaluation")
@@ -230,6 +235,25 @@ def init_from(folder, unet, text_encoder, arch="v1"):
             raise ValueError(f"--init {path}: its weights do not fit --arch {arch}: {' '.join(first)}") from None
 
 
+def split_words(text_encoder, tokenizer, words, scale, seed=0):
+    """Move two words' token embeddings apart: mean +- scale * u, u a unit vector drawn from `seed`.
+
+    Why: training can settle where two words are embedded alike and the UNet ignores their difference, a saddle it
+    leaves very slowly, since each side waits for the other. The shipped v1 teacher sits there for 'top' / 'bottom'
+    (at chance on them, against 0.95 on left / right); splitting the embeddings gives the UNet a difference to use.
+    """
+    ids = [tokenizer.convert_tokens_to_ids(w + "</w>") for w in words]
+    if len(set(ids)) != 2 or tokenizer.unk_token_id in ids:
+        raise ValueError(f"--split-words {' '.join(words)}: need two different words of the vocabulary")
+    emb = text_encoder.get_input_embeddings().weight
+    u = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(seed))
+    u /= u.norm()
+    with torch.no_grad():
+        mean = (emb[ids[0]] + emb[ids[1]]) / 2
+        emb[ids[0]] = mean + scale * u
+        emb[ids[1]] = mean - scale * u
+
+
 def train_unet(args):
     from diffusers import AutoencoderKL
 
@@ -239,6 +263,8 @@ def train_unet(args):
     text_encoder, unet = model.make_text_encoder(len(tokenizer), args.arch), model.make_unet(args.arch)
     if args.init:
         init_from(args.init, unet, text_encoder, args.arch)
+    if args.split_words:
+        split_words(text_encoder, tokenizer, args.split_words, args.split_scale)
     p_two = data.P_TWO_SHAPES if args.p_two is None else args.p_two
     # Text encoder trained jointly: a random frozen encoder would have to be decoded by the UNet instead.
     params = list(unet.parameters()) + list(text_encoder.parameters())
