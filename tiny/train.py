@@ -43,15 +43,7 @@ def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__
     p.add_argument("--p-two", type=float, default=None,
                    help="share of two-shape scenes in UNet batches (default: the data's own, 0.2)")
     p.add_argument("--vae", default=None, help="trained VAE folder for the unet stage (default: <out>/vae/final)")
-    p.add_argument("--init", default=None,
-                   help="unet stage: start from this pipeline folder's UNet and text encoder (continued training of a "
-                        "shipped model; its arch must match --arch) instead of random weights")
     p.add_argument("--eval-n", type=int, default=512, help="held-out images for the VAE's final scale and L1")
-    p.add_argument("--split-words", nargs=2, metavar=("A", "B"), default=None,
-                   help="unet stage: before training, set the two words' token embeddings to their mean +- "
-                        "--split-scale along a random direction (breaks a learned symmetry: the shipped v1 teacher "
-                        "drew 'top' and 'bottom' alike, see bench/position_check.py)")
-    p.add_argument("--split-scale", type=float, default=0.6)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--export", action="store_true",
                    help="no training: write the checkpoint's (EMA) weights to <out>/<stage>/snapshot for evaluation")
@@ -59,7 +51,16 @@ def build_parser(stages=("vae", "unet", "flash", "all"), out="runs/tiny", doc=__
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    p = build_parser()                  # UNet-stage options of this script (train_dit.py has its own --init)
+    p.add_argument("--init", default=None,
+                   help="unet stage: start from this pipeline folder's UNet and text encoder (continued training of a "
+                        "shipped model; its arch must match --arch) instead of random weights")
+    p.add_argument("--split-words", nargs=2, metavar=("A", "B"), default=None,
+                   help="unet stage: before training, set the two words' token embeddings to their mean +- "
+                        "--split-scale along a random direction (breaks a learned symmetry: the shipped v1 teacher "
+                        "drew 'top' and 'bottom' alike, see bench/position_check.py)")
+    p.add_argument("--split-scale", type=float, default=0.6)
+    return p.parse_args(argv)
 
 
 class Loop:
