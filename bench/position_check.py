@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from nimblediff.tiny import data, evaluate, heldout
+from nimblediff.tiny.train import tokenize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import quality  # noqa: E402
 from timing import Conditions, write_result  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,14 +47,10 @@ def load(folder):
 
 
 def generate(pipe, prompts, batch=64):
-    """(N, 64, 64, 3) uint8, prompt i from its own noise seed."""
-    out = []
-    for i in range(0, len(prompts.captions), batch):
-        gens = [torch.Generator().manual_seed(s) for s in prompts.noise_seeds[i:i + batch]]
-        images = pipe(prompts.captions[i:i + batch], height=64, width=64, num_inference_steps=STEPS,
-                      guidance_scale=CFG, generator=gens, output_type="np").images
-        out.append((images * 255).round().clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
+    """(N, 64, 64, 3) uint8, prompt i from its own noise seed (bench/quality.py's generate, in batches)."""
+    return np.concatenate([quality.generate(pipe, prompts.captions[i:i + batch], STEPS, CFG,
+                                            prompts.noise_seeds[i:i + batch])
+                           for i in range(0, len(prompts.captions), batch)])
 
 
 def read_positions(images, scenes, net):
@@ -72,10 +70,9 @@ def confusion_table(pairs) -> list[str]:
     lines = ["| caption \\ image | " + " | ".join(cols) + " | right [95% CI] |", "|---" * (len(cols) + 2) + "|"]
     for p in POSITIONS:
         row = [counts[(p, c)] for c in cols]
-        n = sum(row)
-        lo, hi = evaluate.wilson(row[POSITIONS.index(p)], n)
-        lines.append(f"| {p} | " + " | ".join(map(str, row)) + f" | {row[POSITIONS.index(p)] / max(n, 1):.2f} "
-                     f"[{lo:.2f}, {hi:.2f}] |")
+        right, n = row[POSITIONS.index(p)], sum(row)
+        lo, hi = evaluate.wilson(right, n)
+        lines.append(f"| {p} | " + " | ".join(map(str, row)) + f" | {right / max(n, 1):.2f} [{lo:.2f}, {hi:.2f}] |")
     return lines
 
 
@@ -95,9 +92,7 @@ def probes(pipe) -> dict:
             for colour in data.COLOURS:
                 for shape in data.SHAPES:
                     caps = [f"a {colour} {shape} {data.POSITION_PHRASES[w]}" for w in (a, b)]
-                    ids = pipe.tokenizer(caps, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="pt").input_ids
-                    h = pipe.text_encoder(ids)[0]
+                    h = pipe.text_encoder(tokenize(pipe.tokenizer, caps))[0]
                     eps = pipe.unet(noise.expand(2, -1, -1, -1), 999, h).sample
                     te.append(float((h[0] - h[1]).norm()))
                     un.append(float((eps[0] - eps[1]).norm()))
