@@ -218,22 +218,29 @@ def snr_weight(alpha_bar, gamma):
     return snr.clamp(max=gamma) / snr
 
 
-def init_from(folder, unet, text_encoder, arch="v1"):
-    """Load a trained pipeline folder's UNet and text encoder into the fresh modules (strict: the arch must match).
-    A checkpoint in <out>/unet, if any, is loaded after this and wins: --init only sets where step 0 starts."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    for sub, module, cls in (("unet", unet, UNet2DConditionModel), ("text_encoder", text_encoder, CLIPTextModel)):
+def load_parts(folder, parts, fits: str):
+    """Load a saved pipeline folder's weights into fresh modules, strictly: parts = ((subfolder, module, class), ...).
+    `fits` names the option the shapes follow (e.g. "--arch v1"), for the error when they do not. A checkpoint in
+    <out>/<stage>, if any, is loaded after this and wins: the folder only sets where step 0 starts."""
+    for sub, module, cls in parts:
         path = os.path.join(folder, sub)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"--init {folder}: no {sub}/ folder; pass a saved StableDiffusionPipeline folder")
+            raise FileNotFoundError(f"--init {folder}: no {sub}/ folder; pass a saved pipeline folder")
         trained = cls.from_pretrained(path, dtype=torch.float32).state_dict()
         try:
             module.load_state_dict(trained)
         except RuntimeError as e:               # missing / unexpected keys or other shapes: another arch
             first = str(e).strip().splitlines()[:2]
-            raise ValueError(f"--init {path}: its weights do not fit --arch {arch}: {' '.join(first)}") from None
+            raise ValueError(f"--init {path}: its weights do not fit {fits}: {' '.join(first)}") from None
+
+
+def init_from(folder, unet, text_encoder, arch="v1"):
+    """A trained StableDiffusionPipeline folder's UNet and text encoder into the fresh v1/v2 modules."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    load_parts(folder, (("unet", unet, UNet2DConditionModel), ("text_encoder", text_encoder, CLIPTextModel)),
+               f"--arch {arch}")
 
 
 def split_words(text_encoder, tokenizer, words, scale, seed=0):

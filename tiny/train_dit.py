@@ -28,7 +28,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from . import clear, data, dit, flash, vocab
-from .train import EmaLoop, Loop, build_parser, product_dir
+from .train import EmaLoop, Loop, build_parser, load_parts, product_dir
 
 STAGE_K = {"dit": 4, "reflow": 5, "distill": 6, "flash": 7, "clear": 8}
 DEFAULTS = {"dit": (48, 5e-4, 90.0), "couples": (48, 0.0, 30.0), "reflow": (48, 2e-4, 45.0),
@@ -47,11 +47,9 @@ def warm_start(folder, transformer, te1, te2):
     from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
-    transformer.load_state_dict(SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").state_dict())
-    for name, te in (("text_encoder", te1), ("text_encoder_2", te2)):
-        te.load_state_dict(CLIPTextModelWithProjection.from_pretrained(folder, subfolder=name).state_dict())
-    for m in (transformer, te1, te2):
-        m.float()
+    load_parts(folder, (("transformer", transformer, SD3Transformer2DModel),
+                        ("text_encoder", te1, CLIPTextModelWithProjection),
+                        ("text_encoder_2", te2, CLIPTextModelWithProjection)), "--layers")
 
 
 def train_dit(args):
